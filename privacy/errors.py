@@ -1,0 +1,78 @@
+"""Typed, user-facing errors.
+
+Every error here is something a user can fix. Messages are one line, name the
+file / column / budget involved and say what to do. They never contain a raw
+data value (which could be PII) or key material.
+"""
+
+from __future__ import annotations
+
+
+class FedcrmError(Exception):
+    """Base class for errors the CLI reports as one line with a non-zero exit."""
+
+    exit_code: int = 1
+
+
+class ConfigError(FedcrmError):
+    """A config file is missing, unreadable or invalid."""
+
+    exit_code = 2
+
+
+class SchemaError(FedcrmError):
+    """Input data does not match the declared schema (missing column, bad encoding, ...)."""
+
+    exit_code = 3
+
+
+class UnmaskedColumn(SchemaError):
+    """A column has no declared policy; fedcrm fails closed instead of passing it through."""
+
+
+class QuarantineThresholdExceeded(SchemaError):
+    """Too many rows failed validation."""
+
+
+class KeyFileError(FedcrmError):
+    """A key file is missing, malformed or has unsafe permissions."""
+
+    exit_code = 4
+
+
+class DecryptionError(FedcrmError):
+    """A prepared store could not be decrypted (wrong key, tampered or truncated chunk)."""
+
+    exit_code = 5
+
+
+class BudgetExhausted(FedcrmError):
+    """A DP release would exceed the firm's privacy budget; nothing was released."""
+
+    exit_code = 6
+
+    def __init__(self, *, epsilon_spent: float, epsilon_cap: float, epsilon_requested: float,
+                 purpose: str, ledger: str = "") -> None:
+        self.epsilon_spent = epsilon_spent
+        self.epsilon_cap = epsilon_cap
+        self.epsilon_requested = epsilon_requested
+        self.purpose = purpose
+        where = f" (ledger {ledger})" if ledger else ""
+        super().__init__(
+            f"privacy budget exhausted{where}: spent ε={epsilon_spent:.4f} of cap "
+            f"ε={epsilon_cap:.4f}; '{purpose}' would bring the total to "
+            f"ε={epsilon_requested:.4f}. Nothing was released. Raise the firm's "
+            f"epsilon budget in its config (a governance decision) or plan a smaller release."
+        )
+
+
+class PlanDoesNotFit(FedcrmError):
+    """A training plan cannot meet the requested (ε, δ) with any usable noise level."""
+
+    exit_code = 6
+
+
+class AuditError(FedcrmError):
+    """An audit log failed verification or could not be written."""
+
+    exit_code = 7
