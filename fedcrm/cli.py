@@ -1,0 +1,209 @@
+"""The ``fedcrm`` command line: a thin adapter over the core.
+
+Commands decode arguments, call the core and render results. User errors (every
+``privacy.errors.FedcrmError``) become one red line on stderr and a non-zero exit code, never a
+traceback; unexpected errors print only their type (their text could quote data) unless
+``FEDCRM_DEBUG=1`` is set.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from privacy.errors import FedcrmError
+
+app = typer.Typer(
+    help="fedcrm: privacy-preserving federated analytics for customer data.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+keys_app = typer.Typer(help="Create and rotate a firm's secrets.", no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
+
+out = Console()
+err = Console(stderr=True)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def user_errors(fn: F) -> F:
+    """Turn FedcrmError into one line + exit code; hide other exceptions' text (may hold PII)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except FedcrmError as exc:
+            err.print(f"[bold red]error:[/] {exc}", highlight=False, markup=True, soft_wrap=True)
+            raise typer.Exit(exc.exit_code) from None
+        except KeyboardInterrupt:
+            err.print("[yellow]interrupted[/]")
+            raise typer.Exit(130) from None
+        except (typer.Exit, typer.Abort):
+            raise
+        except Exception as exc:
+            if os.environ.get("FEDCRM_DEBUG") == "1":
+                raise
+            err.print(
+                f"[bold red]internal error:[/] {type(exc).__name__} (details hidden because they "
+                "may contain data; rerun with FEDCRM_DEBUG=1 on the firm's machine for a traceback)"
+            )
+            raise typer.Exit(70) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+# --------------------------------------------------------------------------- keys
+
+
+@keys_app.command("init")
+@user_errors
+def keys_init(
+    firm: Annotated[str, typer.Option(help="firm name (letters, digits, - and _)")],
+    out_dir: Annotated[Path, typer.Option("--out", help="directory for the key files")],
+    force: Annotated[bool, typer.Option(help="overwrite existing keys (destroys them)")] = False,
+) -> None:
+    """Create a firm's pseudonymization key, data-encryption key and Ed25519 signing key (0600)."""
+    from privacy.keys import init_keys
+
+    keys = init_keys(out_dir, firm=firm, force=force)
+    out.print(f"created keys for firm [bold]{firm}[/] in {out_dir} (files 0600, directory 0700)")
+    out.print(f"  pseudonym key id: {keys.pseudonym_key_id}")
+    out.print(f"  data key id:      {keys.data_key_id}")
+    out.print(f"  signing key id:   {keys.signing_key_id()} (public key: {out_dir / 'signing.pub'})")
+    out.print("Keep this directory secret and backed up; only signing.pub may be shared.")
+
+
+@keys_app.command("rotate")
+@user_errors
+def keys_rotate(
+    keys_dir: Annotated[Path, typer.Option("--dir", help="the firm's key directory")],
+    kind: Annotated[str, typer.Option(help="pseudonym or data")] = "pseudonym",
+) -> None:
+    """Create the next version of a key; re-run `fedcrm prepare` to re-tokenize / re-encrypt."""
+    from privacy.errors import ConfigError
+    from privacy.keys import KeyKind, rotate_key
+
+    try:
+        key_kind = KeyKind(kind)
+    except ValueError:
+        raise ConfigError(f"--kind must be 'pseudonym' or 'data', not {kind!r}") from None
+    new_id = rotate_key(keys_dir, key_kind)
+    out.print(f"new {kind} key: {new_id}. Run `fedcrm prepare --config FIRM.toml` to re-tokenize.")
+
+
+# --------------------------------------------------------------------------- scan
+
+
+@app.command()
+@user_errors
+def scan(
+    file: Annotated[Path, typer.Argument(help="CSV or Parquet file to scan")],
+    as_json: Annotated[bool, typer.Option("--json", help="print findings as JSON")] = False,
+    write_config: Annotated[
+        Path | None, typer.Option(help="write a starter partner config with a policy per column")
+    ] = None,
+    encoding: Annotated[str, typer.Option(help="CSV encoding, e.g. utf-8 or gb18030")] = "utf-8",
+    delimiter: Annotated[str | None, typer.Option(help="CSV delimiter (sniffed if omitted)")] = None,
+    firm: Annotated[str, typer.Option(help="firm name for --write-config")] = "my-firm",
+    table: Annotated[str, typer.Option(help="customers or transactions")] = "customers",
+    sample_rows: Annotated[int, typer.Option(help="rows to sample")] = 5000,
+) -> None:
+    """Detect PII columns by name hints and by values; suggest a masking policy for each."""
+    from fedcrm.ingest import read_sample, source_for_file
+    from fedcrm.starter_config import render_starter_config
+    from privacy.detection import scan_frame
+    from privacy.errors import ConfigError
+
+    spec = source_for_file(file, encoding=encoding, delimiter=delimiter)
+    sample = read_sample(spec, rows=sample_rows)
+    findings = scan_frame(sample)
+    if as_json:
+        sys.stdout.write(json.dumps([f.to_json() for f in findings], ensure_ascii=False, indent=2))
+        sys.stdout.write("\n")
+    else:
+        t = Table(title=f"PII scan of {file} ({len(sample):,} rows sampled)")
+        for col in ("column", "kind", "confidence", "suggested policy", "evidence"):
+            t.add_column(col)
+        for f in findings:
+            t.add_row(
+                f.column,
+                f.kind.value if f.kind else "-",
+                f"{f.confidence:.2f}",
+                f.suggested_policy.value if f.suggested_policy else "-",
+                f.evidence,
+            )
+        out.print(t)
+    if write_config is not None:
+        if table not in ("customers", "transactions"):
+            raise ConfigError(f"--table must be customers or transactions, not {table!r}")
+        if write_config.exists():
+            raise ConfigError(f"{write_config} exists; refusing to overwrite it")
+        text = render_starter_config(
+            source=file, sample=sample, findings=findings, firm=firm, table=table,
+            encoding=spec.encoding, delimiter=spec.delimiter,
+        )
+        write_config.write_text(text, encoding="utf-8")
+        (err if as_json else out).print(f"wrote starter config {write_config}: review it")
+
+
+# --------------------------------------------------------------------------- prepare
+
+
+@app.command()
+@user_errors
+def prepare(
+    config: Annotated[Path, typer.Option(help="the firm's config (TOML)")],
+) -> None:
+    """Ingest -> validate -> mask -> features, into the firm's encrypted prepared store."""
+    from fedcrm.config import load_firm_config
+    from fedcrm.prepare import prepare as run_prepare
+
+    cfg = load_firm_config(config)
+    with Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        TextColumn("{task.fields[rows]:>12,} rows"),
+        TimeElapsedColumn(),
+        console=err,
+        transient=True,
+    ) as progress:
+        tasks: dict[str, Any] = {}
+
+        def on_progress(table: str, rows: int) -> None:
+            if table not in tasks:
+                tasks[table] = progress.add_task(f"prepare {table}", total=None, rows=0)
+            progress.update(tasks[table], rows=rows)
+
+        result = run_prepare(cfg, on_progress=on_progress)
+    t = Table(title=f"prepared store of {cfg.firm.name}: {result.store_dir}")
+    for col in ("table", "rows read", "kept", "quarantined", "encrypted"):
+        t.add_column(col, justify="right" if col != "table" else "left")
+    for r in result.tables:
+        size = (result.store_dir / f"{r.table}.fcs").stat().st_size
+        t.add_row(r.table, f"{r.rows_read:,}", f"{r.rows_kept:,}",
+                  f"{r.rows_quarantined:,} ({r.quarantine_fraction:.2%})", f"{size / 1e6:.2f} MB")
+    feats = result.manifest["tables"]["features"]
+    size = (result.store_dir / "features.fcs").stat().st_size
+    t.add_row("features", "", f"{feats['rows']:,}", "", f"{size / 1e6:.2f} MB")
+    out.print(t)
+    if result.quarantine_path is not None:
+        out.print(f"quarantined rows (masked): {result.quarantine_path}")
+    ids = result.manifest["key_ids"]
+    out.print(f"manifest: {result.store_dir / 'manifest.json'}  (keys: {ids['pseudonym']}, {ids['data']})")
+
+
+def main() -> None:  # pragma: no cover - console entry point
+    app()

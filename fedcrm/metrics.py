@@ -1,0 +1,43 @@
+"""Evaluation metrics that can be pooled across firms without pooling records.
+
+A firm reports, for its held-out customers, how many churners and non-churners fall in each of
+``SCORE_BINS`` equal-width score bins. Summing those histograms over firms gives the pooled
+ROC curve up to the bin width, so the coordinator gets a pooled AUC without any per-customer
+score or label leaving a firm. (The histograms are evaluation statistics, not DP releases; see
+docs/privacy.md.)
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from sklearn.metrics import roc_auc_score
+
+SCORE_BINS = 200
+
+
+def score_histograms(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Counts of positives and negatives per score bin (``SCORE_BINS`` bins over [0, 1])."""
+    bins = np.clip((np.asarray(scores) * SCORE_BINS).astype(int), 0, SCORE_BINS - 1)
+    labels = np.asarray(labels).astype(bool)
+    pos = np.bincount(bins[labels], minlength=SCORE_BINS).astype(np.float64)
+    neg = np.bincount(bins[~labels], minlength=SCORE_BINS).astype(np.float64)
+    return pos, neg
+
+
+def auc_from_histograms(pos: np.ndarray, neg: np.ndarray) -> float:
+    """AUC from binned scores; ties within a bin count one half (Mann-Whitney)."""
+    pos = np.asarray(pos, dtype=np.float64)
+    neg = np.asarray(neg, dtype=np.float64)
+    n_pos, n_neg = pos.sum(), neg.sum()
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    neg_below = np.concatenate([[0.0], np.cumsum(neg)[:-1]])
+    wins = float((pos * neg_below).sum() + 0.5 * (pos * neg).sum())
+    return wins / float(n_pos * n_neg)
+
+
+def auc(scores: np.ndarray, labels: np.ndarray) -> float:
+    labels = np.asarray(labels).astype(int)
+    if labels.min(initial=1) == labels.max(initial=0) or len(labels) == 0:
+        return float("nan")
+    return float(roc_auc_score(labels, scores))

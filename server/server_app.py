@@ -1,0 +1,29 @@
+"""The coordinator's Flower ServerApp: decode the run config, call the coordinator, done."""
+
+from __future__ import annotations
+
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from fedcrm.run_config import RunConfig
+from server.coordinator import run_federation
+
+
+def make_server_app(cfg: RunConfig | None = None, *, run_id: str = "", run_dir: str = "") -> ServerApp:
+    """A ServerApp; in simulation the harness passes the parsed config directly."""
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        from pathlib import Path
+
+        if cfg is not None:
+            run_federation(grid, cfg, run_id=run_id, run_dir=Path(run_dir))
+            return
+        parsed, rid, rdir = RunConfig.from_flower(dict(context.run_config))
+        run_federation(grid, parsed, run_id=rid, run_dir=rdir)
+
+    return app
+
+
+app = make_server_app()

@@ -1,0 +1,58 @@
+"""Write the public datasets out as partner firms' own files, ready for `fedcrm prepare`.
+
+``fedcrm datasets export --out DIR`` writes::
+
+    DIR/telco_customers.csv    IBM Telco customers + synthetic contact PII (UTF-8)
+    DIR/telco.toml             the Telco firm's config (keys in DIR/keys/telco, store in DIR/stores/telco)
+    DIR/cdnow_transactions.csv CDNOW purchases in the original column names
+    DIR/cdnow.toml             the CDNOW firm's config
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from simulations.datasets import load_cdnow, load_telco
+from simulations.partners import (
+    cdnow_export,
+    cdnow_firm_config,
+    telco_export,
+    telco_firm_config,
+    write_toml,
+)
+
+
+@dataclass(frozen=True)
+class ExportedFirm:
+    firm: str
+    data: Path
+    config: Path
+    rows: int
+
+
+def export_datasets(out: Path, *, seed: int = 7, epsilon: float = 3.0,
+                    delta: float = 1e-5) -> list[ExportedFirm]:
+    out.mkdir(parents=True, exist_ok=True)
+    telco = telco_export(load_telco(), seed=seed)
+    telco_csv = out / "telco_customers.csv"
+    telco.to_csv(telco_csv, index=False)
+    telco_cfg = write_toml(
+        out / "telco.toml",
+        telco_firm_config(firm="telco", csv_path=Path("telco_customers.csv"),
+                          keys_dir=Path("keys/telco"), store_dir=Path("stores/telco"),
+                          epsilon=epsilon, delta=delta),
+    )
+    cdnow = cdnow_export(load_cdnow())
+    cdnow_csv = out / "cdnow_transactions.csv"
+    cdnow.to_csv(cdnow_csv, index=False)
+    cdnow_cfg = write_toml(
+        out / "cdnow.toml",
+        cdnow_firm_config(firm="cdnow", csv_path=Path("cdnow_transactions.csv"),
+                          keys_dir=Path("keys/cdnow"), store_dir=Path("stores/cdnow"),
+                          epsilon=epsilon, delta=delta),
+    )
+    return [
+        ExportedFirm("telco", telco_csv, telco_cfg, len(telco)),
+        ExportedFirm("cdnow", cdnow_csv, cdnow_cfg, len(cdnow)),
+    ]

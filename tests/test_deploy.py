@@ -1,0 +1,310 @@
+"""Real Flower 1.41 deployment plumbing: TLS SuperLink, node authentication, SuperNodes, runs.
+
+The fast tests cover process management and the generated files; the ``slow`` ones start the
+real ``flower-superlink`` / ``flower-supernode`` executables on 127.0.0.1 with a trivial app
+(``tests/deploy_app``) and check that every process is gone afterwards.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from clients.node import SUPERNODE_CONNECTION_ERROR, format_node_config, start_supernode
+from fedcrm.processes import (
+    DeploymentError,
+    ManagedProcess,
+    ProcessGroup,
+    flower_env,
+    free_port,
+    port_open,
+)
+from privacy.certs import generate_ca, generate_node_auth_key, issue_server_cert
+from server.app_bundle import write_app_dir
+from server.deploy import AppSpec, DeployEvent, DeployEventKind, FirmNode, deploy_local
+from server.link import (
+    RunState,
+    node_statuses,
+    register_node,
+    start_superlink,
+    write_flwr_config,
+)
+
+APP_DIR = Path(__file__).resolve().parent / "deploy_app"
+TRIVIAL = AppSpec(serverapp="trivial_server:app", clientapp="trivial_client:app", name="trivial")
+
+
+def _processes_under(root: Path) -> list[str]:
+    """Live processes whose environment or command line mentions ``root`` (ours only)."""
+    needle = str(root).encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            state = (entry / "stat").read_text().rsplit(")", 1)[-1].split()[0]
+            environ = (entry / "environ").read_bytes()
+            cmdline = (entry / "cmdline").read_bytes()
+        except (OSError, IndexError):
+            continue
+        if state != "Z" and (needle in environ or needle in cmdline):
+            command = cmdline.replace(b"\0", b" ").decode(errors="replace")[:120]
+            found.append(f"{entry.name}: {command}")
+    return found
+
+
+def _assert_all_gone(root: Path, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while (left := _processes_under(root)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not left, f"processes left running: {left}"
+
+
+def _firms(tmp_path: Path, names: tuple[str, ...] = ("alpha", "beta")) -> list[FirmNode]:
+    markers = tmp_path / "markers"
+    return [FirmNode(name, {"firm": name, "marker-dir": str(markers)}) for name in names]
+
+
+# ---------------------------------------------------------------- fast: process management
+def test_stopping_a_managed_process_kills_its_whole_group(tmp_path: Path) -> None:
+    script = "import subprocess,time; subprocess.Popen(['sleep','300']); time.sleep(300)"
+    proc = ManagedProcess(
+        name="parent", argv=[sys.executable, "-c", script], env=dict(os.environ),
+        log_path=tmp_path / "parent.log",
+    ).start()
+    deadline = time.monotonic() + 10
+    while len(proc.leftover_pids()) < 2 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert len(proc.leftover_pids()) == 2  # parent and its sleep child
+    proc.stop(grace_s=2)
+    assert proc.leftover_pids() == []
+    assert proc.poll() is not None
+
+
+def test_a_child_that_ignores_sigterm_is_killed_after_the_grace_period(tmp_path: Path) -> None:
+    script = "import signal,time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('st' + 'arted', flush=True); time.sleep(300)"
+    proc = ManagedProcess(
+        name="stubborn", argv=[sys.executable, "-c", script], env=dict(os.environ),
+        log_path=tmp_path / "stubborn.log",
+    ).start()
+    assert proc.wait_for_log("started", timeout=10)
+    started = time.monotonic()
+    code = proc.stop(grace_s=1)
+    assert code == -signal.SIGKILL
+    assert time.monotonic() - started < 6
+    assert proc.leftover_pids() == []
+
+
+def test_process_group_stops_everything_when_the_body_raises(tmp_path: Path) -> None:
+    with pytest.raises(KeyboardInterrupt), ProcessGroup(grace_s=2) as group:
+        for i in range(2):
+            group.start(
+                name=f"sleeper{i}", argv=["sleep", "300"], env=dict(os.environ),
+                log_path=tmp_path / f"s{i}.log",
+            )
+        raise KeyboardInterrupt
+    assert all(p.poll() is not None for p in group)
+    assert group.leftover_pids() == []
+
+
+def test_sigterm_to_the_coordinator_still_stops_its_children(tmp_path: Path) -> None:
+    marker = tmp_path / "child-pid"
+    script = f"""
+import os, sys, time
+sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r})
+from fedcrm.processes import ProcessGroup
+with ProcessGroup(grace_s=2) as group:
+    p = group.start(name="sleeper", argv=["sleep", "300"], env=dict(os.environ), log_path={str(tmp_path / 's.log')!r})
+    open({str(marker)!r}, "w").write(str(p.pid))
+    time.sleep(300)
+"""
+    outer = subprocess.Popen([sys.executable, "-c", script], start_new_session=True)
+    try:
+        deadline = time.monotonic() + 20
+        while not marker.exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        child = int(marker.read_text())
+        outer.send_signal(signal.SIGTERM)
+        assert outer.wait(timeout=20) == 128 + signal.SIGTERM
+        with pytest.raises(ProcessLookupError):
+            for _ in range(50):
+                os.kill(child, 0)
+                time.sleep(0.1)
+    finally:
+        if outer.poll() is None:
+            os.killpg(outer.pid, signal.SIGKILL)
+
+
+def test_wait_for_port_reports_an_early_exit_with_the_log(tmp_path: Path) -> None:
+    proc = ManagedProcess(
+        name="crasher", argv=[sys.executable, "-c", "import sys; print('boom'); sys.exit(3)"],
+        env=dict(os.environ), log_path=tmp_path / "crasher.log", port=free_port(),
+    )
+    with proc, pytest.raises(DeploymentError, match="exited with code 3.*boom"):
+        proc.wait_for_port(timeout=20)
+
+
+def test_flower_env_isolates_flwr_home_and_keeps_flower_offline(tmp_path: Path) -> None:
+    env = flower_env(flwr_home=tmp_path / "home", extra_pythonpath=[APP_DIR], base={"PATH": "/usr/bin"})
+    assert env["FLWR_HOME"] == str((tmp_path / "home").resolve())
+    assert env["PATH"].split(os.pathsep)[0] == str(Path(sys.executable).parent)
+    assert env["FLWR_TELEMETRY_ENABLED"] == "0" and env["FLWR_DISABLE_UPDATE_CHECK"] == "1"
+    assert env["PYTHONPATH"].split(os.pathsep)[0] == str(APP_DIR)
+    assert not port_open(free_port())
+
+
+# ---------------------------------------------------------------- fast: generated files
+def test_node_config_is_encoded_the_way_flower_parses_it() -> None:
+    from flwr.common.config import parse_config_args
+
+    config = {"firm": "acme", "store": "/data/my store/acme", "rounds": 3, "lr": 0.5, "dp": True}
+    encoded = format_node_config(config)
+    assert parse_config_args([encoded]) == config
+    with pytest.raises(DeploymentError, match="quote"):
+        format_node_config({"store": "/data/it's"})
+    with pytest.raises(DeploymentError, match="letters"):
+        format_node_config({"bad key": 1})
+
+
+def test_app_dir_is_a_valid_flower_app_without_secrets(tmp_path: Path) -> None:
+    from flwr.common.config import validate_config
+
+    app = write_app_dir(
+        tmp_path / "my-app", serverapp="trivial_server:app", clientapp="trivial_client:app",
+        run_config_defaults={"num-rounds": 2, "result-dir": "out"},
+    )
+    pyproject = tomllib.loads((app / "pyproject.toml").read_text())
+    ok, errors, _ = validate_config(pyproject, check_module=True, project_dir=APP_DIR)
+    assert ok, errors
+    assert pyproject["tool"]["flwr"]["app"]["config"] == {"num-rounds": 2, "result-dir": "out"}
+    assert sorted(p.name for p in app.iterdir()) == ["pyproject.toml"]
+    with pytest.raises(DeploymentError, match="secret"):
+        write_app_dir(tmp_path / "other", serverapp="a:b", clientapp="c:d",
+                      run_config_defaults={"private-key-path": "/keys/acme.key"})
+    with pytest.raises(DeploymentError, match="app directory name"):
+        write_app_dir(tmp_path / "my_app", serverapp="a:b", clientapp="c:d")
+
+
+def test_flwr_config_names_the_connection_and_its_ca(tmp_path: Path) -> None:
+    path = write_flwr_config(tmp_path / "home", "coord", "127.0.0.1:9093", tmp_path / "ca.crt")
+    write_flwr_config(tmp_path / "home", "other", "10.0.0.2:9093", tmp_path / "ca.crt")
+    config = tomllib.loads(path.read_text())
+    assert config["superlink"]["default"] == "other"
+    assert config["superlink"]["coord"] == {
+        "address": "127.0.0.1:9093", "root-certificates": str((tmp_path / "ca.crt").resolve())
+    }
+
+
+# ---------------------------------------------------------------- slow: real deployments
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_local_deployment_runs_two_rounds_over_tls_with_registered_nodes(tmp_path: Path) -> None:
+    events: list[DeployEvent] = []
+    result = deploy_local(
+        firms=_firms(tmp_path),
+        workdir=tmp_path / "deploy",
+        rounds=2,
+        run_config={"result-dir": str(tmp_path / "result"), "fail": False},
+        start_node=start_supernode,
+        app=TRIVIAL,
+        on_event=events.append,
+        extra_pythonpath=[APP_DIR],
+        run_timeout_s=150,
+    )
+    assert result.completed, result.status
+    assert set(result.node_ids) == {"alpha", "beta"}
+    output = json.loads((tmp_path / "result" / "result.json").read_text())
+    assert output["arrays"] == [2.0, 2.0, 2.0]  # FedAvg of (x + 1) from both nodes, twice
+    markers = sorted(p.name for p in (tmp_path / "markers").iterdir())
+    assert markers == ["alpha.round1", "alpha.round2", "beta.round1", "beta.round2"]
+    kinds = [e.kind for e in events]
+    assert kinds.index(DeployEventKind.SUPERLINK_STARTED) < kinds.index(DeployEventKind.RUN_STARTED)
+    assert [e.round for e in events if e.kind is DeployEventKind.ROUND] == [1, 2]
+    assert kinds[-1] is DeployEventKind.STOPPED
+    link_log = result.logs["superlink"].read_text()
+    assert "--enable-supernode-auth" in link_log and "--ssl-certfile" in link_log
+    assert not (tmp_path / "deploy" / "app" / "keys").exists()
+    app_text = (tmp_path / "deploy" / "app" / "pyproject.toml").read_text()
+    assert ".key" not in app_text
+    _assert_all_gone(tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(150)
+def test_a_node_with_an_unregistered_key_is_refused_while_a_registered_one_connects(
+    tmp_path: Path,
+) -> None:
+    ca = generate_ca(tmp_path / "certs", common_name="test CA")
+    certs = issue_server_cert(ca, tmp_path / "certs")
+    good = generate_node_auth_key(tmp_path / "keys", firm="good")
+    rogue = generate_node_auth_key(tmp_path / "keys", firm="rogue")
+    cli_home = tmp_path / "cli"
+    with ProcessGroup() as group:
+        link = start_superlink(workdir=tmp_path / "link", certs=certs, group=group)
+        write_flwr_config(cli_home, "t", link.address, ca.cert)
+        good_id = register_node(flwr_home=cli_home, connection_name="t", public_key_path=good.public_key)
+        nodes = {
+            keys.firm: start_supernode(
+                superlink_address=link.address, root_cert=ca.cert, auth_key=keys.private_key,
+                node_config={"firm": keys.firm}, workdir=tmp_path / keys.firm,
+                max_retries=2, max_wait_time=20, group=group,
+            )
+            for keys in (good, rogue)
+        }
+        assert nodes["rogue"].wait(timeout=90) != 0
+        assert nodes["rogue"].flower_exit_code() == SUPERNODE_CONNECTION_ERROR
+        deadline = time.monotonic() + 60
+        while node_statuses(flwr_home=cli_home, connection="t").get(good_id) != "online":
+            assert nodes["good"].poll() is None, nodes["good"].log_tail()
+            assert time.monotonic() < deadline, "registered node never came online"
+            time.sleep(2)
+        assert nodes["good"].poll() is None
+        assert len(node_statuses(flwr_home=cli_home, connection="t")) == 1
+    _assert_all_gone(tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(150)
+def test_a_failing_server_app_is_reported_and_every_process_is_stopped(tmp_path: Path) -> None:
+    result = deploy_local(
+        firms=_firms(tmp_path),
+        workdir=tmp_path / "deploy",
+        rounds=2,
+        run_config={"result-dir": str(tmp_path / "result"), "fail": True},
+        start_node=start_supernode,
+        app=TRIVIAL,
+        extra_pythonpath=[APP_DIR],
+        run_timeout_s=120,
+    )
+    assert result.status.state is RunState.FAILED, result.status
+    assert not (tmp_path / "result").exists()
+    _assert_all_gone(tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(150)
+def test_an_interrupt_during_the_run_stops_every_process(tmp_path: Path) -> None:
+    def interrupt(event: DeployEvent) -> None:
+        if event.kind is DeployEventKind.RUN_STARTED:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        deploy_local(
+            firms=_firms(tmp_path),
+            workdir=tmp_path / "deploy",
+            rounds=2,
+            run_config={"result-dir": str(tmp_path / "result"), "fail": False},
+            start_node=start_supernode,
+            app=TRIVIAL,
+            on_event=interrupt,
+            extra_pythonpath=[APP_DIR],
+        )
+    _assert_all_gone(tmp_path)

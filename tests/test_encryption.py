@@ -1,0 +1,100 @@
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from privacy.encryption import MAGIC, EncryptedTableWriter, read_encrypted_table
+from privacy.errors import DecryptionError
+from privacy.keys import FirmKeys, init_keys
+
+
+def _frames() -> list[pd.DataFrame]:
+    return [
+        pd.DataFrame({"customer_id": [f"t{i}" for i in range(k, k + 50)], "x": range(k, k + 50),
+                      "plan": ["黄金会员"] * 50})
+        for k in (0, 50, 100)
+    ]
+
+
+@pytest.fixture
+def keys(tmp_path: Path) -> FirmKeys:
+    return init_keys(tmp_path / "keys", firm="acme")
+
+
+def _write(path: Path, keys: FirmKeys) -> None:
+    with EncryptedTableWriter(path, keys=keys, table="customers") as w:
+        for f in _frames():
+            w.write(f)
+
+
+def _chunk_offsets(path: Path) -> list[tuple[int, int]]:
+    data = path.read_bytes()
+    pos = len(MAGIC)
+    (hlen,) = struct.unpack(">I", data[pos:pos + 4])
+    pos += 4 + hlen
+    spans = []
+    while pos < len(data):
+        (clen,) = struct.unpack(">I", data[pos:pos + 4])
+        spans.append((pos, pos + 4 + clen))
+        pos += 4 + clen
+    return spans
+
+
+def test_round_trip_preserves_rows_and_chinese_text(tmp_path: Path, keys: FirmKeys) -> None:
+    path = tmp_path / "customers.fcs"
+    _write(path, keys)
+    back = read_encrypted_table(path, keys=keys, table="customers")
+    pd.testing.assert_frame_equal(back, pd.concat(_frames(), ignore_index=True))
+    assert "黄金会员".encode() not in path.read_bytes()
+
+
+def test_wrong_key_gives_clear_error(tmp_path: Path, keys: FirmKeys) -> None:
+    path = tmp_path / "customers.fcs"
+    _write(path, keys)
+    other = init_keys(tmp_path / "other", firm="acme")
+    with pytest.raises(DecryptionError, match="encrypted with data key"):
+        read_encrypted_table(path, keys=other, table="customers")
+
+
+def test_flipped_byte_fails_authentication(tmp_path: Path, keys: FirmKeys) -> None:
+    path = tmp_path / "customers.fcs"
+    _write(path, keys)
+    start, end = _chunk_offsets(path)[1]
+    data = bytearray(path.read_bytes())
+    data[(start + end) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+    with pytest.raises(DecryptionError, match="chunk 1 failed authentication"):
+        read_encrypted_table(path, keys=keys, table="customers")
+
+
+def test_swapped_chunks_fail(tmp_path: Path, keys: FirmKeys) -> None:
+    path = tmp_path / "customers.fcs"
+    _write(path, keys)
+    spans = _chunk_offsets(path)
+    data = path.read_bytes()
+    (a0, a1), (b0, b1) = spans[0], spans[1]
+    path.write_bytes(data[:a0] + data[b0:b1] + data[a0:a1] + data[b1:])
+    with pytest.raises(DecryptionError, match="chunk 0 failed authentication"):
+        read_encrypted_table(path, keys=keys, table="customers")
+
+
+@pytest.mark.parametrize("cut", ["final_chunk", "mid_chunk"])
+def test_truncation_is_detected(tmp_path: Path, keys: FirmKeys, cut: str) -> None:
+    path = tmp_path / "customers.fcs"
+    _write(path, keys)
+    spans = _chunk_offsets(path)
+    data = path.read_bytes()
+    end = spans[-1][0] if cut == "final_chunk" else spans[1][0] + 10
+    path.write_bytes(data[:end])
+    with pytest.raises(DecryptionError, match="truncated"):
+        read_encrypted_table(path, keys=keys, table="customers")
+
+
+def test_file_of_another_table_is_refused(tmp_path: Path, keys: FirmKeys) -> None:
+    path = tmp_path / "customers.fcs"
+    _write(path, keys)
+    with pytest.raises(DecryptionError, match="expected 'features'"):
+        read_encrypted_table(path, keys=keys, table="features")
