@@ -211,6 +211,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    # Opacus' "secure RNG off", hook and accountant-order warnings are expected in a benchmark.
+    warnings.simplefilter("ignore", UserWarning)
 
     data = telco_tensors()
     rows = [

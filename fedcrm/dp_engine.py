@@ -36,15 +36,22 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import torch
+from privacy.accounting import (
+    ContextValue,
+    DpEvent,
+    Mechanism,
+    calibrate_noise,
+    epsilon_for,
+    make_event,
+)
 from torch import Tensor, nn
 
-from privacy.accounting import Mechanism, calibrate_noise, epsilon_for, make_event
 from privacy.errors import PlanDoesNotFit
 
 PerSampleLoss = Callable[[Tensor, Tensor], Tensor]
@@ -104,7 +111,7 @@ class DpPlan:
         """DP-SGD steps over all rounds (what the noise was calibrated for)."""
         return self.steps * self.rounds
 
-    def epsilon(self, *, prior_events: Sequence[Any] = ()) -> float:
+    def epsilon(self, *, prior_events: Sequence[DpEvent] = ()) -> float:
         """ε of the whole plan (all rounds) composed with ``prior_events``, at ``self.delta``."""
         return epsilon_for(
             noise_multiplier=self.noise_multiplier,
@@ -114,7 +121,8 @@ class DpPlan:
             prior_events=tuple(prior_events),
         )
 
-    def round_event(self, *, purpose: str, context: Any = None) -> Any:
+    def round_event(self, *, purpose: str,
+                    context: Mapping[str, ContextValue] | None = None) -> DpEvent:
         """The privacy event of ONE round of this plan, for the firm's ledger (check, then commit)."""
         return make_event(
             mechanism=Mechanism.SUBSAMPLED_GAUSSIAN,
@@ -152,7 +160,7 @@ def plan_for_budget(
     max_grad_norm: float = DEFAULT_MAX_GRAD_NORM,
     learning_rate: float = DEFAULT_LEARNING_RATE,
     rounds: int = 1,
-    prior_events: Sequence[Any] = (),
+    prior_events: Sequence[DpEvent] = (),
 ) -> DpPlan:
     """Calibrate the noise for a whole DP-SGD plan so that it fits ``target_epsilon`` by construction.
 
@@ -260,8 +268,43 @@ def _clip_factors(norms: Tensor, max_grad_norm: float) -> Tensor:
     return (max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
 
 
+@runtime_checkable
+class OutputGradientLoss(Protocol):
+    """A per-example loss that also knows its gradient with respect to the model output.
+
+    Optional: with it, the ghost-clipping path runs forward and backward by hand, without autograd
+    (``fedcrm.models.churn_per_sample_loss`` is one).
+    """
+
+    def __call__(self, output: Tensor, target: Tensor) -> Tensor: ...
+
+    def output_gradient(self, output: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+        """``(loss[B], d loss_i / d output_i)`` with the gradient shaped like ``output``."""
+        ...
+
+
+#: Activations whose backward pass the manual path knows (others go through autograd).
+_MANUAL_BACKWARD: tuple[type[nn.Module], ...] = (nn.ReLU, nn.Tanh, nn.Sigmoid, nn.Identity)
+
+
+def _activation_backward(module: nn.Module, out: Tensor, grad: Tensor) -> Tensor:
+    if isinstance(module, nn.ReLU):
+        return grad * (out > 0)
+    if isinstance(module, nn.Tanh):
+        return grad * (1.0 - out * out)
+    if isinstance(module, nn.Sigmoid):
+        return grad * (out * (1.0 - out))
+    return grad
+
+
 class _GhostClipper:
-    """Clipped gradient sums for a Sequential of Linear + element-wise layers (or one Linear)."""
+    """Clipped gradient sums for a Sequential of Linear + element-wise layers (or one Linear).
+
+    Per example ``i`` and Linear layer with input ``a_i`` and output gradient ``g_i`` (non-sequence
+    inputs), the weight gradient is ``g_i a_iᵀ`` with norm ``‖g_i‖·‖a_i‖`` and the bias gradient is
+    ``g_i``; summing ``‖g_i‖²(‖a_i‖² + 1)`` over layers gives the per-example norm without ever
+    forming per-example gradients, and the clipped sum is ``Σ_i c_i g_i a_iᵀ = (c ⊙ G)ᵀ A``.
+    """
 
     def __init__(self, model: nn.Module, layers: list[nn.Module], per_sample_loss: PerSampleLoss,
                  max_grad_norm: float) -> None:
@@ -272,15 +315,54 @@ class _GhostClipper:
         params = trainable_parameters(model)
         self.index = {id(p): i for i, p in enumerate(params)}
         self.shapes = [p.shape for p in params]
+        first = next(i for i, m in enumerate(layers) if isinstance(m, nn.Linear))
+        self.manual = isinstance(per_sample_loss, OutputGradientLoss) and all(
+            isinstance(m, (nn.Linear, *_MANUAL_BACKWARD)) for m in layers[first:]
+        )
 
-    def __call__(self, X: Tensor, y: Tensor, x_sq_norms: Tensor | None = None) -> ClippedGradients:
+    def input_factor(self, X: Tensor) -> Tensor | None:
+        """``‖x_i‖² (+1 with a bias)`` for the first layer, when it reads ``X`` directly."""
+        first = self.layers[0]
+        if not isinstance(first, nn.Linear):
+            return None
+        sq = X.pow(2).sum(1)
+        return sq + 1.0 if first.bias is not None else sq
+
+    def _manual(self, X: Tensor, y: Tensor) -> tuple[list[Tensor], list[Tensor], Tensor]:
+        assert isinstance(self.loss, OutputGradientLoss)
+        inputs: list[Tensor] = []
+        trace: list[tuple[nn.Module, Tensor]] = []
+        with torch.no_grad():
+            h = X
+            for m in self.layers:
+                if isinstance(m, nn.Linear):
+                    inputs.append(h)
+                    h = torch.nn.functional.linear(h, m.weight, m.bias)
+                else:
+                    h = m(h)
+                trace.append((m, h))
+            losses, g = self.loss.output_gradient(h, y)
+            backprops: list[Tensor] = []
+            remaining = len(self.linears)
+            for m, out in reversed(trace):
+                if isinstance(m, nn.Linear):
+                    backprops.append(g)
+                    remaining -= 1
+                    if remaining == 0:
+                        break
+                    g = g @ m.weight
+                else:
+                    g = _activation_backward(m, out, g)
+        backprops.reverse()
+        return inputs, backprops, losses
+
+    def _autograd(self, X: Tensor, y: Tensor) -> tuple[list[Tensor], list[Tensor], Tensor]:
         inputs: list[Tensor] = []
         outputs: list[Tensor] = []
         h = X
         for m in self.layers:
             if isinstance(m, nn.Linear):
-                a = h.detach() if h.requires_grad else h
-                inputs.append(a)
+                inputs.append(h.detach())
                 bias = m.bias.detach() if m.bias is not None else None
                 z = torch.nn.functional.linear(h, m.weight.detach(), bias)
                 if not z.requires_grad:
@@ -289,33 +371,41 @@ class _GhostClipper:
                 h = z
             else:
                 h = m(h)
-        losses = _check_losses(self.loss(h, y), X.shape[0])
-        loss_sum = losses.sum()
-        backprops = torch.autograd.grad(loss_sum, outputs)
+        losses = self.loss(h, y)
+        _check_losses(losses, X.shape[0])
+        backprops = list(torch.autograd.grad(losses.sum(), outputs))
+        return inputs, backprops, losses.detach()
 
-        sq = torch.zeros(X.shape[0], dtype=X.dtype)
+    def __call__(self, X: Tensor, y: Tensor, x_factor: Tensor | None = None) -> ClippedGradients:
+        inputs, backprops, losses = self._manual(X, y) if self.manual else self._autograd(X, y)
+        _check_losses(losses, X.shape[0])
+        sq: Tensor | None = None
         for k, (m, a, g) in enumerate(zip(self.linears, inputs, backprops, strict=True)):
-            g_sq = g.pow(2).sum(1)
-            if k == 0 and x_sq_norms is not None:
-                a_sq = x_sq_norms
+            g_sq = g.square().sum(1)
+            if k == 0 and x_factor is not None:
+                a_sq = x_factor
             else:
-                a_sq = a.pow(2).sum(1)
-            sq += g_sq * (a_sq + 1.0) if m.bias is not None else g_sq * a_sq
-        norms = sq.sqrt()
-        c = _clip_factors(norms, self.max_grad_norm)
+                a_sq = a.square().sum(1)
+                if m.bias is not None:
+                    a_sq = a_sq.add_(1.0)
+            term = g_sq.mul_(a_sq)
+            sq = term if sq is None else sq.add_(term)
+        assert sq is not None
+        norms = sq.sqrt_()
+        c = _clip_factors(norms, self.max_grad_norm).unsqueeze(1)
 
         grads: list[Tensor | None] = [None] * len(self.shapes)
         for m, a, g in zip(self.linears, inputs, backprops, strict=True):
-            cg = g * c.unsqueeze(1)
+            cg = g * c
             if m.weight.requires_grad:
                 grads[self.index[id(m.weight)]] = cg.T @ a
             if m.bias is not None and m.bias.requires_grad:
                 grads[self.index[id(m.bias)]] = cg.sum(0)
         return ClippedGradients(
-            grads=[g if g is not None else torch.zeros(s) for g, s in zip(grads, self.shapes,
-                                                                          strict=True)],
-            norms=norms.detach(),
-            loss_sum=loss_sum.detach(),
+            grads=[g if g is not None else torch.zeros(s)
+                   for g, s in zip(grads, self.shapes, strict=True)],
+            norms=norms,
+            loss_sum=losses.sum(),
         )
 
 
@@ -338,7 +428,7 @@ class _VmapClipper:
         self._per_example = vmap(grad(one_loss), in_dims=(None, None, 0, 0))
         self._one_loss = one_loss
 
-    def __call__(self, X: Tensor, y: Tensor, x_sq_norms: Tensor | None = None) -> ClippedGradients:
+    def __call__(self, X: Tensor, y: Tensor, x_factor: Tensor | None = None) -> ClippedGradients:
         params = {n: p.detach() for n, p in self.model.named_parameters() if p.requires_grad}
         buffers = {n: b.detach() for n, b in self.model.named_buffers()}
         with torch.no_grad():
@@ -366,23 +456,116 @@ def clipped_gradient_sum(model: nn.Module, X: Tensor, y: Tensor, *, per_sample_l
     return _clipper(model, per_sample_loss, max_grad_norm)(X, y)
 
 
-def _first_layer_sq_norms(clipper: _GhostClipper | _VmapClipper, X: Tensor) -> Tensor | None:
-    if isinstance(clipper, _GhostClipper) and isinstance(clipper.layers[0], nn.Linear):
-        return X.pow(2).sum(1)
-    return None
+def _input_factor(clipper: _GhostClipper | _VmapClipper, X: Tensor) -> Tensor | None:
+    return clipper.input_factor(X) if isinstance(clipper, _GhostClipper) else None
 
 
 # ---------------------------------------------------------------------------------------------
-# Training loops
+# Poisson sampling, optimizers, training loops
 # ---------------------------------------------------------------------------------------------
+
+
+def _bernoulli_successes(length: int, sample_rate: float, generator: torch.Generator) -> Tensor:
+    """Sorted positions of the successes among ``length`` i.i.d. Bernoulli(``sample_rate``) trials.
+
+    Exact and O(length·q) instead of O(length): the gaps between successive successes are i.i.d.
+    Geometric(q) on {1, 2, ...}, drawn as ``floor(E / λ) + 1`` with ``E ~ Exp(1)`` and
+    ``λ = -log(1-q)``, since ``P(floor(E/λ) ≥ k) = e^{-kλ} = (1-q)^k``. Float64 throughout:
+    positions are exact integers below 2**53.
+    """
+    rate = -math.log1p(-sample_rate)
+    expected = length * sample_rate
+    chunk = int(expected + 6.0 * math.sqrt(expected) + 16)
+    pieces: list[Tensor] = []
+    last = -1.0
+    while True:
+        gaps = torch.empty(chunk, dtype=torch.float64).exponential_(generator=generator)
+        positions = gaps.div_(rate).floor_().add_(1.0).cumsum_(0).add_(last)
+        if positions[-1] >= length:
+            pieces.append(positions[positions < length])
+            break
+        pieces.append(positions)
+        last = float(positions[-1])
+    return (pieces[0] if len(pieces) == 1 else torch.cat(pieces)).long()
+
+
+def poisson_batches(n: int, sample_rate: float, steps: int,
+                    generator: torch.Generator) -> Iterator[Tensor]:
+    """Index tensors of ``steps`` Poisson-sampled batches: in every step each of the ``n`` examples
+    joins independently with probability ``sample_rate`` (batches may be empty).
+
+    The ``steps × n`` inclusion decisions are one long i.i.d. Bernoulli sequence, so they are drawn
+    together, in blocks of steps, by :func:`_bernoulli_successes`; position ``p`` is example
+    ``p mod n`` of step ``p // n``.
+    """
+    if sample_rate >= 1.0:
+        for _ in range(steps):
+            yield torch.arange(n)
+        return
+    if sample_rate <= 0.0 or n == 0:
+        for _ in range(steps):
+            yield torch.empty(0, dtype=torch.long)
+        return
+    block = max(1, min(steps, int(2**22 / max(1.0, n * sample_rate))))
+    done = 0
+    while done < steps:
+        k = min(block, steps - done)
+        positions = _bernoulli_successes(k * n, sample_rate, generator)
+        counts = torch.bincount(positions // n, minlength=k).tolist()
+        yield from (positions % n).split(counts)
+        done += k
+
+
+class _Sgd:
+    """Plain SGD, ``w ← w − lr·g``, on explicit gradient lists (no ``.grad``, no optimizer hooks)."""
+
+    def __init__(self, params: list[nn.Parameter], learning_rate: float) -> None:
+        self.params = params
+        self.lr = learning_rate
+
+    def step(self, grads: list[Tensor]) -> None:
+        with torch.no_grad():
+            torch._foreach_add_(self.params, grads, alpha=-self.lr)
+
+
+class _Adam:
+    """Adam (Kingma & Ba 2015) with the same update as ``torch.optim.Adam`` defaults
+    (β = (0.9, 0.999), ε = 1e-8, no weight decay), on explicit gradient lists.
+
+    ``torch.optim`` spends ~10× more time per step than the arithmetic on these small models; this
+    keeps the per-step cost of both DP and non-DP training down to the tensor operations.
+    """
+
+    def __init__(self, params: list[nn.Parameter], learning_rate: float,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> None:
+        self.params = params
+        self.lr = learning_rate
+        self.b1, self.b2 = betas
+        self.eps = eps
+        self.t = 0
+        self.m = [torch.zeros_like(p) for p in params]
+        self.v = [torch.zeros_like(p) for p in params]
+
+    def step(self, grads: list[Tensor]) -> None:
+        self.t += 1
+        bc1 = 1.0 - self.b1**self.t
+        bc2_sqrt = math.sqrt(1.0 - self.b2**self.t)
+        with torch.no_grad():
+            torch._foreach_mul_(self.m, self.b1)
+            torch._foreach_add_(self.m, grads, alpha=1.0 - self.b1)
+            torch._foreach_mul_(self.v, self.b2)
+            torch._foreach_addcmul_(self.v, grads, grads, value=1.0 - self.b2)
+            denom = torch._foreach_sqrt(self.v)
+            torch._foreach_div_(denom, bc2_sqrt)
+            torch._foreach_add_(denom, self.eps)
+            torch._foreach_addcdiv_(self.params, self.m, denom, value=-self.lr / bc1)
 
 
 def _make_optimizer(kind: DpOptimizer | str, params: list[nn.Parameter],
-                    learning_rate: float) -> torch.optim.Optimizer:
-    kind = DpOptimizer(kind)
-    if kind is DpOptimizer.ADAM:
-        return torch.optim.Adam(params, lr=learning_rate)
-    return torch.optim.SGD(params, lr=learning_rate)
+                    learning_rate: float) -> _Sgd | _Adam:
+    if DpOptimizer(kind) is DpOptimizer.ADAM:
+        return _Adam(params, learning_rate)
+    return _Sgd(params, learning_rate)
 
 
 def _check_data(X: Tensor, y: Tensor) -> None:
@@ -395,19 +578,29 @@ def _check_data(X: Tensor, y: Tensor) -> None:
         raise ValueError("cannot train on an empty customer table (0 rows)")
 
 
-def _add_proximal(params: list[nn.Parameter], proximal: tuple[Sequence[Tensor], float] | None) -> None:
-    """FedProx term ``μ/2·‖w − w_global‖²``: data-independent, added after privatisation."""
-    if proximal is None:
-        return
+def _proximal_anchors(params: list[nn.Parameter],
+                      proximal: tuple[Sequence[Tensor], float] | None) -> tuple[list[Tensor], float]:
+    if proximal is None or proximal[1] == 0:
+        return [], 0.0
     anchors, mu = proximal
-    if mu == 0:
+    if len(anchors) != len(params) or any(
+        a.shape != p.shape for a, p in zip(anchors, params, strict=False)
+    ):
+        raise ValueError(
+            f"proximal anchors must match the {len(params)} trainable parameters in order and shape"
+        )
+    return [torch.as_tensor(a, dtype=p.dtype).detach() for a, p in zip(anchors, params,
+                                                                       strict=True)], float(mu)
+
+
+def _add_proximal(grads: list[Tensor], params: list[nn.Parameter], anchors: list[Tensor],
+                  mu: float) -> None:
+    """FedProx term ``μ/2·‖w − w_global‖²``: data-independent, added after privatisation."""
+    if not anchors:
         return
-    if len(anchors) != len(params):
-        raise ValueError(f"proximal anchors: expected {len(params)} tensors, got {len(anchors)}")
     with torch.no_grad():
-        for p, w0 in zip(params, anchors, strict=True):
-            assert p.grad is not None
-            p.grad.add_(p.detach() - w0, alpha=mu)
+        for g, p, w0 in zip(grads, params, anchors, strict=True):
+            g.add_(p - w0, alpha=mu)
 
 
 def train_dp(
@@ -423,9 +616,12 @@ def train_dp(
 ) -> TrainStats:
     """Run ONE round of ``plan`` (``plan.steps`` DP-SGD steps) on ``(X, y)``, in place on ``model``.
 
-    ``proximal=(global_weights, mu)`` adds the FedProx pull towards the round's global model.
+    ``proximal=(global_weights, mu)`` adds the FedProx pull ``mu·(w − w_global)`` to the
+    privatised gradient (it does not touch the data, so it costs no privacy); ``global_weights``
+    align with the trainable parameters in ``model.parameters()`` order.
     The privacy guarantee is the plan's; recording the round's event in the firm's ledger (check,
-    then commit, before the update leaves the firm) is the caller's job: see :meth:`DpPlan.round_event`.
+    then commit, before the update leaves the firm) is the caller's job: see
+    :meth:`DpPlan.round_event`.
     """
     _check_data(X, y)
     start = time.perf_counter()
@@ -434,38 +630,38 @@ def train_dp(
     expected_batch = n * q
     noise_std = plan.noise_multiplier * plan.max_grad_norm
     params = trainable_parameters(model)
+    sizes = [p.numel() for p in params]
+    shapes = [p.shape for p in params]
+    total = sum(sizes)
     opt = _make_optimizer(optimizer, params, plan.learning_rate)
+    anchors, mu = _proximal_anchors(params, proximal)
     clipper = _clipper(model, per_sample_loss, plan.max_grad_norm)
-    x_sq = _first_layer_sq_norms(clipper, X)
+    x_sq = _input_factor(clipper, X)
     model.train()
 
     empty = 0
     seen = 0
-    loss_total = torch.zeros((), dtype=torch.float64)
-    for _ in range(plan.steps):
-        if q >= 1.0:
-            idx: Tensor | None = None
-            batch = n
-        else:
-            idx = (torch.rand(n, generator=generator) < q).nonzero().squeeze(1)
-            batch = int(idx.numel())
+    loss_total = torch.zeros(())
+    for idx in poisson_batches(n, q, plan.steps, generator):
+        batch = int(idx.numel())
         if batch == 0:
             empty += 1
             grads = [torch.zeros_like(p) for p in params]
         else:
-            if idx is None:
+            if batch == n:
                 clipped = clipper(X, y, x_sq)
             else:
-                clipped = clipper(X[idx], y[idx], None if x_sq is None else x_sq[idx])
+                clipped = clipper(X.index_select(0, idx), y.index_select(0, idx),
+                                  None if x_sq is None else x_sq.index_select(0, idx))
             grads = clipped.grads
-            loss_total += clipped.loss_sum.to(torch.float64)
+            loss_total += clipped.loss_sum
             seen += batch
-        with torch.no_grad():
-            for p, g in zip(params, grads, strict=True):
-                noise = torch.randn(p.shape, generator=generator, dtype=p.dtype)
-                p.grad = g.add_(noise, alpha=noise_std).div_(expected_batch)
-        _add_proximal(params, proximal)
-        opt.step()
+        flat_noise = torch.randn(total, generator=generator, dtype=params[0].dtype)
+        noise = [z.view(shape) for z, shape in zip(flat_noise.split(sizes), shapes, strict=True)]
+        torch._foreach_add_(grads, noise, alpha=noise_std)
+        torch._foreach_div_(grads, expected_batch)
+        _add_proximal(grads, params, anchors, mu)
+        opt.step(grads)
 
     return TrainStats(
         steps=plan.steps,
@@ -482,16 +678,16 @@ def train_non_dp(
     y: Tensor,
     *,
     per_sample_loss: PerSampleLoss,
-    epochs: float,
-    batch_size: int,
-    learning_rate: float,
+    epochs: float = DEFAULT_EPOCHS,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    learning_rate: float = DEFAULT_LEARNING_RATE,
     generator: torch.Generator,
     optimizer: DpOptimizer | str = DEFAULT_OPTIMIZER,
     proximal: tuple[Sequence[Tensor], float] | None = None,
 ) -> TrainStats:
-    """Plain minibatch training (shuffled, no privacy): the baseline DP-SGD is compared with.
-
-    Runs ``ceil(epochs · n / batch_size)`` steps of the mean per-example loss.
+    """Plain minibatch training (shuffled each epoch, no privacy): the baseline DP-SGD is compared
+    with. Runs ``ceil(epochs · n / batch_size)`` steps on the mean per-example loss, with the same
+    optimizers as :func:`train_dp`.
     """
     _check_data(X, y)
     start = time.perf_counter()
@@ -500,23 +696,21 @@ def train_non_dp(
     steps = max(1, math.ceil(epochs * n / batch_size - 1e-9))
     params = trainable_parameters(model)
     opt = _make_optimizer(optimizer, params, learning_rate)
+    anchors, mu = _proximal_anchors(params, proximal)
     model.train()
-    loss_total = torch.zeros((), dtype=torch.float64)
+    loss_total = torch.zeros(())
     seen = 0
-    batches: Iterable[Tensor] = ()
-    it = iter(batches)
+    batches: list[Tensor] = []
     for _ in range(steps):
-        idx = next(it, None)
-        if idx is None:
-            it = iter(torch.randperm(n, generator=generator).split(batch_size))
-            idx = next(it)
-        xb, yb = X[idx], y[idx]
-        opt.zero_grad(set_to_none=True)
+        if not batches:
+            batches = list(torch.randperm(n, generator=generator).split(batch_size))[::-1]
+        idx = batches.pop()
+        xb, yb = X.index_select(0, idx), y.index_select(0, idx)
         losses = _check_losses(per_sample_loss(model(xb), yb), xb.shape[0])
-        losses.mean().backward()
-        _add_proximal(params, proximal)
-        opt.step()
-        loss_total += losses.detach().sum().to(torch.float64)
+        grads = list(torch.autograd.grad(losses.mean(), params))
+        _add_proximal(grads, params, anchors, mu)
+        opt.step(grads)
+        loss_total += losses.detach().sum()
         seen += xb.shape[0]
     return TrainStats(
         steps=steps,

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
+from privacy.ledger import Budget, PrivacyLedger
 
 from fedcrm.config import ColumnRole, FeatureKind, FirmConfig, TableName, load_firm_config
 from fedcrm.dp_engine import DpPlan, plan_for_budget, train_dp
@@ -44,7 +45,6 @@ from fedcrm.models import (
 from fedcrm.store import PreparedStore, load_store
 from privacy.errors import BudgetExhausted, ConfigError, PlanDoesNotFit, SchemaError
 from privacy.keys import FirmKeys, load_keys
-from privacy.ledger import Budget, PrivacyLedger
 
 HOLDOUT_FRACTION = 0.2
 

@@ -83,11 +83,27 @@ def build_churn_model(
     return nn.Sequential(first, nn.ReLU(), last)
 
 
-def churn_per_sample_loss(logits: Tensor, churn: Tensor) -> Tensor:
-    """Binary cross-entropy per customer: ``logits`` ``[n, 1]`` or ``[n]``, ``churn`` 0/1 ``[n]``."""
-    return nn.functional.binary_cross_entropy_with_logits(
-        logits.reshape(-1), churn.reshape(-1).to(logits.dtype), reduction="none"
-    )
+class BinaryCrossEntropy:
+    """Binary cross-entropy per customer on logits: ``logits`` ``[n, 1]`` or ``[n]``, 0/1 targets.
+
+    Also gives its closed-form output gradient ``sigmoid(z) − t`` so that DP-SGD's ghost-clipping
+    path can skip autograd (see :class:`fedcrm.dp_engine.OutputGradientLoss`).
+    """
+
+    def __call__(self, logits: Tensor, churn: Tensor) -> Tensor:
+        return nn.functional.binary_cross_entropy_with_logits(
+            logits.reshape(-1), churn.reshape(-1).to(logits.dtype), reduction="none"
+        )
+
+    def output_gradient(self, logits: Tensor, churn: Tensor) -> tuple[Tensor, Tensor]:
+        """``(loss[n], d loss / d logits)``; ``softplus(z) − t·z`` is the BCE on logits."""
+        target = churn.reshape(logits.shape).to(logits.dtype)
+        losses = nn.functional.softplus(logits) - target * logits
+        return losses.reshape(-1), torch.sigmoid(logits) - target
+
+
+#: The churn models' per-customer training loss.
+churn_per_sample_loss = BinaryCrossEntropy()
 
 
 def predict_proba(model: nn.Module, X: Tensor | np.ndarray) -> np.ndarray:

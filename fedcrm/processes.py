@@ -203,6 +203,7 @@ class ManagedProcess:
         self._popen: subprocess.Popen[bytes] | None = None
         self._log: IO[bytes] | None = None
         self._stopped = False
+        self._terminated_at = 0.0
 
     # ---- lifecycle -------------------------------------------------------------------
     def start(self) -> Self:
@@ -323,6 +324,13 @@ class ManagedProcess:
     def log_tail(self, lines: int = 20) -> str:
         return " | ".join(s.strip() for s in self.read_log().splitlines()[-lines:] if s.strip())
 
+    def terminate(self) -> None:
+        """Send SIGTERM to the whole group without waiting (:meth:`stop` finishes the job)."""
+        if self._popen is None or self._terminated_at:
+            return
+        self._terminated_at = time.monotonic()
+        _signal_group(self._popen.pid, signal.SIGTERM)
+
     def stop(self, grace_s: float | None = None) -> int | None:
         """Stop the whole process group: SIGTERM, then SIGKILL after ``grace_s``. Idempotent.
 
@@ -335,8 +343,8 @@ class ManagedProcess:
         pgid = self._popen.pid  # start_new_session: pgid == pid
         if not self._stopped:
             self._stopped = True
-            _signal_group(pgid, signal.SIGTERM)
-            deadline = time.monotonic() + grace
+            self.terminate()
+            deadline = self._terminated_at + grace
             while time.monotonic() < deadline:
                 self._popen.poll()
                 if not _remaining(token=self.token, pgid=pgid):
@@ -430,6 +438,9 @@ class ProcessGroup:
         in_main = threading.current_thread() is threading.main_thread()
         previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if in_main else None
         try:
+            for process in processes:  # SIGTERM everyone first, so they shut down in parallel
+                with contextlib.suppress(Exception):
+                    process.terminate()
             for process in processes:
                 with contextlib.suppress(Exception):
                     process.stop()

@@ -150,7 +150,7 @@ def _hmac_states(key: bytes) -> tuple[_Sha256, _Sha256]:
 
 
 def _token_bytes(key: bytes, prefix: bytes, texts: pa.Array) -> bytes:
-    """Fixed-width tokens ``prefix + 24 hex`` for every (non-null) text, concatenated.
+    """Fixed-width tokens ``prefix + 24 hex`` for every value of a non-null binary array.
 
     The hot loop of `pseudonymize`: copies precomputed inner/outer HMAC states instead of
     re-keying for each value and binds every method to a local name; hex encoding and the key-id
@@ -160,8 +160,7 @@ def _token_bytes(key: bytes, prefix: bytes, texts: pa.Array) -> bytes:
     inner_copy, outer_copy = inner.copy, outer.copy
     digests: list[bytes] = []
     append = digests.append
-    # Arrow hands out the UTF-8 bytes directly (zero-copy cast), so no per-value str.encode.
-    for data in texts.cast(pa.large_binary()).to_pylist():
+    for data in texts.to_pylist():
         h = inner_copy()
         h.update(data)
         o = outer_copy()
@@ -309,12 +308,14 @@ def pseudonymize(
         )
     if not _KEY_ID_RE.fullmatch(key_id):
         raise ConfigError(
-            f"pseudonym key id {key_id!r} is not valid; use 1-48 letters, digits, '_', '.' or "
+            "pseudonym key id is not valid; use 1-48 letters, digits, '_', '.' or "
             "'-' (use privacy.keys.FirmKeys.pseudonym_key_id)"
         )
     array = _text_array(values)
     valid = np.asarray(array.is_valid().to_numpy(zero_copy_only=False), dtype=bool)
     present = array if array.null_count == 0 else array.filter(pa.array(valid))
+    # As binary, Arrow hands out the UTF-8 bytes directly (zero-copy cast): no per-value encode.
+    present = present.cast(pa.large_binary())
     prefix = f"{key_id}:".encode("ascii")
     n_workers = _worker_count(workers, len(present))
     if n_workers > 1:

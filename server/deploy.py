@@ -33,7 +33,6 @@ from server.app_bundle import write_app_dir
 from server.link import (
     RunStatus,
     follow_run,
-    node_statuses,
     register_node,
     run_app,
     start_superlink,
@@ -145,11 +144,15 @@ def _wait_nodes_online(
     *,
     nodes: Mapping[str, ManagedProcess],
     node_ids: Mapping[str, int],
-    flwr_home: Path,
     timeout_s: float,
 ) -> None:
-    """Wait until every registered node shows as online; fail fast if a node exits."""
+    """Wait until every registered node has been accepted; fail fast if a node exits.
+
+    A SuperNode logs ``SuperNode ID: <id>`` once the SuperLink has authenticated and activated
+    it, so its log is the cheap readiness signal (``flwr supernode ls`` costs a CLI start).
+    """
     deadline = time.monotonic() + timeout_s
+    waiting = dict(node_ids)
     while True:
         for firm, process in nodes.items():
             if process.poll() is not None:
@@ -164,16 +167,17 @@ def _wait_nodes_online(
                     f"SuperNode of firm '{firm}' exited (Flower exit code {code}){hint}; "
                     f"see {process.log_path}"
                 )
-        statuses = node_statuses(flwr_home=flwr_home, connection=CONNECTION)
-        offline = sorted(f for f, nid in node_ids.items() if statuses.get(nid) != "online")
-        if not offline:
+        for firm, node_id in list(waiting.items()):
+            if f"SuperNode ID: {node_id}" in nodes[firm].read_log():
+                del waiting[firm]
+        if not waiting:
             return
         if time.monotonic() > deadline:
             raise DeploymentError(
-                f"SuperNodes of {offline} did not come online within {timeout_s:.0f}s; see "
-                "their logs under the deployment's nodes/ directory"
+                f"SuperNodes of {sorted(waiting)} did not come online within {timeout_s:.0f}s; "
+                "see their logs under the deployment's nodes/ directory"
             )
-        time.sleep(2.0)
+        time.sleep(0.5)
 
 
 def deploy_local(
@@ -267,8 +271,7 @@ def deploy_local(
                 logs[f"supernode-{firm.firm}"] = nodes[firm.firm].log_path
                 emit(DeployEventKind.NODE_STARTED, f"started the SuperNode of {firm.firm}",
                      firm=firm.firm)
-            _wait_nodes_online(nodes=nodes, node_ids=node_ids, flwr_home=cli_home,
-                               timeout_s=node_online_timeout_s)
+            _wait_nodes_online(nodes=nodes, node_ids=node_ids, timeout_s=node_online_timeout_s)
             emit(DeployEventKind.NODES_ONLINE, f"{len(node_ids)} SuperNodes online")
 
             run_id = run_app(app_dir=app_dir, flwr_home=cli_home, connection=CONNECTION,

@@ -7,7 +7,8 @@ started with :mod:`fedcrm.processes`, each with its own ``FLWR_HOME``:
   :mod:`privacy.certs`, SuperNode authentication on (only registered public keys may connect),
   no runtime ``uv sync`` (offline), bound to 127.0.0.1 unless told otherwise;
 * :func:`write_flwr_config` - the ``[superlink.NAME]`` connection the ``flwr`` CLI reads;
-* :func:`register_node` - ``flwr supernode register`` for a firm's OpenSSH public key;
+* :func:`register_node` / :func:`unregister_node` / :func:`node_statuses` - the node registry
+  (``flwr supernode register|unregister|ls``) for firms' OpenSSH public keys;
 * :func:`run_app` / :func:`follow_run` / :func:`run_status` - submit a Flower app, stream its
   log until it finishes, read its final status.
 """
@@ -233,6 +234,15 @@ def register_node(
     return node_id
 
 
+def unregister_node(*, flwr_home: Path, connection_name: str, node_id: int) -> None:
+    """Remove a firm's SuperNode from the federation; its key is refused from then on."""
+    _flwr(
+        ["supernode", "unregister", str(node_id), connection_name],
+        flwr_home=flwr_home,
+        what=f"unregistering node {node_id}",
+    )
+
+
 def node_statuses(*, flwr_home: Path, connection: str) -> dict[int, str]:
     """Registered SuperNodes and their status (``registered``, ``online``, ``offline`` ...)."""
     payload = _flwr(["supernode", "ls", connection], flwr_home=flwr_home, what="listing SuperNodes")
@@ -313,6 +323,47 @@ def run_status(*, flwr_home: Path, connection: str, run_id: int) -> RunStatus:
     )
 
 
+def _stream_log(
+    *,
+    flwr_home: Path,
+    connection: str,
+    run_id: int,
+    deadline: float,
+    on_log: Callable[[str], None] | None,
+    log_path: Path,
+) -> None:
+    """Copy ``flwr log RUN --stream`` to ``log_path`` and ``on_log`` until it ends or time is up."""
+    streamer = ManagedProcess(
+        name=f"log-run-{run_id}",
+        argv=[str(find_executable("flwr")), "log", str(run_id), connection, "--stream"],
+        env=flower_env(flwr_home=flwr_home),
+        log_path=log_path,
+        capture_stdout=True,
+    )
+    with streamer, log_path.open("ab") as copy, selectors.DefaultSelector() as selector:
+        stdout = streamer.stdout
+        if stdout is None:  # pragma: no cover - capture_stdout guarantees a pipe
+            return
+        selector.register(stdout, selectors.EVENT_READ)
+        pending = b""
+        while time.monotonic() < deadline:
+            if not selector.select(timeout=0.5):
+                if streamer.poll() is not None:
+                    break
+                continue
+            chunk = os.read(stdout.fileno(), 65536)
+            if not chunk:
+                break
+            copy.write(chunk)
+            copy.flush()
+            *lines, pending = (pending + chunk).split(b"\n")
+            if on_log is not None:
+                for line in lines:
+                    on_log(line.decode(errors="replace"))
+        if pending and on_log is not None:
+            on_log(pending.decode(errors="replace"))
+
+
 def follow_run(
     *,
     flwr_home: Path,
@@ -324,51 +375,30 @@ def follow_run(
 ) -> RunStatus:
     """Stream the run's log (``flwr log --stream``) until it finishes; return its final status.
 
-    ``on_log`` receives each log line (e.g. to report ``[ROUND 2/3]`` progress). If the run is
-    still going after ``timeout_s`` it is stopped (``flwr stop``) and :class:`DeploymentError`
-    is raised.
+    ``on_log`` receives each log line (e.g. to report ``[ROUND 2/3]`` progress); the log is
+    also copied to ``log_path``. The stream ends when the run finishes; if it breaks earlier it
+    is resumed. If the run is still going after ``timeout_s`` it is stopped (``flwr stop``) and
+    :class:`DeploymentError` is raised.
     """
     flwr_home = Path(flwr_home)
-    streamer = ManagedProcess(
-        name=f"log-run-{run_id}",
-        argv=[str(find_executable("flwr")), "log", str(run_id), connection, "--stream"],
-        env=flower_env(flwr_home=flwr_home),
-        log_path=log_path or flwr_home / f"run-{run_id}.stream.log",
-        capture_stdout=True,
-    )
+    log_path = Path(log_path) if log_path is not None else flwr_home / f"run-{run_id}.log"
     deadline = time.monotonic() + timeout_s
-    with streamer:
-        assert streamer.stdout is not None
-        selector = selectors.DefaultSelector()
-        selector.register(streamer.stdout, selectors.EVENT_READ)
-        buffer = b""
-        with streamer.log_path.open("ab") as copy:
-            while time.monotonic() < deadline:
-                if not selector.select(timeout=0.5):
-                    if streamer.poll() is not None:
-                        break
-                    continue
-                chunk = os.read(streamer.stdout.fileno(), 65536)
-                if not chunk:
-                    break
-                copy.write(chunk)
-                buffer += chunk
-                *lines, buffer = buffer.split(b"\n")
-                if on_log is not None:
-                    for line in lines:
-                        on_log(line.decode(errors="replace"))
-        selector.close()
-        timed_out = time.monotonic() >= deadline and streamer.poll() is None
-    if timed_out:
-        _flwr(["stop", str(run_id), connection], flwr_home=flwr_home, what=f"stopping run {run_id}")
-        raise DeploymentError(
-            f"run {run_id} did not finish within {timeout_s:.0f}s and was stopped; "
-            "see the SuperLink log"
+    while True:
+        _stream_log(
+            flwr_home=flwr_home, connection=connection, run_id=run_id, deadline=deadline,
+            on_log=on_log, log_path=log_path,
         )
-    status = run_status(flwr_home=flwr_home, connection=connection, run_id=run_id)
-    # the log stream can end a moment before the status is written: poll briefly
-    end = time.monotonic() + 30.0
-    while status.state is RunState.UNFINISHED and time.monotonic() < end:
-        time.sleep(2.0)
         status = run_status(flwr_home=flwr_home, connection=connection, run_id=run_id)
-    return status
+        if status.state is not RunState.UNFINISHED:
+            return status
+        if time.monotonic() >= deadline:
+            _flwr(
+                ["stop", str(run_id), connection],
+                flwr_home=flwr_home,
+                what=f"stopping run {run_id}",
+            )
+            raise DeploymentError(
+                f"run {run_id} did not finish within {timeout_s:.0f}s and was stopped; "
+                "see the SuperLink log"
+            )
+        time.sleep(2.0)  # the stream can end just before the final status is stored

@@ -28,7 +28,8 @@ def _mode(path: Path) -> int:
 
 def test_server_certificate_carries_loopback_sans_and_is_signed_by_the_ca(tmp_path: Path) -> None:
     ca = generate_ca(tmp_path / "ca", common_name="test CA")
-    server = issue_server_cert(ca, tmp_path / "server", hosts=("127.0.0.1", "localhost", "link.example"))
+    hosts = ("127.0.0.1", "localhost", "link.example")
+    server = issue_server_cert(ca, tmp_path / "server", hosts=hosts)
     cert = x509.load_pem_x509_certificate(server.cert.read_bytes())
     san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert san.get_values_for_type(x509.IPAddress) == [ipaddress.ip_address("127.0.0.1")]
@@ -98,7 +99,8 @@ def test_node_key_is_openssh_nist_ec_as_flower_requires(tmp_path: Path) -> None:
     public = serialization.load_ssh_public_key(node.public_key.read_bytes())
     assert isinstance(public, ec.EllipticCurvePublicKey)
     assert public.public_numbers() == private.public_key().public_numbers()
-    assert load_node_private_key(node.private_key).public_key().public_numbers() == public.public_numbers()
+    loaded = load_node_private_key(node.private_key)
+    assert loaded.public_key().public_numbers() == public.public_numbers()
     assert load_node_public_key(node.public_key).public_numbers() == public.public_numbers()
 
 
@@ -129,7 +131,9 @@ def test_unsafe_or_wrong_key_files_are_refused(tmp_path: Path) -> None:
     pkcs8 = tmp_path / "pkcs8.key"
     pkcs8.write_bytes(
         ec.generate_private_key(ec.SECP384R1()).private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
         )
     )
     pkcs8.chmod(0o600)

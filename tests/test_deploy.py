@@ -90,7 +90,10 @@ def test_stopping_a_managed_process_kills_its_whole_group(tmp_path: Path) -> Non
 
 
 def test_a_child_that_ignores_sigterm_is_killed_after_the_grace_period(tmp_path: Path) -> None:
-    script = "import signal,time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('st' + 'arted', flush=True); time.sleep(300)"
+    script = (
+        "import signal,time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+        "print('st' + 'arted', flush=True); time.sleep(300)"
+    )
     proc = ManagedProcess(
         name="stubborn", argv=[sys.executable, "-c", script], env=dict(os.environ),
         log_path=tmp_path / "stubborn.log",
@@ -122,7 +125,10 @@ import os, sys, time
 sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r})
 from fedcrm.processes import ProcessGroup
 with ProcessGroup(grace_s=2) as group:
-    p = group.start(name="sleeper", argv=["sleep", "300"], env=dict(os.environ), log_path={str(tmp_path / 's.log')!r})
+    p = group.start(
+        name="sleeper", argv=["sleep", "300"], env=dict(os.environ),
+        log_path={str(tmp_path / 's.log')!r},
+    )
     open({str(marker)!r}, "w").write(str(p.pid))
     time.sleep(300)
 """
@@ -148,12 +154,14 @@ def test_wait_for_port_reports_an_early_exit_with_the_log(tmp_path: Path) -> Non
         name="crasher", argv=[sys.executable, "-c", "import sys; print('boom'); sys.exit(3)"],
         env=dict(os.environ), log_path=tmp_path / "crasher.log", port=free_port(),
     )
-    with proc, pytest.raises(DeploymentError, match="exited with code 3.*boom"):
+    with proc, pytest.raises(DeploymentError, match=r"exited with code 3.*boom"):
         proc.wait_for_port(timeout=20)
 
 
 def test_flower_env_isolates_flwr_home_and_keeps_flower_offline(tmp_path: Path) -> None:
-    env = flower_env(flwr_home=tmp_path / "home", extra_pythonpath=[APP_DIR], base={"PATH": "/usr/bin"})
+    env = flower_env(
+        flwr_home=tmp_path / "home", extra_pythonpath=[APP_DIR], base={"PATH": "/usr/bin"}
+    )
     assert env["FLWR_HOME"] == str((tmp_path / "home").resolve())
     assert env["PATH"].split(os.pathsep)[0] == str(Path(sys.executable).parent)
     assert env["FLWR_TELEMETRY_ENABLED"] == "0" and env["FLWR_DISABLE_UPDATE_CHECK"] == "1"
@@ -165,7 +173,9 @@ def test_flower_env_isolates_flwr_home_and_keeps_flower_offline(tmp_path: Path) 
 def test_node_config_is_encoded_the_way_flower_parses_it() -> None:
     from flwr.common.config import parse_config_args
 
-    config = {"firm": "acme", "store": "/data/my store/acme", "rounds": 3, "lr": 0.5, "dp": True}
+    config: dict[str, str | int | float | bool] = {
+        "firm": "acme", "store": "/data/my store/acme", "rounds": 3, "lr": 0.5, "dp": True
+    }
     encoded = format_node_config(config)
     assert parse_config_args([encoded]) == config
     with pytest.raises(DeploymentError, match="quote"):
@@ -250,7 +260,9 @@ def test_a_node_with_an_unregistered_key_is_refused_while_a_registered_one_conne
     with ProcessGroup() as group:
         link = start_superlink(workdir=tmp_path / "link", certs=certs, group=group)
         write_flwr_config(cli_home, "t", link.address, ca.cert)
-        good_id = register_node(flwr_home=cli_home, connection_name="t", public_key_path=good.public_key)
+        good_id = register_node(
+            flwr_home=cli_home, connection_name="t", public_key_path=good.public_key
+        )
         nodes = {
             keys.firm: start_supernode(
                 superlink_address=link.address, root_cert=ca.cert, auth_key=keys.private_key,

@@ -20,7 +20,8 @@ def train(msg: Message, context: Context) -> Message:
     assert isinstance(arrays, ArrayRecord)
     updated = [a + 1.0 for a in arrays.to_numpy_ndarrays()]
     firm = str(context.node_config["firm"])
-    server_round = int(msg.content["config"]["server-round"])
+    server_round = msg.content["config"]["server-round"]
+    assert isinstance(server_round, int)
     marker_dir = Path(str(context.node_config["marker-dir"]))
     marker_dir.mkdir(parents=True, exist_ok=True)
     (marker_dir / f"{firm}.round{server_round}").touch()

@@ -1,0 +1,387 @@
+"""A firm's persistent privacy-budget ledger.
+
+The ledger is a JSON Lines file (path chosen by the caller, e.g. ``<store>/budget.jsonl``); every
+line is one :class:`~privacy.accounting.DpEvent` as written by ``DpEvent.to_json`` plus ``firm``
+and an informational ``cumulative_epsilon``. The budget (ε cap, δ) lives beside it in
+``<ledger>.budget.json`` with the history of its changes.
+
+The events are the source of truth: ε spent is ALWAYS recomputed by RDP-composing every event at
+the budget's δ (:func:`privacy.accounting.compose_epsilon`); ``cumulative_epsilon`` is never read
+back. Spending is two steps, as in Google's ``dp_accounting``: :meth:`PrivacyLedger.would_exceed`
+/ :meth:`PrivacyLedger.check` before any noise is drawn, then :meth:`PrivacyLedger.commit`, which
+re-checks under an exclusive file lock and persists atomically (temp file, fsync, ``os.replace``,
+fsync of the directory) before the noisy result may leave the process. A crash leaves either the
+old or the new ledger, never a torn line; two processes committing at once cannot overspend.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import math
+import os
+import tempfile
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+from privacy.accounting import DpEvent, compose_epsilon
+from privacy.errors import BudgetExhausted, ConfigError
+
+EPSILON_TOLERANCE = 1e-9
+"""Float slack when comparing composed ε with the cap (an exact fit is allowed)."""
+
+_FILE_MODE = 0o600
+_BUDGET_SUFFIX = ".budget.json"
+_LOCK_SUFFIX = ".lock"
+
+
+@dataclass(frozen=True)
+class Budget:
+    """A firm's total privacy budget: the ε cap over all its releases, at δ."""
+
+    epsilon: float
+    delta: float
+
+    def __post_init__(self) -> None:
+        eps, delta = self.epsilon, self.delta
+        if isinstance(eps, bool) or not isinstance(eps, int | float) or not (
+            math.isfinite(eps) and eps > 0
+        ):
+            raise ValueError(f"budget epsilon must be a finite number > 0, got {eps!r}")
+        if isinstance(delta, bool) or not isinstance(delta, int | float) or not 0 < delta < 1:
+            raise ValueError(f"budget delta must lie in (0, 1), got {delta!r}")
+        object.__setattr__(self, "epsilon", float(eps))
+        object.__setattr__(self, "delta", float(delta))
+
+
+@dataclass(frozen=True)
+class LedgerStatus:
+    """A snapshot of a ledger: what was spent, on what, and what is left."""
+
+    firm: str
+    epsilon_cap: float
+    delta: float
+    spent: float
+    remaining: float
+    by_purpose: Mapping[str, float] = field(hash=False)
+    n_events: int
+    last_timestamp: str | None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "firm": self.firm,
+            "epsilon_cap": self.epsilon_cap,
+            "delta": self.delta,
+            "spent": self.spent,
+            "remaining": self.remaining,
+            "by_purpose": dict(self.by_purpose),
+            "n_events": self.n_events,
+            "last_timestamp": self.last_timestamp,
+        }
+
+
+# ------------------------------------------------------------------------------ file I/O
+
+
+def _parse_line(path: Path, lineno: int, line: str, *, firm: str | None) -> DpEvent:
+    try:
+        record = json.loads(line)
+        event = DpEvent.from_json(record)
+    except (json.JSONDecodeError, ValueError, TypeError) as exc:
+        reason = "not valid JSON" if isinstance(exc, json.JSONDecodeError) else str(exc)
+        raise ConfigError(
+            f"privacy ledger {path} line {lineno} is malformed ({reason}); restore the ledger "
+            "from backup - never delete lines, that would hide spent budget"
+        ) from None
+    owner = record.get("firm")
+    if firm is not None and owner is not None and owner != firm:
+        raise ConfigError(
+            f"privacy ledger {path} line {lineno} belongs to firm {owner!r}, not {firm!r}; "
+            "point the firm's config at its own ledger"
+        )
+    return event
+
+
+def _read(path: Path, *, firm: str | None = None) -> tuple[list[str], list[DpEvent]]:
+    """The ledger's non-blank lines (verbatim) and their parsed events; none if it is missing."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return [], []
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read privacy ledger {path}: {exc}; check the path") from None
+    lines: list[str] = []
+    events: list[DpEvent] = []
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        events.append(_parse_line(path, lineno, line, firm=firm))
+        lines.append(line)
+    return lines, events
+
+
+def read_events(path: Path | str) -> list[DpEvent]:
+    """Parse a ledger file; a missing file holds no events.
+
+    Raises:
+        ConfigError: naming the file and line number of a malformed line.
+    """
+    return _read(Path(path))[1]
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    """Replace ``path`` with ``text`` atomically and durably (mode 0600)."""
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(tmp, _FILE_MODE)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    _fsync_dir(path.parent)
+
+
+def _remove_stale_temps(path: Path) -> None:
+    """Delete temp files a crashed writer left behind (call only while holding the lock)."""
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):
+        with contextlib.suppress(OSError):
+            stale.unlink()
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat()
+
+
+# ------------------------------------------------------------------------------ ledger
+
+
+class PrivacyLedger:
+    """One firm's privacy budget: its cap, its committed DP events and what they add up to.
+
+    Args:
+        path: the JSON Lines ledger (created on first commit; missing means nothing spent).
+        firm: the firm that owns it; lines or a budget file naming another firm are refused.
+        budget: the firm's current cap from its config. If it differs from the recorded one, the
+            change is appended to the budget file's history. ``None`` reads the recorded budget.
+
+    Raises:
+        ConfigError: no budget given and none recorded, the files belong to another firm, or a
+            file is unreadable.
+    """
+
+    def __init__(self, path: Path | str, *, firm: str, budget: Budget | None = None) -> None:
+        if not isinstance(firm, str) or not firm.strip():
+            raise ValueError(f"firm must be a non-empty string, got {firm!r}")
+        self._path = Path(path)
+        self._firm = firm
+        self._budget_path = self._path.with_name(self._path.name + _BUDGET_SUFFIX)
+        self._lock_path = self._path.with_name(self._path.name + _LOCK_SUFFIX)
+        if budget is None:
+            recorded = self._read_budget_file()
+            if recorded is None:
+                raise ConfigError(
+                    f"no privacy budget recorded for ledger {self._path} "
+                    f"(expected {self._budget_path}); open it with the firm's budget "
+                    "(epsilon and delta from the [budget] section of its config)"
+                )
+            self._budget = recorded[0]
+        else:
+            self._budget = budget
+            self._record_budget(budget)
+
+    # -------------------------------------------------------------- properties
+
+    @property
+    def path(self) -> Path:
+        return self._path
+
+    @property
+    def firm(self) -> str:
+        return self._firm
+
+    @property
+    def budget(self) -> Budget:
+        return self._budget
+
+    @property
+    def events(self) -> tuple[DpEvent, ...]:
+        """All committed events, re-read from disk."""
+        return tuple(_read(self._path, firm=self._firm)[1])
+
+    # -------------------------------------------------------------- budget file
+
+    def _read_budget_file(self) -> tuple[Budget, list[dict[str, Any]]] | None:
+        try:
+            raw = json.loads(self._budget_path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ConfigError(
+                f"privacy budget file {self._budget_path} is unreadable ({exc}); restore it "
+                "from backup or reopen the ledger with the firm's budget"
+            ) from None
+        try:
+            if raw["firm"] != self._firm:
+                raise ConfigError(
+                    f"privacy budget file {self._budget_path} belongs to firm {raw['firm']!r}, "
+                    f"not {self._firm!r}; point the firm's config at its own ledger"
+                )
+            budget = Budget(epsilon=raw["epsilon"], delta=raw["delta"])
+            history = list(raw.get("history", []))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ConfigError(
+                f"privacy budget file {self._budget_path} is invalid ({exc}); restore it from "
+                "backup or reopen the ledger with the firm's budget"
+            ) from None
+        return budget, history
+
+    def _record_budget(self, budget: Budget) -> None:
+        """Write the budget file if it is missing or records a different budget."""
+        self._path.parent.mkdir(parents=True, exist_ok=True)
+        with self._locked():
+            recorded = self._read_budget_file()
+            if recorded is not None and recorded[0] == budget:
+                return
+            history = [] if recorded is None else recorded[1]
+            history.append(
+                {
+                    "epsilon": budget.epsilon,
+                    "delta": budget.delta,
+                    "timestamp": _now(),
+                    "previous": None
+                    if recorded is None
+                    else {"epsilon": recorded[0].epsilon, "delta": recorded[0].delta},
+                }
+            )
+            document = {
+                "firm": self._firm,
+                "epsilon": budget.epsilon,
+                "delta": budget.delta,
+                "history": history,
+            }
+            _atomic_write(self._budget_path, json.dumps(document, indent=2) + "\n")
+
+    # -------------------------------------------------------------- locking
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        """Exclusive advisory lock shared by every process using this ledger."""
+        self._path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT, _FILE_MODE)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # closing releases the lock
+
+    # -------------------------------------------------------------- queries
+
+    def _compose(self, events: Sequence[DpEvent]) -> float:
+        return compose_epsilon(events, delta=self._budget.delta)
+
+    def spent(self) -> float:
+        """ε spent so far: every committed event RDP-composed at the budget's δ."""
+        return self._compose(self.events)
+
+    def remaining(self) -> float:
+        """ε left under the cap (never negative)."""
+        return max(0.0, self._budget.epsilon - self.spent())
+
+    def spent_by_purpose(self) -> dict[str, float]:
+        """ε of each purpose's events composed on their own (these do not add up to the total)."""
+        groups: dict[str, list[DpEvent]] = {}
+        for event in self.events:
+            groups.setdefault(event.purpose, []).append(event)
+        return {purpose: self._compose(group) for purpose, group in groups.items()}
+
+    def _total_with(self, events: Sequence[DpEvent], event: DpEvent) -> float:
+        return self._compose([*events, event])
+
+    def _exceeds(self, total: float) -> bool:
+        return not total <= self._budget.epsilon + EPSILON_TOLERANCE
+
+    def would_exceed(self, event: DpEvent) -> bool:
+        """Whether committing ``event`` would bring the composed total above the cap."""
+        return self._exceeds(self._total_with(self.events, event))
+
+    def _refuse_if_exceeds(self, events: Sequence[DpEvent], event: DpEvent) -> None:
+        total = self._total_with(events, event)
+        if self._exceeds(total):
+            raise BudgetExhausted(
+                epsilon_spent=self._compose(events),
+                epsilon_cap=self._budget.epsilon,
+                epsilon_requested=total,
+                purpose=event.purpose,
+                ledger=str(self._path),
+            )
+
+    def check(self, event: DpEvent) -> None:
+        """Refuse ``event`` before any noise is drawn.
+
+        Raises:
+            BudgetExhausted: with the ε spent, the cap and the total ``event`` would bring.
+        """
+        self._refuse_if_exceeds(self.events, event)
+
+    # -------------------------------------------------------------- commit
+
+    def commit(self, event: DpEvent) -> None:
+        """Record ``event`` durably; only after this returns may its noisy result be released.
+
+        Under an exclusive lock the ledger is re-read and the budget re-checked, then the full
+        new ledger is written to a temp file in the same directory, fsynced, renamed over the
+        old one and the directory fsynced.
+
+        Raises:
+            BudgetExhausted: if the event no longer fits (e.g. another process spent meanwhile).
+        """
+        with self._locked():
+            _remove_stale_temps(self._path)
+            lines, events = _read(self._path, firm=self._firm)
+            self._refuse_if_exceeds(events, event)
+            record = {
+                **event.to_json(),
+                "firm": self._firm,
+                "cumulative_epsilon": self._total_with(events, event),
+            }
+            lines.append(json.dumps(record, sort_keys=True, ensure_ascii=False))
+            _atomic_write(self._path, "\n".join(lines) + "\n")
+
+    def status(self) -> LedgerStatus:
+        """A snapshot: cap, δ, ε spent (recomputed), remaining, ε per purpose, count, last time."""
+        events = self.events
+        spent = self._compose(events)
+        groups: dict[str, list[DpEvent]] = {}
+        for event in events:
+            groups.setdefault(event.purpose, []).append(event)
+        return LedgerStatus(
+            firm=self._firm,
+            epsilon_cap=self._budget.epsilon,
+            delta=self._budget.delta,
+            spent=spent,
+            remaining=max(0.0, self._budget.epsilon - spent),
+            by_purpose=MappingProxyType(
+                {purpose: self._compose(group) for purpose, group in groups.items()}
+            ),
+            n_events=len(events),
+            last_timestamp=events[-1].timestamp if events else None,
+        )
