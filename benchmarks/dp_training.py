@@ -14,11 +14,11 @@ whole plan, and run the same number of steps. Opacus derives its sampling rate a
 ``1 / len(data_loader)`` (slightly below ``batch_size / n`` when ``n`` is not a multiple of the
 batch size); the JSON records both.
 
-Data: features from the fixed layout of ``simulations.datasets`` declarations (never fitted on data);
-the 11 blank ``total_charges`` (all tenure-0 customers) are ZERO-FILLED by the layout (no rows
-dropped). Training on non-test rows, AUC on ``telco_is_test`` rows.
+Data: features from the fixed layout of ``simulations.datasets`` declarations (never fitted on
+data); the 11 blank ``total_charges`` (all tenure-0 customers) are ZERO-FILLED by the layout (no
+rows dropped). Training on non-test rows, AUC on ``telco_is_test`` rows.
 
-Run: ``python benchmarks/dp_training.py [--repeats 5] [--epsilon 1] [--delta 1e-5]`` (not
+Run: ``python benchmarks/dp_training.py [--repeats 10] [--epsilon 1] [--delta 1e-5]`` (not
 ``-m``: a third-party wheel installs a top-level ``benchmarks`` package);
 writes ``benchmarks/results/dp_training.json``.
 """
@@ -34,6 +34,7 @@ import time
 import warnings
 from collections.abc import Callable
 from dataclasses import asdict
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -91,7 +92,8 @@ def run_opacus(model: nn.Module, X: Tensor, y: Tensor, plan: DpPlan, batch_size:
     from opacus import PrivacyEngine
     from torch.utils.data import DataLoader, TensorDataset
 
-    torch.manual_seed(seed)  # Opacus' Poisson sampler and noise use the global RNG (non-secure mode)
+    # Opacus' Poisson sampler and noise use the global RNG (non-secure mode).
+    torch.manual_seed(seed)
     opt = _optimizer(optimizer, model, plan.learning_rate)
     loader = DataLoader(TensorDataset(X, y), batch_size=batch_size)
     engine = PrivacyEngine(accountant="rdp")
@@ -135,7 +137,7 @@ def bench_kind(kind: ChurnModelKind, data: dict[str, Any], *, epsilon: float, de
     for r in range(repeats):
         seed = 1000 + r
         m_a = build_churn_model(kind, dim, seed=seed)
-        t, out = _timed(lambda m=m_a, s=seed: run_opacus(m, X, y, plan, batch_size, optimizer, s))
+        t, out = _timed(partial(run_opacus, m_a, X, y, plan, batch_size, optimizer, seed))
         times["opacus"].append(t)
         aucs["opacus"].append(float(roc_auc_score(yt, predict_proba(out["module"], Xt))))
         if r == 0:
@@ -146,17 +148,16 @@ def bench_kind(kind: ChurnModelKind, data: dict[str, Any], *, epsilon: float, de
 
         m_b = build_churn_model(kind, dim, seed=seed)
         gen = torch.Generator().manual_seed(seed)
-        t, _ = _timed(lambda m=m_b, g=gen: train_dp(
-            m, X, y, per_sample_loss=churn_per_sample_loss, plan=plan, generator=g,
-            optimizer=optimizer))
+        t, _ = _timed(partial(train_dp, m_b, X, y, per_sample_loss=churn_per_sample_loss,
+                              plan=plan, generator=gen, optimizer=optimizer))
         times["fedcrm_dp"].append(t)
         aucs["fedcrm_dp"].append(float(roc_auc_score(yt, predict_proba(m_b, Xt))))
 
         m_c = build_churn_model(kind, dim, seed=seed)
         gen = torch.Generator().manual_seed(seed)
-        t, _ = _timed(lambda m=m_c, g=gen: train_non_dp(
-            m, X, y, per_sample_loss=churn_per_sample_loss, epochs=epochs, batch_size=batch_size,
-            learning_rate=lr, generator=g, optimizer=optimizer))
+        t, _ = _timed(partial(train_non_dp, m_c, X, y, per_sample_loss=churn_per_sample_loss,
+                              epochs=epochs, batch_size=batch_size, learning_rate=lr,
+                              generator=gen, optimizer=optimizer))
         times["non_dp"].append(t)
         aucs["non_dp"].append(float(roc_auc_score(yt, predict_proba(m_c, Xt))))
 
@@ -206,7 +207,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--lr", type=float, default=DEFAULT_LEARNING_RATE)
     parser.add_argument("--clip", type=float, default=DEFAULT_MAX_GRAD_NORM)
     parser.add_argument("--optimizer", type=DpOptimizer, default=DEFAULT_OPTIMIZER)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
@@ -260,7 +261,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for r in rows:
         s, a = r["seconds_median"], r["auc_mean"]
         print(f"{r['model']:9} {s['opacus']:9.3f} {s['fedcrm_dp']:9.3f} {s['non_dp']:8.3f} "
-              f"{r['speedup_opacus_over_fedcrm_dp']:6.1f} {r['slowdown_fedcrm_dp_over_non_dp']:5.2f} "
+              f"{r['speedup_opacus_over_fedcrm_dp']:6.1f} "
+              f"{r['slowdown_fedcrm_dp_over_non_dp']:5.2f} "
               f"{a['opacus']:10.4f} {a['fedcrm_dp']:10.4f} {a['non_dp']:9.4f}")
     print("targets met:", json.dumps(met))
     args.out.parent.mkdir(parents=True, exist_ok=True)

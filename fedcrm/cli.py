@@ -289,3 +289,89 @@ def simulate(
     with RunDisplay(run_dir / "events.jsonl", console=out, title=rid):
         run_dir_final, summary = run_sim(cfg, run_id=rid, on_firm=on_firm)
     _print_summary(summary, run_dir_final)
+
+
+# --------------------------------------------------------------------------- budget, train, score
+
+budget_app = typer.Typer(help="The firm's privacy budget ledger.", no_args_is_help=True)
+app.add_typer(budget_app, name="budget")
+
+
+@budget_app.command("status")
+@user_errors
+def budget_status(
+    ledger: Annotated[Path, typer.Option(help="the firm's ledger (JSON Lines)")],
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+) -> None:
+    """ε spent and remaining, per purpose and in total (recomputed from every event)."""
+    from privacy.errors import ConfigError
+    from privacy.ledger import PrivacyLedger
+
+    sidecar = ledger.with_name(ledger.name + ".budget.json")
+    if not ledger.exists() and not sidecar.exists():
+        raise ConfigError(f"ledger {ledger} not found")
+    try:
+        firm = str(json.loads(sidecar.read_text()).get("firm", ""))
+    except (OSError, json.JSONDecodeError):
+        raise ConfigError(f"{sidecar} (the ledger's budget file) is missing or unreadable") from None
+    book = PrivacyLedger(ledger, firm=firm)
+    status = book.status()
+    data = status.to_json()
+    if as_json:
+        sys.stdout.write(json.dumps(data, indent=2) + "\n")
+        return
+    t = Table(title=f"privacy budget of {status.firm} ({ledger})")
+    t.add_column("purpose")
+    t.add_column("ε spent", justify="right")
+    for purpose, eps in sorted(status.by_purpose.items()):
+        t.add_row(purpose, f"{eps:.4f}")
+    t.add_row("[bold]total (composed)[/]", f"[bold]{status.spent:.4f}[/]")
+    out.print(t)
+    out.print(f"cap ε={status.epsilon_cap:g}, δ={status.delta:g}; remaining ε={status.remaining:.4f}; "
+              f"{status.n_events} releases, last {status.last_timestamp or '-'}")
+
+
+@app.command()
+@user_errors
+def train(
+    config: Annotated[Path, typer.Option(help="the firm's config (TOML)")],
+    out_path: Annotated[Path, typer.Option("--out", help="where to save the model")],
+    epsilon: Annotated[float, typer.Option(help="ε to spend on this training (within the cap)")] = 1.0,
+    task: Annotated[str, typer.Option(help="churn or trend")] = "churn",
+    model: Annotated[str | None, typer.Option(help="logistic or mlp (churn)")] = None,
+) -> None:
+    """Centralized DP training on this firm's own prepared store, within its budget."""
+    from fedcrm.config import load_firm_config
+    from fedcrm.federation import Task
+    from fedcrm.scoring import train_local
+    from privacy.errors import ConfigError
+
+    try:
+        task_kind = Task(task)
+    except ValueError:
+        raise ConfigError(f"--task must be churn or trend, not {task!r}") from None
+    cfg = load_firm_config(config)
+    r = train_local(cfg, out=out_path, epsilon=epsilon, task=task_kind, model_kind=model)
+    metrics = ", ".join(f"{k}={v:.4f}" for k, v in r.metrics.items())
+    out.print(f"trained {task} model -> {r.model_path} in {r.seconds:.1f}s; this release ε="
+              f"{r.epsilon_spent:.4f} (noise multiplier {r.noise_multiplier:.3f}); firm total "
+              f"ε={r.epsilon_total:.4f} of {r.epsilon_cap:g}; held-out {metrics}")
+
+
+@app.command()
+@user_errors
+def score(
+    model: Annotated[Path, typer.Option(help="a churn model (.pt)")],
+    config: Annotated[Path, typer.Option(help="the firm's config (TOML)")],
+    out_path: Annotated[Path, typer.Option("--out", help="CSV to write")] = Path("risks.csv"),
+) -> None:
+    """Churn early-warning list for the firm's own customers (pseudonymous ids), by risk."""
+    from fedcrm.config import load_firm_config
+    from fedcrm.scoring import score_customers
+
+    cfg = load_firm_config(config)
+    risks = score_customers(cfg, model_path=model)
+    risks.to_csv(out_path, index=False)
+    counts = risks["risk_band"].value_counts().to_dict()
+    out.print(f"scored {len(risks):,} customers -> {out_path} (high {counts.get('high', 0):,}, "
+              f"medium {counts.get('medium', 0):,}, low {counts.get('low', 0):,})")

@@ -39,9 +39,11 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 import torch
+from torch import Tensor, nn
+
 from privacy.accounting import (
     ContextValue,
     DpEvent,
@@ -50,8 +52,6 @@ from privacy.accounting import (
     epsilon_for,
     make_event,
 )
-from torch import Tensor, nn
-
 from privacy.errors import PlanDoesNotFit
 
 PerSampleLoss = Callable[[Tensor, Tensor], Tensor]
@@ -123,7 +123,8 @@ class DpPlan:
 
     def round_event(self, *, purpose: str,
                     context: Mapping[str, ContextValue] | None = None) -> DpEvent:
-        """The privacy event of ONE round of this plan, for the firm's ledger (check, then commit)."""
+        """The privacy event of ONE round of this plan, for the firm's ledger (check, then
+        commit)."""
         return make_event(
             mechanism=Mechanism.SUBSAMPLED_GAUSSIAN,
             noise_multiplier=self.noise_multiplier,
@@ -162,7 +163,7 @@ def plan_for_budget(
     rounds: int = 1,
     prior_events: Sequence[DpEvent] = (),
 ) -> DpPlan:
-    """Calibrate the noise for a whole DP-SGD plan so that it fits ``target_epsilon`` by construction.
+    """Calibrate the noise of a whole DP-SGD plan so that it fits ``target_epsilon`` by design.
 
     ``target_epsilon`` is the firm's TOTAL cap: ``prior_events`` (what the firm already spent) are
     composed with ``rounds`` rounds of ``ceil(epochs / q)`` local steps each, ``q = min(1,
@@ -412,7 +413,8 @@ class _GhostClipper:
 class _VmapClipper:
     """Fallback for arbitrary modules: per-example gradients with ``torch.func.vmap``."""
 
-    def __init__(self, model: nn.Module, per_sample_loss: PerSampleLoss, max_grad_norm: float) -> None:
+    def __init__(self, model: nn.Module, per_sample_loss: PerSampleLoss,
+                 max_grad_norm: float) -> None:
         from torch.func import functional_call, grad, vmap
 
         self.model = model
@@ -465,6 +467,10 @@ def _input_factor(clipper: _GhostClipper | _VmapClipper, X: Tensor) -> Tensor | 
 # ---------------------------------------------------------------------------------------------
 
 
+#: About how many sampled indices one block of steps draws at once (bounds memory).
+_SAMPLING_BLOCK = 2**22
+
+
 def _bernoulli_successes(length: int, sample_rate: float, generator: torch.Generator) -> Tensor:
     """Sorted positions of the successes among ``length`` i.i.d. Bernoulli(``sample_rate``) trials.
 
@@ -506,7 +512,7 @@ def poisson_batches(n: int, sample_rate: float, steps: int,
         for _ in range(steps):
             yield torch.empty(0, dtype=torch.long)
         return
-    block = max(1, min(steps, int(2**22 / max(1.0, n * sample_rate))))
+    block = max(1, min(steps, int(_SAMPLING_BLOCK / max(1.0, n * sample_rate))))
     done = 0
     while done < steps:
         k = min(block, steps - done)
@@ -517,10 +523,10 @@ def poisson_batches(n: int, sample_rate: float, steps: int,
 
 
 class _Sgd:
-    """Plain SGD, ``w ← w − lr·g``, on explicit gradient lists (no ``.grad``, no optimizer hooks)."""
+    """Plain SGD, ``w ← w − lr·g``, on explicit gradient lists (no ``.grad``, no hooks)."""
 
     def __init__(self, params: list[nn.Parameter], learning_rate: float) -> None:
-        self.params = params
+        self.params: list[Tensor] = list(params)
         self.lr = learning_rate
 
     def step(self, grads: list[Tensor]) -> None:
@@ -538,7 +544,7 @@ class _Adam:
 
     def __init__(self, params: list[nn.Parameter], learning_rate: float,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> None:
-        self.params = params
+        self.params: list[Tensor] = list(params)
         self.lr = learning_rate
         self.b1, self.b2 = betas
         self.eps = eps
@@ -578,8 +584,9 @@ def _check_data(X: Tensor, y: Tensor) -> None:
         raise ValueError("cannot train on an empty customer table (0 rows)")
 
 
-def _proximal_anchors(params: list[nn.Parameter],
-                      proximal: tuple[Sequence[Tensor], float] | None) -> tuple[list[Tensor], float]:
+def _proximal_anchors(
+    params: list[nn.Parameter], proximal: tuple[Sequence[Tensor], float] | None
+) -> tuple[list[Tensor], float]:
     if proximal is None or proximal[1] == 0:
         return [], 0.0
     anchors, mu = proximal

@@ -10,7 +10,6 @@ docs/privacy.md.)
 from __future__ import annotations
 
 import numpy as np
-from sklearn.metrics import roc_auc_score
 
 SCORE_BINS = 200
 
@@ -37,7 +36,22 @@ def auc_from_histograms(pos: np.ndarray, neg: np.ndarray) -> float:
 
 
 def auc(scores: np.ndarray, labels: np.ndarray) -> float:
-    labels = np.asarray(labels).astype(int)
-    if labels.min(initial=1) == labels.max(initial=0) or len(labels) == 0:
+    """ROC AUC (Mann-Whitney U with average ranks for ties); NaN when only one class is present.
+
+    numpy-only on purpose: it runs in every ClientApp process, where importing scikit-learn
+    would add seconds to each start.
+    """
+    labels = np.asarray(labels).astype(bool)
+    scores = np.asarray(scores, dtype=np.float64)
+    n_pos = int(labels.sum())
+    n_neg = len(labels) - n_pos
+    if n_pos == 0 or n_neg == 0:
         return float("nan")
-    return float(roc_auc_score(labels, scores))
+    order = np.argsort(scores, kind="mergesort")
+    sorted_scores = scores[order]
+    ranks = np.empty(len(scores), dtype=np.float64)
+    _, first, counts = np.unique(sorted_scores, return_index=True, return_counts=True)
+    avg = first + (counts - 1) / 2.0 + 1.0
+    ranks[order] = np.repeat(avg, counts)
+    u = ranks[labels].sum() - n_pos * (n_pos + 1) / 2.0
+    return float(u / (n_pos * n_neg))

@@ -70,7 +70,9 @@ def build_churn_model(
             f"{', '.join(k.value for k in ChurnModelKind)}"
         ) from exc
     if input_dim < 1 or hidden < 1:
-        raise ConfigError(f"churn model needs input_dim ≥ 1 and hidden ≥ 1, got {input_dim}, {hidden}")
+        raise ConfigError(
+            f"churn model needs input_dim ≥ 1 and hidden ≥ 1, got {input_dim}, {hidden}"
+        )
     if generator is None:
         generator = torch.Generator().manual_seed(0 if seed is None else seed)
     if kind is ChurnModelKind.LOGISTIC:
@@ -189,7 +191,9 @@ def save_model(path: str | Path, model: nn.Module, provenance: Mapping[str, Any]
 def _build_from_provenance(provenance: Mapping[str, Any], path: Path) -> nn.Module:
     try:
         return build_churn_model(
-            provenance["kind"], int(provenance["input_dim"]), hidden=int(provenance.get("hidden", 32))
+            provenance["kind"],
+            int(provenance["input_dim"]),
+            hidden=int(provenance.get("hidden", 32)),
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise ConfigError(f"model file {path} has unusable provenance ({exc}); retrain it") from exc
@@ -206,7 +210,9 @@ def load_model(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
         raise ConfigError(f"model file {path} is not a readable fedcrm model ({type(exc).__name__})"
                           ) from exc
     if not isinstance(payload, dict) or payload.get("format") != MODEL_FORMAT:
-        raise ConfigError(f"model file {path} is not a {MODEL_FORMAT} file; retrain or re-export it")
+        raise ConfigError(
+            f"model file {path} is not a {MODEL_FORMAT} file; retrain or re-export it"
+        )
     provenance: dict[str, Any] = json.loads(payload["provenance"])
     model = _build_from_provenance(provenance, path)
     try:

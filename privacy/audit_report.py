@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from privacy.audit import (
     FEDERATION_DIR,
@@ -37,6 +38,8 @@ from privacy.errors import AuditError
 SUMMARY_FILE = "summary.json"
 REPORT_FILE = "report.html"
 VERIFICATION_FILE = "verification.json"
+
+_ROW_ORDER = ("rows_read", "rows_kept", "rows_quarantined", "rows")
 
 _CSS = """
 body{font-family:-apple-system,"Segoe UI",Roboto,Helvetica,Arial,sans-serif;margin:2rem auto;
@@ -98,12 +101,13 @@ def _epsilon_figure(summary: FirmSummary) -> str:
     if summary.epsilon_cap is not None:
         ax.axhline(summary.epsilon_cap, color="#c0392b", linestyle="--",
                    label=f"cap ε={summary.epsilon_cap:g}")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("release #")
     ax.set_ylabel("cumulative ε")
     ax.set_ylim(bottom=0)
     ax.set_title(f"{summary.firm}: privacy budget spent", fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="upper left")
+    ax.legend(fontsize=8, loc="lower right")
     return _png(fig)
 
 
@@ -119,6 +123,7 @@ def _metrics_figure(report: VerificationReport) -> str:
     ax = fig.add_subplot()
     for name, points in sorted(series.items()):
         ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=name)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("round")
     ax.set_title("global model metrics", fontsize=10)
     ax.grid(alpha=0.3)
@@ -163,7 +168,8 @@ def _firm_section(summary: FirmSummary) -> str:
                             [(f"<code>{_e(c)}</code>", _e(p)) for c, p in policies.items()]))
     if summary.rows:
         parts.append("<h4>Rows</h4>")
-        keys = sorted({k for counts in summary.rows.values() for k in counts})
+        present = {k for counts in summary.rows.values() for k in counts}
+        keys = [k for k in _ROW_ORDER if k in present] + sorted(present - set(_ROW_ORDER))
         parts.append(_table(["table", *keys], [
             (_e(t), *(_num(counts.get(k, "")) for k in keys))
             for t, counts in sorted(summary.rows.items())]))

@@ -134,8 +134,11 @@ def _node_keys(firms: Sequence[FirmNode], keys_dir: Path) -> dict[str, NodeKeyFi
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
         raise DeploymentError(f"firm names must be unique; repeated: {duplicates}")
+    # keys generated here belong to this throw-away deployment: replace them on a re-run
     return {
-        f.firm: f.keys if f.keys is not None else generate_node_auth_key(keys_dir, firm=f.firm)
+        f.firm: f.keys
+        if f.keys is not None
+        else generate_node_auth_key(keys_dir, firm=f.firm, force=True)
         for f in firms
     }
 
@@ -232,6 +235,8 @@ def deploy_local(
         run_config_defaults=config,
     )
     cli_home = workdir / "cli"
+    for stale in (workdir / "superlink").glob("state.db*"):  # a re-run starts a fresh registry
+        stale.unlink()
     logs: dict[str, Path] = {}
     node_ids: dict[str, int] = {}
 

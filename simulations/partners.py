@@ -89,6 +89,7 @@ def telco_firm_config(
         columns[name] = {"role": "feature", "kind": "boolean"}
     for name, (low, high) in TELCO_NUMERIC.items():
         columns[name] = {"role": "feature", "kind": "numeric", "min": low, "max": high}
+    columns["tenure"]["name"] = "tenure_months"  # canonical name, used by CRM features
     for name, cats in TELCO_CATEGORICAL.items():
         columns[name] = {"role": "feature", "kind": "categorical", "categories": list(cats)}
     cfg: dict[str, Any] = {

@@ -1,0 +1,413 @@
+"""DP-SGD engine: fast per-example clipping against brute force, update rule, sampling, plans."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import Tensor, nn
+
+import fedcrm.dp_engine as engine
+from fedcrm.dp_engine import (
+    DpOptimizer,
+    DpPlan,
+    OutputGradientLoss,
+    clipped_gradient_sum,
+    plan_for_budget,
+    poisson_batches,
+    train_dp,
+    train_non_dp,
+)
+from fedcrm.models import build_churn_model, churn_per_sample_loss
+from privacy.accounting import DpEvent, Mechanism, make_event
+from privacy.errors import PlanDoesNotFit
+
+torch.set_num_threads(1)
+
+
+def autograd_bce(logits: Tensor, target: Tensor) -> Tensor:
+    """Same loss as churn_per_sample_loss but without the closed-form gradient (autograd path)."""
+    return churn_per_sample_loss(logits, target)
+
+
+def mse_multi(out: Tensor, target: Tensor) -> Tensor:
+    return (out - target).pow(2).sum(1)
+
+
+def brute_force(model: nn.Module, X: Tensor, y: Tensor, loss: Callable[[Tensor, Tensor], Tensor],
+                clip: float) -> tuple[list[Tensor], Tensor]:
+    """Per-example loop: gradient of each example alone, clipped, summed."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    total = [torch.zeros_like(p) for p in params]
+    norms = []
+    for i in range(X.shape[0]):
+        grads = torch.autograd.grad(loss(model(X[i : i + 1]), y[i : i + 1]).sum(), params)
+        norm = torch.sqrt(sum(g.pow(2).sum() for g in grads))
+        norms.append(norm)
+        factor = min(1.0, clip / (float(norm) + 1e-6))
+        for t, g in zip(total, grads, strict=True):
+            t += g * factor
+    return total, torch.stack(norms)
+
+
+def randomize(model: nn.Module, seed: int) -> nn.Module:
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen))
+    return model
+
+
+class TwoBranch(nn.Module):
+    """Not a Sequential: exercises the torch.func.vmap fallback."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(6, 4)
+        self.norm = nn.LayerNorm(4)
+        self.b = nn.Linear(4, 1)
+        self.skip = nn.Linear(6, 1, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.b(torch.tanh(self.norm(self.a(x)))) + self.skip(x)
+
+
+CASES: dict[str, tuple[Callable[[], nn.Module], Callable[[Tensor, Tensor], Tensor], int]] = {
+    "logistic-closed-form": (lambda: build_churn_model("logistic", 6), churn_per_sample_loss, 1),
+    "logistic-autograd": (lambda: build_churn_model("logistic", 6), autograd_bce, 1),
+    "mlp-closed-form": (lambda: build_churn_model("mlp", 6, hidden=5), churn_per_sample_loss, 1),
+    "mlp-autograd": (lambda: build_churn_model("mlp", 6, hidden=5), autograd_bce, 1),
+    "deep-tanh-sigmoid": (
+        lambda: nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Sequential(nn.Linear(5, 4),
+                              nn.Sigmoid()), nn.Linear(4, 1)),
+        churn_per_sample_loss, 1),
+    "gelu-autograd": (
+        lambda: nn.Sequential(nn.Linear(6, 5), nn.GELU(), nn.Linear(5, 1)), churn_per_sample_loss, 1),
+    "linear-no-bias-multi-output": (lambda: nn.Linear(6, 3, bias=False), mse_multi, 3),
+    "linear-multi-output": (lambda: nn.Linear(6, 3), mse_multi, 3),
+    "vmap-fallback": (TwoBranch, churn_per_sample_loss, 1),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("clip", [0.3, 1e6])
+def test_fast_clipped_gradient_sum_equals_per_example_loop(case: str, clip: float) -> None:
+    factory, loss, outputs = CASES[case]
+    model = randomize(factory(), seed=3)
+    gen = torch.Generator().manual_seed(1)
+    X = torch.randn(17, 6, generator=gen)
+    y = (torch.rand(17, generator=gen) < 0.5).float() if outputs == 1 else torch.randn(17, 3,
+                                                                                     generator=gen)
+    fast = clipped_gradient_sum(model, X, y, per_sample_loss=loss, max_grad_norm=clip)
+    expected, norms = brute_force(model, X, y, loss, clip)
+    torch.testing.assert_close(fast.norms, norms, atol=1e-5, rtol=1e-5)
+    for got, want in zip(fast.grads, expected, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    if clip < 1:  # the test really clips
+        assert float(norms.max()) > clip
+
+
+@settings(max_examples=15, deadline=None)
+@given(n=st.integers(1, 9), d=st.integers(1, 5), hidden=st.integers(1, 4),
+       clip=st.floats(0.01, 10.0), seed=st.integers(0, 10_000))
+def test_ghost_clipping_matches_brute_force_for_any_shape(n: int, d: int, hidden: int, clip: float,
+                                                          seed: int) -> None:
+    model = randomize(build_churn_model("mlp", d, hidden=hidden), seed)
+    gen = torch.Generator().manual_seed(seed)
+    X = torch.randn(n, d, generator=gen)
+    y = (torch.rand(n, generator=gen) < 0.5).float()
+    fast = clipped_gradient_sum(model, X, y, per_sample_loss=churn_per_sample_loss,
+                                max_grad_norm=clip)
+    expected, _ = brute_force(model, X, y, churn_per_sample_loss, clip)
+    for got, want in zip(fast.grads, expected, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+    total = math.sqrt(sum(float(g.pow(2).sum()) for g in fast.grads))
+    assert total <= n * clip * (1 + 1e-5)
+
+
+def test_churn_loss_declares_closed_form_gradient() -> None:
+    assert isinstance(churn_per_sample_loss, OutputGradientLoss)
+    assert not isinstance(autograd_bce, OutputGradientLoss)
+
+
+def test_per_sample_loss_must_return_one_value_per_example() -> None:
+    model = build_churn_model("mlp", 4)
+    X, y = torch.zeros(5, 4), torch.zeros(5)
+    with pytest.raises(ValueError, match="one loss per example"):
+        clipped_gradient_sum(model, X, y, per_sample_loss=lambda z, t: autograd_bce(z, t).mean(),
+                             max_grad_norm=1.0)
+
+
+def toy_data(n: int = 64, d: int = 5, seed: int = 0) -> tuple[Tensor, Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    X = torch.rand(n, d, generator=gen)
+    y = (X[:, 0] + 0.3 * torch.randn(n, generator=gen) > 0.5).float()
+    return X, y
+
+
+def exact_plan(steps: int, lr: float, *, noise: float = 0.0, clip: float = 1e6,
+               rate: float = 1.0) -> DpPlan:
+    return DpPlan(steps=steps, sample_rate=rate, noise_multiplier=noise, max_grad_norm=clip,
+                  learning_rate=lr, delta=1e-5, epochs=float(steps))
+
+
+@pytest.mark.parametrize("kind", ["logistic", "mlp"])
+@pytest.mark.parametrize("opt", [DpOptimizer.SGD, DpOptimizer.ADAM])
+def test_without_noise_and_clipping_dp_update_equals_plain_full_batch_training(
+    kind: str, opt: DpOptimizer
+) -> None:
+    X, y = toy_data()
+    dp_model = build_churn_model(kind, 5, seed=4)
+    ref = build_churn_model(kind, 5, seed=4)
+    train_dp(dp_model, X, y, per_sample_loss=churn_per_sample_loss, plan=exact_plan(4, 0.1),
+             generator=torch.Generator().manual_seed(0), optimizer=opt)
+    torch_opt: torch.optim.Optimizer = (
+        torch.optim.Adam(ref.parameters(), lr=0.1) if opt is DpOptimizer.ADAM
+        else torch.optim.SGD(ref.parameters(), lr=0.1)
+    )
+    for _ in range(4):
+        torch_opt.zero_grad()
+        churn_per_sample_loss(ref(X), y).mean().backward()
+        torch_opt.step()
+    for a, b in zip(dp_model.parameters(), ref.parameters(), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_proximal_term_pulls_towards_the_global_model() -> None:
+    X, y = toy_data()
+    model = build_churn_model("logistic", 5)
+    ref = build_churn_model("logistic", 5)
+    anchors = [torch.full_like(p, 0.5) for p in model.parameters()]
+    train_dp(model, X, y, per_sample_loss=churn_per_sample_loss, plan=exact_plan(3, 0.2),
+             generator=torch.Generator().manual_seed(0), optimizer="sgd",
+             proximal=(anchors, 0.7))
+    opt = torch.optim.SGD(ref.parameters(), lr=0.2)
+    for _ in range(3):
+        opt.zero_grad()
+        prox = sum((p - a).pow(2).sum() for p, a in zip(ref.parameters(), anchors, strict=True))
+        (churn_per_sample_loss(ref(X), y).mean() + 0.35 * prox).backward()
+        opt.step()
+    for a, b in zip(model.parameters(), ref.parameters(), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_dp_update_divides_by_expected_batch_size_not_realised_one() -> None:
+    """One SGD step with lr=1, no noise: Δw = −Σ_batch g_i / (n q)."""
+    X, y = toy_data(n=40)
+    model = build_churn_model("logistic", 5)
+    plan = exact_plan(1, 1.0, rate=0.25)
+    gen = torch.Generator().manual_seed(9)
+    train_dp(model, X, y, per_sample_loss=churn_per_sample_loss, plan=plan, generator=gen,
+             optimizer="sgd")
+    idx = next(poisson_batches(40, 0.25, 1, torch.Generator().manual_seed(9)))
+    ref = build_churn_model("logistic", 5)
+    grads = torch.autograd.grad(churn_per_sample_loss(ref(X[idx]), y[idx]).sum(),
+                                list(ref.parameters()))
+    for p, g in zip(model.parameters(), grads, strict=True):
+        torch.testing.assert_close(p.detach(), -g / (40 * 0.25), atol=1e-6, rtol=1e-5)
+
+
+def test_empty_poisson_batches_are_noise_only_steps_and_still_counted() -> None:
+    X, y = toy_data(n=5)
+    model = build_churn_model("logistic", 5)
+    plan = exact_plan(3, 0.1, noise=1.0, clip=1.0, rate=1e-6)
+    stats = train_dp(model, X, y, per_sample_loss=churn_per_sample_loss, plan=plan,
+                     generator=torch.Generator().manual_seed(0), optimizer="sgd")
+    assert stats.steps == 3 and stats.empty_steps == 3 and stats.examples_processed == 0
+    moved = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    assert torch.all(moved != 0)  # noise still applied
+    silent = build_churn_model("logistic", 5)
+    train_dp(silent, X, y, per_sample_loss=churn_per_sample_loss,
+             plan=exact_plan(3, 0.1, rate=1e-6), generator=torch.Generator().manual_seed(0),
+             optimizer="sgd")
+    assert all(torch.all(p == 0) for p in silent.parameters())
+
+
+@pytest.mark.parametrize("kind", ["logistic", "mlp"])
+def test_fifty_customer_firm_trains_within_its_budget(kind: str) -> None:
+    X, y = toy_data(n=50)
+    plan = plan_for_budget(n_examples=50, target_epsilon=1.0, delta=1e-5, epochs=5,
+                           batch_size=256, max_grad_norm=1.0, learning_rate=0.05)
+    assert plan.sample_rate == 1.0 and plan.steps == 5
+    assert plan.epsilon() <= 1.0
+    model = build_churn_model(kind, 5)
+    stats = train_dp(model, X, y, per_sample_loss=churn_per_sample_loss, plan=plan,
+                     generator=torch.Generator().manual_seed(0))
+    assert stats.steps == 5 and stats.examples_processed == 250
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_plan_fits_the_cap_by_construction_over_all_rounds() -> None:
+    one = plan_for_budget(n_examples=5000, target_epsilon=1.0, delta=1e-5, epochs=2,
+                          batch_size=250, max_grad_norm=1.0, learning_rate=0.1)
+    assert one.sample_rate == pytest.approx(0.05) and one.steps == 40
+    assert 0.95 <= one.epsilon() <= 1.0
+    three = plan_for_budget(n_examples=5000, target_epsilon=1.0, delta=1e-5, epochs=2,
+                            batch_size=250, max_grad_norm=1.0, learning_rate=0.1, rounds=3)
+    assert three.steps == 40 and three.total_steps == 120
+    assert three.noise_multiplier > one.noise_multiplier
+    assert 0.95 <= three.epsilon() <= 1.0
+
+
+def test_plan_accounts_for_earlier_releases_and_round_events_compose() -> None:
+    prior = make_event(mechanism=Mechanism.SUBSAMPLED_GAUSSIAN, noise_multiplier=2.0,
+                       sample_rate=0.05, steps=50, delta=1e-5, purpose="earlier churn model")
+    assert prior.epsilon < 1.5
+    plan = plan_for_budget(n_examples=5000, target_epsilon=2.0, delta=1e-5, epochs=1,
+                           batch_size=250, max_grad_norm=1.0, learning_rate=0.1, rounds=2,
+                           prior_events=[prior])
+    assert 1.9 <= plan.epsilon(prior_events=[prior]) <= 2.0
+    assert plan.epsilon() < plan.epsilon(prior_events=[prior])
+    event = plan.round_event(purpose="churn round 1")
+    assert isinstance(event, DpEvent)
+    assert event.steps == plan.steps and event.noise_multiplier == plan.noise_multiplier
+
+
+@pytest.mark.parametrize(
+    "kwargs, fragment",
+    [
+        ({"target_epsilon": 1e-4, "epochs": 500, "batch_size": 100}, "cannot fit"),
+        ({"delta": 0.01}, "1/n"),
+        ({"batch_size": 0}, "batch_size"),
+        ({"epochs": 0}, "epochs"),
+        ({"target_epsilon": 0.0}, "ε"),
+    ],
+)
+def test_plan_refuses_impossible_budgets_with_the_numbers(kwargs: dict[str, float],
+                                                          fragment: str) -> None:
+    args: dict[str, float] = {"n_examples": 100, "target_epsilon": 1.0, "delta": 1e-5,
+                              "epochs": 1, "batch_size": 10, "max_grad_norm": 1.0,
+                              "learning_rate": 0.1}
+    args.update(kwargs)
+    with pytest.raises(PlanDoesNotFit, match=fragment):
+        plan_for_budget(**args)  # type: ignore[arg-type]
+
+
+def test_plan_refuses_when_earlier_releases_used_the_cap() -> None:
+    prior = make_event(mechanism=Mechanism.SUBSAMPLED_GAUSSIAN, noise_multiplier=0.5,
+                       sample_rate=0.5, steps=100, delta=1e-5, purpose="big release")
+    with pytest.raises(PlanDoesNotFit, match="spent"):
+        plan_for_budget(n_examples=1000, target_epsilon=1.0, delta=1e-5, epochs=1,
+                        batch_size=100, max_grad_norm=1.0, learning_rate=0.1,
+                        prior_events=[prior])
+
+
+@pytest.mark.parametrize("kind", ["logistic", "mlp"])
+def test_same_generator_seed_gives_identical_models(kind: str) -> None:
+    X, y = toy_data(n=300)
+    plan = plan_for_budget(n_examples=300, target_epsilon=2.0, delta=1e-4, epochs=2,
+                           batch_size=32, max_grad_norm=1.0, learning_rate=0.05)
+
+    def run(seed: int) -> list[Tensor]:
+        model = build_churn_model(kind, 5, seed=1)
+        train_dp(model, X, y, per_sample_loss=churn_per_sample_loss, plan=plan,
+                 generator=torch.Generator().manual_seed(seed))
+        return [p.detach().clone() for p in model.parameters()]
+
+    first, again, other = run(7), run(7), run(8)
+    assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
+    assert not all(torch.equal(a, b) for a, b in zip(first, other, strict=True))
+
+
+def zero_loss(out: Tensor, target: Tensor) -> Tensor:
+    return out.sum(1) * 0.0
+
+
+def test_noise_std_is_noise_multiplier_times_clip_over_expected_batch() -> None:
+    """With zero data gradients, one SGD step (lr=1) moves each weight by N(0, (σC/(nq))²)."""
+    n, rate, sigma, clip = 1000, 0.1, 1.5, 2.0
+    model = nn.Linear(400, 5)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+    plan = DpPlan(steps=1, sample_rate=rate, noise_multiplier=sigma, max_grad_norm=clip,
+                  learning_rate=1.0, delta=1e-5, epochs=0.1)
+    train_dp(model, torch.rand(n, 400), torch.zeros(n), per_sample_loss=zero_loss, plan=plan,
+             generator=torch.Generator().manual_seed(0), optimizer="sgd")
+    moved = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    expected = sigma * clip / (n * rate)
+    assert float(moved.std()) == pytest.approx(expected, rel=0.1)
+    assert abs(float(moved.mean())) < 4 * expected / math.sqrt(moved.numel())
+
+
+def test_poisson_batches_include_each_example_with_the_sample_rate(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(engine, "_SAMPLING_BLOCK", 1000)  # force many sampling blocks
+    n, rate, steps = 200, 0.1, 2000
+    counts = torch.zeros(n)
+    sizes = []
+    batches = list(poisson_batches(n, rate, steps, torch.Generator().manual_seed(0)))
+    assert len(batches) == steps
+    for idx in batches:
+        assert idx.dtype == torch.long
+        if idx.numel():
+            assert int(idx.min()) >= 0 and int(idx.max()) < n
+            assert torch.all(idx[1:] > idx[:-1])  # sorted, no duplicates
+        counts[idx] += 1
+        sizes.append(idx.numel())
+    size = torch.tensor(sizes, dtype=torch.float64)
+    mean, var = n * rate, n * rate * (1 - rate)
+    assert float(size.mean()) == pytest.approx(mean, abs=5 * math.sqrt(var / steps))
+    assert float(size.var()) == pytest.approx(var, rel=0.15)
+    per_example = counts / steps
+    assert float(per_example.mean()) == pytest.approx(rate, rel=0.02)
+    assert float((per_example - rate).abs().max()) < 5 * math.sqrt(rate * (1 - rate) / steps)
+
+
+def test_poisson_batches_edge_rates() -> None:
+    gen = torch.Generator().manual_seed(0)
+    assert all(torch.equal(b, torch.arange(7)) for b in poisson_batches(7, 1.0, 3, gen))
+    assert all(b.numel() == 0 for b in poisson_batches(7, 0.0, 3, gen))
+    tiny = list(poisson_batches(3, 1e-9, 4, gen))
+    assert len(tiny) == 4 and all(b.numel() == 0 for b in tiny)
+
+
+def mean_loss(model: nn.Module, X: Tensor, y: Tensor) -> float:
+    with torch.no_grad():
+        return float(churn_per_sample_loss(model(X), y).mean())
+
+
+def test_non_dp_training_learns_and_is_deterministic() -> None:
+    X, y = toy_data(n=400)
+
+    def run() -> tuple[float, list[Tensor]]:
+        model = build_churn_model("mlp", 5, seed=2)
+        stats = train_non_dp(model, X, y, per_sample_loss=churn_per_sample_loss, epochs=20,
+                             batch_size=32, learning_rate=0.05,
+                             generator=torch.Generator().manual_seed(3))
+        assert stats.steps == math.ceil(20 * 400 / 32)
+        return stats.mean_loss, [p.detach().clone() for p in model.parameters()]
+
+    loss, params = run()
+    _, again = run()
+    assert all(torch.equal(a, b) for a, b in zip(params, again, strict=True))
+    start = mean_loss(build_churn_model("mlp", 5, seed=2), X, y)
+    assert loss < start
+
+
+def test_dp_training_improves_the_loss_on_a_learnable_problem() -> None:
+    X, y = toy_data(n=2000)
+    plan = plan_for_budget(n_examples=2000, target_epsilon=2.0, delta=1e-5, epochs=5,
+                           batch_size=200, max_grad_norm=1.0, learning_rate=0.1)
+    model = build_churn_model("logistic", 5)
+    before = mean_loss(model, X, y)
+    train_dp(model, X, y, per_sample_loss=churn_per_sample_loss, plan=plan,
+             generator=torch.Generator().manual_seed(0))
+    after = mean_loss(model, X, y)
+    assert after < before - 0.05
+
+
+def test_rejects_mismatched_data() -> None:
+    model = build_churn_model("logistic", 3)
+    with pytest.raises(ValueError, match="one target per row"):
+        train_dp(model, torch.zeros(4, 3), torch.zeros(5), per_sample_loss=churn_per_sample_loss,
+                 plan=exact_plan(1, 0.1), generator=torch.Generator())
+    with pytest.raises(ValueError, match="empty"):
+        train_non_dp(model, torch.zeros(0, 3), torch.zeros(0),
+                     per_sample_loss=churn_per_sample_loss, epochs=1, batch_size=2,
+                     learning_rate=0.1, generator=torch.Generator())
