@@ -13,6 +13,7 @@ from collections.abc import Callable, Mapping
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.clientapp.typing import Mod
 
 from fedcrm.federation import FirmNode, RoundSpec, RoundStatus, Task
 from privacy.errors import FedcrmError
@@ -46,9 +47,11 @@ def _status_reply(msg: Message, status: str, detail: str, metrics: dict[str, flo
     return Message(content=content, reply_to=msg)
 
 
-def make_client_app(firm_configs: Mapping[int, str] | None = None) -> ClientApp:
+def make_client_app(
+    firm_configs: Mapping[int, str] | None = None, *, mods: list[Mod] | None = None
+) -> ClientApp:
     """A ClientApp; ``firm_configs`` maps simulation partition ids to firm configs."""
-    app = ClientApp()
+    app = ClientApp(mods=mods)
 
     def node_for(context: Context) -> FirmNode:
         if firm_configs is not None:

@@ -29,7 +29,10 @@ Per-example clipping never loops over examples:
   which needs no second backward pass);
 * anything else falls back to ``torch.func.vmap`` per-example gradients.
 
-All randomness (Poisson masks and Gaussian noise) comes from the injected ``torch.Generator``.
+All randomness (Poisson sampling and Gaussian noise) comes from the injected ``torch.Generator``
+(so runs are reproducible in tests). It is torch's Mersenne Twister, not a CSPRNG, as in Opacus
+without ``secure_mode``; floating-point Gaussian sampling is not hardened against the attacks of
+Mironov (CCS 2012) either. Both are the usual practical trade-off and are recorded here on purpose.
 """
 
 from __future__ import annotations
@@ -284,6 +287,11 @@ class OutputGradientLoss(Protocol):
         ...
 
 
+#: Modules that couple the examples of a batch (per-example gradients are then meaningless).
+_BATCH_COUPLED: tuple[type[nn.Module], ...] = (
+    nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm,
+)
+
 #: Activations whose backward pass the manual path knows (others go through autograd).
 _MANUAL_BACKWARD: tuple[type[nn.Module], ...] = (nn.ReLU, nn.Tanh, nn.Sigmoid, nn.Identity)
 
@@ -445,6 +453,11 @@ class _VmapClipper:
 
 def _clipper(model: nn.Module, per_sample_loss: PerSampleLoss,
              max_grad_norm: float) -> _GhostClipper | _VmapClipper:
+    if any(isinstance(m, _BATCH_COUPLED) for m in model.modules()):
+        raise ValueError(
+            "DP-SGD needs each customer's loss to depend on that customer alone; BatchNorm mixes "
+            "examples within a batch. Use LayerNorm or GroupNorm instead"
+        )
     layers = _flat_layers(model)
     if layers is not None and any(isinstance(m, nn.Linear) for m in layers):
         return _GhostClipper(model, layers, per_sample_loss, max_grad_norm)

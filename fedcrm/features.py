@@ -112,7 +112,7 @@ def _purchase_days(transactions: pd.DataFrame) -> pd.DataFrame:
             "amount": transactions["amount"].to_numpy(dtype=np.float64),
         }
     )
-    return days.groupby(["customer_id", "day"], sort=False, as_index=False)["amount"].sum()
+    return days.groupby(["customer_id", "day"], sort=False)["amount"].sum().reset_index()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -151,10 +151,14 @@ def rfm(transactions: pd.DataFrame, *, as_of: pd.Timestamp) -> pd.DataFrame:
 
 
 def _quantile_score(values: pd.Series, bins: int) -> pd.Series:
-    """Scores 1..bins from average ranks: ties share a score; a constant column scores mid-range."""
+    """Scores 1..bins from average ranks: ties share a score; a constant column scores mid-range.
+
+    The score is ``ceil(bins · (rank − ½) / n)``, ``rank`` the average rank (1 = smallest).
+    """
     if values.empty:
         return pd.Series(np.zeros(0, dtype=np.int64), index=values.index)
-    pct = values.rank(method="average", pct=True).to_numpy(dtype=np.float64)
+    # mid-rank percentile (rank − ½) / n: symmetric, so a constant column lands in the middle bin
+    pct = (values.rank(method="average").to_numpy(dtype=np.float64) - 0.5) / len(values)
     score = np.ceil(pct * bins - 1e-9).astype(np.int64)
     return pd.Series(np.clip(score, 1, bins), index=values.index)
 
@@ -164,16 +168,17 @@ def segment_for_scores(r_score: np.ndarray | pd.Series, f_score: np.ndarray | pd
     """Segment of each (R, F) score pair via :data:`RFM_SEGMENT_GRID` (scores rescaled to 1..5)."""
     r = np.asarray(r_score, dtype=np.int64)
     f = np.asarray(f_score, dtype=np.int64)
-    if bins != 5:
-        r = np.ceil(r * 5 / bins - 1e-9).astype(np.int64)
-        f = np.ceil(f * 5 / bins - 1e-9).astype(np.int64)
+    if bins != 5:  # spread 1..bins evenly over 1..5, keeping both ends
+        r = np.rint(1 + (r - 1) * 4 / (bins - 1)).astype(np.int64)
+        f = np.rint(1 + (f - 1) * 4 / (bins - 1)).astype(np.int64)
     grid = np.array([[s.value for s in row] for row in RFM_SEGMENT_GRID], dtype=object)
     return np.asarray(grid[np.clip(r, 1, 5) - 1, np.clip(f, 1, 5) - 1], dtype=object)
 
 
 def _segment_series(r: pd.Series, f: pd.Series, bins: int) -> pd.Series:
     return pd.Series(
-        pd.Categorical(segment_for_scores(r, f, bins=bins), categories=[s.value for s in RfmSegment]),
+        pd.Categorical(segment_for_scores(r, f, bins=bins),
+                       categories=[s.value for s in RfmSegment]),
         index=r.index,
     )
 
@@ -258,7 +263,7 @@ def customer_value_from_charges(customers: pd.DataFrame, *, bins: int = 5) -> pd
 
 def churn_labels(transactions: pd.DataFrame, *, cutoff: pd.Timestamp,
                  horizon_days: int) -> pd.Series:
-    """1 for customers active on or before ``cutoff`` who make no purchase in (cutoff, cutoff+horizon].
+    """1 for customers active by ``cutoff`` with no purchase in (cutoff, cutoff + horizon_days].
 
     Customers whose first purchase is after ``cutoff`` are excluded. Raises :class:`ConfigError`
     when the window ends after the data's last purchase day (the label would be censored).

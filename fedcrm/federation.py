@@ -47,6 +47,9 @@ from privacy.errors import BudgetExhausted, ConfigError, PlanDoesNotFit, SchemaE
 from privacy.keys import FirmKeys, load_keys
 
 HOLDOUT_FRACTION = 0.2
+#: A firm declines a run when less than this fraction of the run's ε is left in its budget
+#: (the noise needed would make its update useless).
+MIN_USEFUL_FRACTION = 0.05
 
 
 class Task(StrEnum):
@@ -264,6 +267,14 @@ class FirmNode:
             return DpPlan(**json.loads(path.read_text()))
         prior = self.ledger.events
         spent = self.ledger.spent()
+        available = self.cfg.budget.epsilon - spent
+        if available < MIN_USEFUL_FRACTION * spec.target_epsilon:
+            raise PlanDoesNotFit(
+                f"firm '{self.firm}' has spent ε={spent:.4f} of its cap ε={self.cfg.budget.epsilon:g}; "
+                f"the remaining ε={max(available, 0):.4f} cannot fund a useful run (at least "
+                f"{MIN_USEFUL_FRACTION:.0%} of the run's ε={spec.target_epsilon:g}). It stops "
+                "participating; raising the cap is a governance decision for the firm"
+            )
         total_target = min(self.cfg.budget.epsilon, spent + spec.target_epsilon)
         plan = plan_for_budget(
             n_examples=n_examples,

@@ -33,6 +33,12 @@ class ChurnModelKind(StrEnum):
     MLP = "mlp"
 
 
+def _linear(in_features: int, out_features: int) -> nn.Linear:
+    """An uninitialised Linear: ``nn.Linear()`` would draw from torch's global RNG."""
+    layer: nn.Linear = nn.utils.skip_init(nn.Linear, in_features, out_features)
+    return layer
+
+
 def _init_linear(layer: nn.Linear, generator: torch.Generator, *, zero: bool = False) -> None:
     with torch.no_grad():
         if zero:
@@ -76,10 +82,10 @@ def build_churn_model(
     if generator is None:
         generator = torch.Generator().manual_seed(0 if seed is None else seed)
     if kind is ChurnModelKind.LOGISTIC:
-        linear = nn.Linear(input_dim, 1)
+        linear = _linear(input_dim, 1)
         _init_linear(linear, generator, zero=True)
         return linear
-    first, last = nn.Linear(input_dim, hidden), nn.Linear(hidden, 1)
+    first, last = _linear(input_dim, hidden), _linear(hidden, 1)
     _init_linear(first, generator)
     _init_linear(last, generator)
     return nn.Sequential(first, nn.ReLU(), last)

@@ -63,28 +63,31 @@ TREND_INITIAL_WEEKLY_RATE = 0.05
 
 #: name → (transform, declared upper bound of the raw quantity); every feature lands in [0, 1].
 #: ``log1p``: log1p(v) / log1p(upper); ``linear``: v / upper; ``flag``: 0/1.
+#: Absolute durations (customer age, weeks since the last purchase) are deliberately NOT features:
+#: forecast-time customers are always older than any training-time customer, so those features
+#: would lie outside their training range exactly when the forecast is made. They enter only
+#: through ratios and fixed recent windows, whose ranges the staggered cutoffs do cover.
 TREND_FEATURE_SPECS: dict[str, tuple[str, float]] = {
-    "repeat_purchases": ("log1p", 100.0),  # purchase days after the first
-    "recency_weeks": ("linear", 104.0),  # weeks since the last purchase day
+    "repeat_purchases": ("log1p", 100.0),  # purchase days after the first (trial) one
     "no_repeat": ("flag", 1.0),  # only the trial purchase so far
-    "purchases_last_4w": ("log1p", 28.0),
-    "purchases_last_13w": ("log1p", 91.0),
+    "purchases_last_4w": ("log1p", 28.0),  # purchase days in the last 4 weeks
+    "purchases_last_13w": ("log1p", 91.0),  # purchase days in the last 13 weeks
     "annual_repeat_rate": ("log1p", 365.0),  # 52 · repeat_purchases / max(age_weeks, 1)
-    "recency_share": ("linear", 1.0),  # recency_weeks / max(age_weeks, 1)
-    "age_weeks": ("linear", 104.0),  # weeks since the first purchase day
+    "recency_share": ("linear", 1.0),  # weeks since last purchase / max(age_weeks, 1)
 }
 TREND_FEATURE_NAMES: tuple[str, ...] = tuple(TREND_FEATURE_SPECS)
 
 
 def trend_fingerprint() -> str:
-    """sha256 of the trend feature layout (names, transforms, declared ranges, decoder constants)."""
+    """sha256 of the trend layout: feature names, transforms, declared ranges, decoder constants."""
     spec = {
         "format": TREND_FORMAT,
         "features": [[n, t, u] for n, (t, u) in TREND_FEATURE_SPECS.items()],
         "decay_weeks": TREND_DECAY_WEEKS,
         "outputs": TREND_OUTPUTS,
     }
-    return hashlib.sha256(json.dumps(spec, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    canonical = json.dumps(spec, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -111,7 +114,7 @@ def _features_from_days(days: pd.DataFrame, index: pd.Index, as_of: pd.Timestamp
     them from training; they are never forecast).
     """
     past = days[days["day"] <= as_of]
-    codes = index.get_indexer(past["customer_id"].to_numpy())
+    codes = index.get_indexer(pd.Index(past["customer_id"]))
     keep = codes >= 0
     codes = codes[keep]
     age_days = ((as_of - past["day"]).to_numpy()[keep] // np.timedelta64(1, "D")).astype(np.int64)
@@ -129,13 +132,11 @@ def _features_from_days(days: pd.DataFrame, index: pd.Index, as_of: pd.Timestamp
     repeat = np.maximum(count - 1.0, 0.0)
     raw = {
         "repeat_purchases": repeat,
-        "recency_weeks": rec_w,
         "no_repeat": (has & (repeat == 0)).astype(np.float64),
         "purchases_last_4w": last4,
         "purchases_last_13w": last13,
         "annual_repeat_rate": 52.0 * repeat / np.maximum(age_w, 1.0),
         "recency_share": rec_w / np.maximum(age_w, 1.0),
-        "age_weeks": age_w,
     }
     X = _scale(raw)
     X[~has] = 0.0
@@ -147,7 +148,7 @@ def _weekly_counts(days: pd.DataFrame, index: pd.Index, start: pd.Timestamp,
     """``[len(index), weeks]`` purchase-day counts in weeks (start + 7k, start + 7(k+1)]."""
     end = start + weeks * WEEK
     window = days[(days["day"] > start) & (days["day"] <= end)]
-    codes = index.get_indexer(window["customer_id"].to_numpy())
+    codes = index.get_indexer(pd.Index(window["customer_id"]))
     offset = ((window["day"] - start).to_numpy() // np.timedelta64(1, "D")).astype(np.int64)
     keep = codes >= 0
     week = (offset[keep] - 1) // 7
@@ -199,8 +200,10 @@ def trend_dataset(
     purchase; customers with no such horizon are left out. Only purchases on or before
     ``calibration_end`` are read.
     """
-    horizons = sorted({int(train_horizon_weeks)} if isinstance(train_horizon_weeks, int | np.integer)
-                      else {int(h) for h in train_horizon_weeks})
+    if isinstance(train_horizon_weeks, int | np.integer):
+        horizons = [int(train_horizon_weeks)]
+    else:
+        horizons = sorted({int(h) for h in train_horizon_weeks})
     if not horizons or horizons[0] < 1:
         raise ConfigError(
             f"trend training horizons must be positive week counts, got {list(horizons)}; "
@@ -277,7 +280,7 @@ def build_trend_model(*, hidden: int = 0, generator: torch.Generator | None = No
 
 
 def weekly_rates(outputs: Tensor, weeks: int) -> Tensor:
-    """Decode network outputs ``[n, 3]`` into expected purchases ``[n, weeks]`` for weeks 1..weeks."""
+    """Decode outputs ``[n, 3]`` into expected purchases ``[n, weeks]`` for weeks 1..weeks."""
     if outputs.ndim != 2 or outputs.shape[1] != TREND_OUTPUTS:
         raise ValueError(f"trend outputs must be [n, {TREND_OUTPUTS}], got {tuple(outputs.shape)}")
     level = outputs[:, 0:1].clamp(max=10.0)
@@ -320,7 +323,8 @@ def forecast(model: nn.Module, X: np.ndarray | Tensor, *, weeks: int = 39) -> np
 FIRM_TOTAL = "firm_total"
 
 
-def rollup(forecast_weekly: np.ndarray, segments: Sequence[str] | pd.Series | np.ndarray) -> pd.DataFrame:
+def rollup(forecast_weekly: np.ndarray,
+           segments: Sequence[str] | pd.Series | np.ndarray) -> pd.DataFrame:
     """Segment × week expected purchases plus a ``firm_total`` row; columns are weeks 1..K."""
     F = np.asarray(forecast_weekly, dtype=np.float64)
     seg = np.asarray(pd.Series(segments).astype(str).to_numpy())

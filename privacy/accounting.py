@@ -25,12 +25,11 @@ from __future__ import annotations
 import functools
 import math
 import numbers
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
-from types import MappingProxyType
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -40,6 +39,36 @@ from privacy.errors import PlanDoesNotFit
 
 FloatArray = npt.NDArray[np.float64]
 ContextValue = str | int | float
+
+
+_V = TypeVar("_V")
+
+
+class FrozenMapping(Mapping[str, _V]):
+    """An immutable, hashable, picklable ``str``-keyed mapping (event context, ε per purpose)."""
+
+    __slots__ = ("_data",)
+
+    def __init__(self, data: Mapping[str, _V] | None = None) -> None:
+        self._data: dict[str, _V] = dict(data or {})
+
+    def __getitem__(self, key: str) -> _V:
+        return self._data[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._data)
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def __hash__(self) -> int:
+        return hash(frozenset(self._data.items()))
+
+    def __repr__(self) -> str:
+        return f"FrozenMapping({self._data!r})"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (FrozenMapping, (self._data,))
 
 
 class Mechanism(StrEnum):
@@ -300,7 +329,7 @@ def epsilon_from_rdp(
 
 def _check_context(context: Mapping[str, Any] | None) -> Mapping[str, ContextValue]:
     if context is None:
-        return MappingProxyType({})
+        return FrozenMapping()
     if not isinstance(context, Mapping):
         raise ValueError(
             f"context must be a mapping of str to str/int/float, got {type(context).__name__}"
@@ -316,7 +345,7 @@ def _check_context(context: Mapping[str, Any] | None) -> Mapping[str, ContextVal
                 f"context[{key!r}] must be a str, int or float, got {type(value).__name__}"
             )
         out[key] = value
-    return MappingProxyType(out)
+    return FrozenMapping(out)
 
 
 def _check_timestamp(timestamp: str) -> str:
@@ -355,9 +384,7 @@ class DpEvent:
     epsilon: float
     purpose: str
     timestamp: str
-    context: Mapping[str, ContextValue] = field(
-        default_factory=lambda: MappingProxyType({}), hash=False
-    )
+    context: Mapping[str, ContextValue] = field(default_factory=FrozenMapping)
 
     def __post_init__(self) -> None:
         mech = _check_mechanism(self.mechanism)
@@ -419,6 +446,19 @@ class DpEvent:
         )
 
 
+def _events_rdp(events: Sequence[DpEvent]) -> FloatArray:
+    """RDP at :data:`DEFAULT_ORDERS` of all ``events`` composed (summed per order)."""
+    total = np.zeros(len(DEFAULT_ORDERS), dtype=np.float64)
+    for event in events:
+        total += rdp(
+            mechanism=event.mechanism,
+            noise_multiplier=event.noise_multiplier,
+            sample_rate=event.sample_rate,
+            steps=event.steps,
+        )
+    return total
+
+
 def compose_epsilon(events: Sequence[DpEvent], *, delta: float) -> float:
     """ε at ``delta`` of all ``events`` together: RDP summed per order, converted once.
 
@@ -430,15 +470,7 @@ def compose_epsilon(events: Sequence[DpEvent], *, delta: float) -> float:
     d = _check_delta(delta)
     if not events:
         return 0.0
-    total = np.zeros(len(DEFAULT_ORDERS), dtype=np.float64)
-    for event in events:
-        total += rdp(
-            mechanism=event.mechanism,
-            noise_multiplier=event.noise_multiplier,
-            sample_rate=event.sample_rate,
-            steps=event.steps,
-        )
-    eps = epsilon_from_rdp(orders=DEFAULT_ORDERS, rdp=total, delta=d)
+    eps = epsilon_from_rdp(orders=DEFAULT_ORDERS, rdp=_events_rdp(events), delta=d)
     if all(e.mechanism is Mechanism.LAPLACE for e in events):
         eps = min(eps, math.fsum(e.steps / e.noise_multiplier for e in events))
     return eps
@@ -503,18 +535,6 @@ def _plan_rdp(*, noise_multiplier: float, sample_rate: float, steps: int) -> Flo
     )
 
 
-def _prior_rdp(prior_events: Sequence[DpEvent]) -> FloatArray:
-    total = np.zeros(len(DEFAULT_ORDERS), dtype=np.float64)
-    for event in prior_events:
-        total += rdp(
-            mechanism=event.mechanism,
-            noise_multiplier=event.noise_multiplier,
-            sample_rate=event.sample_rate,
-            steps=event.steps,
-        )
-    return total
-
-
 def epsilon_for(
     *,
     noise_multiplier: float,
@@ -529,7 +549,7 @@ def epsilon_for(
     (2019). ``steps=0`` or ``sample_rate=0`` adds nothing.
     """
     d = _check_delta(delta)
-    total = _prior_rdp(prior_events) + _plan_rdp(
+    total = _events_rdp(prior_events) + _plan_rdp(
         noise_multiplier=noise_multiplier, sample_rate=sample_rate, steps=steps
     )
     return epsilon_from_rdp(orders=DEFAULT_ORDERS, rdp=total, delta=d)
@@ -576,7 +596,7 @@ def calibrate_noise(
     if not 0.0 < tolerance < 1.0:
         raise ValueError(f"tolerance must lie in (0, 1), got {tolerance!r}")
     target = float(target_epsilon)
-    prior = _prior_rdp(prior_events)
+    prior = _events_rdp(prior_events)
     spent = epsilon_from_rdp(orders=DEFAULT_ORDERS, rdp=prior, delta=d)
 
     def eps_at(sigma: float) -> float:

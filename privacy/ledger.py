@@ -23,13 +23,12 @@ import math
 import os
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from types import MappingProxyType
 from typing import Any
 
-from privacy.accounting import DpEvent, compose_epsilon
+from privacy.accounting import DpEvent, FrozenMapping, compose_epsilon
 from privacy.errors import BudgetExhausted, ConfigError
 
 EPSILON_TOLERANCE = 1e-9
@@ -68,7 +67,7 @@ class LedgerStatus:
     delta: float
     spent: float
     remaining: float
-    by_purpose: Mapping[str, float] = field(hash=False)
+    by_purpose: Mapping[str, float]
     n_events: int
     last_timestamp: str | None
 
@@ -288,7 +287,7 @@ class PrivacyLedger:
         self._path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT, _FILE_MODE)
         try:
-            pass
+            fcntl.flock(fd, fcntl.LOCK_EX)
             yield
         finally:
             os.close(fd)  # closing releases the lock
@@ -379,7 +378,7 @@ class PrivacyLedger:
             delta=self._budget.delta,
             spent=spent,
             remaining=max(0.0, self._budget.epsilon - spent),
-            by_purpose=MappingProxyType(
+            by_purpose=FrozenMapping(
                 {purpose: self._compose(group) for purpose, group in groups.items()}
             ),
             n_events=len(events),

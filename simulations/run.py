@@ -29,7 +29,7 @@ import numpy as np
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from fedcrm.config import load_firm_config
+from fedcrm.config import FirmConfig, load_firm_config
 from fedcrm.federation import Task
 from fedcrm.prepare import prepare
 from fedcrm.run_config import RunConfig, parse_run_config
@@ -65,8 +65,10 @@ class SimulationSection(BaseModel):
     gbk_firms: int = Field(default=1, ge=0, description="how many firms export GB18030 CSV")
     workdir: Path = Path("runs")
     baseline: bool = True
-    exhausted_firms: int = Field(default=0, ge=0,
-                                 description="firms whose cap is set too low (demo/test)")
+    exhausted_firms: int = Field(
+        default=0, ge=0,
+        description="the first N firms start with their budget already spent by an earlier release",
+    )
 
 
 class SimulationConfig(BaseModel):
@@ -141,7 +143,7 @@ def build_firms(cfg: SimulationConfig, run_dir: Path, *,
         name = f"firm{i + 1:03d}" if sim.firms > 9 else f"firm{i + 1}"
         root = run_dir / "firms" / name
         root.mkdir(parents=True, exist_ok=True)
-        cap = sim.epsilon_budget if i >= sim.exhausted_firms else sim.epsilon_budget * 0.02
+        cap = sim.epsilon_budget
         if sim.dataset is Dataset.TELCO:
             encoding = "gb18030" if i < sim.gbk_firms else "utf-8"
             export = telco_export(part, seed=sim.seed * 1000 + i)
@@ -157,15 +159,32 @@ def build_firms(cfg: SimulationConfig, run_dir: Path, *,
                                      epsilon=cap, delta=sim.delta, training=training)
         config = write_toml(root / "firm.toml", data)
         init_keys(root / "keys", firm=name)
-        prepare(load_firm_config(config))
+        firm_cfg = load_firm_config(config)
+        prepare(firm_cfg)
+        if i < sim.exhausted_firms:
+            _spend_budget(firm_cfg)
         firms.append(SimFirm(name, config, len(part)))
         if on_firm is not None:
             on_firm(name, len(part))
     return firms
 
 
+def _spend_budget(cfg: FirmConfig) -> None:
+    """Record an earlier (Gaussian) release that used 99.9% of the firm's budget."""
+    from privacy.accounting import Mechanism, calibrate_noise, make_event
+    from privacy.ledger import Budget, PrivacyLedger
+
+    ledger = PrivacyLedger(cfg.ledger_path, firm=cfg.firm.name,
+                           budget=Budget(epsilon=cfg.budget.epsilon, delta=cfg.budget.delta))
+    sigma = calibrate_noise(target_epsilon=cfg.budget.epsilon * 0.999, delta=cfg.budget.delta,
+                            sample_rate=1.0, steps=1)
+    event = make_event(mechanism=Mechanism.GAUSSIAN, noise_multiplier=sigma, sample_rate=1.0,
+                       steps=1, delta=cfg.budget.delta, purpose="analytics:earlier-query")
+    ledger.commit(event)
+
+
 def run_flower_simulation(cfg: SimulationConfig, firms: list[SimFirm], *, run_id: str,
-                          run_dir: Path) -> None:
+                          run_dir: Path, client_mods: list[Any] | None = None) -> None:
     """Run the ServerApp and one ClientApp per firm in Flower's simulation engine."""
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
@@ -179,7 +198,7 @@ def run_flower_simulation(cfg: SimulationConfig, firms: list[SimFirm], *, run_id
     cpus = max(1, os.cpu_count() or 1)
     run_simulation(
         server_app=make_server_app(cfg.run, run_id=run_id, run_dir=str(run_dir.resolve())),
-        client_app=make_client_app(mapping),
+        client_app=make_client_app(mapping, mods=client_mods),
         num_supernodes=len(firms),
         backend_config={
             "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
@@ -201,7 +220,8 @@ def centralized_baseline(firms: list[SimFirm], cfg: SimulationConfig,
 
 def simulate(cfg: SimulationConfig, *, run_id: str | None = None,
              on_firm: Callable[[str, int], None] | None = None,
-             on_phase: Callable[[str], None] | None = None) -> tuple[Path, dict[str, Any]]:
+             on_phase: Callable[[str], None] | None = None,
+             client_mods: list[Any] | None = None) -> tuple[Path, dict[str, Any]]:
     """The whole simulation; returns the run directory and the final summary."""
     sim = cfg.simulation
     run_id = run_id or new_run_id(sim.name)
@@ -213,7 +233,7 @@ def simulate(cfg: SimulationConfig, *, run_id: str | None = None,
     firms = build_firms(cfg, run_dir, on_firm=on_firm)
     prepared = time.perf_counter()
     phase("federate")
-    run_flower_simulation(cfg, firms, run_id=run_id, run_dir=run_dir)
+    run_flower_simulation(cfg, firms, run_id=run_id, run_dir=run_dir, client_mods=client_mods)
     federated = time.perf_counter()
     summary = load_summary(run_dir)
     if sim.baseline:

@@ -1,10 +1,11 @@
-"""The RDP accountant: agreement with Google's dp_accounting, monotonicity, calibration, edge cases."""
+"""The RDP accountant: agreement with dp_accounting, monotonicity, calibration, edge cases."""
 
 from __future__ import annotations
 
 import functools
 import logging
 import math
+import pickle
 from collections.abc import Iterator
 from datetime import UTC, datetime
 
@@ -48,7 +49,9 @@ def _fast_reference() -> Iterator[None]:
             logging.disable(logging.NOTSET)
 
 
-def _reference_event(mechanism: Mechanism, nm: float, q: float, steps: int) -> dp_accounting.DpEvent:
+def _reference_event(
+    mechanism: Mechanism, nm: float, q: float, steps: int
+) -> dp_accounting.DpEvent:
     if mechanism is Mechanism.LAPLACE:
         return dp_accounting.SelfComposedDpEvent(dp_accounting.LaplaceDpEvent(nm), steps)
     base: dp_accounting.DpEvent = dp_accounting.GaussianDpEvent(nm)
@@ -131,7 +134,8 @@ def test_epsilon_from_rdp_uses_improved_conversion() -> None:
     orders = [2.0, 8.0, 32.0]
     values = [0.1, 0.5, 3.0]
     expected = min(
-        r + math.log1p(-1 / a) - math.log(DELTA * a) / (a - 1) for a, r in zip(orders, values, strict=True)
+        r + math.log1p(-1 / a) - math.log(DELTA * a) / (a - 1)
+        for a, r in zip(orders, values, strict=True)
     )
     assert epsilon_from_rdp(orders=orders, rdp=values, delta=DELTA) == pytest.approx(expected)
     assert epsilon_from_rdp(orders=orders, rdp=[0.0, 0.0, 0.0], delta=DELTA) == 0.0
@@ -169,7 +173,9 @@ def test_epsilon_is_non_increasing_in_noise(n1: float, n2: float, rate: float, s
     rate=st.floats(min_value=1e-3, max_value=0.5),
     steps=st.integers(1, 2000),
 )
-def test_calibrated_noise_reaches_target_and_is_minimal(target: float, rate: float, steps: int) -> None:
+def test_calibrated_noise_reaches_target_and_is_minimal(
+    target: float, rate: float, steps: int
+) -> None:
     tolerance = 0.01
     sigma = calibrate_noise(
         target_epsilon=target, delta=DELTA, sample_rate=rate, steps=steps, tolerance=tolerance
@@ -289,6 +295,7 @@ def test_event_round_trips_through_json_and_is_frozen() -> None:
     with pytest.raises(TypeError):
         event.context["round"] = 4  # type: ignore[index]
     assert hash(event) == hash(DpEvent.from_json(event.to_json()))
+    assert pickle.loads(pickle.dumps(event)) == event  # crosses process boundaries (simulation)
 
 
 @pytest.mark.parametrize(
@@ -319,4 +326,4 @@ def test_event_from_json_names_missing_fields() -> None:
 def test_make_event_requires_an_aware_timestamp() -> None:
     with pytest.raises(ValueError, match="timezone-aware"):
         make_event(mechanism=Mechanism.GAUSSIAN, noise_multiplier=1.0, sample_rate=1.0, steps=1,
-                   delta=DELTA, purpose="q", now=datetime(2025, 1, 1))  # noqa: DTZ001
+                   delta=DELTA, purpose="q", now=datetime(2025, 1, 1))

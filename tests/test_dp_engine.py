@@ -46,7 +46,7 @@ def brute_force(model: nn.Module, X: Tensor, y: Tensor, loss: Callable[[Tensor, 
     norms = []
     for i in range(X.shape[0]):
         grads = torch.autograd.grad(loss(model(X[i : i + 1]), y[i : i + 1]).sum(), params)
-        norm = torch.sqrt(sum(g.pow(2).sum() for g in grads))
+        norm = torch.stack([g.pow(2).sum() for g in grads]).sum().sqrt()
         norms.append(norm)
         factor = min(1.0, clip / (float(norm) + 1e-6))
         for t, g in zip(total, grads, strict=True):
@@ -86,7 +86,8 @@ CASES: dict[str, tuple[Callable[[], nn.Module], Callable[[Tensor, Tensor], Tenso
                               nn.Sigmoid()), nn.Linear(4, 1)),
         churn_per_sample_loss, 1),
     "gelu-autograd": (
-        lambda: nn.Sequential(nn.Linear(6, 5), nn.GELU(), nn.Linear(5, 1)), churn_per_sample_loss, 1),
+        lambda: nn.Sequential(nn.Linear(6, 5), nn.GELU(), nn.Linear(5, 1)),
+        churn_per_sample_loss, 1),
     "linear-no-bias-multi-output": (lambda: nn.Linear(6, 3, bias=False), mse_multi, 3),
     "linear-multi-output": (lambda: nn.Linear(6, 3), mse_multi, 3),
     "vmap-fallback": (TwoBranch, churn_per_sample_loss, 1),
@@ -140,6 +141,13 @@ def test_per_sample_loss_must_return_one_value_per_example() -> None:
     with pytest.raises(ValueError, match="one loss per example"):
         clipped_gradient_sum(model, X, y, per_sample_loss=lambda z, t: autograd_bce(z, t).mean(),
                              max_grad_norm=1.0)
+
+
+def test_batchnorm_models_are_refused() -> None:
+    model = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3), nn.Linear(3, 1))
+    with pytest.raises(ValueError, match="BatchNorm"):
+        clipped_gradient_sum(model, torch.zeros(5, 4), torch.zeros(5),
+                             per_sample_loss=churn_per_sample_loss, max_grad_norm=1.0)
 
 
 def toy_data(n: int = 64, d: int = 5, seed: int = 0) -> tuple[Tensor, Tensor]:

@@ -1,0 +1,100 @@
+"""A real Flower simulation on the Telco data with misbehaving firms.
+
+One run covers: an update with NaN (rejected), an update far from the global model (rejected),
+a firm that fails mid-run (dropout), a firm whose budget is already spent (stops participating),
+and a capture of every reply the server receives, checked for raw PII and raw records.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from fedcrm.run_config import RunConfig
+from simulations.run import SimulationConfig, SimulationSection, simulate
+
+pytestmark = [pytest.mark.slow, pytest.mark.data]
+
+
+def _capture_and_misbehave(dump_dir: Path) -> list[Any]:
+    from flwr.app import ArrayRecord
+
+    def mod(msg: Any, context: Any, call_next: Any) -> Any:
+        part = int(context.node_config["partition-id"])
+        kind = msg.metadata.message_type
+        server_round = int(msg.content["config"].get("server-round", 0)) if "config" in msg.content else 0
+        if kind == "train" and part == 3 and server_round == 2:
+            raise RuntimeError("simulated crash of firm4 during round 2")
+        reply = call_next(msg, context)
+        if kind == "train" and "arrays" in reply.content:
+            arrays = reply.content["arrays"].to_numpy_ndarrays()
+            if part == 1:
+                arrays = [np.full_like(a, np.nan) for a in arrays]
+            elif part == 2:
+                arrays = [a * 1e6 + 1e3 for a in arrays]
+            reply.content["arrays"] = ArrayRecord(arrays)
+        dump: dict[str, Any] = {"type": kind, "partition": part}
+        for name, record in reply.content.items():
+            if isinstance(record, ArrayRecord):
+                dump[name] = [a.tobytes().hex() for a in record.to_numpy_ndarrays()]
+            else:
+                dump[name] = {k: str(v) for k, v in record.items()}
+        path = dump_dir / f"{kind}-{part}-{server_round}.json"
+        path.write_text(json.dumps(dump))
+        return reply
+
+    return [mod]
+
+
+def test_simulation_rejects_bad_updates_survives_dropout_and_stops_exhausted_firm(
+    tmp_path: Path,
+) -> None:
+    dump = tmp_path / "replies"
+    dump.mkdir()
+    cfg = SimulationConfig(
+        simulation=SimulationSection(
+            name="faulty", dataset="telco", firms=5, seed=1, epsilon_budget=1.0,
+            workdir=tmp_path / "runs", exhausted_firms=1, gbk_firms=1,
+        ),
+        run=RunConfig(task="churn", rounds=3, min_firms=1, round_timeout=60,
+                      target_epsilon=1.0, max_update_norm=100.0, batch_size=128),
+    )
+    run_dir, summary = simulate(cfg, run_id="faulty-run", client_mods=_capture_and_misbehave(dump))
+
+    assert summary["status"] == "completed"
+    assert summary["rounds_completed"] == 3
+    first = summary["rounds_detail"][0]
+    reasons = {r["firm"]: r["reason"] for r in first["rejected"]}
+    assert "NaN" in reasons["firm2"]
+    assert "exceeds the bound" in reasons["firm3"]
+    assert first["accepted"] == ["firm4", "firm5"]
+    assert "firm4" in summary["rounds_detail"][1]["dropped"]
+    assert summary["rounds_detail"][2]["accepted"] == ["firm4", "firm5"]
+    firms = {f["firm"]: f for f in summary["firms"]}
+    assert firms["firm1"]["stopped"] == "privacy budget exhausted"
+    for f in summary["firms"]:
+        assert f["epsilon"] <= f["epsilon_budget"] + 1e-9
+    assert Path(summary["model"]).exists()
+    assert summary["baseline"]["centralized_auc"] > 0.75
+    assert 0.6 < summary["metrics"]["pooled"]["auc"] <= 1.0
+    events = [json.loads(x)["kind"] for x in (run_dir / "events.jsonl").read_text().splitlines()]
+    assert "update_rejected" in events and "firm_stopped" in events and "firm_dropped" in events
+
+    # No raw PII and no raw record in anything the server received.
+    replies = "\n".join(p.read_text() for p in sorted(dump.iterdir()))
+    assert replies
+    for firm_dir in sorted((run_dir / "firms").iterdir()):
+        export = pd.read_csv(firm_dir / "customers.csv", dtype=str,
+                             encoding="gb18030" if firm_dir.name == "firm1" else "utf-8")
+        for column in ("customer_id", "name", "email", "phone", "birth_date", "postcode"):
+            for value in export[column].dropna().unique():
+                # whole-token match: a 6-digit postcode may occur inside a float's digits
+                pattern = rf"(?<![0-9A-Za-z]){re.escape(value)}(?![0-9A-Za-z])"
+                assert not re.search(pattern, replies), (column, "raw value reached the server")
+                assert value.encode().hex() not in replies

@@ -1,0 +1,184 @@
+"""TrendModel: time-shifted training data, loss, DP-trainability, forecast, roll-up, evaluation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from fedcrm.dp_engine import DpOptimizer, plan_for_budget, train_dp, train_non_dp
+from fedcrm.trend import (
+    FIRM_TOTAL,
+    TREND_FEATURE_NAMES,
+    build_trend_model,
+    evaluate_holdout,
+    forecast,
+    rollup,
+    trend_dataset,
+    trend_features,
+    trend_fingerprint,
+    trend_per_sample_loss,
+)
+from privacy.errors import ConfigError
+
+torch.set_num_threads(1)
+
+CAL_END = pd.Timestamp("2024-06-30")
+START = CAL_END - pd.Timedelta(weeks=52)
+
+
+def _poisson_firm(n: int, weekly_rate: float, *, weeks: int, seed: int) -> pd.DataFrame:
+    """Customers buying on random days at a constant weekly rate from week 0 on (no dropout)."""
+    rng = np.random.default_rng(seed)
+    counts = rng.poisson(weekly_rate, size=(n, weeks))
+    counts[:, 0] = np.maximum(counts[:, 0], 1)  # everyone has a first purchase in week 0
+    cust, week = np.nonzero(counts)
+    reps = counts[cust, week]
+    cust, week = np.repeat(cust, reps), np.repeat(week, reps)
+    day = week * 7 + rng.integers(1, 8, cust.size)
+    return pd.DataFrame(
+        {
+            "customer_id": [f"P{c:05d}" for c in cust],
+            "timestamp": START + pd.to_timedelta(day, "D"),
+            "quantity": 1.0,
+            "amount": 10.0,
+        }
+    )
+
+
+def test_dataset_shapes_and_one_example_per_customer() -> None:
+    tx = _poisson_firm(300, 0.3, weeks=52, seed=1)
+    data = trend_dataset(tx, calibration_end=CAL_END, train_horizon_weeks=(8, 13),
+                         rng=np.random.default_rng(0))
+    n = len(data.customer_ids)
+    assert n == tx["customer_id"].nunique() and data.customer_ids.is_unique
+    assert data.X.shape == (n, len(TREND_FEATURE_NAMES)) and data.X.dtype == np.float32
+    assert data.Y.shape == (n, 13) and data.Y.dtype == np.float32
+    assert np.all((data.X >= 0) & (data.X <= 1))
+    short = data.cutoffs == CAL_END - pd.Timedelta(weeks=8)
+    assert 0 < short.sum() < n  # both horizons drawn
+    assert np.isnan(data.Y[short, 8:]).all() and not np.isnan(data.Y[short, :8]).any()
+    assert not np.isnan(data.Y[~short]).any()
+
+
+def test_no_leakage_features_before_cutoff_targets_only_until_calibration_end() -> None:
+    tx = _poisson_firm(200, 0.3, weeks=52, seed=2)
+    base = trend_dataset(tx, calibration_end=CAL_END, train_horizon_weeks=13,
+                         rng=np.random.default_rng(0))
+    t0 = CAL_END - pd.Timedelta(weeks=13)
+    assert (base.cutoffs == t0).all()
+    ids = list(base.customer_ids[:3])
+    extra = pd.DataFrame({"customer_id": ids * 2,
+                          "timestamp": [CAL_END + pd.Timedelta(days=1)] * 3
+                          + [t0 + pd.Timedelta(days=1)] * 3,
+                          "quantity": 1.0, "amount": 1.0})
+    after_cal = trend_dataset(pd.concat([tx, extra.iloc[:3]]), calibration_end=CAL_END,
+                              train_horizon_weeks=13, rng=np.random.default_rng(0))
+    np.testing.assert_array_equal(after_cal.X, base.X)
+    np.testing.assert_array_equal(after_cal.Y, base.Y)
+    after_t0 = trend_dataset(pd.concat([tx, extra.iloc[3:]]), calibration_end=CAL_END,
+                             train_horizon_weeks=13, rng=np.random.default_rng(0))
+    np.testing.assert_array_equal(after_t0.X, base.X)  # features never see (T0, cal_end]
+    diff = after_t0.Y - base.Y
+    day1 = t0 + pd.Timedelta(days=1)
+    bought_day1 = [bool((pd.to_datetime(tx.loc[tx["customer_id"] == c, "timestamp"]).dt.normalize()
+                         == day1).any()) for c in ids]
+    assert diff[:3, 0].tolist() == [0.0 if b else 1.0 for b in bought_day1]  # one purchase day
+    assert not diff[:3, 1:].any() and not diff[3:].any()
+    # brute force target for one customer
+    cid = base.customer_ids[5]
+    days = pd.to_datetime(tx.loc[tx["customer_id"] == cid, "timestamp"]).dt.normalize().unique()
+    expected = np.zeros(13)
+    for d in days:
+        off = (d - t0).days
+        if 1 <= off <= 91:
+            expected[(off - 1) // 7] += 1
+    np.testing.assert_array_equal(base.Y[5], expected)
+
+
+def test_dataset_refuses_horizon_longer_than_history() -> None:
+    tx = _poisson_firm(20, 0.3, weeks=10, seed=3)
+    with pytest.raises(ConfigError, match="train_horizon_weeks"):
+        trend_dataset(tx, calibration_end=START + pd.Timedelta(weeks=10), train_horizon_weeks=26,
+                      rng=np.random.default_rng(0))
+
+
+def test_loss_masks_padded_weeks_and_has_one_value_per_customer() -> None:
+    out = torch.zeros(4, 3, requires_grad=True)
+    y = torch.tensor([[1.0, 0.0, float("nan")]] * 4)
+    loss = trend_per_sample_loss(out, y)
+    assert loss.shape == (4,) and torch.isfinite(loss).all()
+    loss.sum().backward()
+    assert out.grad is not None and torch.isfinite(out.grad).all()
+    padded_free = trend_per_sample_loss(out.detach(), y[:, :2])
+    torch.testing.assert_close(loss.detach(), padded_free)
+
+
+def test_non_dp_training_recovers_a_known_weekly_rate() -> None:
+    rate = 0.4
+    tx = _poisson_firm(1500, rate, weeks=52, seed=4)
+    data = trend_dataset(tx, calibration_end=CAL_END, rng=np.random.default_rng(0))
+    model = build_trend_model()
+    train_non_dp(model, torch.from_numpy(data.X), torch.from_numpy(data.Y),
+                 per_sample_loss=trend_per_sample_loss, epochs=40, batch_size=256,
+                 learning_rate=0.05, generator=torch.Generator().manual_seed(0),
+                 optimizer=DpOptimizer.ADAM)
+    X, ids = trend_features(tx, as_of=CAL_END)
+    weekly = forecast(model, X, weeks=26)
+    assert weekly.shape == (len(ids), 26)
+    assert weekly.mean() == pytest.approx(rate, rel=0.15)
+    # a constant-rate population keeps its rate: the firm curve stays flat
+    firm = weekly.sum(axis=0)
+    assert firm[-1] / firm[0] == pytest.approx(1.0, abs=0.2)
+
+
+def test_dp_engine_trains_the_trend_model() -> None:
+    tx = _poisson_firm(400, 0.3, weeks=52, seed=5)
+    data = trend_dataset(tx, calibration_end=CAL_END, rng=np.random.default_rng(0))
+    plan = plan_for_budget(n_examples=len(data.customer_ids), target_epsilon=3.0, delta=1e-4,
+                           epochs=2, batch_size=100, max_grad_norm=1.0, learning_rate=0.05)
+    model = build_trend_model()
+    before = [p.detach().clone() for p in model.parameters()]
+    stats = train_dp(model, torch.from_numpy(data.X), torch.from_numpy(data.Y),
+                     per_sample_loss=trend_per_sample_loss, plan=plan,
+                     generator=torch.Generator().manual_seed(0), optimizer=DpOptimizer.ADAM)
+    assert stats.steps == plan.steps
+    after = list(model.parameters())
+    assert all(torch.isfinite(p).all() for p in after)
+    assert any(not torch.equal(a, b) for a, b in zip(after, before, strict=True))
+
+
+def test_mlp_variant_has_the_same_interface() -> None:
+    model = build_trend_model(hidden=8, seed=1)
+    out = forecast(model, np.zeros((5, len(TREND_FEATURE_NAMES)), np.float32), weeks=4)
+    assert out.shape == (5, 4) and np.all(out > 0)
+
+
+def test_rollup_sums_segments_and_firm() -> None:
+    weekly = np.array([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]])
+    out = rollup(weekly, ["loyal", "lost", "loyal"])
+    assert list(out.loc["loyal"]) == [6.0, 8.0]
+    assert list(out.loc["lost"]) == [3.0, 4.0]
+    assert list(out.loc[FIRM_TOTAL]) == [9.0, 12.0]
+    assert list(out.columns) == [1, 2]
+
+
+def test_evaluate_holdout_on_a_known_forecast() -> None:
+    actual = np.array([[1.0, 0.0, 1.0], [0.0, 2.0, 0.0]])  # firm weekly 1, 2, 1 → cum 1, 3, 4
+    fc = np.array([[0.5, 0.5, 0.5], [0.5, 0.5, 0.5]])  # firm weekly 1, 1, 1 → cum 1, 2, 3
+    got = evaluate_holdout(fc, actual)
+    assert got["cumulative_error"] == pytest.approx((0 + 1 + 1) / 3)
+    assert got["cumulative_relative_error"] == pytest.approx(2 / 3 / 4)
+    assert got["end_relative_error"] == pytest.approx(-0.25)
+    assert got["customer_mae"] == pytest.approx((0.5 + 0.5) / 2)
+    assert got["forecast_total"] == 3.0 and got["actual_total"] == 4.0
+    perfect = evaluate_holdout(actual, actual)
+    assert perfect["cumulative_error"] == 0.0 and perfect["customer_mae"] == 0.0
+    with pytest.raises(ValueError):
+        evaluate_holdout(fc[:, :2], actual)
+
+
+def test_fingerprint_is_stable_hex() -> None:
+    fp = trend_fingerprint()
+    assert fp == trend_fingerprint() and len(fp) == 64 and int(fp, 16) >= 0
