@@ -106,7 +106,7 @@ def make_client_app(
         values: dict[str, float | int | list[float]] = {"num-examples": outcome.num_examples}
         values.update(outcome.metrics)
         for name, hist in outcome.histograms.items():
-            values[f"hist-{name}"] = [float(v) for v in hist]
+            values[name] = [float(v) for v in hist]
         content = RecordDict(
             {"metrics": MetricRecord(values), "status": ConfigRecord({"firm": node.firm})}
         )

@@ -376,7 +376,7 @@ class FirmNode:
         return EvalOutcome(
             num_examples=len(data.y_test),
             metrics={"auc": auc(scores, data.y_test)},
-            histograms={"pos": pos, "neg": neg},
+            histograms={"hist-pos": pos, "hist-neg": neg},
         )
 
 

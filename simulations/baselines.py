@@ -56,7 +56,68 @@ def churn_baselines(firms: Sequence[_Firm], model_path: Path | None) -> dict[str
     return out
 
 
-def trend_baselines(firms: Sequence[_Firm], model_path: Path | None) -> dict[str, Any]:
-    from fedcrm.trend_task import bgnbd_baseline
+def _bgnbd_weekly(cal: Any, customers: Any, calibration_end: Any, weeks: int) -> np.ndarray:
+    import warnings
 
-    return bgnbd_baseline(firms, model_path)
+    from lifetimes import BetaGeoFitter
+    from lifetimes.utils import summary_data_from_transaction_data
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        summary = summary_data_from_transaction_data(
+            cal, "customer_id", "timestamp", observation_period_end=calibration_end, freq="D",
+        ).reindex(customers)
+        fitter = BetaGeoFitter(penalizer_coef=0.0)
+        fitter.fit(summary["frequency"], summary["recency"], summary["T"])
+        cum = np.stack(
+            [np.asarray(fitter.conditional_expected_number_of_purchases_up_to_time(
+                7.0 * k, summary["frequency"], summary["recency"], summary["T"]), dtype=np.float64)
+             for k in range(1, weeks + 1)],
+            axis=1,
+        )
+    return np.diff(np.concatenate([np.zeros((len(customers), 1)), cum], axis=1), axis=1)
+
+
+def trend_baselines(firms: Sequence[_Firm], model_path: Path | None) -> dict[str, Any]:
+    """BG/NBD (lifetimes, daily) fitted on the pooled calibration data, same holdout weeks."""
+    import pandas as pd
+
+    from fedcrm.trend import evaluate_holdout, forecast
+    from fedcrm.trend_task import firm_trend_data, load_trend_model
+
+    txs, datas = [], []
+    for f in firms:
+        cfg = load_firm_config(f.config)
+        store = load_store(cfg.prepared_dir, keys=load_keys(cfg.firm.keys_dir))
+        assert store.transactions is not None
+        txs.append(store.transactions)
+        datas.append(firm_trend_data(store, cfg))
+    tx = pd.concat(txs, ignore_index=True)
+    calibration_end = datas[0].calibration_end
+    weeks = min(d.holdout_weeks for d in datas)
+    from fedcrm.trend import trend_features
+
+    cal = tx[tx["timestamp"] <= calibration_end]
+    _, customers = trend_features(cal, as_of=calibration_end)
+    actual = np.concatenate([d.actual[:, :weeks] for d in datas])
+    bg = _bgnbd_weekly(cal, customers, calibration_end, weeks)
+    # the firms' customer order: concatenate per firm; reorder BG/NBD rows to match
+    order = pd.Index(customers)
+    firm_customers = []
+    for f, d in zip(firms, datas, strict=True):
+        cfg = load_firm_config(f.config)
+        store = load_store(cfg.prepared_dir, keys=load_keys(cfg.firm.keys_dir))
+        assert store.transactions is not None
+        c = store.transactions[store.transactions["timestamp"] <= calibration_end]
+        firm_customers.append(trend_features(c, as_of=calibration_end)[1])
+    idx = order.get_indexer(pd.Index(np.concatenate([np.asarray(c) for c in firm_customers])))
+    out: dict[str, Any] = {"bgnbd": evaluate_holdout(bg[idx], actual), "holdout_weeks": weeks,
+                           "bgnbd_model": "BG/NBD (lifetimes BetaGeoFitter, daily) on pooled "
+                                          "calibration data"}
+    if model_path is not None and model_path.exists():
+        model, _ = load_trend_model(model_path)
+        fed = np.concatenate([forecast(model, d.x_pred, weeks=weeks) for d in datas])
+        out["federated"] = evaluate_holdout(fed, actual)
+        out["federated_beats_bgnbd_cumulative"] = bool(
+            out["federated"]["cumulative_error"] < out["bgnbd"]["cumulative_error"])
+    return out
