@@ -65,6 +65,13 @@ def make_client_app(
             except FedcrmError as exc:
                 # A user-facing error (one line, no data values): report it as this firm's status.
                 return _status_reply(msg, "error", str(exc), {"num-examples": 0})
+            except Exception as exc:  # noqa: BLE001 - anything else: its text could quote data
+                return _status_reply(
+                    msg, "error",
+                    f"internal error {type(exc).__name__} on the firm's node (details stay in the "
+                    "firm's own logs)",
+                    {"num-examples": 0},
+                )
 
         return run
 
@@ -91,7 +98,13 @@ def make_client_app(
             }
         )
         status = ConfigRecord(
-            {"state": outcome.status.value, "detail": outcome.message, "firm": node.firm}
+            {
+                "state": outcome.status.value,
+                "detail": outcome.message,
+                "firm": node.firm,
+                "audit-head-hash": outcome.audit_head_hash,
+                "audit-head-length": outcome.audit_head_length,
+            }
         )
         content = RecordDict({"metrics": metrics, "status": status})
         if outcome.status is RoundStatus.OK and outcome.arrays is not None:

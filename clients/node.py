@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from flwr.supercore.exit.exit_code import ExitCode
 
+from fedcrm.config import load_firm_config
 from fedcrm.processes import (
     LOCALHOST,
     DeploymentError,
@@ -26,9 +28,11 @@ from fedcrm.processes import (
     free_port,
 )
 from privacy.certs import load_node_private_key
+from privacy.errors import ConfigError, KeyFileError
 
 NodeConfigValue = str | int | float | bool
 _KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*$")
+_NODE_ID = re.compile(r"SuperNode ID: (\d+)")
 
 # Flower exit code logged by flower-supernode ("Exit Code: 305") when the SuperLink refuses it
 # (its key is not registered) or cannot be reached within --max-retries / --max-wait-time.
@@ -150,3 +154,80 @@ def start_supernode(
     else:
         process.start()
     return process
+
+
+def firm_node_config(firm_config: Path) -> dict[str, NodeConfigValue]:
+    """The whole ``--node-config`` of a firm's SuperNode: the absolute path of its firm config.
+
+    The ClientApp opens the firm's store and keys from that file; nothing else about the firm
+    goes into the node config, and none of it leaves the firm's host.
+    """
+    from clients.client_app import NODE_CONFIG_KEY  # torch-heavy: import only when needed
+
+    return {NODE_CONFIG_KEY: str(Path(firm_config).expanduser().resolve())}
+
+
+def serve_firm_node(
+    *,
+    firm_config: Path,
+    superlink_address: str,
+    root_cert: Path,
+    auth_key: Path,
+    workdir: Path | None = None,
+    max_retries: int | None = 30,
+    max_wait_time: float | None = 600.0,
+    on_online: Callable[[int], None] | None = None,
+    on_started: Callable[[ManagedProcess], None] | None = None,
+) -> None:
+    """Run a firm's SuperNode until it stops; only returns by an exception.
+
+    Checks first that the firm config parses, its prepared store exists and the CA file is
+    there, so a firm sees its own mistakes before Flower's. ``workdir`` (default: ``node/``
+    next to the firm config) holds the node's ``FLWR_HOME`` and log. ``on_online`` receives
+    the node id once the SuperLink has accepted the node. Raises :class:`DeploymentError` when
+    the node exits: refused (its key is not registered) or the SuperLink unreachable (Flower
+    exit code 305), or any other failure; ``KeyboardInterrupt`` / SIGTERM stop the node.
+    """
+    firm_config = Path(firm_config).expanduser().resolve()
+    cfg = load_firm_config(firm_config)
+    firm = cfg.firm.name
+    if not (cfg.prepared_dir / "manifest.json").exists():
+        raise ConfigError(
+            f"firm {firm} has no prepared store in {cfg.prepared_dir}; run "
+            f"`fedcrm prepare --config {firm_config}` before starting its node"
+        )
+    if not Path(root_cert).exists():
+        raise KeyFileError(
+            f"CA certificate {root_cert} not found; ask the coordinator for the federation's "
+            "ca.crt (and check its fingerprint out of band)"
+        )
+    workdir = firm_config.parent / "node" if workdir is None else Path(workdir)
+    with ProcessGroup() as group:
+        node = start_supernode(
+            superlink_address=superlink_address, root_cert=Path(root_cert),
+            auth_key=Path(auth_key), node_config=firm_node_config(firm_config),
+            workdir=workdir, max_retries=max_retries, max_wait_time=max_wait_time,
+            name=f"supernode-{firm}", group=group,
+        )
+        if on_started is not None:
+            on_started(node)
+        announced = False
+        while node.running:
+            if not announced and on_online is not None:
+                found = _NODE_ID.search(node.read_log())
+                if found:
+                    announced = True
+                    on_online(int(found.group(1)))
+            time.sleep(0.5)
+        code = node.flower_exit_code()
+        if code == SUPERNODE_CONNECTION_ERROR:
+            raise DeploymentError(
+                f"the SuperLink at {superlink_address} refused or could not be reached by the "
+                f"SuperNode of firm '{firm}' (Flower exit code {code}): check that the "
+                f"coordinator registered this node's public key (`fedcrm link register --firm "
+                f"{firm} ...`), the address and the CA certificate; see {node.log_path}"
+            )
+        raise DeploymentError(
+            f"the SuperNode of firm '{firm}' exited (status {node.poll()}, Flower exit code "
+            f"{code}); see {node.log_path}: {node.log_tail(3)}"
+        )

@@ -191,6 +191,7 @@ class FirmSection(BaseModel):
     name: str = Field(pattern=r"^[A-Za-z0-9_-]+$")
     keys_dir: Path
     store_dir: Path
+    audit_log: Path | None = Field(default=None, description="default: <store_dir>/audit.jsonl")
 
 
 class BudgetSection(BaseModel):
@@ -253,7 +254,7 @@ class FirmConfig(BaseModel):
 
     @property
     def audit_path(self) -> Path:
-        return self.firm.store_dir / "audit.jsonl"
+        return self.firm.audit_log or self.firm.store_dir / "audit.jsonl"
 
     @property
     def prepared_dir(self) -> Path:
@@ -286,6 +287,7 @@ def parse_firm_config(data: dict[str, Any], *, path: Path) -> FirmConfig:
         update={
             "keys_dir": _resolve(base, cfg.firm.keys_dir),
             "store_dir": _resolve(base, cfg.firm.store_dir),
+            "audit_log": _resolve(base, cfg.firm.audit_log),
         }
     )
     budget = cfg.budget.model_copy(update={"ledger": _resolve(base, cfg.budget.ledger)})

@@ -43,6 +43,7 @@ from fedcrm.models import (
     predict_proba,
 )
 from fedcrm.store import PreparedStore, load_store
+from privacy.audit import AuditLog, EntryKind
 from privacy.errors import BudgetExhausted, ConfigError, PlanDoesNotFit, SchemaError
 from privacy.keys import FirmKeys, load_keys
 
@@ -110,6 +111,8 @@ class TrainOutcome:
     delta: float
     message: str = ""
     seconds: float = 0.0
+    audit_head_hash: str = ""
+    audit_head_length: int = 0
 
 
 @dataclass(frozen=True)
@@ -117,6 +120,27 @@ class EvalOutcome:
     num_examples: int
     metrics: dict[str, float]
     histograms: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+def arrays_hash(arrays: list[np.ndarray]) -> str:
+    """sha256 over dtype, shape and bytes of each array: the id of a model or an update.
+
+    Firms log it in ``update_sent``, the coordinator in ``update_accepted``; an auditor matches
+    the two.
+    """
+    h = hashlib.sha256()
+    for a in arrays:
+        a = np.ascontiguousarray(a)
+        h.update(str(a.dtype).encode() + str(a.shape).encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def firm_audit_log(cfg: FirmConfig, keys: FirmKeys) -> AuditLog | None:
+    """The firm's signed audit log, or None when the firm has no signing key."""
+    if keys.signing_key is None:
+        return None
+    return AuditLog(cfg.audit_path, signing_key=keys.signing_key)
 
 
 def layout_from_config(cfg: FirmConfig) -> FeatureLayout:
@@ -202,6 +226,37 @@ class FirmNode:
         )
         self._churn: ChurnData | None = None
         self._trend: Any = None
+        self.audit = firm_audit_log(cfg, keys)
+        self._log_budget()
+
+    def _log_budget(self) -> None:
+        """Record the firm's budget in its audit log when it is new or changed."""
+        if self.audit is None:
+            return
+        cap, delta = self.cfg.budget.epsilon, self.cfg.budget.delta
+        last = next((e for e in reversed(self.audit.entries())
+                     if e.kind is EntryKind.BUDGET_CHANGED), None)
+        if last is None or (last.payload["epsilon_cap"], last.payload["delta"]) != (cap, delta):
+            self.audit.append(EntryKind.BUDGET_CHANGED, {"epsilon_cap": cap, "delta": delta})
+
+    def log_release(self, event: Any, *, model_hash: str | None = None) -> None:
+        """Audit a committed DP release (and the update it funded); no-op without a signing key."""
+        if self.audit is None:
+            return
+        payload = {k: v for k, v in event.to_json().items()}
+        payload.update(
+            ledger_path=str(self.cfg.ledger_path),
+            cumulative_epsilon=self.ledger.spent(),
+            epsilon_cap=self.cfg.budget.epsilon,
+        )
+        release = self.audit.append(EntryKind.DP_RELEASE, payload)
+        if model_hash is not None:
+            ctx = dict(event.context)
+            self.audit.append(EntryKind.UPDATE_SENT, {
+                "run_id": str(ctx.get("run_id", "")), "round": int(ctx.get("round", 0)),
+                "task": str(ctx.get("task", "")), "model_hash": model_hash,
+                "release": release.hash,
+            })
 
     @classmethod
     def open(cls, firm_config: Path | str) -> FirmNode:
@@ -350,9 +405,14 @@ class FirmNode:
             proximal=proximal,
         )
         self.ledger.commit(event)  # fsynced before the parameters leave this process
+        trained = model_to_arrays(model)
+        self.log_release(event, model_hash=arrays_hash(trained))
+        head = self.audit.head() if self.audit is not None else None
         return TrainOutcome(
             status=RoundStatus.OK,
-            arrays=model_to_arrays(model),
+            arrays=trained,
+            audit_head_hash=head.hash if head else "",
+            audit_head_length=head.length if head else 0,
             num_examples=len(y),
             epsilon_round=float(event.epsilon),
             epsilon_total=self.ledger.spent(),

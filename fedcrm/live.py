@@ -117,3 +117,30 @@ class RunDisplay:
         if self._live is not None:
             self._live.update(self.render())
             self._live.__exit__(None, None, None)
+
+
+def print_run_summary(console: Console, summary: dict[str, Any], run_dir: Path) -> None:
+    """A finished run's ``summary.json`` as a table: ε per firm, pooled metrics, baseline."""
+    t = Table(title=f"run {summary['run_id']} ({summary['task']}, {summary['strategy']}, "
+                    f"{summary.get('rounds_completed', '?')}/{summary['rounds']} rounds, "
+                    f"{summary.get('status')})")
+    for col in ("firm", "ε spent", "ε budget", "δ", "customers (train)", "stopped"):
+        t.add_column(col)
+    for f in summary["firms"]:
+        t.add_row(f["firm"], f"{f['epsilon']:.4f}", f"{f['epsilon_budget']:.4f}",
+                  f"{f['delta']:g}" if f.get("delta") else "-", str(f["num_examples"]),
+                  f.get("stopped") or "")
+    console.print(t)
+
+    def plain(values: dict[str, Any]) -> str:
+        return ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
+                         for k, v in values.items() if not isinstance(v, (list, dict)))
+
+    pooled = summary.get("metrics", {}).get("pooled", {})
+    if pooled:
+        console.print("pooled metrics: " + plain(pooled))
+    if summary.get("baseline"):
+        console.print("baseline: " + plain(summary["baseline"]))
+    if summary.get("stop_reason"):
+        console.print(f"[yellow]{summary['stop_reason']}[/]")
+    console.print(f"summary: {run_dir / 'summary.json'}   model: {summary.get('model')}")

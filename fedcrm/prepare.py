@@ -29,6 +29,7 @@ from fedcrm import features as crm_features
 from fedcrm.config import ColumnRole, FirmConfig, TableName
 from fedcrm.ingest import iter_chunks
 from fedcrm.validation import IdRegistry, check_columns, validate_chunk
+from privacy.audit import AuditLog, EntryKind, data_prepared_payload
 from privacy.encryption import EncryptedTableWriter, file_sha256
 from privacy.errors import KeyFileError, QuarantineThresholdExceeded
 from privacy.keys import FirmKeys, load_keys
@@ -288,6 +289,9 @@ def prepare(
         }
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
         _swap_in(staging, cfg.prepared_dir)
+        if keys.signing_key is not None:
+            AuditLog(cfg.audit_path, signing_key=keys.signing_key).append(
+                EntryKind.DATA_PREPARED, data_prepared_payload(manifest))
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

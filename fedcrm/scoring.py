@@ -94,6 +94,7 @@ def train_local(
     train_dp(model, torch.as_tensor(x), torch.as_tensor(y), per_sample_loss=loss, plan=plan,
              generator=generator, optimizer="sgd")
     ledger.commit(event)
+    node.log_release(event)
     metrics: dict[str, float] = {}
     if task is Task.CHURN:
         metrics["auc"] = auc(predict_proba(model, data.x_test), data.y_test)

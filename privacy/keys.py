@@ -259,6 +259,34 @@ def rotate_key(keys_dir: Path, kind: KeyKind) -> str:
     return new_id
 
 
+def load_signing_key(path: Path) -> Ed25519PrivateKey:
+    """An Ed25519 private key from a 0600 PEM file (e.g. the coordinator's signing key)."""
+    try:
+        loaded = serialization.load_pem_private_key(_read_secret(path), password=None)
+    except ValueError:
+        raise KeyFileError(f"{path} is not a PEM private key") from None
+    if not isinstance(loaded, Ed25519PrivateKey):
+        raise KeyFileError(f"{path} is not an Ed25519 key")
+    return loaded
+
+
+def write_signing_key(path: Path, *, force: bool = False) -> Ed25519PrivateKey:
+    """Create an Ed25519 signing key (0600 PEM) and its public key beside it (``.pub``)."""
+    key = Ed25519PrivateKey.generate()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _write_secret(
+        path,
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                          serialization.NoEncryption()),
+        force=force,
+    )
+    path.with_suffix(".pub").write_bytes(
+        key.public_key().public_bytes(serialization.Encoding.PEM,
+                                      serialization.PublicFormat.SubjectPublicKeyInfo)
+    )
+    return key
+
+
 def load_public_key(path: Path) -> Ed25519PublicKey:
     try:
         loaded = serialization.load_pem_public_key(path.read_bytes())

@@ -7,7 +7,6 @@ directory: ``events.jsonl`` (live progress), ``model.pt`` (global model with pro
 
 from __future__ import annotations
 
-import hashlib
 import time
 from collections import Counter
 from dataclasses import asdict
@@ -15,30 +14,70 @@ from logging import WARNING
 from pathlib import Path
 from typing import Any
 
+import os
+
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.common import log
 from flwr.serverapp import Grid
 
 import fedcrm
-from fedcrm.federation import initial_arrays
+from fedcrm.federation import arrays_hash, initial_arrays
 from fedcrm.progress import EventLog
 from fedcrm.run_config import RunConfig
 from fedcrm.runs import save_global_model, write_summary
+from privacy.audit import AuditLog, EntryKind, public_key_pem
+from privacy.keys import load_signing_key
 from server.strategies import FederationStopped, FirmState, GuardedStrategy, build_strategy
+
+#: Path of the coordinator's Ed25519 signing key (PEM, 0600). An environment variable, never
+#: run config: secrets do not travel in the app bundle or the run config.
+COORDINATOR_KEY_ENV = "FEDCRM_COORDINATOR_KEY"
 
 QUERY = "query"
 
 
-def arrays_hash(arrays: list[np.ndarray]) -> str:
-    h = hashlib.sha256()
-    for a in arrays:
-        h.update(str(a.dtype).encode() + str(a.shape).encode())
-        h.update(np.ascontiguousarray(a).tobytes())
-    return h.hexdigest()
+class FederationAudit:
+    """The coordinator's signed federation log, fed by the run's progress events."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.log: AuditLog | None = None
+        key_path = os.environ.get(COORDINATOR_KEY_ENV)
+        if not key_path:
+            log(WARNING, "%s is not set: this run keeps no signed federation log",
+                COORDINATOR_KEY_ENV)
+            return
+        key = load_signing_key(Path(key_path))
+        fed = run_dir / "federation"
+        fed.mkdir(parents=True, exist_ok=True)
+        (fed / "signing.pub").write_bytes(public_key_pem(key.public_key()))
+        self.log = AuditLog(fed / "audit.jsonl", signing_key=key)
+
+    def append(self, kind: EntryKind, payload: dict[str, Any]) -> None:
+        if self.log is not None:
+            self.log.append(kind, payload)
+
+    def on_event(self, kind: str, **ev: Any) -> None:
+        if kind == "update_accepted":
+            self.append(EntryKind.UPDATE_ACCEPTED, {
+                "round": int(ev["round"]), "firm": str(ev["firm"]),
+                "node_id": str(ev["node_id"]), "update_hash": str(ev["update_hash"])})
+        elif kind == "update_rejected":
+            self.append(EntryKind.UPDATE_REJECTED, {
+                "round": int(ev["round"]), "firm": str(ev["firm"]),
+                "node_id": str(ev["node_id"]), "reason": str(ev["reason"])})
+        elif kind == "firm_heads":
+            self.append(EntryKind.FIRM_HEADS, {"round": int(ev["round"]), "heads": ev["heads"]})
+        elif kind == "round_evaluated" and ev.get("model_hash"):
+            metrics = {k: float(v) for k, v in ev.get("pooled", {}).items()
+                       if isinstance(v, (int, float)) and not isinstance(v, bool)
+                       and np.isfinite(v)}
+            self.append(EntryKind.GLOBAL_MODEL, {"round": int(ev["round"]),
+                                                 "model_hash": str(ev["model_hash"]),
+                                                 "metrics": metrics})
 
 
-def _wait_for_nodes(grid: Grid, cfg: RunConfig, events: EventLog) -> list[int]:
+def _wait_for_nodes(grid: Grid, cfg: RunConfig, events: _AuditedEvents) -> list[int]:
     deadline = time.monotonic() + cfg.wait_for_firms
     while True:
         nodes = list(grid.get_node_ids())
@@ -48,7 +87,7 @@ def _wait_for_nodes(grid: Grid, cfg: RunConfig, events: EventLog) -> list[int]:
         time.sleep(0.5)
 
 
-def _describe(grid: Grid, nodes: list[int], cfg: RunConfig, events: EventLog) -> dict[int, dict[str, Any]]:
+def _describe(grid: Grid, nodes: list[int], cfg: RunConfig, events: _AuditedEvents) -> dict[int, dict[str, Any]]:
     messages = [
         Message(content=RecordDict({"config": ConfigRecord({"task": cfg.task.value})}),
                 dst_node_id=n, message_type=QUERY)
@@ -58,7 +97,9 @@ def _describe(grid: Grid, nodes: list[int], cfg: RunConfig, events: EventLog) ->
     for reply in grid.send_and_receive(messages, timeout=cfg.round_timeout):
         node = reply.metadata.src_node_id
         if reply.has_error():
-            events.emit("firm_dropped", round=0, node_id=node, reason=reply.error.reason)
+            lines = str(reply.error.reason).strip().splitlines()
+            events.emit("firm_dropped", round=0, node_id=node,
+                        reason=lines[-1][:200] if lines else "error reply")
             continue
         if "describe" in reply.content:
             info[node] = dict(reply.content["describe"])
@@ -73,7 +114,8 @@ def run_federation(grid: Grid, cfg: RunConfig, *, run_id: str, run_dir: Path) ->
     """Run the whole federation and write the summary; returns it."""
     started = time.time()
     run_dir.mkdir(parents=True, exist_ok=True)
-    events = EventLog(run_dir / "events.jsonl")
+    audit = FederationAudit(run_dir)
+    events = _AuditedEvents(EventLog(run_dir / "events.jsonl"), audit)
     events.emit("run_started", run_id=run_id, task=cfg.task.value, strategy=cfg.strategy.value,
                 rounds=cfg.rounds)
     nodes = _wait_for_nodes(grid, cfg, events)
@@ -91,8 +133,12 @@ def run_federation(grid: Grid, cfg: RunConfig, *, run_id: str, run_dir: Path) ->
             firms[node] = state
     else:
         layout, input_dim = "", 0
-    events.emit("firms_admitted", firms={f.firm: n for n, f in firms.items() if not f.excluded},
-                layout=layout)
+    admitted = {f.firm: n for n, f in firms.items() if not f.excluded}
+    events.emit("firms_admitted", firms=admitted, layout=layout)
+    audit.append(EntryKind.RUN_STARTED, {
+        "run_id": run_id, "config_hash": cfg.config_hash(), "strategy": cfg.strategy.value,
+        "rounds": cfg.rounds, "task": cfg.task.value, "firms": {k: str(v) for k, v in admitted.items()},
+    })
     spec = cfg.round_spec(run_id)
     update_hashes: list[dict[str, Any]] = []
 
@@ -187,8 +233,22 @@ def run_federation(grid: Grid, cfg: RunConfig, *, run_id: str, run_dir: Path) ->
         "wall_seconds": round(time.time() - started, 3),
     }
     write_summary(run_dir, summary)
+    audit.append(EntryKind.RUN_FINISHED, {"status": status, "reason": stop_reason,
+                                          "rounds_completed": last_round, "model_hash": model_hash})
     events.emit("run_finished", status=status, reason=stop_reason, model=summary["model"])
     return summary
+
+
+class _AuditedEvents:
+    """Progress events that also feed the federation audit log."""
+
+    def __init__(self, events: EventLog, audit: FederationAudit) -> None:
+        self._events = events
+        self._audit = audit
+
+    def emit(self, kind: str, **fields: Any) -> None:
+        self._events.emit(kind, **fields)
+        self._audit.on_event(kind, **fields)
 
 
 def _latest_arrays(guard: GuardedStrategy, fallback: list[np.ndarray]) -> list[np.ndarray]:

@@ -16,7 +16,6 @@ and stops every process in a ``finally`` block, also on errors and KeyboardInter
 
 from __future__ import annotations
 
-import re
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -33,6 +32,8 @@ from server.app_bundle import write_app_dir
 from server.link import (
     RunStatus,
     follow_run,
+    parse_round,
+    plain_log_line,
     register_node,
     run_app,
     start_superlink,
@@ -41,8 +42,6 @@ from server.link import (
 
 CONNECTION = "fedcrm-local"
 ROUNDS_KEY = "num-rounds"
-_ROUND = re.compile(r"\[ROUND (\d+)(?:/(\d+))?\]")
-_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
 NodeConfigValue = str | int | float | bool
 
@@ -284,14 +283,13 @@ def deploy_local(
             emit(DeployEventKind.RUN_STARTED, f"run {run_id} started ({rounds} rounds)")
 
             def on_log(raw: str) -> None:
-                line = _ANSI.sub("", raw)
-                match = _ROUND.search(line)
-                if match:
-                    total = int(match.group(2)) if match.group(2) else rounds
-                    emit(DeployEventKind.ROUND, line.strip(), round=int(match.group(1)),
-                         total_rounds=total)
+                line = plain_log_line(raw)
+                progress = parse_round(line)
+                if progress is not None:
+                    emit(DeployEventKind.ROUND, line.strip(), round=progress[0],
+                         total_rounds=progress[1] or rounds)
                 elif line.strip():
-                    emit(DeployEventKind.LOG, line.rstrip())
+                    emit(DeployEventKind.LOG, line)
 
             status = follow_run(
                 flwr_home=cli_home, connection=CONNECTION, run_id=run_id,

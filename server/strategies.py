@@ -32,6 +32,7 @@ from flwr.serverapp.strategy import (
     Strategy,
 )
 
+from fedcrm.federation import arrays_hash
 from fedcrm.metrics import auc_from_histograms
 from fedcrm.run_config import RunConfig, StrategyKind
 from server.update_validation import validate_update
@@ -85,6 +86,8 @@ class RoundRecord:
     dropped: list[str] = field(default_factory=list)
     declined: list[dict[str, str]] = field(default_factory=list)
     metrics: dict[str, Any] = field(default_factory=dict)
+    heads: dict[str, dict[str, Any]] = field(default_factory=dict)
+    model_hash: str = ""
 
 
 class GuardedStrategy(Strategy):
@@ -156,12 +159,16 @@ class GuardedStrategy(Strategy):
             firm = self._firm(node)
             if msg.has_error():
                 record.dropped.append(firm.firm)
+                reason = str(msg.error.reason).strip().splitlines()
                 self.on_event("firm_dropped", round=server_round, firm=firm.firm, node_id=node,
-                              reason=f"error reply: {msg.error.reason}")
+                              reason=f"error reply: {reason[-1][:200] if reason else '?'}")
                 continue
             content = msg.content
             status = content.get("status")
             state = str(status["state"]) if status is not None and "state" in status else "ok"
+            if status is not None and str(status.get("audit-head-hash", "")):
+                record.heads[firm.firm] = {"hash": str(status["audit-head-hash"]),
+                                           "length": int(status["audit-head-length"])}
             metrics = content.get("metrics")
             if metrics is not None:
                 firm.epsilon_total = float(metrics.get("epsilon-total", firm.epsilon_total))
@@ -194,6 +201,8 @@ class GuardedStrategy(Strategy):
             record.accepted.append(firm.firm)
             if self.on_update is not None:
                 self.on_update(server_round, firm, update)
+            self.on_event("update_accepted", round=server_round, firm=firm.firm, node_id=node,
+                          update_hash=arrays_hash(update))
             valid.append(msg)
         for name in record.participants:
             node = next((n for n, f in self.firms.items() if f.firm == name), None)
@@ -210,13 +219,18 @@ class GuardedStrategy(Strategy):
             epsilon={f.firm: round(f.epsilon_total, 4) for f in self.firms.values()},
             epsilon_cap={f.firm: f.epsilon_cap for f in self.firms.values()},
         )
+        if record.heads:
+            self.on_event("firm_heads", round=server_round, heads=record.heads)
         if not valid:
             return None, None
         # Strip our status record so the inner strategy sees exactly arrays + metrics.
         for msg in valid:
             if "status" in msg.content:
                 del msg.content["status"]
-        return self.inner.aggregate_train(server_round, valid)
+        arrays, metrics = self.inner.aggregate_train(server_round, valid)
+        if arrays is not None:
+            record.model_hash = arrays_hash(arrays.to_numpy_ndarrays())
+        return arrays, metrics
 
     # ------------------------------------------------------------------ evaluation
 
@@ -270,7 +284,8 @@ class GuardedStrategy(Strategy):
 
             pooled.update(pooled_trend_metrics(sums, per_firm))
         record.metrics = {"pooled": pooled, "per_firm": per_firm}
-        self.on_event("round_evaluated", round=server_round, pooled=pooled, per_firm=per_firm)
+        self.on_event("round_evaluated", round=server_round, pooled=pooled, per_firm=per_firm,
+                      model_hash=record.model_hash)
         if not per_firm:
             return None
         return MetricRecord({k: float(v) for k, v in pooled.items()

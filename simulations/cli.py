@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
-from rich.table import Table
 
 from fedcrm.cli import err, out, user_errors
 
@@ -34,42 +33,23 @@ def datasets_export(
 # --------------------------------------------------------------------------- simulate
 
 
-def _print_summary(summary: dict[str, Any], run_dir: Path) -> None:
-    t = Table(title=f"run {summary['run_id']} ({summary['task']}, {summary['strategy']}, "
-                    f"{summary.get('rounds_completed', '?')}/{summary['rounds']} rounds, "
-                    f"{summary.get('status')})")
-    for col in ("firm", "ε spent", "ε budget", "δ", "customers (train)", "stopped"):
-        t.add_column(col)
-    for f in summary["firms"]:
-        t.add_row(f["firm"], f"{f['epsilon']:.4f}", f"{f['epsilon_budget']:.4f}",
-                  f"{f['delta']:g}" if f.get("delta") else "-", str(f["num_examples"]),
-                  f.get("stopped") or "")
-    out.print(t)
-    pooled = summary.get("metrics", {}).get("pooled", {})
-    if pooled:
-        out.print("pooled metrics: " + ", ".join(
-            f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in pooled.items()
-            if not isinstance(v, (list, dict))))
-    base = summary.get("baseline", {})
-    if base:
-        out.print("baseline: " + ", ".join(
-            f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in base.items()
-            if not isinstance(v, (dict, list))))
-    if summary.get("stop_reason"):
-        out.print(f"[yellow]{summary['stop_reason']}[/]")
-    out.print(f"summary: {run_dir / 'summary.json'}   model: {summary.get('model')}")
-
-
 @user_errors
 def simulate(
-    config: Annotated[Path, typer.Option(help="simulation config, e.g. configs/simulations/telco_5firms.toml")],
+    config: Annotated[
+        Path, typer.Option(help="simulation config, e.g. configs/simulations/telco_5firms.toml")
+    ],
     run_id: Annotated[str | None, typer.Option(help="run id (default: generated)")] = None,
 ) -> None:
     """Run a federated simulation of many firms on real public data, end to end."""
-    from fedcrm.live import RunDisplay
+    import logging
+
+    from fedcrm.live import RunDisplay, print_run_summary
     from simulations.run import load_simulation_config
     from simulations.run import simulate as run_sim
 
+    for name in ("flwr", "absl", "ray"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    logging.getLogger("absl").setLevel(logging.ERROR)
     cfg = load_simulation_config(config)
     sim = cfg.simulation
     from fedcrm.runs import new_run_id
@@ -87,11 +67,62 @@ def simulate(
 
     with RunDisplay(run_dir / "events.jsonl", console=out, title=rid):
         run_dir_final, summary = run_sim(cfg, run_id=rid, on_firm=on_firm)
-    _print_summary(summary, run_dir_final)
+    print_run_summary(out, summary, run_dir_final)
 
 
+# --------------------------------------------------------------------------- deploy
+
+deploy_app = typer.Typer(help="Real Flower deployments of the fedcrm apps.", no_args_is_help=True)
+
+
+@deploy_app.command("local")
+@user_errors
+def deploy_local(
+    config: Annotated[
+        Path, typer.Option(help="deployment config with [deploy] and [run] sections")
+    ] = Path("configs/deploy/local.toml"),
+    firms: Annotated[
+        int | None, typer.Option(help="number of firms (default: [deploy] firms)")
+    ] = None,
+    run_id: Annotated[str | None, typer.Option(help="run id (default: generated)")] = None,
+) -> None:
+    """Deploy N firms + a coordinator on this machine (TLS, node auth) and run the federation."""
+    from fedcrm.live import RunDisplay, print_run_summary
+    from fedcrm.processes import DeploymentError
+    from fedcrm.runs import new_run_id
+    from server.deploy import DeployEvent, DeployEventKind
+    from simulations.deploy_local import load_local_deploy_config, run_local_deployment
+
+    cfg = load_local_deploy_config(config)
+    n = cfg.deploy.firms if firms is None else firms
+    rid = run_id or new_run_id(cfg.deploy.name)
+    run_dir = (cfg.deploy.workdir / rid).resolve()
+    out.print(f"[bold]{cfg.deploy.name}[/]: {n} firms on {cfg.deploy.dataset.value}, task "
+              f"{cfg.run.task.value}, {cfg.run.rounds} rounds, strategy {cfg.run.strategy.value}, "
+              f"ε budget {cfg.deploy.epsilon_budget} per firm, real Flower deployment -> {run_dir}")
+
+    def on_firm(name: str, rows: int) -> None:
+        err.print(f"  prepared {name}: {rows:,} source rows (validated, masked, encrypted)")
+
+    def on_event(event: DeployEvent) -> None:
+        if event.kind is not DeployEventKind.LOG:
+            err.print(f"  {event.message}", highlight=False)
+
+    with RunDisplay(run_dir / "events.jsonl", console=out, title=rid):
+        done = run_local_deployment(cfg, firms=n, run_id=rid, on_firm=on_firm, on_event=on_event)
+    if done.summary:
+        print_run_summary(out, done.summary, done.run_dir)
+    if not done.completed:
+        raise DeploymentError(
+            f"run {rid} ended {done.result.status.status_text} (fedcrm status "
+            f"{done.summary.get('status', 'unknown: no summary.json')}); logs under "
+            f"{done.run_dir / 'federation'}"
+        )
+    out.print(f"deployment {rid} completed in {done.result.duration_s:.0f}s; summary "
+              f"{done.summary_path}")
 
 
 def register(app: typer.Typer) -> None:
     app.add_typer(datasets_app, name="datasets")
     app.command("simulate")(simulate)
+    app.add_typer(deploy_app, name="deploy")

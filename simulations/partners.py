@@ -93,7 +93,8 @@ def telco_firm_config(
     for name, cats in TELCO_CATEGORICAL.items():
         columns[name] = {"role": "feature", "kind": "categorical", "categories": list(cats)}
     cfg: dict[str, Any] = {
-        "firm": {"name": firm, "keys_dir": str(keys_dir), "store_dir": str(store_dir)},
+        "firm": {"name": firm, "keys_dir": str(keys_dir), "store_dir": str(store_dir),
+                 "audit_log": "audit.jsonl"},
         "budget": {"epsilon": epsilon, "delta": delta},
         "validation": {"max_quarantine_fraction": 0.05},
         "tables": {
@@ -113,7 +114,8 @@ def cdnow_firm_config(
     training: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     cfg: dict[str, Any] = {
-        "firm": {"name": firm, "keys_dir": str(keys_dir), "store_dir": str(store_dir)},
+        "firm": {"name": firm, "keys_dir": str(keys_dir), "store_dir": str(store_dir),
+                 "audit_log": "audit.jsonl"},
         "budget": {"epsilon": epsilon, "delta": delta},
         "features": {
             "as_of": CDNOW_CALIBRATION_END.date().isoformat(),

@@ -17,6 +17,7 @@ Splits:
 from __future__ import annotations
 
 import os
+import shutil
 import time
 import tomllib
 from collections.abc import Callable
@@ -35,7 +36,7 @@ from fedcrm.prepare import prepare
 from fedcrm.run_config import RunConfig, parse_run_config
 from fedcrm.runs import load_summary, new_run_id, write_summary
 from privacy.errors import ConfigError
-from privacy.keys import init_keys
+from privacy.keys import init_keys, write_signing_key
 from simulations.datasets import load_cdnow, load_telco
 from simulations.partners import (
     cdnow_export,
@@ -159,6 +160,7 @@ def build_firms(cfg: SimulationConfig, run_dir: Path, *,
                                      epsilon=cap, delta=sim.delta, training=training)
         config = write_toml(root / "firm.toml", data)
         init_keys(root / "keys", firm=name)
+        shutil.copy(root / "keys" / "signing.pub", root / "signing.pub")  # for auditors
         firm_cfg = load_firm_config(config)
         prepare(firm_cfg)
         if i < sim.exhausted_firms:
@@ -192,9 +194,14 @@ def run_flower_simulation(cfg: SimulationConfig, firms: list[SimFirm], *, run_id
     from flwr.simulation import run_simulation
 
     from clients.client_app import make_client_app
+    from server.coordinator import COORDINATOR_KEY_ENV
     from server.server_app import make_server_app
 
     mapping = {i: str(f.config.resolve()) for i, f in enumerate(firms)}
+    coordinator_key = run_dir / "coordinator" / "signing.key"
+    if not coordinator_key.exists():
+        write_signing_key(coordinator_key)
+    os.environ[COORDINATOR_KEY_ENV] = str(coordinator_key)
     cpus = max(1, os.cpu_count() or 1)
     run_simulation(
         server_app=make_server_app(cfg.run, run_id=run_id, run_dir=str(run_dir.resolve())),

@@ -86,6 +86,19 @@ def test_simulation_rejects_bad_updates_survives_dropout_and_stops_exhausted_fir
     events = [json.loads(x)["kind"] for x in (run_dir / "events.jsonl").read_text().splitlines()]
     assert "update_rejected" in events and "firm_stopped" in events and "firm_dropped" in events
 
+    # The auditor's independent verification passes on the run's signed logs, and the report
+    # carries the verdict and a figure per firm.
+    from privacy.audit import verify_run
+    from privacy.audit_report import render_report
+
+    verification = verify_run(run_dir)
+    assert verification.ok, [str(f) for f in verification.failures]
+    html = render_report(run_dir, tmp_path / "report.html").read_text()
+    assert "PASS" in html and html.count("data:image/png;base64,") >= 5
+    rejected = [json.loads(x) for x in (run_dir / "federation" / "audit.jsonl").read_text().splitlines()
+                if '"update_rejected"' in x]
+    assert {e["payload"]["firm"] for e in rejected} >= {"firm2", "firm3"}
+
     # No raw PII and no raw record in anything the server received.
     replies = "\n".join(p.read_text() for p in sorted(dump.iterdir()))
     assert replies

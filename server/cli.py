@@ -1,0 +1,179 @@
+"""The coordinator's commands: ``fedcrm certs``, ``fedcrm link``, ``fedcrm run``.
+
+Registered through the ``fedcrm.commands`` entry point. Heavy imports (Flower, torch) happen
+inside the commands, so ``fedcrm --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from fedcrm.cli import err, out, user_errors
+
+certs_app = typer.Typer(
+    help="Federation CA, SuperLink certificate and SuperNode keys.", no_args_is_help=True
+)
+link_app = typer.Typer(help="The coordinator's SuperLink and its registered firms.",
+                       no_args_is_help=True)
+
+COORDINATOR_HELP = "the coordinator's config (TOML with a [link] section)"
+
+
+# --------------------------------------------------------------------------- certs
+
+
+@certs_app.command("ca")
+@user_errors
+def certs_ca(
+    out_dir: Annotated[Path, typer.Option("--out", help="directory for ca.crt and ca.key")],
+    name: Annotated[str, typer.Option(help="the CA's common name")] = "fedcrm federation CA",
+    force: Annotated[bool, typer.Option(help="replace an existing ca.key")] = False,
+) -> None:
+    """Create the federation CA (EC P-384): ca.crt goes to every firm, ca.key stays here."""
+    from privacy.certs import generate_ca
+
+    ca = generate_ca(out_dir, common_name=name, force=force)
+    out.print(f"created CA '{name}': {ca.cert} (send to every firm), {ca.key} (secret, 0600)")
+
+
+@certs_app.command("server")
+@user_errors
+def certs_server(
+    ca_dir: Annotated[Path, typer.Option("--ca", help="directory holding ca.crt and ca.key")],
+    out_dir: Annotated[Path, typer.Option("--out", help="directory for server.crt/server.key")],
+    host: Annotated[
+        list[str] | None,
+        typer.Option(help="DNS name or IP the firms dial (repeatable); 127.0.0.1 and localhost "
+                          "are always included"),
+    ] = None,
+    force: Annotated[bool, typer.Option(help="replace an existing server.key")] = False,
+) -> None:
+    """Issue the SuperLink's TLS certificate, signed by the federation CA."""
+    from privacy.certs import CA_CERT, CA_KEY, DEFAULT_HOSTS, CaFiles, issue_server_cert
+
+    hosts = tuple(dict.fromkeys([*(host or []), *DEFAULT_HOSTS]))
+    files = issue_server_cert(
+        CaFiles(cert=ca_dir / CA_CERT, key=ca_dir / CA_KEY), out_dir, hosts=hosts, force=force
+    )
+    out.print(f"issued {files.cert} for {', '.join(files.hosts)}; key {files.key} (secret, 0600)")
+
+
+@certs_app.command("node-key")
+@user_errors
+def certs_node_key(
+    firm: Annotated[str, typer.Option(help="the firm's name")],
+    out_dir: Annotated[Path, typer.Option("--out", help="directory for FIRM.key and FIRM.pub")],
+    force: Annotated[bool, typer.Option(help="replace an existing FIRM.key")] = False,
+) -> None:
+    """Create a firm's SuperNode authentication key: send FIRM.pub to the coordinator."""
+    from privacy.certs import generate_node_auth_key
+
+    keys = generate_node_auth_key(out_dir, firm=firm, force=force)
+    out.print(f"created {keys.private_key} (secret, 0600, stays here) and {keys.public_key} "
+              "(send it to the coordinator for `fedcrm link register`)")
+
+
+# --------------------------------------------------------------------------- link
+
+
+@link_app.command("start")
+@user_errors
+def link_start(
+    config: Annotated[Path, typer.Option(help=COORDINATOR_HELP)] = Path("coordinator.toml"),
+) -> None:
+    """Run the SuperLink (TLS, node authentication, persistent state) until Ctrl-C."""
+    from fedcrm.deploy_config import load_coordinator_config
+    from fedcrm.processes import DeploymentError, ProcessGroup
+    from server.coordinator_host import start_link
+
+    cfg = load_coordinator_config(config)
+    with ProcessGroup() as group:
+        link = start_link(cfg, group=group)
+        out.print(f"SuperLink listening on {cfg.link.host}:{cfg.link.port} (TLS, SuperNode "
+                  f"authentication on); log {link.log_path}")
+        out.print(f"firms need the CA certificate {cfg.ca_cert} and this address (a name or IP "
+                  "in server.crt); register each firm with `fedcrm link register`")
+        out.print("press Ctrl-C to stop")
+        try:
+            while link.running:
+                time.sleep(0.5)
+        except KeyboardInterrupt:
+            err.print("stopping the SuperLink ...")
+            group.stop_all()
+            out.print("SuperLink stopped")
+            return
+        raise DeploymentError(
+            f"the SuperLink exited with code {link.poll()}; see {link.log_path}: "
+            f"{link.log_tail(3)}"
+        )
+
+
+@link_app.command("register")
+@user_errors
+def link_register(
+    firm: Annotated[str, typer.Option(help="the firm's name (shown in `flwr supernode ls`)")],
+    public_key: Annotated[Path, typer.Option(help="the firm's FIRM.pub (OpenSSH EC public key)")],
+    config: Annotated[Path, typer.Option(help=COORDINATOR_HELP)] = Path("coordinator.toml"),
+) -> None:
+    """Allow a firm's SuperNode to connect (the SuperLink must be running)."""
+    from fedcrm.deploy_config import load_coordinator_config
+    from server.coordinator_host import register_firm
+
+    cfg = load_coordinator_config(config)
+    node_id = register_firm(cfg, firm=firm, public_key=public_key)
+    out.print(f"registered {firm} as node {node_id}")
+
+
+# --------------------------------------------------------------------------- run
+
+
+@user_errors
+def run(
+    config: Annotated[Path, typer.Option(help="the run config (TOML with a [run] section)")],
+    coordinator: Annotated[Path, typer.Option(help=COORDINATOR_HELP)] = Path("coordinator.toml"),
+    run_id: Annotated[str | None, typer.Option(help="run id (default: generated)")] = None,
+    timeout: Annotated[
+        float | None, typer.Option(help="seconds to wait for the run (default: from the config)")
+    ] = None,
+) -> None:
+    """Run the federated job of RUN.toml on the running federation; wait for the result."""
+    from fedcrm.deploy_config import load_coordinator_config, load_run_file
+    from fedcrm.live import RunDisplay, print_run_summary
+    from fedcrm.processes import DeploymentError
+    from fedcrm.runs import load_summary, new_run_id
+    from server.coordinator_host import submit_run
+
+    run_cfg = load_run_file(config)
+    cfg = load_coordinator_config(coordinator)
+    rid = run_id or new_run_id(config.stem.replace("_", "-"))
+    run_dir = cfg.runs_dir / rid
+    out.print(f"run [bold]{rid}[/]: {run_cfg.task.value}, {run_cfg.rounds} rounds, strategy "
+              f"{run_cfg.strategy.value}, ε {run_cfg.target_epsilon:g} per firm -> {run_dir}")
+
+    def on_round(n: int, total: int) -> None:
+        out.print(f"[ROUND {n}/{total}]")
+
+    with RunDisplay(run_dir / "events.jsonl", console=out, title=rid):
+        outcome = submit_run(cfg, run_cfg, run_id=rid, timeout_s=timeout, on_round=on_round)
+    summary = load_summary(outcome.run_dir) if outcome.summary_path.exists() else {}
+    if summary:
+        print_run_summary(out, summary, outcome.run_dir)
+    if not outcome.completed or summary.get("status") != "completed":
+        ended = outcome.status.status_text
+        if outcome.completed:
+            ended = f"{summary.get('status', 'without a summary')} ({summary.get('stop_reason')})"
+        raise DeploymentError(
+            f"run {rid} (Flower run {outcome.flower_run_id}) ended {ended}; see "
+            f"{outcome.log_path} and {cfg.superlink_dir / 'superlink.log'}"
+        )
+    out.print(f"run {rid} completed; summary {outcome.summary_path}")
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(certs_app, name="certs")
+    app.add_typer(link_app, name="link")
+    app.command("run")(run)

@@ -1,0 +1,182 @@
+"""``fedcrm deploy local``: the real fedcrm apps on a real Flower deployment on this machine.
+
+Where ``fedcrm simulate`` runs the firms inside Flower's simulation engine, this starts the
+same processes a multi-host federation runs (``docs/deployment.md``), all on 127.0.0.1:
+
+1. N firms from a public dataset, each with its own export, config, data keys and prepared
+   encrypted store (the same :func:`simulations.run.build_firms` as the simulations);
+2. a federation CA, a SuperLink certificate and one SuperNode key per firm, all generated
+   into the run's directory with mode 0600 (never into configs or the app bundle);
+3. :func:`server.deploy.deploy_local` with the real ServerApp / ClientApp: a TLS SuperLink with
+   SuperNode authentication, one ``flower-supernode`` per firm whose only node config is the
+   absolute path of its firm config, the run submitted with ``flwr run`` and followed to the end.
+
+The ServerApp writes ``<workdir>/<run-id>/summary.json``; this adds the deployment's facts
+(Flower run id, status, node ids, duration) and each firm's δ and ledger path. Every process is
+stopped before :func:`run_local_deployment` returns or raises, also on Ctrl-C.
+
+Config (``configs/deploy/local.toml``): ``[deploy]`` (:class:`DeploySection`) and ``[run]``
+(:class:`fedcrm.run_config.RunConfig`).
+"""
+
+from __future__ import annotations
+
+import tomllib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from clients.node import firm_node_config, start_supernode
+from fedcrm.config import load_firm_config
+from fedcrm.run_config import RunConfig, parse_run_config
+from fedcrm.runs import SUMMARY, load_summary, new_run_id, write_summary
+from privacy.errors import ConfigError
+from server.coordinator_host import default_run_timeout
+from server.deploy import AppSpec, DeployEvent, DeploymentResult, FirmNode, deploy_local
+from simulations.run import Dataset, SimulationConfig, SimulationSection, build_firms
+
+FEDERATION_DIR = "federation"
+
+
+class DeploySection(BaseModel):
+    """``[deploy]``: which firms to build and where the deployment's files go."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str = Field(default="deploy-local", pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,40}$")
+    dataset: Dataset = Dataset.TELCO
+    firms: int = Field(default=3, ge=1, le=20, description="one SuperNode process per firm")
+    split: str = Field(default="dirichlet", pattern="^(dirichlet|random)$")
+    dirichlet_alpha: float = Field(default=0.5, gt=0)
+    seed: int = Field(default=0, description="seed of the split into firms and of their PII")
+    epsilon_budget: float = Field(default=1.0, gt=0, description="each firm's total ε cap")
+    delta: float = Field(default=1e-5, gt=0, lt=1e-2)
+    gbk_firms: int = Field(default=1, ge=0, description="how many firms export GB18030 CSV")
+    workdir: Path = Path("runs/deploy")
+
+
+class LocalDeployConfig(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    deploy: DeploySection
+    run: RunConfig
+
+
+def load_local_deploy_config(path: Path) -> LocalDeployConfig:
+    """Parse ``[deploy]`` + ``[run]`` (``deploy.workdir`` is relative to the current folder)."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"deployment config {path} not found")
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path} is not valid TOML: {exc}") from None
+    extra = sorted(set(data) - {"deploy", "run"})
+    if extra:
+        raise ConfigError(f"{path}: unknown section(s) {extra}; expected [deploy], [run]")
+    run = parse_run_config(data.get("run", {}), where=str(path))
+    try:
+        section = DeploySection.model_validate(data.get("deploy", {}))
+    except ValidationError as err:
+        first = err.errors()[0]
+        loc = ".".join(str(x) for x in first["loc"])
+        raise ConfigError(f"{path}: deploy.{loc}: {first['msg']}") from None
+    return LocalDeployConfig(deploy=section, run=run)
+
+
+@dataclass(frozen=True)
+class LocalDeployment:
+    """A finished local deployment: the run's directory, its summary and the process facts."""
+
+    run_id: str
+    run_dir: Path
+    summary: dict[str, Any]
+    result: DeploymentResult
+
+    @property
+    def summary_path(self) -> Path:
+        return self.run_dir / SUMMARY
+
+    @property
+    def completed(self) -> bool:
+        return self.result.completed and self.summary.get("status") == "completed"
+
+
+def _simulation_config(cfg: LocalDeployConfig, firms: int) -> SimulationConfig:
+    d = cfg.deploy
+    return SimulationConfig(
+        simulation=SimulationSection(
+            name=d.name, dataset=d.dataset, firms=firms, split=d.split,
+            dirichlet_alpha=d.dirichlet_alpha, seed=d.seed, epsilon_budget=d.epsilon_budget,
+            delta=d.delta, gbk_firms=d.gbk_firms, workdir=d.workdir, baseline=False,
+        ),
+        run=cfg.run,
+    )
+
+
+def run_local_deployment(
+    cfg: LocalDeployConfig,
+    *,
+    firms: int | None = None,
+    run_id: str | None = None,
+    on_firm: Callable[[str, int], None] | None = None,
+    on_event: Callable[[DeployEvent], None] | None = None,
+    run_timeout_s: float | None = None,
+) -> LocalDeployment:
+    """Build the firms, deploy the real fedcrm apps on 127.0.0.1, run, stop everything.
+
+    ``firms`` overrides ``[deploy] firms``. The run directory is
+    ``<deploy.workdir>/<run_id>``: ``firms/<firm>/`` (export, config, data keys, store, ledger),
+    ``federation/`` (certs, node keys, SuperLink, SuperNodes, CLI home, app bundle and logs),
+    and the ServerApp's ``summary.json``, ``model.pt`` and ``events.jsonl``.
+    """
+    n = cfg.deploy.firms if firms is None else firms
+    if n < 1:
+        raise ConfigError(f"--firms must be at least 1 (got {n})")
+    if n < cfg.run.min_firms:
+        raise ConfigError(
+            f"{n} firm(s) cannot meet [run] min_firms = {cfg.run.min_firms}; deploy more firms "
+            "or lower min_firms"
+        )
+    rid = run_id or new_run_id(cfg.deploy.name)
+    run_dir = (cfg.deploy.workdir / rid).resolve()
+    if run_dir.exists():
+        raise ConfigError(f"{run_dir} already exists; choose another run id")
+    run_dir.mkdir(parents=True)
+
+    sim_firms = build_firms(_simulation_config(cfg, n), run_dir, on_firm=on_firm)
+    nodes = [FirmNode(f.name, firm_node_config(f.config)) for f in sim_firms]
+    result = deploy_local(
+        firms=nodes,
+        workdir=run_dir / FEDERATION_DIR,
+        rounds=cfg.run.rounds,
+        run_config=cfg.run.to_flower(run_id=rid, run_dir=run_dir),
+        start_node=start_supernode,
+        app=AppSpec(),
+        on_event=on_event,
+        run_timeout_s=default_run_timeout(cfg.run) if run_timeout_s is None else run_timeout_s,
+    )
+
+    summary: dict[str, Any] = load_summary(run_dir) if (run_dir / SUMMARY).exists() else {}
+    if summary:
+        by_name = {f.name: f for f in sim_firms}
+        for entry in summary.get("firms", []):
+            if entry["firm"] in by_name:
+                fcfg = load_firm_config(by_name[entry["firm"]].config)
+                entry["delta"] = fcfg.budget.delta
+                entry["ledger"] = str(fcfg.ledger_path)
+                entry["audit_log"] = str(fcfg.audit_path)
+        summary["deployment"] = {
+            "flower_run_id": result.run_id,
+            "flower_status": result.status.status_text,
+            "superlink": result.superlink_address,
+            "node_ids": dict(result.node_ids),
+            "logs": {name: str(path) for name, path in result.logs.items()},
+            "seconds": round(result.duration_s, 3),
+        }
+        summary["deploy"] = cfg.deploy.model_dump(mode="json") | {"firms": n}
+        write_summary(run_dir, summary)
+    return LocalDeployment(run_id=rid, run_dir=run_dir, summary=summary, result=result)
