@@ -82,7 +82,9 @@ def keys_init(
     out.print(f"created keys for firm [bold]{firm}[/] in {out_dir} (files 0600, directory 0700)")
     out.print(f"  pseudonym key id: {keys.pseudonym_key_id}")
     out.print(f"  data key id:      {keys.data_key_id}")
-    out.print(f"  signing key id:   {keys.signing_key_id()} (public key: {out_dir / 'signing.pub'})")
+    out.print(
+        f"  signing key id:   {keys.signing_key_id()} (public key: {out_dir / 'signing.pub'})"
+    )
     out.print("Keep this directory secret and backed up; only signing.pub may be shared.")
 
 
@@ -116,7 +118,9 @@ def scan(
         Path | None, typer.Option(help="write a starter partner config with a policy per column")
     ] = None,
     encoding: Annotated[str, typer.Option(help="CSV encoding, e.g. utf-8 or gb18030")] = "utf-8",
-    delimiter: Annotated[str | None, typer.Option(help="CSV delimiter (sniffed if omitted)")] = None,
+    delimiter: Annotated[
+        str | None, typer.Option(help="CSV delimiter (sniffed if omitted)")
+    ] = None,
     firm: Annotated[str, typer.Option(help="firm name for --write-config")] = "my-firm",
     table: Annotated[str, typer.Option(help="customers or transactions")] = "customers",
     sample_rows: Annotated[int, typer.Option(help="rows to sample")] = 5000,
@@ -152,8 +156,13 @@ def scan(
         if write_config.exists():
             raise ConfigError(f"{write_config} exists; refusing to overwrite it")
         text = render_starter_config(
-            source=file, sample=sample, findings=findings, firm=firm, table=table,
-            encoding=spec.encoding, delimiter=spec.delimiter,
+            source=file,
+            sample=sample,
+            findings=findings,
+            firm=firm,
+            table=table,
+            encoding=spec.encoding,
+            delimiter=spec.delimiter,
         )
         write_config.write_text(text, encoding="utf-8")
         (err if as_json else out).print(f"wrote starter config {write_config}: review it")
@@ -193,8 +202,13 @@ def prepare(
         t.add_column(col, justify="right" if col != "table" else "left")
     for r in result.tables:
         size = (result.store_dir / f"{r.table}.fcs").stat().st_size
-        t.add_row(r.table, f"{r.rows_read:,}", f"{r.rows_kept:,}",
-                  f"{r.rows_quarantined:,} ({r.quarantine_fraction:.2%})", f"{size / 1e6:.2f} MB")
+        t.add_row(
+            r.table,
+            f"{r.rows_read:,}",
+            f"{r.rows_kept:,}",
+            f"{r.rows_quarantined:,} ({r.quarantine_fraction:.2%})",
+            f"{size / 1e6:.2f} MB",
+        )
     feats = result.manifest["tables"]["features"]
     size = (result.store_dir / "features.fcs").stat().st_size
     t.add_row("features", "", f"{feats['rows']:,}", "", f"{size / 1e6:.2f} MB")
@@ -202,9 +216,9 @@ def prepare(
     if result.quarantine_path is not None:
         out.print(f"quarantined rows (masked): {result.quarantine_path}")
     ids = result.manifest["key_ids"]
-    out.print(f"manifest: {result.store_dir / 'manifest.json'}  (keys: {ids['pseudonym']}, {ids['data']})")
-
-
+    out.print(
+        f"manifest: {result.store_dir / 'manifest.json'}  (keys: {ids['pseudonym']}, {ids['data']})"
+    )
 
 
 # --------------------------------------------------------------------------- budget, train, score
@@ -229,7 +243,9 @@ def budget_status(
     try:
         firm = str(json.loads(sidecar.read_text()).get("firm", ""))
     except (OSError, json.JSONDecodeError):
-        raise ConfigError(f"{sidecar} (the ledger's budget file) is missing or unreadable") from None
+        raise ConfigError(
+            f"{sidecar} (the ledger's budget file) is missing or unreadable"
+        ) from None
     book = PrivacyLedger(ledger, firm=firm)
     status = book.status()
     data = status.to_json()
@@ -243,8 +259,10 @@ def budget_status(
         t.add_row(purpose, f"{eps:.4f}")
     t.add_row("[bold]total (composed)[/]", f"[bold]{status.spent:.4f}[/]")
     out.print(t)
-    out.print(f"cap ε={status.epsilon_cap:g}, δ={status.delta:g}; remaining ε={status.remaining:.4f}; "
-              f"{status.n_events} releases, last {status.last_timestamp or '-'}")
+    out.print(
+        f"cap ε={status.epsilon_cap:g}, δ={status.delta:g}; remaining ε={status.remaining:.4f}; "
+        f"{status.n_events} releases, last {status.last_timestamp or '-'}"
+    )
 
 
 @app.command()
@@ -252,7 +270,9 @@ def budget_status(
 def train(
     config: Annotated[Path, typer.Option(help="the firm's config (TOML)")],
     out_path: Annotated[Path, typer.Option("--out", help="where to save the model")],
-    epsilon: Annotated[float, typer.Option(help="ε to spend on this training (within the cap)")] = 1.0,
+    epsilon: Annotated[
+        float, typer.Option(help="ε to spend on this training (within the cap)")
+    ] = 1.0,
     task: Annotated[str, typer.Option(help="churn or trend")] = "churn",
     model: Annotated[str | None, typer.Option(help="logistic or mlp (churn)")] = None,
 ) -> None:
@@ -269,9 +289,11 @@ def train(
     cfg = load_firm_config(config)
     r = train_local(cfg, out=out_path, epsilon=epsilon, task=task_kind, model_kind=model)
     metrics = ", ".join(f"{k}={v:.4f}" for k, v in r.metrics.items())
-    out.print(f"trained {task} model -> {r.model_path} in {r.seconds:.1f}s; this release ε="
-              f"{r.epsilon_spent:.4f} (noise multiplier {r.noise_multiplier:.3f}); firm total "
-              f"ε={r.epsilon_total:.4f} of {r.epsilon_cap:g}; held-out {metrics}")
+    out.print(
+        f"trained {task} model -> {r.model_path} in {r.seconds:.1f}s; this release ε="
+        f"{r.epsilon_spent:.4f} (noise multiplier {r.noise_multiplier:.3f}); firm total "
+        f"ε={r.epsilon_total:.4f} of {r.epsilon_cap:g}; held-out {metrics}"
+    )
 
 
 @app.command()
@@ -289,14 +311,17 @@ def score(
     risks = score_customers(cfg, model_path=model)
     risks.to_csv(out_path, index=False)
     counts = risks["risk_band"].value_counts().to_dict()
-    out.print(f"scored {len(risks):,} customers -> {out_path} (high {counts.get('high', 0):,}, "
-              f"medium {counts.get('medium', 0):,}, low {counts.get('low', 0):,})")
+    out.print(
+        f"scored {len(risks):,} customers -> {out_path} (high {counts.get('high', 0):,}, "
+        f"medium {counts.get('medium', 0):,}, low {counts.get('low', 0):,})"
+    )
 
 
 # --------------------------------------------------------------------------- audit
 
-audit_app = typer.Typer(help="Auditor's tools: verify, report, export (read-only).",
-                        no_args_is_help=True)
+audit_app = typer.Typer(
+    help="Auditor's tools: verify, report, export (read-only).", no_args_is_help=True
+)
 app.add_typer(audit_app, name="audit")
 
 
@@ -321,11 +346,15 @@ def audit_verify(
     if as_json:
         sys.stdout.write(json.dumps(report.to_dict(), indent=2, default=str) + "\n")
     elif report.ok:
-        out.print(f"[bold green]PASS[/] {run_dir}: every chain, signature and firm head verified; "
-                  "recomputed ε within every budget; every update covered by a DP release")
+        out.print(
+            f"[bold green]PASS[/] {run_dir}: every chain, signature and firm head verified; "
+            "recomputed ε within every budget; every update covered by a DP release"
+        )
         for firm, summary in sorted(report.to_dict().get("firms", {}).items()):
-            out.print(f"  {firm}: ε spent {summary.get('epsilon_spent', 0):.4f} of "
-                      f"{summary.get('epsilon_cap')}")
+            out.print(
+                f"  {firm}: ε spent {summary.get('epsilon_spent', 0):.4f} of "
+                f"{summary.get('epsilon_cap')}"
+            )
     else:
         for failure in report.failures:
             err.print(f"[red]FAIL[/] {failure}", highlight=False)
@@ -337,7 +366,9 @@ def audit_verify(
 @user_errors
 def audit_report(
     run_dir: Annotated[Path, typer.Argument(help="run directory or unpacked audit bundle")],
-    out_path: Annotated[Path, typer.Option("--out", help="HTML file to write")] = Path("report.html"),
+    out_path: Annotated[Path, typer.Option("--out", help="HTML file to write")] = Path(
+        "report.html"
+    ),
 ) -> None:
     """One self-contained HTML report (verdict first, figures embedded) for offline reading."""
     from privacy.audit_report import render_report

@@ -98,7 +98,7 @@ class ColumnSpec(BaseModel):
                     "a PII column needs a masking policy: pseudonymize, partial, generalize or drop"
                 )
             if self.pii is None:
-                raise ValueError("a PII column needs its kind, e.g. pii = \"phone\"")
+                raise ValueError('a PII column needs its kind, e.g. pii = "phone"')
         elif self.policy is not None:
             raise ValueError(f"'policy' only applies to role = \"pii\", not {self.role.value!r}")
         if self.role is ColumnRole.FEATURE:
@@ -181,7 +181,7 @@ class TableSpec(BaseModel):
     def _one_id(self) -> TableSpec:
         ids = [c for c, s in self.columns.items() if s.role is ColumnRole.ID]
         if len(ids) != 1:
-            raise ValueError(f"exactly one column must have role = \"id\" (found {len(ids)})")
+            raise ValueError(f'exactly one column must have role = "id" (found {len(ids)})')
         return self
 
 
@@ -223,9 +223,10 @@ class TrainingSection(BaseModel):
 
     model: ModelKind = ModelKind.LOGISTIC
     epochs: float = Field(default=5, gt=0)
-    batch_size: int = Field(default=512, ge=1)
-    learning_rate: float = Field(default=0.5, gt=0)
+    batch_size: int = Field(default=256, ge=1)
+    learning_rate: float = Field(default=0.05, gt=0)
     max_grad_norm: float = Field(default=1.0, gt=0)
+    optimizer: str = Field(default="adam", pattern="^(sgd|adam)$")
     seed: int = 0
 
 
@@ -245,7 +246,9 @@ class FirmConfig(BaseModel):
     @classmethod
     def _some_table(cls, v: dict[TableName, TableSpec]) -> dict[TableName, TableSpec]:
         if not v:
-            raise ValueError("declare at least one table: [tables.customers] or [tables.transactions]")
+            raise ValueError(
+                "declare at least one table: [tables.customers] or [tables.transactions]"
+            )
         return v
 
     @property
@@ -293,7 +296,9 @@ def parse_firm_config(data: dict[str, Any], *, path: Path) -> FirmConfig:
     budget = cfg.budget.model_copy(update={"ledger": _resolve(base, cfg.budget.ledger)})
     tables = {
         name: spec.model_copy(
-            update={"source": spec.source.model_copy(update={"path": _resolve(base, spec.source.path)})}
+            update={
+                "source": spec.source.model_copy(update={"path": _resolve(base, spec.source.path)})
+            }
         )
         for name, spec in cfg.tables.items()
     }
@@ -314,4 +319,3 @@ def load_firm_config(path: Path) -> FirmConfig:
         raise ConfigError(f"{path} is not valid TOML: {exc}") from None
     cfg = parse_firm_config(data, path=path)
     return cfg.model_copy(update={"config_sha256": hashlib.sha256(raw).hexdigest()})
-

@@ -58,14 +58,18 @@ class RunDisplay:
                 self._row(firm)["state"] = "dropped"
         elif kind == "update_rejected":
             self.rejected += 1
-            self.notes.append(f"round {ev['round']}: rejected update from {ev['firm']}: {ev['reason']}")
+            self.notes.append(
+                f"round {ev['round']}: rejected update from {ev['firm']}: {ev['reason']}"
+            )
         elif kind == "firm_stopped":
             firm = str(ev.get("firm", ev.get("node_id")))
             self._row(firm)["state"] = "stopped"
             self.notes.append(f"{firm} stops participating: {ev.get('detail', ev.get('state'))}")
         elif kind == "firm_dropped":
-            self.notes.append(f"round {ev.get('round')}: {ev.get('firm', ev.get('node_id'))} "
-                              f"dropped: {ev.get('reason')}")
+            self.notes.append(
+                f"round {ev.get('round')}: {ev.get('firm', ev.get('node_id'))} "
+                f"dropped: {ev.get('reason')}"
+            )
         elif kind == "round_evaluated":
             self.metrics = ev.get("pooled", {})
             for firm, m in ev.get("per_firm", {}).items():
@@ -86,7 +90,8 @@ class RunDisplay:
         )
         metric_text = "  ".join(
             f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
-            for k, v in self.metrics.items() if not isinstance(v, (list, dict))
+            for k, v in self.metrics.items()
+            if not isinstance(v, (list, dict))
         )
         table = Table(expand=False)
         for col in ("firm", "state", "ε spent / budget", "AUC (own test)"):
@@ -97,7 +102,9 @@ class RunDisplay:
             a = row["auc"]
             table.add_row(firm, row["state"], bar, "-" if a is None else f"{a:.4f}")
         notes = Text("\n".join(self.notes[-5:]), style="yellow")
-        return Group(head, Text(metric_text or "metrics: (after the first evaluation)"), table, notes)
+        return Group(
+            head, Text(metric_text or "metrics: (after the first evaluation)"), table, notes
+        )
 
     def _run(self) -> None:
         for ev in follow(self.events, poll=0.25, stop=self._done.is_set):
@@ -106,7 +113,9 @@ class RunDisplay:
                 self._live.update(self.render())
 
     def __enter__(self) -> RunDisplay:
-        self._live = Live(self.render(), console=self.console, refresh_per_second=4, transient=False)
+        self._live = Live(
+            self.render(), console=self.console, refresh_per_second=4, transient=False
+        )
         self._live.__enter__()
         self._thread.start()
         return self
@@ -121,20 +130,30 @@ class RunDisplay:
 
 def print_run_summary(console: Console, summary: dict[str, Any], run_dir: Path) -> None:
     """A finished run's ``summary.json`` as a table: ε per firm, pooled metrics, baseline."""
-    t = Table(title=f"run {summary['run_id']} ({summary['task']}, {summary['strategy']}, "
-                    f"{summary.get('rounds_completed', '?')}/{summary['rounds']} rounds, "
-                    f"{summary.get('status')})")
+    t = Table(
+        title=f"run {summary['run_id']} ({summary['task']}, {summary['strategy']}, "
+        f"{summary.get('rounds_completed', '?')}/{summary['rounds']} rounds, "
+        f"{summary.get('status')})"
+    )
     for col in ("firm", "ε spent", "ε budget", "δ", "customers (train)", "stopped"):
         t.add_column(col)
     for f in summary["firms"]:
-        t.add_row(f["firm"], f"{f['epsilon']:.4f}", f"{f['epsilon_budget']:.4f}",
-                  f"{f['delta']:g}" if f.get("delta") else "-", str(f["num_examples"]),
-                  f.get("stopped") or "")
+        t.add_row(
+            f["firm"],
+            f"{f['epsilon']:.4f}",
+            f"{f['epsilon_budget']:.4f}",
+            f"{f['delta']:g}" if f.get("delta") else "-",
+            str(f["num_examples"]),
+            f.get("stopped") or "",
+        )
     console.print(t)
 
     def plain(values: dict[str, Any]) -> str:
-        return ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
-                         for k, v in values.items() if not isinstance(v, (list, dict)))
+        return ", ".join(
+            f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
+            for k, v in values.items()
+            if not isinstance(v, (list, dict))
+        )
 
     pooled = summary.get("metrics", {}).get("pooled", {})
     if pooled:

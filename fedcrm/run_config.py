@@ -39,7 +39,9 @@ class RunConfig(BaseModel):
     min_firms: int = Field(default=2, ge=1)
     round_timeout: float = Field(default=120.0, gt=0)
     wait_for_firms: float = Field(default=60.0, ge=0, description="seconds to wait for min_firms")
-    target_epsilon: float = Field(default=1.0, gt=0, description="ε each firm may spend on this run")
+    target_epsilon: float = Field(
+        default=1.0, gt=0, description="ε each firm may spend on this run"
+    )
     local_epochs: float = Field(default=1.0, gt=0)
     batch_size: int = Field(default=256, ge=1)
     learning_rate: float = Field(default=0.5, gt=0)
@@ -49,7 +51,9 @@ class RunConfig(BaseModel):
     server_learning_rate: float = Field(default=0.1, gt=0, description="FedAdam only")
     trim_fraction: float = Field(default=0.2, ge=0, lt=0.5, description="trimmed_mean only")
     krum_malicious: int = Field(default=1, ge=0, description="krum only")
-    max_update_norm: float = Field(default=100.0, gt=0, description="reject updates farther than this from the global model")
+    max_update_norm: float = Field(
+        default=100.0, gt=0, description="reject updates farther than this from the global model"
+    )
     evaluate: bool = True
     seed: int = 0
 
@@ -110,7 +114,9 @@ def parse_run_config(data: dict[str, Any], *, where: str) -> RunConfig:
     except ValidationError as err:
         first = err.errors()[0]
         loc = ".".join(str(x) for x in first["loc"])
-        raise ConfigError(f"{where}: run.{loc}: {first['msg'].removeprefix('Value error, ')}") from None
+        raise ConfigError(
+            f"{where}: run.{loc}: {first['msg'].removeprefix('Value error, ')}"
+        ) from None
 
 
 def canonical_hash(data: Any) -> str:

@@ -39,19 +39,28 @@ def _plain(value: Any) -> Any:
     return str(value)
 
 
-def save_global_model(run_dir: Path, cfg: RunConfig, arrays: list[np.ndarray],
-                      provenance: dict[str, Any]) -> Path:
-    """Save the global model with its provenance (config hash, version, firms, rounds, ε, metrics)."""
+def save_global_model(
+    run_dir: Path, cfg: RunConfig, arrays: list[np.ndarray], provenance: dict[str, Any]
+) -> Path:
+    """Save the global model with provenance (config hash, version, firms, rounds, ε, metrics)."""
     from fedcrm.federation import Task
 
     path = run_dir / MODEL
     if cfg.task is Task.CHURN:
         from fedcrm.models import arrays_to_model, build_churn_model, save_model
 
-        model = arrays_to_model(build_churn_model(cfg.model.value, int(provenance["input_dim"])),
-                                arrays)
-        save_model(path, model, {**provenance, "kind": cfg.model.value,
-                                 "layout_fingerprint": provenance["layout_fingerprint"]})
+        model = arrays_to_model(
+            build_churn_model(cfg.model.value, int(provenance["input_dim"])), arrays
+        )
+        save_model(
+            path,
+            model,
+            {
+                **provenance,
+                "kind": cfg.model.value,
+                "layout_fingerprint": provenance["layout_fingerprint"],
+            },
+        )
     else:
         from fedcrm.trend_task import save_trend_model
 
@@ -84,7 +93,9 @@ def find_run(root: Path, run_id: str) -> Path:
     direct = root / run_id
     if (direct / SUMMARY).exists():
         return direct
-    matches = [d for d in root.glob(f"{run_id}*") if (d / SUMMARY).exists()] if root.exists() else []
+    matches = (
+        [d for d in root.glob(f"{run_id}*") if (d / SUMMARY).exists()] if root.exists() else []
+    )
     if len(matches) == 1:
         return matches[0]
     if not matches:

@@ -7,7 +7,9 @@ list: pseudonymous id, churn probability, risk band and RFM segment, highest ris
 
 from __future__ import annotations
 
+import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,7 +71,7 @@ def train_local(
         x, y = data.x_train, data.y_train
         kind = model_kind or t.model.value
         model = build_churn_model(kind, data.layout.dim, seed=t.seed)
-        loss = churn_per_sample_loss
+        loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = churn_per_sample_loss
     else:
         from fedcrm import trend_task
 
@@ -80,31 +82,50 @@ def train_local(
         loss = trend_task.per_sample_loss
     if target_total <= spent:
         raise PlanDoesNotFit(
-            f"firm '{cfg.firm.name}' has spent ε={spent:.4f} of its cap ε={cfg.budget.epsilon:.4f}; "
+            f"firm '{cfg.firm.name}' has spent ε={spent:.4f} of its cap "
+            f"ε={cfg.budget.epsilon:.4f}; "
             "no budget is left for training (raise budget.epsilon - a governance decision)"
         )
     plan = plan_for_budget(
-        n_examples=len(y), target_epsilon=target_total, delta=cfg.budget.delta,
-        epochs=t.epochs, batch_size=t.batch_size, max_grad_norm=t.max_grad_norm,
-        learning_rate=t.learning_rate, rounds=1, prior_events=ledger.events,
+        n_examples=len(y),
+        target_epsilon=target_total,
+        delta=cfg.budget.delta,
+        epochs=t.epochs,
+        batch_size=t.batch_size,
+        max_grad_norm=t.max_grad_norm,
+        learning_rate=t.learning_rate,
+        rounds=1,
+        prior_events=ledger.events,
     )
     event = plan.round_event(purpose=f"train:{task.value}:local", context={"task": task.value})
     ledger.check(event)
-    generator = torch.Generator().manual_seed(int(np.random.SeedSequence().entropy) & ((1 << 63) - 1))
-    train_dp(model, torch.as_tensor(x), torch.as_tensor(y), per_sample_loss=loss, plan=plan,
-             generator=generator, optimizer="sgd")
+    generator = torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "big") >> 1)
+    train_dp(
+        model,
+        torch.as_tensor(x),
+        torch.as_tensor(y),
+        per_sample_loss=loss,
+        plan=plan,
+        generator=generator,
+        optimizer=t.optimizer,
+    )
     ledger.commit(event)
     node.log_release(event)
     metrics: dict[str, float] = {}
     if task is Task.CHURN:
         metrics["auc"] = auc(predict_proba(model, data.x_test), data.y_test)
         provenance = {
-            "kind": kind, "input_dim": data.layout.dim,
+            "kind": kind,
+            "input_dim": data.layout.dim,
             "layout_fingerprint": data.layout.fingerprint(),
-            "firm": cfg.firm.name, "fedcrm_version": fedcrm.__version__,
-            "config_sha256": cfg.config_sha256, "epsilon": ledger.spent(),
-            "epsilon_release": float(event.epsilon), "delta": cfg.budget.delta,
-            "noise_multiplier": plan.noise_multiplier, "metrics": metrics,
+            "firm": cfg.firm.name,
+            "fedcrm_version": fedcrm.__version__,
+            "config_sha256": cfg.config_sha256,
+            "epsilon": ledger.spent(),
+            "epsilon_release": float(event.epsilon),
+            "delta": cfg.budget.delta,
+            "noise_multiplier": plan.noise_multiplier,
+            "metrics": metrics,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
         save_model(out, model, provenance)
@@ -113,12 +134,27 @@ def train_local(
         from fedcrm.models import model_to_arrays
 
         metrics = trend_task.evaluate(tdata, model_to_arrays(model)).metrics
-        trend_task.save_trend_model(out, model_to_arrays(model), {
-            "firm": cfg.firm.name, "epsilon": ledger.spent(), "metrics": metrics,
-            "input_dim": int(x.shape[1]), "layout_fingerprint": tdata.fingerprint,
-        })
-    return LocalTrainResult(out, task, float(event.epsilon), ledger.spent(), cfg.budget.epsilon,
-                            plan.noise_multiplier, metrics, time.perf_counter() - started)
+        trend_task.save_trend_model(
+            out,
+            model_to_arrays(model),
+            {
+                "firm": cfg.firm.name,
+                "epsilon": ledger.spent(),
+                "metrics": metrics,
+                "input_dim": int(x.shape[1]),
+                "layout_fingerprint": tdata.fingerprint,
+            },
+        )
+    return LocalTrainResult(
+        out,
+        task,
+        float(event.epsilon),
+        ledger.spent(),
+        cfg.budget.epsilon,
+        plan.noise_multiplier,
+        metrics,
+        time.perf_counter() - started,
+    )
 
 
 def risk_band(p: np.ndarray) -> np.ndarray:
@@ -128,7 +164,9 @@ def risk_band(p: np.ndarray) -> np.ndarray:
     return bands
 
 
-def score_customers(cfg: FirmConfig, *, model_path: Path, keys: FirmKeys | None = None) -> pd.DataFrame:
+def score_customers(
+    cfg: FirmConfig, *, model_path: Path, keys: FirmKeys | None = None
+) -> pd.DataFrame:
     """The churn early-warning list for the firm's own customers, sorted by risk."""
     keys = keys or load_keys(cfg.firm.keys_dir)
     model, provenance = load_model(model_path)
@@ -144,14 +182,21 @@ def score_customers(cfg: FirmConfig, *, model_path: Path, keys: FirmKeys | None 
     if customers is None:
         raise ConfigError(f"firm '{cfg.firm.name}' has no customers table to score")
     p = predict_proba(model, layout.encode(customers))
-    out = pd.DataFrame({
-        "customer_id": customers["customer_id"].to_numpy(),
-        "churn_probability": np.round(p, 6),
-        "risk_band": risk_band(p),
-    })
+    out = pd.DataFrame(
+        {
+            "customer_id": customers["customer_id"].to_numpy(),
+            "churn_probability": np.round(p, 6),
+            "risk_band": risk_band(p),
+        }
+    )
     feats = store.features
     if "segment" in feats.columns:
-        seg = feats.set_index("customer_id")["segment"] if "customer_id" in feats.columns \
+        seg = (
+            feats.set_index("customer_id")["segment"]
+            if "customer_id" in feats.columns
             else feats["segment"]
+        )
         out["segment"] = out["customer_id"].map(seg.astype(str)).fillna("unknown")
-    return out.sort_values("churn_probability", ascending=False, kind="stable").reset_index(drop=True)
+    return out.sort_values("churn_probability", ascending=False, kind="stable").reset_index(
+        drop=True
+    )

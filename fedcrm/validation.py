@@ -30,12 +30,33 @@ OTHER = "__other__"
 
 @dataclass
 class IdRegistry:
-    """Ids seen so far (as 64-bit hashes of the raw id), for duplicate and orphan checks."""
+    """Ids seen so far (as 64-bit hashes of the raw id), for duplicate and orphan checks.
 
-    first_row: dict[int, int] = field(default_factory=dict)
+    A sorted ``uint64`` array: 8 bytes per customer (a 10-million-row source needs 80 MB, where
+    a dict of Python ints needed over 1 GB) and vectorised lookups instead of a Python loop.
+    """
+
+    hashes: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.uint64))
 
     def __contains__(self, h: int) -> bool:
-        return h in self.first_row
+        return bool(self.contains(np.array([h], dtype=np.uint64))[0])
+
+    def __len__(self) -> int:
+        return len(self.hashes)
+
+    def contains(self, hashes: np.ndarray) -> np.ndarray:
+        """Boolean mask: which of ``hashes`` were added before."""
+        known = self.hashes
+        if len(known) == 0:
+            return np.zeros(len(hashes), dtype=bool)
+        pos = np.searchsorted(known, hashes)
+        pos[pos == len(known)] = 0
+        return np.asarray(known[pos] == hashes, dtype=bool)
+
+    def add(self, hashes: np.ndarray) -> None:
+        """Add hashes that are not yet present (callers pass only new, distinct ones)."""
+        new = np.sort(np.asarray(hashes, dtype=np.uint64))
+        self.hashes = np.insert(self.hashes, np.searchsorted(self.hashes, new), new)
 
 
 @dataclass(frozen=True)
@@ -181,16 +202,17 @@ def validate_chunk(
         if cspec.role is ColumnRole.ID:
             blank = _blank(s)
             problems.append((blank, "missing customer id"))
-            hashes = pd.util.hash_array(raw_ids.fillna("").to_numpy(dtype=object))
+            # categorize=False: same hashes, without first factorizing (mostly unique) ids.
+            hashes = pd.util.hash_array(raw_ids.fillna("").to_numpy(dtype=object),
+                                        categorize=False)
             if table is TableName.CUSTOMERS:
                 dup_within = pd.Series(hashes).duplicated().to_numpy()
-                seen_before = np.fromiter((int(h) in ids for h in hashes), bool, count=n)
+                seen_before = ids.contains(hashes)
                 dup = (dup_within | seen_before) & ~blank.to_numpy()
                 problems.append((pd.Series(dup), "duplicate customer id"))
-                for i in np.flatnonzero(~dup & ~blank.to_numpy()):
-                    ids.first_row[int(hashes[i])] = int(rows[i])
+                ids.add(hashes[~dup & ~blank.to_numpy()])
             elif known_customers is not None:
-                orphan = np.fromiter((int(h) not in known_customers for h in hashes), bool, count=n)
+                orphan = ~known_customers.contains(hashes)
                 problems.append(
                     (pd.Series(orphan & ~blank.to_numpy()), "customer id not in the customers table")
                 )
@@ -212,6 +234,10 @@ def validate_chunk(
         elif cspec.role is ColumnRole.PII:
             if pd.api.types.is_datetime64_any_dtype(s):
                 out[canonical] = s
+            elif isinstance(s.dtype, pd.StringDtype):
+                # Stay in Arrow: masking reads the same texts and missing values from it
+                # without a round trip through a million Python objects.
+                out[canonical] = s.where(~_blank(s))
             else:
                 out[canonical] = s.astype(object).where(~_blank(s), None)
         for mask, reason in problems:

@@ -2,7 +2,7 @@
 
 File layout (``<table>.fcs``)::
 
-    MAGIC | u32 header_len | header JSON | { u32 chunk_len | nonce(12) | ciphertext+tag }* | final chunk
+    MAGIC | u32 header_len | header JSON | { u32 len | nonce(12) | ciphertext+tag }* | final chunk
 
 * The per-file key is ``HKDF(data_key, salt=header.salt, info="fedcrm/store/v1/<firm>/<table>")``.
 * Each chunk's associated data is ``header || "|<index>|<final>"``: the header (firm, table, key id,
@@ -174,7 +174,8 @@ def iter_encrypted_table(path: Path, *, keys: FirmKeys, table: str) -> Iterator[
         if header.get("key_id") != keys.data_key_id:
             raise DecryptionError(
                 f"{path} was encrypted with data key {header.get('key_id')} but the loaded key is "
-                f"{keys.data_key_id}: load the matching key version (or FEDCRM_DATA_KEY) for this store"
+                f"{keys.data_key_id}: load the matching key version (or FEDCRM_DATA_KEY) for this "
+                "store"
             )
         salt = bytes.fromhex(str(header["salt"]))
         aead = AESGCM(_file_key(keys.data_key, firm=keys.firm, table=table, salt=salt))

@@ -53,7 +53,9 @@ def public_key_id(public_key: Ed25519PublicKey) -> str:
     return "ed25519:" + hashlib.sha256(raw).hexdigest()[:16]
 
 
-def hkdf(master: bytes, *, info: bytes, length: int = KEY_BYTES, salt: bytes | None = None) -> bytes:
+def hkdf(
+    master: bytes, *, info: bytes, length: int = KEY_BYTES, salt: bytes | None = None
+) -> bytes:
     """HKDF-SHA256 with a domain-separating ``info`` (``b"fedcrm/<use>/v1..."``)."""
     return HKDF(algorithm=SHA256(), length=length, salt=salt, info=info).derive(master)
 
@@ -101,7 +103,9 @@ def _write_secret(path: Path, data: bytes, *, force: bool) -> None:
 
 def _read_secret(path: Path) -> bytes:
     if not path.exists():
-        raise KeyFileError(f"key file {path} not found; create the firm's keys with `fedcrm keys init`")
+        raise KeyFileError(
+            f"key file {path} not found; create the firm's keys with `fedcrm keys init`"
+        )
     mode = path.stat().st_mode & 0o777
     if mode & 0o077:
         raise KeyFileError(
@@ -114,7 +118,9 @@ def _hex_key(text: str, where: str) -> bytes:
     try:
         key = bytes.fromhex(text.strip())
     except ValueError:
-        raise KeyFileError(f"{where} is not hex-encoded; expected {2 * KEY_BYTES} hex characters") from None
+        raise KeyFileError(
+            f"{where} is not hex-encoded; expected {2 * KEY_BYTES} hex characters"
+        ) from None
     if len(key) != KEY_BYTES:
         raise KeyFileError(f"{where} has {len(key)} bytes; expected {KEY_BYTES}")
     return key
@@ -241,7 +247,9 @@ def rotate_key(keys_dir: Path, kind: KeyKind) -> str:
     field_name = f"{kind.value}_version"
     version = int(str(meta.get(field_name, 1))) + 1
     key = secrets.token_bytes(KEY_BYTES)
-    _write_secret(keys_dir / f"{kind.value}-v{version}.key", key.hex().encode() + b"\n", force=False)
+    _write_secret(
+        keys_dir / f"{kind.value}-v{version}.key", key.hex().encode() + b"\n", force=False
+    )
     new_id = key_id(kind, version, key)
     meta[field_name] = version
     ids = meta.setdefault("key_ids", {})
@@ -253,7 +261,11 @@ def rotate_key(keys_dir: Path, kind: KeyKind) -> str:
     rotations = meta["rotations"]
     if isinstance(rotations, list):
         rotations.append(
-            {"kind": kind.value, "key_id": new_id, "time": datetime.now(UTC).isoformat(timespec="seconds")}
+            {
+                "kind": kind.value,
+                "key_id": new_id,
+                "time": datetime.now(UTC).isoformat(timespec="seconds"),
+            }
         )
     _write_meta(keys_dir, meta)
     return new_id
@@ -276,13 +288,17 @@ def write_signing_key(path: Path, *, force: bool = False) -> Ed25519PrivateKey:
     path.parent.mkdir(parents=True, exist_ok=True)
     _write_secret(
         path,
-        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                          serialization.NoEncryption()),
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        ),
         force=force,
     )
     path.with_suffix(".pub").write_bytes(
-        key.public_key().public_bytes(serialization.Encoding.PEM,
-                                      serialization.PublicFormat.SubjectPublicKeyInfo)
+        key.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
     )
     return key
 

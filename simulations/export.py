@@ -3,7 +3,7 @@
 ``fedcrm datasets export --out DIR`` writes::
 
     DIR/telco_customers.csv    IBM Telco customers + synthetic contact PII (UTF-8)
-    DIR/telco.toml             the Telco firm's config (keys in DIR/keys/telco, store in DIR/stores/telco)
+    DIR/telco.toml             the Telco firm's config (keys: DIR/keys/telco, store: DIR/stores/telco)
     DIR/cdnow_transactions.csv CDNOW purchases in the original column names
     DIR/cdnow.toml             the CDNOW firm's config
 """
@@ -31,26 +31,37 @@ class ExportedFirm:
     rows: int
 
 
-def export_datasets(out: Path, *, seed: int = 7, epsilon: float = 3.0,
-                    delta: float = 1e-5) -> list[ExportedFirm]:
+def export_datasets(
+    out: Path, *, seed: int = 7, epsilon: float = 3.0, delta: float = 1e-5
+) -> list[ExportedFirm]:
     out.mkdir(parents=True, exist_ok=True)
     telco = telco_export(load_telco(), seed=seed)
     telco_csv = out / "telco_customers.csv"
     telco.to_csv(telco_csv, index=False)
     telco_cfg = write_toml(
         out / "telco.toml",
-        telco_firm_config(firm="telco", csv_path=Path("telco_customers.csv"),
-                          keys_dir=Path("keys/telco"), store_dir=Path("stores/telco"),
-                          epsilon=epsilon, delta=delta),
+        telco_firm_config(
+            firm="telco",
+            csv_path=Path("telco_customers.csv"),
+            keys_dir=Path("keys/telco"),
+            store_dir=Path("stores/telco"),
+            epsilon=epsilon,
+            delta=delta,
+        ),
     )
     cdnow = cdnow_export(load_cdnow())
     cdnow_csv = out / "cdnow_transactions.csv"
     cdnow.to_csv(cdnow_csv, index=False)
     cdnow_cfg = write_toml(
         out / "cdnow.toml",
-        cdnow_firm_config(firm="cdnow", csv_path=Path("cdnow_transactions.csv"),
-                          keys_dir=Path("keys/cdnow"), store_dir=Path("stores/cdnow"),
-                          epsilon=epsilon, delta=delta),
+        cdnow_firm_config(
+            firm="cdnow",
+            csv_path=Path("cdnow_transactions.csv"),
+            keys_dir=Path("keys/cdnow"),
+            store_dir=Path("stores/cdnow"),
+            epsilon=epsilon,
+            delta=delta,
+        ),
     )
     return [
         ExportedFirm("telco", telco_csv, telco_cfg, len(telco)),

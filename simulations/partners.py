@@ -22,33 +22,51 @@ from simulations.datasets import (
     TELCO_NUMERIC,
 )
 
-_LATIN_FIRST = ("James", "Mary", "Robert", "Linda", "David", "Sarah", "Carlos", "Aisha", "Wei", "Olga")
+_LATIN_FIRST = (
+    "James",
+    "Mary",
+    "Robert",
+    "Linda",
+    "David",
+    "Sarah",
+    "Carlos",
+    "Aisha",
+    "Wei",
+    "Olga",
+)
 _LATIN_LAST = ("Smith", "Johnson", "Garcia", "Brown", "Miller", "Davis", "Lopez", "Wilson", "Khan")
 _CN_SURNAME = ("王", "李", "张", "刘", "陈", "杨", "黄", "赵", "吴", "周")
 _CN_GIVEN = ("伟", "芳", "娜", "秀英", "敏", "静", "丽", "强", "磊", "军", "洋", "艳")
 
 
-def synthetic_contacts(n: int, *, rng: np.random.Generator, chinese_share: float = 0.3) -> pd.DataFrame:
+def synthetic_contacts(
+    n: int, *, rng: np.random.Generator, chinese_share: float = 0.3
+) -> pd.DataFrame:
     """Seeded fake contact details for ``n`` customers (no real person)."""
     chinese = rng.random(n) < chinese_share
     latin = [
         f"{_LATIN_FIRST[a]} {_LATIN_LAST[b]}"
-        for a, b in zip(rng.integers(0, len(_LATIN_FIRST), n), rng.integers(0, len(_LATIN_LAST), n),
-                        strict=True)
+        for a, b in zip(
+            rng.integers(0, len(_LATIN_FIRST), n), rng.integers(0, len(_LATIN_LAST), n), strict=True
+        )
     ]
     han = [
         _CN_SURNAME[a] + _CN_GIVEN[b]
-        for a, b in zip(rng.integers(0, len(_CN_SURNAME), n), rng.integers(0, len(_CN_GIVEN), n),
-                        strict=True)
+        for a, b in zip(
+            rng.integers(0, len(_CN_SURNAME), n), rng.integers(0, len(_CN_GIVEN), n), strict=True
+        )
     ]
     names = np.where(chinese, han, latin)
     local = [f"user{k:07d}" for k in rng.integers(0, 10_000_000, n)]
-    emails = [f"{u}@example.{d}" for u, d in zip(local, rng.choice(["com", "cn", "org"], n), strict=True)]
+    emails = [
+        f"{u}@example.{d}" for u, d in zip(local, rng.choice(["com", "cn", "org"], n), strict=True)
+    ]
     prefixes = rng.choice(["138", "139", "150", "186", "177"], n)
     phones = [
         f"{p}-{a:04d}-{b:04d}"
-        for p, a, b in zip(prefixes, rng.integers(0, 10_000, n), rng.integers(0, 10_000, n),
-                           strict=True)
+        for p, a, b in zip(
+            prefixes, rng.integers(0, 10_000, n), rng.integers(0, 10_000, n), strict=True
+        )
     ]
     birth = pd.Timestamp("1940-01-01") + pd.to_timedelta(rng.integers(0, 365 * 60, n), unit="D")
     postcodes = [f"{k:06d}" for k in rng.integers(100_000, 999_999, n)]
@@ -68,13 +86,22 @@ def telco_export(telco: pd.DataFrame, *, seed: int) -> pd.DataFrame:
     rng = np.random.default_rng(seed)
     contacts = synthetic_contacts(len(telco), rng=rng)
     export = telco.reset_index(drop=True).copy()
-    export["total_charges"] = export["total_charges"].map(lambda v: "" if pd.isna(v) else f"{v:.2f}")
+    export["total_charges"] = export["total_charges"].map(
+        lambda v: "" if pd.isna(v) else f"{v:.2f}"
+    )
     return pd.concat([export.iloc[:, :1], contacts, export.iloc[:, 1:]], axis=1)
 
 
 def telco_firm_config(
-    *, firm: str, csv_path: Path, keys_dir: Path, store_dir: Path, epsilon: float, delta: float,
-    encoding: str = "utf-8", training: dict[str, Any] | None = None,
+    *,
+    firm: str,
+    csv_path: Path,
+    keys_dir: Path,
+    store_dir: Path,
+    epsilon: float,
+    delta: float,
+    encoding: str = "utf-8",
+    training: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     columns: dict[str, Any] = {
         "customer_id": {"role": "id"},
@@ -93,8 +120,12 @@ def telco_firm_config(
     for name, cats in TELCO_CATEGORICAL.items():
         columns[name] = {"role": "feature", "kind": "categorical", "categories": list(cats)}
     cfg: dict[str, Any] = {
-        "firm": {"name": firm, "keys_dir": str(keys_dir), "store_dir": str(store_dir),
-                 "audit_log": "audit.jsonl"},
+        "firm": {
+            "name": firm,
+            "keys_dir": str(keys_dir),
+            "store_dir": str(store_dir),
+            "audit_log": "audit.jsonl",
+        },
         "budget": {"epsilon": epsilon, "delta": delta},
         "validation": {"max_quarantine_fraction": 0.05},
         "tables": {
@@ -110,12 +141,22 @@ def telco_firm_config(
 
 
 def cdnow_firm_config(
-    *, firm: str, csv_path: Path, keys_dir: Path, store_dir: Path, epsilon: float, delta: float,
+    *,
+    firm: str,
+    csv_path: Path,
+    keys_dir: Path,
+    store_dir: Path,
+    epsilon: float,
+    delta: float,
     training: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     cfg: dict[str, Any] = {
-        "firm": {"name": firm, "keys_dir": str(keys_dir), "store_dir": str(store_dir),
-                 "audit_log": "audit.jsonl"},
+        "firm": {
+            "name": firm,
+            "keys_dir": str(keys_dir),
+            "store_dir": str(store_dir),
+            "audit_log": "audit.jsonl",
+        },
         "budget": {"epsilon": epsilon, "delta": delta},
         "features": {
             "as_of": CDNOW_CALIBRATION_END.date().isoformat(),
@@ -128,10 +169,20 @@ def cdnow_firm_config(
                 "columns": {
                     "customer_id": {"role": "id"},
                     "date": {"role": "timestamp", "format": "%Y%m%d"},
-                    "number_of_cds": {"role": "feature", "name": "quantity", "kind": "numeric",
-                                      "min": 0, "max": 1000},
-                    "dollar_value": {"role": "feature", "name": "amount", "kind": "numeric",
-                                     "min": 0, "max": 10000},
+                    "number_of_cds": {
+                        "role": "feature",
+                        "name": "quantity",
+                        "kind": "numeric",
+                        "min": 0,
+                        "max": 1000,
+                    },
+                    "dollar_value": {
+                        "role": "feature",
+                        "name": "amount",
+                        "kind": "numeric",
+                        "min": 0,
+                        "max": 10000,
+                    },
                 },
             }
         },

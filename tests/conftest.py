@@ -29,10 +29,14 @@ def make_customers(n: int, *, seed: int = 0) -> pd.DataFrame:
     return pd.DataFrame(
         {
             "cust_id": [f"C{i:06d}" for i in range(n)],
-            "full_name": [f"{a} {b}" for a, b in zip(rng.choice(first, n), rng.choice(last, n), strict=True)],
+            "full_name": [
+                f"{a} {b}" for a, b in zip(rng.choice(first, n), rng.choice(last, n), strict=True)
+            ],
             "email": [f"person{i}@mail.example.com" for i in range(n)],
             "phone": [f"139-{rng.integers(0, 10000):04d}-{i % 10000:04d}" for i in range(n)],
-            "signup": (pd.Timestamp("2020-01-01") + pd.to_timedelta(rng.integers(0, 1500, n), "D")).strftime("%Y-%m-%d"),
+            "signup": (
+                pd.Timestamp("2020-01-01") + pd.to_timedelta(rng.integers(0, 1500, n), "D")
+            ).strftime("%Y-%m-%d"),
             "plan": rng.choice(PLANS, n),
             "tenure": tenure.astype(str),
             "monthly": [f"{v:.2f}" for v in monthly],
@@ -50,8 +54,20 @@ def customers_columns() -> dict[str, Any]:
         "phone": {"role": "pii", "pii": "phone", "policy": "partial"},
         "signup": {"role": "timestamp"},
         "plan": {"role": "feature", "kind": "categorical", "categories": list(PLANS)},
-        "tenure": {"role": "feature", "name": "tenure_months", "kind": "numeric", "min": 0, "max": 120},
-        "monthly": {"role": "feature", "name": "monthly_charges", "kind": "numeric", "min": 0, "max": 200},
+        "tenure": {
+            "role": "feature",
+            "name": "tenure_months",
+            "kind": "numeric",
+            "min": 0,
+            "max": 120,
+        },
+        "monthly": {
+            "role": "feature",
+            "name": "monthly_charges",
+            "kind": "numeric",
+            "min": 0,
+            "max": 200,
+        },
         "churned": {"role": "label", "true_values": ["Yes"], "false_values": ["No"]},
         "notes": {"role": "drop"},
     }

@@ -7,9 +7,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import customers_columns, make_customers
 from typer.testing import CliRunner
 
-from conftest import customers_columns, make_customers
 from fedcrm.cli import app
 
 RUNNER = CliRunner()
@@ -79,14 +79,23 @@ def test_unknown_policy(write_firm: Callable[..., Path]) -> None:
     ("source", "expect"),
     [
         ({"kind": "sql", "url": "notadb://x/y", "table": "customers"}, "cannot use database URL"),
-        ({"kind": "sql", "url": "sqlite:////nonexistent/dir/crm.db", "table": "customers"},
-         "cannot read from database"),
-        ({"kind": "sql", "url": "postgresql+psycopg://alice:hunter2@127.0.0.1:1/crm",
-          "table": "customers"}, "database"),
+        (
+            {"kind": "sql", "url": "sqlite:////nonexistent/dir/crm.db", "table": "customers"},
+            "cannot read from database",
+        ),
+        (
+            {
+                "kind": "sql",
+                "url": "postgresql+psycopg://alice:hunter2@127.0.0.1:1/crm",
+                "table": "customers",
+            },
+            "database",
+        ),
     ],
 )
-def test_unreadable_database_url(write_firm: Callable[..., Path], source: dict[str, Any],
-                                 expect: str) -> None:
+def test_unreadable_database_url(
+    write_firm: Callable[..., Path], source: dict[str, Any], expect: str
+) -> None:
     code, text = _run("prepare", "--config", str(write_firm(source=source)))
     _assert_clean_failure(code, text, expect=expect, pii=[*PII, "hunter2"])
 

@@ -4,8 +4,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-
 from conftest import customers_columns
+
 from fedcrm.config import load_firm_config
 from privacy.errors import ConfigError
 
@@ -43,8 +43,13 @@ def test_numeric_feature_needs_declared_range(write_firm: Callable[..., Path]) -
 
 def test_secret_like_extra_keys_are_not_accepted(write_firm: Callable[..., Path]) -> None:
     with pytest.raises(ConfigError, match="Extra inputs are not permitted"):
-        load_firm_config(write_firm(extra={"firm": {"name": "acme", "keys_dir": "k",
-                                                    "store_dir": "s", "hmac_key": "00ff"}}))
+        load_firm_config(
+            write_firm(
+                extra={
+                    "firm": {"name": "acme", "keys_dir": "k", "store_dir": "s", "hmac_key": "00ff"}
+                }
+            )
+        )
 
 
 def test_toml_syntax_error_is_one_clear_line(tmp_path: Path) -> None:

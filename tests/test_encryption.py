@@ -13,8 +13,13 @@ from privacy.keys import FirmKeys, init_keys
 
 def _frames() -> list[pd.DataFrame]:
     return [
-        pd.DataFrame({"customer_id": [f"t{i}" for i in range(k, k + 50)], "x": range(k, k + 50),
-                      "plan": ["黄金会员"] * 50})
+        pd.DataFrame(
+            {
+                "customer_id": [f"t{i}" for i in range(k, k + 50)],
+                "x": range(k, k + 50),
+                "plan": ["黄金会员"] * 50,
+            }
+        )
         for k in (0, 50, 100)
     ]
 
@@ -33,11 +38,11 @@ def _write(path: Path, keys: FirmKeys) -> None:
 def _chunk_offsets(path: Path) -> list[tuple[int, int]]:
     data = path.read_bytes()
     pos = len(MAGIC)
-    (hlen,) = struct.unpack(">I", data[pos:pos + 4])
+    (hlen,) = struct.unpack(">I", data[pos : pos + 4])
     pos += 4 + hlen
     spans = []
     while pos < len(data):
-        (clen,) = struct.unpack(">I", data[pos:pos + 4])
+        (clen,) = struct.unpack(">I", data[pos : pos + 4])
         spans.append((pos, pos + 4 + clen))
         pos += 4 + clen
     return spans

@@ -28,7 +28,9 @@ def _capture_and_misbehave(dump_dir: Path) -> list[Any]:
     def mod(msg: Any, context: Any, call_next: Any) -> Any:
         part = int(context.node_config["partition-id"])
         kind = msg.metadata.message_type
-        server_round = int(msg.content["config"].get("server-round", 0)) if "config" in msg.content else 0
+        server_round = (
+            int(msg.content["config"].get("server-round", 0)) if "config" in msg.content else 0
+        )
         if kind == "train" and part == 3 and server_round == 2:
             raise RuntimeError("simulated crash of firm4 during round 2")
         reply = call_next(msg, context)
@@ -59,11 +61,24 @@ def test_simulation_rejects_bad_updates_survives_dropout_and_stops_exhausted_fir
     dump.mkdir()
     cfg = SimulationConfig(
         simulation=SimulationSection(
-            name="faulty", dataset="telco", firms=5, seed=1, epsilon_budget=1.0,
-            workdir=tmp_path / "runs", exhausted_firms=1, gbk_firms=1,
+            name="faulty",
+            dataset="telco",
+            firms=5,
+            seed=1,
+            epsilon_budget=1.0,
+            workdir=tmp_path / "runs",
+            exhausted_firms=1,
+            gbk_firms=1,
         ),
-        run=RunConfig(task="churn", rounds=3, min_firms=1, round_timeout=60,
-                      target_epsilon=1.0, max_update_norm=100.0, batch_size=128),
+        run=RunConfig(
+            task="churn",
+            rounds=3,
+            min_firms=1,
+            round_timeout=60,
+            target_epsilon=1.0,
+            max_update_norm=100.0,
+            batch_size=128,
+        ),
     )
     run_dir, summary = simulate(cfg, run_id="faulty-run", client_mods=_capture_and_misbehave(dump))
 
@@ -95,16 +110,22 @@ def test_simulation_rejects_bad_updates_survives_dropout_and_stops_exhausted_fir
     assert verification.ok, [str(f) for f in verification.failures]
     html = render_report(run_dir, tmp_path / "report.html").read_text()
     assert "PASS" in html and html.count("data:image/png;base64,") >= 5
-    rejected = [json.loads(x) for x in (run_dir / "federation" / "audit.jsonl").read_text().splitlines()
-                if '"update_rejected"' in x]
+    rejected = [
+        json.loads(x)
+        for x in (run_dir / "federation" / "audit.jsonl").read_text().splitlines()
+        if '"update_rejected"' in x
+    ]
     assert {e["payload"]["firm"] for e in rejected} >= {"firm2", "firm3"}
 
     # No raw PII and no raw record in anything the server received.
     replies = "\n".join(p.read_text() for p in sorted(dump.iterdir()))
     assert replies
     for firm_dir in sorted((run_dir / "firms").iterdir()):
-        export = pd.read_csv(firm_dir / "customers.csv", dtype=str,
-                             encoding="gb18030" if firm_dir.name == "firm1" else "utf-8")
+        export = pd.read_csv(
+            firm_dir / "customers.csv",
+            dtype=str,
+            encoding="gb18030" if firm_dir.name == "firm1" else "utf-8",
+        )
         for column in ("customer_id", "name", "email", "phone", "birth_date", "postcode"):
             for value in export[column].dropna().unique():
                 # whole-token match: a 6-digit postcode may occur inside a float's digits

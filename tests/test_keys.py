@@ -52,7 +52,9 @@ def test_pseudonym_keys_differ_across_firms_and_versions(tmp_path: Path) -> None
     assert rotated.pseudonym_key() != a.pseudonym_key()
 
 
-def test_environment_variable_overrides_key_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_environment_variable_overrides_key_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     init_keys(tmp_path / "k", firm="acme")
     monkeypatch.setenv("FEDCRM_DATA_KEY", "11" * 32)
     assert load_keys(tmp_path / "k").data_key == bytes([0x11]) * 32

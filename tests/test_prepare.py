@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-
 from conftest import customers_columns, make_customers
+
 from fedcrm.config import load_firm_config
 from fedcrm.prepare import prepare
 from fedcrm.store import load_store
@@ -34,15 +34,26 @@ def test_prepare_writes_encrypted_store_and_manifest(write_firm: Callable[..., P
     assert m["tables"]["customers"]["rows_quarantined"] == 0
     assert m["tables"]["features"]["rows"] == 300
     policies = {c["source"]: c.get("policy") for c in m["tables"]["customers"]["columns"]}
-    assert policies == {"cust_id": "pseudonymize", "full_name": "pseudonymize", "email": "partial",
-                        "phone": "partial", "signup": None, "plan": None, "tenure": None,
-                        "monthly": None, "churned": None, "notes": "drop"}
+    assert policies == {
+        "cust_id": "pseudonymize",
+        "full_name": "pseudonymize",
+        "email": "partial",
+        "phone": "partial",
+        "signup": None,
+        "plan": None,
+        "tenure": None,
+        "monthly": None,
+        "churned": None,
+        "notes": "drop",
+    }
     assert m["key_ids"]["data"].startswith("data-v1-")
     for name in ("customers.fcs", "features.fcs", "manifest.json"):
         assert (result.store_dir / name).exists()
 
 
-def test_no_raw_pii_in_any_output_byte_nor_in_decrypted_tables(write_firm: Callable[..., Path]) -> None:
+def test_no_raw_pii_in_any_output_byte_nor_in_decrypted_tables(
+    write_firm: Callable[..., Path],
+) -> None:
     frame = make_customers(200)
     frame.loc[5, "monthly"] = "not-a-number"  # one quarantined row
     cfg_path = write_firm(frame)
@@ -61,12 +72,22 @@ def test_no_raw_pii_in_any_output_byte_nor_in_decrypted_tables(write_firm: Calla
 
 def test_gbk_input_with_chinese_values_survives(write_firm: Callable[..., Path]) -> None:
     frame = make_customers(120)
-    frame["plan"] = frame["plan"].map({"basic": "基础版", "plus": "黄金会员", "premium": "钻石会员"})
+    frame["plan"] = frame["plan"].map(
+        {"basic": "基础版", "plus": "黄金会员", "premium": "钻石会员"}
+    )
     frame.loc[::2, "full_name"] = "张伟"
     cols = customers_columns()
-    cols["plan"] = {"role": "feature", "kind": "categorical", "categories": ["基础版", "黄金会员", "钻石会员"]}
-    cfg_path = write_firm(frame, columns=cols, csv_kwargs={"encoding": "gb18030"},
-                          source={"kind": "csv", "path": "customers.csv", "encoding": "gb18030"})
+    cols["plan"] = {
+        "role": "feature",
+        "kind": "categorical",
+        "categories": ["基础版", "黄金会员", "钻石会员"],
+    }
+    cfg_path = write_firm(
+        frame,
+        columns=cols,
+        csv_kwargs={"encoding": "gb18030"},
+        source={"kind": "csv", "path": "customers.csv", "encoding": "gb18030"},
+    )
     prepare(load_firm_config(cfg_path))
     cfg = load_firm_config(cfg_path)
     store = load_store(cfg.prepared_dir, keys=load_keys(cfg.firm.keys_dir), use_cache=False)
@@ -124,10 +145,13 @@ def test_threshold_is_configurable(write_firm: Callable[..., Path]) -> None:
 def test_chunked_reading_gives_same_store_as_single_chunk(write_firm: Callable[..., Path]) -> None:
     frame = make_customers(2500)
     frame.loc[2400, "cust_id"] = frame.loc[10, "cust_id"]  # duplicate across chunks
-    cfg_path = write_firm(frame, source={"kind": "csv", "path": "customers.csv",
-                                         "chunk_rows": 1000})
+    cfg_path = write_firm(
+        frame, source={"kind": "csv", "path": "customers.csv", "chunk_rows": 1000}
+    )
     result = prepare(load_firm_config(cfg_path))
-    assert result.manifest["tables"]["customers"]["chunks"] == 3  # data chunks (the final marker is not counted)
+    assert (
+        result.manifest["tables"]["customers"]["chunks"] == 3
+    )  # data chunks (the final marker is not counted)
     assert result.manifest["tables"]["customers"]["rows_quarantined"] == 1
 
 
@@ -138,8 +162,10 @@ def test_parquet_and_sqlite_sources(write_firm: Callable[..., Path], tmp_path: P
     db = cfg_path.parent / "crm.db"
     with sqlite3.connect(db) as conn:
         frame.to_sql("customers", conn, index=False)
-    for source in ({"kind": "parquet", "path": "customers.parquet"},
-                   {"kind": "sql", "url": f"sqlite:///{db}", "table": "customers"}):
+    for source in (
+        {"kind": "parquet", "path": "customers.parquet"},
+        {"kind": "sql", "url": f"sqlite:///{db}", "table": "customers"},
+    ):
         cfg_path = write_firm(frame, source=source)
         result = prepare(load_firm_config(cfg_path))
         assert result.manifest["tables"]["customers"]["rows_kept"] == 150
@@ -160,7 +186,9 @@ def test_pseudonyms_are_stable_across_runs_and_change_after_rotation(
     assert list(ids1.customers["customer_id"]) == list(ids2.customers["customer_id"])
     new_id = rotate_key(cfg.firm.keys_dir, KeyKind.PSEUDONYM)
     rotated = prepare(cfg)
-    assert rotated.manifest["key_ids"]["pseudonym"] == new_id != first.manifest["key_ids"]["pseudonym"]
+    assert (
+        rotated.manifest["key_ids"]["pseudonym"] == new_id != first.manifest["key_ids"]["pseudonym"]
+    )
     ids3 = load_store(cfg.prepared_dir, keys=load_keys(cfg.firm.keys_dir), use_cache=False)
     assert ids3.customers is not None
     assert set(ids3.customers["customer_id"]).isdisjoint(set(ids1.customers["customer_id"]))
