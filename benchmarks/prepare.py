@@ -1,7 +1,7 @@
 """Wall time and peak memory of ``fedcrm prepare`` on a large synthetic customers export.
 
     python benchmarks/prepare.py [--rows 1000000] [--repeat 1] [--cprofile 25]
-                                 [--before benchmarks/results/prepare-before.json]
+                                 [--before-tree /path/to/older/checkout]
                                  [--out benchmarks/results/prepare.json]
 
 Generates a seeded synthetic customers CSV with 10 columns (``cust_id``; 3 PII columns
@@ -9,16 +9,18 @@ Generates a seeded synthetic customers CSV with 10 columns (``cust_id``; 3 PII c
 ``plan`` categorical; ``tenure``, ``monthly``, ``total`` numeric; ``churned`` label) and about
 0.5% bad rows (duplicate ids, impossible dates, out-of-range tenure, missing charges), writes the
 firm's TOML config and keys into a temporary directory, then runs
-`fedcrm.prepare.prepare` in a fresh subprocess so that the peak RSS
-(``resource.getrusage(RUSAGE_CHILDREN).ru_maxrss``) is the prepare's own. The child times each
+`fedcrm.prepare.prepare` in a fresh subprocess so that the peak RSS (that child's
+``ru_maxrss``, read with ``os.wait4``: the ``RUSAGE_CHILDREN`` share of this one run, including
+pseudonymize workers it forked) is the prepare's own. The child times each
 phase (ingest / validate / quarantine / mask / encrypt / features / hash) with wrappers around the
 functions `fedcrm.prepare` calls, which costs nothing measurable; ``--cprofile N`` adds one more
 run under cProfile and prints its top ``N`` functions by own time.
 
 Target (issue): 1,000,000 rows in <= 30 s wall and <= 2 GB peak RSS. The machine may be shared:
 the 1-minute load average before/after and the child's CPU seconds are recorded with the result.
-``--before FILE`` embeds an earlier result (e.g. from an older checkout, run with
-``PYTHONPATH=<old tree>``) and prints the two side by side.
+``--before-tree DIR`` also runs the ``fedcrm``/``privacy`` packages found in DIR (an older
+checkout, put first on the child's ``PYTHONPATH``), alternating before/after runs so both see the
+same load, and prints the two side by side.
 """
 
 from __future__ import annotations
@@ -27,7 +29,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import tempfile
@@ -333,32 +334,40 @@ def load_average() -> float | None:
         return None
 
 
-def run_child(config: Path, *, cprofile: int = 0) -> dict[str, Any]:
-    """One prepare in a fresh interpreter; wall, CPU and peak RSS measured from here."""
+def run_child(config: Path, *, cprofile: int = 0, tree: Path | None = None) -> dict[str, Any]:
+    """One prepare in a fresh interpreter; wall, CPU and peak RSS measured from here.
+
+    ``tree`` puts another source tree first on the child's ``PYTHONPATH`` (the "before" code).
+    """
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as fh:
         out = Path(fh.name)
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    env = dict(os.environ)
+    if tree is not None:
+        env["PYTHONPATH"] = os.pathsep.join(
+            p for p in (str(tree), env.get("PYTHONPATH", "")) if p)
     load = load_average()
     start = time.perf_counter()
-    subprocess.run(
+    proc = subprocess.Popen(
         [sys.executable, str(Path(__file__).resolve()), "--child", str(config), str(out),
          "--cprofile", str(cprofile)],
-        check=True,
+        env=env,
     )
+    # wait4 gives this child's own rusage (with the pseudonymize workers it waited for):
+    # ru_maxrss is the largest of those processes, in KiB on Linux.
+    _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - start
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        raise SystemExit(f"prepare child failed with exit code {proc.returncode}")
     report = json.loads(out.read_text())
     out.unlink()
-    # ru_maxrss (KiB on Linux) of RUSAGE_CHILDREN is the largest child so far: the CSV is
-    # generated in this process, so only prepare runs (and their pseudonymize workers) count.
     report.update(
         {
             "process_seconds": round(wall, 3),
             "prepare_seconds": round(report["prepare_seconds"], 3),
             "import_seconds": round(report["import_seconds"], 3),
-            "cpu_seconds": round(after.ru_utime + after.ru_stime
-                                 - before.ru_utime - before.ru_stime, 3),
-            "peak_rss_mb": round(after.ru_maxrss / 1024, 1),
+            "cpu_seconds": round(usage.ru_utime + usage.ru_stime, 3),
+            "peak_rss_mb": round(usage.ru_maxrss / 1024, 1),
             "load_average_1m": {"before": load, "after": load_average()},
         }
     )
@@ -373,6 +382,8 @@ def summarize(runs: list[dict[str, Any]], *, rows: int) -> dict[str, Any]:
     store = sum(best["store_bytes"].values())
     return {
         "prepare_seconds": best["prepare_seconds"],
+        "prepare_seconds_median": round(float(np.median([r["prepare_seconds"] for r in runs])), 3),
+        "cpu_seconds_min": min(r["cpu_seconds"] for r in runs),
         "process_seconds": best["process_seconds"],
         "cpu_seconds": best["cpu_seconds"],
         "rows_per_s": round(rows / best["prepare_seconds"]),
@@ -394,9 +405,10 @@ def print_report(report: dict[str, Any]) -> None:
     def add(label: str, fmt: Callable[[dict[str, Any]], str]) -> None:
         lines.append((label, *(fmt(s) for _, s in cols)))
 
-    add("prepare() wall s", lambda s: f"{s['prepare_seconds']:.2f}")
+    add("prepare() wall s, best", lambda s: f"{s['prepare_seconds']:.2f}")
     add("subprocess wall s (incl. imports)", lambda s: f"{s['process_seconds']:.2f}")
-    add("CPU s (user+sys, all processes)", lambda s: f"{s['cpu_seconds']:.2f}")
+    add("  median over runs", lambda s: f"{s['prepare_seconds_median']:.2f}")
+    add("CPU s (user+sys incl. workers), min", lambda s: f"{s['cpu_seconds_min']:.2f}")
     add("rows/s", lambda s: f"{s['rows_per_s']:,}")
     add("peak RSS MB", lambda s: f"{s['peak_rss_mb']:,.0f}")
     add("encrypted store MB (.fcs)", lambda s: f"{s['store_mb']:.1f}")
@@ -453,8 +465,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="also run once under cProfile and show this many functions")
     parser.add_argument("--workdir", type=Path, default=None,
                         help="keep the CSV, keys and store here (reused across runs)")
-    parser.add_argument("--before", type=Path, default=None,
-                        help="an earlier result JSON to embed and show side by side")
+    parser.add_argument("--before-tree", type=Path, default=None,
+                        help="also run the fedcrm/privacy packages of this older checkout, "
+                             "alternating with this one, and show both")
     parser.add_argument("--label", default=None, help="free text stored with the result")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--child", nargs=2, type=Path, help=argparse.SUPPRESS)
@@ -470,12 +483,20 @@ def main(argv: list[str] | None = None) -> int:
         csv_path = next(root.glob(f"customers-{args.rows}-{args.seed}.csv"))
         print(f"synthetic firm ready in {time.perf_counter() - t0:.1f} s: {csv_path} "
               f"({csv_path.stat().st_size / 2**20:.1f} MB)")
-        runs = []
+        runs: list[dict[str, Any]] = []
+        before_runs: list[dict[str, Any]] = []
         for i in range(args.repeat):
+            if args.before_tree is not None:
+                before_runs.append(run_child(config, tree=args.before_tree))
+                r = before_runs[-1]
+                print(f"run {i + 1} before: prepare {r['prepare_seconds']:.2f} s, CPU "
+                      f"{r['cpu_seconds']:.1f} s, peak RSS {r['peak_rss_mb']:,.0f} MB, "
+                      f"load {r['load_average_1m']}", flush=True)
             runs.append(run_child(config))
             r = runs[-1]
-            print(f"run {i + 1}: prepare {r['prepare_seconds']:.2f} s, peak RSS "
-                  f"{r['peak_rss_mb']:,.0f} MB, load {r['load_average_1m']}")
+            print(f"run {i + 1}{' after' if before_runs else ''}: prepare "
+                  f"{r['prepare_seconds']:.2f} s, CPU {r['cpu_seconds']:.1f} s, peak RSS "
+                  f"{r['peak_rss_mb']:,.0f} MB, load {r['load_average_1m']}", flush=True)
         top: list[dict[str, Any]] = []
         if args.cprofile:
             top = run_child(config, cprofile=args.cprofile)["top_functions"]
@@ -495,10 +516,10 @@ def main(argv: list[str] | None = None) -> int:
             "runs": runs,
             "top_functions": top,
         }
-    if args.before is not None:
-        before = json.loads(args.before.read_text())
-        before.pop("before", None)
-        report["before"] = before
+        if before_runs:
+            report["before"] = {"tree": str(args.before_tree),
+                                "summary": summarize(before_runs, rows=args.rows),
+                                "runs": before_runs}
     print_report(report)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")

@@ -413,3 +413,95 @@ def load_plugins() -> None:
 def main() -> None:  # pragma: no cover - console entry point
     load_plugins()
     app()
+
+
+# --------------------------------------------------------------------------- runs
+
+runs_app = typer.Typer(help="Past runs (summaries under runs/).", no_args_is_help=True)
+app.add_typer(runs_app, name="runs")
+
+
+@runs_app.command("list")
+@user_errors
+def runs_list(
+    root: Annotated[Path, typer.Option(help="directory holding run directories")] = Path("runs"),
+) -> None:
+    """One line per finished run: id, task, strategy, rounds, status, main metric."""
+    from fedcrm.runs import list_runs
+
+    runs = list_runs(root)
+    if not runs:
+        out.print(f"no finished runs under {root}")
+        return
+    t = Table(title=f"runs under {root}")
+    for col in ("run id", "task", "strategy", "rounds", "status", "firms", "metric"):
+        t.add_column(col)
+    for r in runs:
+        pooled = r.get("metrics", {}).get("pooled", {})
+        metric = (
+            f"auc={pooled['auc']:.4f}" if "auc" in pooled
+            else f"cum.err={pooled['cumulative_error']:.1f}" if "cumulative_error" in pooled
+            else "-"
+        )
+        t.add_row(r["run_id"], r["task"], r["strategy"],
+                  f"{r.get('rounds_completed', '?')}/{r['rounds']}", str(r.get("status", "")),
+                  str(len(r.get("firms", []))), metric)
+    out.print(t)
+
+
+@runs_app.command("show")
+@user_errors
+def runs_show(
+    run_id: Annotated[str, typer.Argument(help="run id (or a unique prefix)")],
+    root: Annotated[Path, typer.Option(help="directory holding run directories")] = Path("runs"),
+    as_json: Annotated[bool, typer.Option("--json", help="print the whole summary")] = False,
+) -> None:
+    """A past run's summary: firms' ε against budget, metrics, baseline, model and provenance."""
+    from fedcrm.runs import find_run, load_summary
+
+    run_dir = find_run(root, run_id)
+    summary = load_summary(run_dir)
+    if as_json:
+        sys.stdout.write(json.dumps(summary, indent=2) + "\n")
+        return
+    print_summary(summary, run_dir)
+
+
+def print_summary(summary: dict[str, Any], run_dir: Path) -> None:
+    """The end-of-run table shared by simulate, deploy, run and runs show."""
+    t = Table(
+        title=f"run {summary['run_id']} ({summary['task']}, {summary['strategy']}, "
+        f"{summary.get('rounds_completed', '?')}/{summary['rounds']} rounds, "
+        f"{summary.get('status')})"
+    )
+    for col in ("firm", "ε spent", "ε budget", "δ", "customers (train)", "stopped"):
+        t.add_column(col)
+    for f in summary["firms"]:
+        t.add_row(
+            f["firm"],
+            f"{f['epsilon']:.4f}",
+            f"{f['epsilon_budget']:.4f}",
+            f"{f['delta']:g}" if f.get("delta") else "-",
+            str(f["num_examples"]),
+            f.get("stopped") or "",
+        )
+    out.print(t)
+
+    def flat(d: dict[str, Any]) -> str:
+        return ", ".join(
+            f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
+            for k, v in d.items() if not isinstance(v, (list, dict))
+        )
+
+    pooled = summary.get("metrics", {}).get("pooled", {})
+    if pooled:
+        out.print("pooled metrics: " + flat(pooled))
+    base = summary.get("baseline", {})
+    if base:
+        out.print("baseline: " + flat(base))
+        for key in ("bgnbd", "federated"):
+            if isinstance(base.get(key), dict):
+                out.print(f"  {key}: " + flat(base[key]))
+    if summary.get("stop_reason"):
+        out.print(f"[yellow]{summary['stop_reason']}[/]")
+    out.print(f"summary: {run_dir / 'summary.json'}   model: {summary.get('model')}")

@@ -40,6 +40,7 @@ MANIFEST = "manifest.json"
 QUARANTINE = "quarantine.csv"
 TABLE_ORDER = (TableName.CUSTOMERS, TableName.TRANSACTIONS)
 FEATURE_COLUMNS_TX = ("customer_id", "timestamp", "quantity", "amount")
+FEATURE_SLICE_ROWS = 200_000
 
 ProgressFn = Callable[[str, int], None]
 
@@ -223,6 +224,7 @@ def prepare(
                                      dict(reasons.most_common()))
                 reports.append(report)
                 kept[table] = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
+                parts.clear()  # the chunks are copied into kept[table]; free them before features
                 tables_manifest[table.value] = {
                     "source_kind": spec.source.kind.value,
                     "rows_read": rows_read,
@@ -257,7 +259,7 @@ def prepare(
         if "customer_id" not in feats.columns:
             feats = feats.reset_index().rename(columns={"index": "customer_id"})
         with EncryptedTableWriter(staging / "features.fcs", keys=keys, table="features") as fw:
-            fw.write(feats)
+            _write_in_slices(fw, feats)
         tables_manifest["features"] = {
             "rows": len(feats),
             "columns": [str(c) for c in feats.columns],
@@ -301,6 +303,21 @@ def prepare(
         tables=tuple(reports),
         quarantine_path=quarantine_path if any(r.rows_quarantined for r in reports) else None,
     )
+
+
+def _write_in_slices(writer: EncryptedTableWriter, frame: pd.DataFrame) -> None:
+    """Encrypt ``frame`` in slices of ``FEATURE_SLICE_ROWS`` rows.
+
+    Serializing and encrypting a whole million-row table at once holds about four copies of it
+    (Arrow table, IPC buffer, bytes, ciphertext); slices bound that to one slice's worth. Reading
+    concatenates the chunks, so the decrypted table is the same. Object columns are written
+    whole: Arrow infers their type per slice, and an all-missing slice would change it.
+    """
+    if any(pd.api.types.is_object_dtype(dtype) for dtype in frame.dtypes):
+        writer.write(frame)
+        return
+    for start in range(0, len(frame), FEATURE_SLICE_ROWS):
+        writer.write(frame.iloc[start:start + FEATURE_SLICE_ROWS])
 
 
 def _pii_names(cfg: FirmConfig, table: TableName) -> set[str]:

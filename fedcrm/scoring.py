@@ -20,7 +20,7 @@ import torch
 import fedcrm
 from fedcrm.config import FirmConfig
 from fedcrm.dp_engine import plan_for_budget, train_dp
-from fedcrm.federation import FirmNode, Task, layout_from_config
+from fedcrm.federation import MIN_USEFUL_FRACTION, FirmNode, Task, layout_from_config
 from fedcrm.metrics import auc
 from fedcrm.models import (
     build_churn_model,
@@ -80,11 +80,12 @@ def train_local(
         kind = "trend"
         model = trend_task.build_model(tdata)
         loss = trend_task.per_sample_loss
-    if target_total <= spent:
+    if target_total - spent < MIN_USEFUL_FRACTION * epsilon:
         raise PlanDoesNotFit(
             f"firm '{cfg.firm.name}' has spent ε={spent:.4f} of its cap "
-            f"ε={cfg.budget.epsilon:.4f}; "
-            "no budget is left for training (raise budget.epsilon - a governance decision)"
+            f"ε={cfg.budget.epsilon:.4f}; no useful budget is left for training (less than "
+            f"{MIN_USEFUL_FRACTION:.0%} of the ε={epsilon:g} asked). Raising budget.epsilon is a "
+            "governance decision"
         )
     plan = plan_for_budget(
         n_examples=len(y),

@@ -1,0 +1,93 @@
+"""Local DP training, scoring and the budget CLI on a generated firm; FirmNode's check-then-commit."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from typer.testing import CliRunner
+
+from conftest import make_customers
+from fedcrm.cli import app
+from fedcrm.config import load_firm_config
+from fedcrm.federation import FirmNode, RoundSpec, RoundStatus, Task, initial_arrays
+from fedcrm.prepare import prepare
+from privacy.accounting import Mechanism, make_event
+from privacy.keys import load_keys
+
+RUNNER = CliRunner()
+
+
+def _prepared(write_firm: Callable[..., Path], n: int = 1500, epsilon: float = 2.0) -> Path:
+    cfg_path = write_firm(make_customers(n), extra={"budget": {"epsilon": epsilon, "delta": 1e-5}})
+    prepare(load_firm_config(cfg_path))
+    return cfg_path
+
+
+def test_train_score_and_budget_status_from_the_cli(write_firm: Callable[..., Path],
+                                                     tmp_path: Path) -> None:
+    cfg = _prepared(write_firm)
+    model = tmp_path / "churn.pt"
+    r = RUNNER.invoke(app, ["train", "--config", str(cfg), "--out", str(model), "--epsilon", "1"])
+    assert r.exit_code == 0, r.output
+    assert model.exists()
+    risks = tmp_path / "risks.csv"
+    r = RUNNER.invoke(app, ["score", "--model", str(model), "--config", str(cfg), "--out", str(risks)])
+    assert r.exit_code == 0, r.output
+    table = pd.read_csv(risks)
+    assert list(table.columns[:3]) == ["customer_id", "churn_probability", "risk_band"]
+    assert table["churn_probability"].is_monotonic_decreasing
+    assert set(table["risk_band"]) <= {"high", "medium", "low"}
+    assert table["customer_id"].str.startswith("pseudonym-v1-").all()
+    raw_ids = set(make_customers(1500)["cust_id"])
+    assert not raw_ids & set(table["customer_id"])
+    ledger = cfg.parent / "store" / "budget.jsonl"
+    r = RUNNER.invoke(app, ["budget", "status", "--ledger", str(ledger), "--json"])
+    assert r.exit_code == 0, r.output
+    status = json.loads(r.output)
+    assert 0.9 < status["spent"] <= 1.0 + 1e-9
+    assert status["epsilon_cap"] == 2.0
+    assert "train:churn:local" in status["by_purpose"]
+
+
+def test_training_beyond_the_budget_is_refused_before_anything_is_released(
+    write_firm: Callable[..., Path], tmp_path: Path,
+) -> None:
+    cfg = _prepared(write_firm, epsilon=1.0)
+    first = RUNNER.invoke(app, ["train", "--config", str(cfg), "--out", str(tmp_path / "a.pt"),
+                                "--epsilon", "1"])
+    assert first.exit_code == 0, first.output
+    lines = (cfg.parent / "store" / "budget.jsonl").read_text().splitlines()
+    second = RUNNER.invoke(app, ["train", "--config", str(cfg), "--out", str(tmp_path / "b.pt"),
+                                 "--epsilon", "1"])
+    assert second.exit_code == 6, second.output
+    assert "no useful budget is left" in second.output or "budget exhausted" in second.output
+    assert not (tmp_path / "b.pt").exists()
+    assert (cfg.parent / "store" / "budget.jsonl").read_text().splitlines() == lines
+
+
+def test_firm_node_refuses_a_round_when_its_budget_was_spent_elsewhere_mid_run(
+    write_firm: Callable[..., Path],
+) -> None:
+    cfg_path = _prepared(write_firm, epsilon=1.0)
+    node = FirmNode(load_firm_config(cfg_path), load_keys(cfg_path.parent / "keys"))
+    spec = RoundSpec(run_id="r1", task=Task.CHURN, server_round=1, rounds=3, target_epsilon=0.6,
+                     local_epochs=0.5, batch_size=128, learning_rate=0.05, optimizer="adam")
+    start = initial_arrays(Task.CHURN, model="logistic", input_dim=node.churn().layout.dim)
+    first = node.train(spec, start)
+    assert first.status is RoundStatus.OK and first.arrays is not None
+    assert first.epsilon_total <= 0.6 + 1e-9
+    # another analysis spends almost all of the rest of the budget between rounds
+    node.ledger.commit(make_event(mechanism=Mechanism.GAUSSIAN, noise_multiplier=3.2,
+                                  sample_rate=1.0, steps=1, delta=1e-5, purpose="analytics"))
+    before = len(node.ledger.events)
+    second = node.train(RoundSpec(**{**spec.__dict__, "server_round": 2}), first.arrays)
+    assert second.status is RoundStatus.BUDGET_EXHAUSTED
+    assert second.arrays is None
+    assert "budget exhausted" in second.message
+    assert len(node.ledger.events) == before
+    assert node.ledger.spent() <= 1.0
+    assert np.isfinite(second.epsilon_total)
