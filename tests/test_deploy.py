@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 import tomllib
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -250,35 +251,53 @@ def test_local_deployment_runs_two_rounds_over_tls_with_registered_nodes(tmp_pat
 @pytest.mark.slow
 @pytest.mark.timeout(150)
 def test_a_node_with_an_unregistered_key_is_refused_while_a_registered_one_connects(
-    tmp_path: Path,
+    tmp_path: Path, write_firm: Callable[..., Path]
 ) -> None:
+    """The rogue firm goes through `fedcrm node start`: one clear line and a non-zero exit."""
+    from typer.testing import CliRunner
+
+    from fedcrm.cli import app, load_plugins
+    from fedcrm.config import load_firm_config
+    from fedcrm.prepare import prepare
+
+    rogue_config = write_firm(firm="rogue")
+    prepare(load_firm_config(rogue_config))
     ca = generate_ca(tmp_path / "certs", common_name="test CA")
     certs = issue_server_cert(ca, tmp_path / "certs")
     good = generate_node_auth_key(tmp_path / "keys", firm="good")
     rogue = generate_node_auth_key(tmp_path / "keys", firm="rogue")
     cli_home = tmp_path / "cli"
+    load_plugins()
     with ProcessGroup() as group:
         link = start_superlink(workdir=tmp_path / "link", certs=certs, group=group)
         write_flwr_config(cli_home, "t", link.address, ca.cert)
         good_id = register_node(
             flwr_home=cli_home, connection_name="t", public_key_path=good.public_key
         )
-        nodes = {
-            keys.firm: start_supernode(
-                superlink_address=link.address, root_cert=ca.cert, auth_key=keys.private_key,
-                node_config={"firm": keys.firm}, workdir=tmp_path / keys.firm,
-                max_retries=2, max_wait_time=20, group=group,
-            )
-            for keys in (good, rogue)
-        }
-        assert nodes["rogue"].wait(timeout=90) != 0
-        assert nodes["rogue"].flower_exit_code() == SUPERNODE_CONNECTION_ERROR
+        good_node = start_supernode(
+            superlink_address=link.address, root_cert=ca.cert, auth_key=good.private_key,
+            node_config={"firm": "good"}, workdir=tmp_path / "good", max_retries=2,
+            max_wait_time=20, group=group,
+        )
+        refused = CliRunner().invoke(app, [
+            "node", "start", "--config", str(rogue_config), "--superlink", link.address,
+            "--ca", str(ca.cert), "--auth-key", str(rogue.private_key),
+            "--workdir", str(tmp_path / "rogue-node"), "--max-retries", "2",
+            "--max-wait-time", "20",
+        ])
+        assert refused.exit_code == 8, refused.output
+        errors = [line for line in refused.output.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1, refused.output
+        assert "firm 'rogue'" in errors[0] and "exit code 305" in errors[0]
+        assert "fedcrm link register" in errors[0] and "Traceback" not in refused.output
+        rogue_log = tmp_path / "rogue-node" / "supernode-rogue.log"
+        assert f"Exit Code: {SUPERNODE_CONNECTION_ERROR}" in rogue_log.read_text()
         deadline = time.monotonic() + 60
         while node_statuses(flwr_home=cli_home, connection="t").get(good_id) != "online":
-            assert nodes["good"].poll() is None, nodes["good"].log_tail()
+            assert good_node.poll() is None, good_node.log_tail()
             assert time.monotonic() < deadline, "registered node never came online"
             time.sleep(2)
-        assert nodes["good"].poll() is None
+        assert good_node.poll() is None
         assert len(node_statuses(flwr_home=cli_home, connection="t")) == 1
     _assert_all_gone(tmp_path)
 

@@ -15,7 +15,7 @@ from fedcrm.cli import app
 from fedcrm.config import load_firm_config
 from fedcrm.federation import FirmNode, RoundSpec, RoundStatus, Task, initial_arrays
 from fedcrm.prepare import prepare
-from privacy.accounting import Mechanism, make_event
+from privacy.accounting import Mechanism, calibrate_noise, make_event
 from privacy.keys import load_keys
 
 RUNNER = CliRunner()
@@ -81,7 +81,9 @@ def test_firm_node_refuses_a_round_when_its_budget_was_spent_elsewhere_mid_run(
     assert first.status is RoundStatus.OK and first.arrays is not None
     assert first.epsilon_total <= 0.6 + 1e-9
     # another analysis spends almost all of the rest of the budget between rounds
-    node.ledger.commit(make_event(mechanism=Mechanism.GAUSSIAN, noise_multiplier=3.2,
+    sigma = calibrate_noise(target_epsilon=0.98, delta=1e-5, sample_rate=1.0, steps=1,
+                            prior_events=node.ledger.events)
+    node.ledger.commit(make_event(mechanism=Mechanism.GAUSSIAN, noise_multiplier=sigma,
                                   sample_rate=1.0, steps=1, delta=1e-5, purpose="analytics"))
     before = len(node.ledger.events)
     second = node.train(RoundSpec(**{**spec.__dict__, "server_round": 2}), first.arrays)
