@@ -187,8 +187,11 @@ def cdnow_firm_config(
             }
         },
     }
-    if training:
-        cfg["training"] = training
+    # Trend-model settings from benchmarks/trend.py (DP, ε = 1): larger batches, C = 5.
+    cfg["training"] = training or {
+        "epochs": 10, "batch_size": 1024, "learning_rate": 0.05, "max_grad_norm": 5.0,
+        "optimizer": "adam",
+    }
     return cfg
 
 
