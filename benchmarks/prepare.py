@@ -238,7 +238,8 @@ def child(config: Path, out: Path, cprofile: int) -> None:
     fp.apply_policy = timer.wrap(  # type: ignore[assignment]
         "apply_policy", fp.apply_policy,
         lambda values, **kw: f"({values.name}: {kw['policy'].value})")
-    fp.file_sha256 = timer.wrap("hash", fp.file_sha256)  # type: ignore[assignment]
+    if hasattr(fp, "file_sha256"):  # older prepare re-read each file to hash it
+        fp.file_sha256 = timer.wrap("hash", fp.file_sha256)
     feats = fp.crm_features
     feats.build_features = timer.wrap("features", feats.build_features)  # type: ignore[assignment]
     writer = fp.EncryptedTableWriter

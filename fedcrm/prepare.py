@@ -30,7 +30,7 @@ from fedcrm.config import ColumnRole, FirmConfig, TableName
 from fedcrm.ingest import iter_chunks
 from fedcrm.validation import IdRegistry, check_columns, validate_chunk
 from privacy.audit import AuditLog, EntryKind, data_prepared_payload
-from privacy.encryption import EncryptedTableWriter, file_sha256
+from privacy.encryption import EncryptedTableWriter
 from privacy.errors import KeyFileError, QuarantineThresholdExceeded
 from privacy.keys import FirmKeys, load_keys
 from privacy.masking import apply_policy, pseudonymize
@@ -219,7 +219,8 @@ def prepare(
                         if on_progress is not None:
                             on_progress(table.value, rows_read)
                     chunks = writer.chunks
-                file_hash = file_sha256(staging / f"{table.value}.fcs")
+                    # close() returns the sha256 of the bytes it wrote: no second read of the file
+                    file_hash = writer.close()
                 report = TableReport(table.value, rows_read, rows_read - bad_rows, bad_rows,
                                      dict(reasons.most_common()))
                 reports.append(report)
@@ -260,10 +261,11 @@ def prepare(
             feats = feats.reset_index().rename(columns={"index": "customer_id"})
         with EncryptedTableWriter(staging / "features.fcs", keys=keys, table="features") as fw:
             _write_in_slices(fw, feats)
+            features_hash = fw.close()
         tables_manifest["features"] = {
             "rows": len(feats),
             "columns": [str(c) for c in feats.columns],
-            "sha256": file_sha256(staging / "features.fcs"),
+            "sha256": features_hash,
             "as_of": as_of.date().isoformat(),
         }
         store_hash = hashlib.sha256(

@@ -1,0 +1,59 @@
+"""`fedcrm scan`: JSON findings per column, and a starter config that fails closed."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from conftest import make_customers
+from fedcrm.cli import app
+from fedcrm.config import ColumnRole, TableName, load_firm_config
+
+RUNNER = CliRunner()
+
+
+def test_scan_json_lists_every_column_with_kind_confidence_and_policy(tmp_path: Path) -> None:
+    frame = make_customers(400)
+    frame["id_card"] = "11010519491231002X"
+    path = tmp_path / "customers.csv"
+    frame.to_csv(path, index=False)
+    r = RUNNER.invoke(app, ["scan", str(path), "--json"])
+    assert r.exit_code == 0, r.output
+    findings = json.loads(r.output)
+    assert [f["column"] for f in findings] == list(frame.columns)
+    for f in findings:
+        assert set(f) == {"column", "kind", "confidence", "suggested_policy"}
+    kinds = {f["column"]: f["kind"] for f in findings}
+    assert kinds["email"] == "email"
+    assert kinds["phone"] == "phone"
+    assert kinds["full_name"] == "name"
+    assert kinds["id_card"] == "national_id"
+    assert kinds["plan"] is None and kinds["monthly"] is None
+    assert "person1@mail.example.com" not in r.output  # findings never echo values
+
+
+def test_write_config_gives_every_column_a_role_and_prepares(tmp_path: Path) -> None:
+    frame = make_customers(400)
+    path = tmp_path / "customers.csv"
+    frame.to_csv(path, index=False)
+    cfg_path = tmp_path / "firm.toml"
+    r = RUNNER.invoke(app, ["scan", str(path), "--write-config", str(cfg_path), "--firm", "acme"])
+    assert r.exit_code == 0, r.output
+    cfg = load_firm_config(cfg_path)
+    columns = cfg.tables[TableName.CUSTOMERS].columns
+    assert set(columns) == set(frame.columns)
+    for name in ("email", "phone", "full_name"):
+        assert columns[name].role is ColumnRole.PII and columns[name].policy is not None
+    assert columns["cust_id"].role is ColumnRole.ID
+    text = cfg_path.read_text()
+    assert "person1@mail.example.com" not in text and "C000001" not in text
+    # the starter config is usable as written (after keys exist)
+    r = RUNNER.invoke(app, ["keys", "init", "--firm", "acme", "--out", str(cfg.firm.keys_dir)])
+    assert r.exit_code == 0, r.output
+    r = RUNNER.invoke(app, ["prepare", "--config", str(cfg_path)])
+    assert r.exit_code == 0, r.output
+    # refuses to overwrite
+    r = RUNNER.invoke(app, ["scan", str(path), "--write-config", str(cfg_path)])
+    assert r.exit_code != 0 and "refusing to overwrite" in r.output
