@@ -420,10 +420,12 @@ def print_report(report: dict[str, Any]) -> None:
                 PHASE_ORDER.index(k.split("/")[0]) if k.split("/")[0] in PHASE_ORDER else 99, k)):
             if name not in names:
                 names.append(name)
+    def phase(name: str) -> Callable[[dict[str, Any]], str]:
+        return lambda s: f"{s['phases'][name]:.2f}" if name in s["phases"] else "-"
+
     for name in names:
         indent = "    " * name.count("/")
-        add(f"  {indent}{name.split('/')[-1]} s", lambda s, n=name: (
-            f"{s['phases'][n]:.2f}" if n in s["phases"] else "-"))
+        add(f"  {indent}{name.split('/')[-1]} s", phase(name))
     def other(s: dict[str, Any]) -> str:
         top_level = sum(v for k, v in s["phases"].items() if "/" not in k)
         return f"{s['prepare_seconds'] - top_level:.2f}"

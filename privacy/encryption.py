@@ -50,7 +50,10 @@ def _aad(header: bytes, index: int, final: bool) -> bytes:
 def _frame_to_ipc(frame: pd.DataFrame) -> bytes:
     table = pa.Table.from_pandas(frame, preserve_index=False)
     sink = pa.BufferOutputStream()
-    with pa.ipc.new_stream(sink, table.schema) as writer:
+    # Compressed before encryption (zstd): a prepared store is written once and read locally, so
+    # the length side channel of compress-then-encrypt does not apply here.
+    options = pa.ipc.IpcWriteOptions(compression="zstd")
+    with pa.ipc.new_stream(sink, table.schema, options=options) as writer:
         writer.write_table(table)
     return bytes(sink.getvalue().to_pybytes())
 
@@ -69,7 +72,7 @@ class EncryptedTableWriter:
             "key_id": keys.data_key_id,
             "salt": self._salt.hex(),
             "cipher": "AES-256-GCM",
-            "payload": "arrow-ipc-stream",
+            "payload": "arrow-ipc-stream+zstd",
         }
         self._header = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
         self._aead = AESGCM(_file_key(keys.data_key, firm=keys.firm, table=table, salt=self._salt))
