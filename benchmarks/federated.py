@@ -302,6 +302,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--only", choices=["utility", "speed"], default=None)
     parser.add_argument("--profile", action="store_true", help="cProfile the speed drivers")
+    parser.add_argument("--labels", nargs="+", default=None, help="run only these scenarios")
     parser.add_argument("--child", nargs=2, metavar=("SPEC", "OUT"), help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, default=RESULTS / "federated.json")
     args = parser.parse_args(argv)
@@ -313,6 +314,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         specs += speed_specs(args.profile)
     if args.only in (None, "utility"):
         specs += utility_specs(args.seeds)
+    if args.labels:
+        specs = [s for s in specs if s["label"] in args.labels]
     runs = []
     with tempfile.TemporaryDirectory(prefix="fedcrm-bench-") as tmp:
         for spec in specs:

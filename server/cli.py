@@ -145,12 +145,13 @@ def run(
     from fedcrm.live import RunDisplay, print_run_summary
     from fedcrm.processes import DeploymentError
     from fedcrm.runs import load_summary, new_run_id
-    from server.coordinator_host import submit_run
+    from server.coordinator_host import require_running_link, submit_run
 
     run_cfg = load_run_file(config)
     cfg = load_coordinator_config(coordinator)
     rid = run_id or new_run_id(config.stem.replace("_", "-"))
     run_dir = cfg.runs_dir / rid
+    require_running_link(cfg)
     out.print(f"run [bold]{rid}[/]: {run_cfg.task.value}, {run_cfg.rounds} rounds, strategy "
               f"{run_cfg.strategy.value}, ε {run_cfg.target_epsilon:g} per firm -> {run_dir}")
 
@@ -163,9 +164,12 @@ def run(
     if summary:
         print_run_summary(out, summary, outcome.run_dir)
     if not outcome.completed or summary.get("status") != "completed":
-        ended = outcome.status.status_text
-        if outcome.completed:
-            ended = f"{summary.get('status', 'without a summary')} ({summary.get('stop_reason')})"
+        if not outcome.completed:
+            ended = outcome.status.status_text
+        elif not summary:
+            ended = f"{outcome.status.status_text} but the ServerApp wrote no summary.json"
+        else:
+            ended = f"{summary.get('status')}: {summary.get('stop_reason') or 'no reason given'}"
         raise DeploymentError(
             f"run {rid} (Flower run {outcome.flower_run_id}) ended {ended}; see "
             f"{outcome.log_path} and {cfg.superlink_dir / 'superlink.log'}"

@@ -85,7 +85,8 @@ def connect_cli(cfg: CoordinatorConfig) -> Path:
     return cfg.cli_home
 
 
-def _require_running_link(cfg: CoordinatorConfig) -> None:
+def require_running_link(cfg: CoordinatorConfig) -> None:
+    """Fail with the command to run when no SuperLink answers on the configured port."""
     host, _, port = cfg.local_address.rpartition(":")
     if not port_open(int(port), host.strip("[]")):
         raise DeploymentError(
@@ -114,7 +115,7 @@ def start_link(cfg: CoordinatorConfig, *, group: ProcessGroup) -> ManagedProcess
 
 def register_firm(cfg: CoordinatorConfig, *, firm: str, public_key: Path) -> int:
     """Register a firm's SuperNode public key with the running SuperLink; return its node id."""
-    _require_running_link(cfg)
+    require_running_link(cfg)
     return register_node(
         flwr_home=connect_cli(cfg), connection_name=CONNECTION, public_key_path=public_key,
         name=firm,
@@ -147,7 +148,7 @@ def submit_run(
             f"run id {run_id!r} must start with a letter or digit and use only letters, digits, "
             "'.', '_' or '-'"
         )
-    _require_running_link(cfg)
+    require_running_link(cfg)
     run_dir = cfg.runs_dir / run_id
     if run_dir.exists():
         raise ConfigError(f"{run_dir} already exists; choose another --run-id")

@@ -275,7 +275,13 @@ class GuardedStrategy(Strategy):
                 if isinstance(value, list) and key.startswith("sum-"):
                     sums_arr = np.asarray(value, dtype=np.float64)
                     prev = sums.get(key)
-                    sums[key] = sums_arr if prev is None else prev + sums_arr  # type: ignore[assignment]
+                    if prev is not None:
+                        # A small firm's last purchase can fall in an earlier week, so its
+                        # holdout is shorter: pool the weeks every firm covers (as the
+                        # simulation's BG/NBD baseline does).
+                        weeks = min(len(prev), len(sums_arr))  # type: ignore[arg-type]
+                        sums_arr = prev[:weeks] + sums_arr[:weeks]  # type: ignore[index]
+                    sums[key] = sums_arr  # type: ignore[assignment]
         pooled: dict[str, Any] = {"num_examples": n_total}
         if pos_total is not None and neg_total is not None:
             pooled["auc"] = auc_from_histograms(pos_total, neg_total)

@@ -105,7 +105,9 @@ def deploy_local(
         err.print(f"  prepared {name}: {rows:,} source rows (validated, masked, encrypted)")
 
     def on_event(event: DeployEvent) -> None:
-        if event.kind is not DeployEventKind.LOG:
+        if event.kind is DeployEventKind.ROUND:
+            err.print(f"  [ROUND {event.round}/{event.total_rounds}]", highlight=False)
+        elif event.kind is not DeployEventKind.LOG:
             err.print(f"  {event.message}", highlight=False)
 
     with RunDisplay(run_dir / "events.jsonl", console=out, title=rid):

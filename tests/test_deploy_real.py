@@ -103,7 +103,12 @@ def test_run_and_link_report_a_missing_superlink_in_one_line(tmp_path: Path) -> 
                                  str(coordinator)])
     assert result.exit_code == 8, result.output
     assert "no SuperLink answers" in result.output and "fedcrm link start" in result.output
-    assert "Traceback" not in result.output
+    assert "Traceback" not in result.output and len(result.output.strip().splitlines()) <= 3
+    key = runner.invoke(app, ["certs", "node-key", "--firm", "acme", "--out", str(tmp_path)])
+    assert key.exit_code == 0, key.output
+    result = runner.invoke(app, ["link", "register", "--firm", "acme", "--public-key",
+                                 str(tmp_path / "acme.pub"), "--config", str(coordinator)])
+    assert result.exit_code == 8 and "no SuperLink answers" in result.output, result.output
     bad = tmp_path / "bad.toml"
     bad.write_text('[run]\nrounds = 0\n')
     result = runner.invoke(app, ["run", "--config", str(bad), "--coordinator", str(coordinator)])
@@ -157,7 +162,7 @@ def test_real_fedcrm_apps_complete_two_rounds_on_a_tls_deployment(tmp_path: Path
 
     cfg = LocalDeployConfig(
         deploy=DeploySection(firms=3, seed=3, epsilon_budget=1.0, workdir=tmp_path / "runs"),
-        run=RunConfig(task="churn", rounds=2, min_firms=2, round_timeout=120,
+        run=RunConfig(rounds=2, min_firms=2, round_timeout=120,
                       wait_for_firms=30, target_epsilon=0.5, batch_size=128,
                       learning_rate=1.0, max_update_norm=100.0),
     )
