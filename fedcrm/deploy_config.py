@@ -85,6 +85,11 @@ class CoordinatorConfig(BaseModel):
         return self.link.workdir / "cli"
 
     @property
+    def signing_key(self) -> Path:
+        """The coordinator's Ed25519 key that signs federation logs (created 0600 on start)."""
+        return self.link.workdir / "coordinator" / "signing.key"
+
+    @property
     def runs_dir(self) -> Path:
         """Where the ServerApp writes ``<run-id>/summary.json``, the model and events."""
         return self.link.workdir / "runs"

@@ -12,6 +12,7 @@ All three are what ``fedcrm link start|register`` and ``fedcrm run`` call; the C
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,7 +24,9 @@ from fedcrm.run_config import RunConfig
 from fedcrm.runs import SUMMARY
 from privacy.certs import ServerCertFiles
 from privacy.errors import ConfigError, KeyFileError
+from privacy.keys import write_signing_key
 from server.app_bundle import write_app_dir
+from server.coordinator import COORDINATOR_KEY_ENV
 from server.deploy import AppSpec
 from server.link import (
     RunStatus,
@@ -95,6 +98,19 @@ def require_running_link(cfg: CoordinatorConfig) -> None:
         )
 
 
+def use_coordinator_key(path: Path) -> Path:
+    """Create (once) the coordinator's signing key and hand its path to the ServerApp.
+
+    The SuperLink inherits this process's environment and passes it to the ServerApp process,
+    which signs the federation log with it (``server.coordinator.COORDINATOR_KEY_ENV``). Only the
+    path travels, in an environment variable, never in the run config or the app bundle.
+    """
+    if not path.exists():
+        write_signing_key(path)
+    os.environ[COORDINATOR_KEY_ENV] = str(path.resolve())
+    return path
+
+
 def start_link(cfg: CoordinatorConfig, *, group: ProcessGroup) -> ManagedProcess:
     """Start the federation's SuperLink (TLS, node authentication, persistent registrations)."""
     certs = server_cert_files(cfg)
@@ -105,6 +121,7 @@ def start_link(cfg: CoordinatorConfig, *, group: ProcessGroup) -> ManagedProcess
             f"change [link] port in {cfg.config_path}"
         )
     cfg.database.parent.mkdir(parents=True, exist_ok=True)
+    use_coordinator_key(cfg.signing_key)
     link = start_superlink(
         workdir=cfg.superlink_dir, certs=certs, database=cfg.database, port=cfg.link.port,
         host=cfg.link.host, group=group,

@@ -34,7 +34,7 @@ from fedcrm.config import load_firm_config
 from fedcrm.run_config import RunConfig, parse_run_config
 from fedcrm.runs import SUMMARY, load_summary, new_run_id, write_summary
 from privacy.errors import ConfigError
-from server.coordinator_host import default_run_timeout
+from server.coordinator_host import default_run_timeout, use_coordinator_key
 from server.deploy import AppSpec, DeployEvent, DeploymentResult, FirmNode, deploy_local
 from simulations.run import Dataset, SimulationConfig, SimulationSection, build_firms
 
@@ -148,6 +148,7 @@ def run_local_deployment(
     run_dir.mkdir(parents=True)
 
     sim_firms = build_firms(_simulation_config(cfg, n), run_dir, on_firm=on_firm)
+    use_coordinator_key(run_dir / "coordinator" / "signing.key")
     nodes = [FirmNode(f.name, firm_node_config(f.config)) for f in sim_firms]
     result = deploy_local(
         firms=nodes,

@@ -199,4 +199,10 @@ def test_real_fedcrm_apps_complete_two_rounds_on_a_tls_deployment(tmp_path: Path
     firm1_config = str((done.run_dir / "firms" / "firm1" / "firm.toml").resolve())
     assert f"--node-config firm-config='{firm1_config}'" in node_log
     _assert_all_gone(tmp_path)
+    # the auditor's verification passes on the deployment's signed logs
+    from privacy.audit import verify_run
+
+    verification = verify_run(done.run_dir)
+    assert verification.ok, [str(f) for f in verification.failures]
+    assert (fed / "audit.jsonl").exists() and (fed / "signing.pub").exists()
     print(f"real deployment of 2 firms x 2 rounds: {seconds:.1f}s")
