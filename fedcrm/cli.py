@@ -434,7 +434,8 @@ def runs_list(
         out.print(f"no finished runs under {root}")
         return
     t = Table(title=f"runs under {root}")
-    for col in ("run id", "task", "strategy", "rounds", "status", "firms", "metric"):
+    t.add_column("run id", no_wrap=True)
+    for col in ("task", "strategy", "rounds", "status", "firms", "metric"):
         t.add_column(col)
     for r in runs:
         pooled = r.get("metrics", {}).get("pooled", {})
@@ -464,44 +465,6 @@ def runs_show(
     if as_json:
         sys.stdout.write(json.dumps(summary, indent=2) + "\n")
         return
-    print_summary(summary, run_dir)
+    from fedcrm.live import print_run_summary
 
-
-def print_summary(summary: dict[str, Any], run_dir: Path) -> None:
-    """The end-of-run table shared by simulate, deploy, run and runs show."""
-    t = Table(
-        title=f"run {summary['run_id']} ({summary['task']}, {summary['strategy']}, "
-        f"{summary.get('rounds_completed', '?')}/{summary['rounds']} rounds, "
-        f"{summary.get('status')})"
-    )
-    for col in ("firm", "ε spent", "ε budget", "δ", "customers (train)", "stopped"):
-        t.add_column(col)
-    for f in summary["firms"]:
-        t.add_row(
-            f["firm"],
-            f"{f['epsilon']:.4f}",
-            f"{f['epsilon_budget']:.4f}",
-            f"{f['delta']:g}" if f.get("delta") else "-",
-            str(f["num_examples"]),
-            f.get("stopped") or "",
-        )
-    out.print(t)
-
-    def flat(d: dict[str, Any]) -> str:
-        return ", ".join(
-            f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
-            for k, v in d.items() if not isinstance(v, (list, dict))
-        )
-
-    pooled = summary.get("metrics", {}).get("pooled", {})
-    if pooled:
-        out.print("pooled metrics: " + flat(pooled))
-    base = summary.get("baseline", {})
-    if base:
-        out.print("baseline: " + flat(base))
-        for key in ("bgnbd", "federated"):
-            if isinstance(base.get(key), dict):
-                out.print(f"  {key}: " + flat(base[key]))
-    if summary.get("stop_reason"):
-        out.print(f"[yellow]{summary['stop_reason']}[/]")
-    out.print(f"summary: {run_dir / 'summary.json'}   model: {summary.get('model')}")
+    print_run_summary(out, summary, run_dir)

@@ -160,6 +160,9 @@ def print_run_summary(console: Console, summary: dict[str, Any], run_dir: Path) 
         console.print("pooled metrics: " + plain(pooled))
     if summary.get("baseline"):
         console.print("baseline: " + plain(summary["baseline"]))
+        for key in ("bgnbd", "federated"):
+            if isinstance(summary["baseline"].get(key), dict):
+                console.print(f"  {key}: " + plain(summary["baseline"][key]))
     if summary.get("stop_reason"):
         console.print(f"[yellow]{summary['stop_reason']}[/]")
     console.print(f"summary: {run_dir / 'summary.json'}   model: {summary.get('model')}")
