@@ -81,6 +81,20 @@ def _rss(pid: int) -> int:
         return 0
 
 
+def _name(pid: int) -> str:
+    """A short label for a process: Ray's title (``ray::...``) or the program's base name."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as fh:
+            args = fh.read().split(b"\0")
+    except OSError:
+        return "?"
+    first = args[0].decode(errors="replace").strip()
+    if first.startswith("ray::"):
+        return first.split()[0]
+    names = [Path(a.decode(errors="replace")).name for a in args[:3] if a]
+    return " ".join(n for n in names if n not in ("python", "python3", "-u"))[:60]
+
+
 def _tree(root: int) -> dict[int, float]:
     """pid -> cpu seconds for ``root`` and all its descendants."""
     parent: dict[int, int] = {}
@@ -111,6 +125,8 @@ class TreeSampler:
         self.interval = interval
         self.peak_rss = 0
         self.peak_procs = 0
+        self.peak_breakdown: list[tuple[str, int]] = []
+        self.names: dict[int, str] = {}
         self.cpu: dict[int, float] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -127,13 +143,24 @@ class TreeSampler:
         while not self._stop.is_set():
             tree = _tree(self.root)
             self.cpu.update(tree)
-            self.peak_rss = max(self.peak_rss, sum(_rss(p) for p in tree))
+            for pid in tree:
+                if pid not in self.names:
+                    self.names[pid] = _name(pid)
+            rss = {p: _rss(p) for p in tree}
+            if sum(rss.values()) > self.peak_rss:
+                self.peak_rss = sum(rss.values())
+                self.peak_breakdown = sorted(
+                    ((_name(p), round(r / 2**20)) for p, r in rss.items()), key=lambda x: -x[1])
             self.peak_procs = max(self.peak_procs, len(tree))
             self._stop.wait(self.interval)
 
     @property
     def cpu_seconds(self) -> float:
         return sum(self.cpu.values())
+
+    def cpu_by_process(self) -> list[tuple[str, float]]:
+        return sorted(((self.names.get(p, "?"), round(c, 1)) for p, c in self.cpu.items()
+                       if c >= 0.5), key=lambda x: -x[1])
 
 
 # --------------------------------------------------------------------------- parent
@@ -177,7 +204,9 @@ def run_child(spec: dict[str, Any], tmp: Path) -> dict[str, Any]:
         process_wall_seconds=round(wall, 2),
         peak_rss_mb=round(sampler.peak_rss / 2**20, 1),
         peak_processes=sampler.peak_procs,
+        peak_rss_by_process_mb=sampler.peak_breakdown,
         tree_cpu_seconds=round(sampler.cpu_seconds, 1),
+        cpu_seconds_by_process=sampler.cpu_by_process(),
         loadavg_before=[round(x, 2) for x in load_before],
         loadavg_after=[round(x, 2) for x in os.getloadavg()],
     )
@@ -204,9 +233,9 @@ def speed_specs(profile: bool) -> list[dict[str, Any]]:
         {"label": "speed_telco_5firms", "config": str(TELCO), "seed": 0, "baseline": False,
          "rounds": 20, "profile": profile},
         {"label": "speed_cdnow_5firms", "config": str(CDNOW), "seed": 0, "baseline": False,
-         "firms": 5, "rounds": 10},
+         "firms": 5, "rounds": 10, "profile": profile},
         {"label": "speed_cdnow_25firms", "config": str(CDNOW_100), "seed": 0, "baseline": False,
-         "firms": 25, "rounds": 10},
+         "firms": 25, "rounds": 10, "min_firms": 13, "profile": profile},
         {"label": "speed_cdnow_100firms", "config": str(CDNOW_100), "seed": 0, "baseline": False,
          "firms": 100, "rounds": 10, "profile": profile},
     ]
@@ -303,6 +332,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--only", choices=["utility", "speed"], default=None)
     parser.add_argument("--profile", action="store_true", help="cProfile the speed drivers")
     parser.add_argument("--labels", nargs="+", default=None, help="run only these scenarios")
+    parser.add_argument("--actors", type=int, default=None, help="override simulation.actors")
     parser.add_argument("--child", nargs=2, metavar=("SPEC", "OUT"), help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, default=RESULTS / "federated.json")
     args = parser.parse_args(argv)
@@ -316,6 +346,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         specs += utility_specs(args.seeds)
     if args.labels:
         specs = [s for s in specs if s["label"] in args.labels]
+    if args.actors is not None:
+        for s in specs:
+            s["actors"] = args.actors
     runs = []
     with tempfile.TemporaryDirectory(prefix="fedcrm-bench-") as tmp:
         for spec in specs:
@@ -404,9 +437,13 @@ def _timeline(events: list[dict[str, Any]], marks: dict[str, float],
     admitted = by_kind.get("firms_admitted", [{}])[0].get("t")
     if started and admitted:
         phases["describe_round"] = admitted - started
+    if started:
+        phases["federate_to_run_started"] = started - marks["federate"]
     if client:
         first = min(c[3] for c in client)
         phases["first_client_message"] = first - (marks.get("ray_init_end") or started or first)
+        if started:
+            phases["run_started_to_first_client_message"] = first - started
     rs = {e["round"]: e["t"] for e in by_kind.get("round_started", [])}
     rt = {e["round"]: e["t"] for e in by_kind.get("round_trained", [])}
     re_ = {e["round"]: e["t"] for e in by_kind.get("round_evaluated", [])}
@@ -439,6 +476,18 @@ def _client_stats(client: list[list[Any]]) -> dict[str, Any]:
     return out
 
 
+def _write_profile(profiler: Any, path: Path) -> None:
+    import io
+    import pstats
+
+    profiler.dump_stats(path)
+    text = io.StringIO()
+    stats = pstats.Stats(profiler, stream=text)
+    stats.sort_stats("cumulative").print_stats(60)
+    stats.sort_stats("tottime").print_stats(30)
+    path.with_suffix(".txt").write_text(text.getvalue())
+
+
 def child_main(spec: dict[str, Any], out: Path) -> None:
     import logging
 
@@ -450,11 +499,13 @@ def child_main(spec: dict[str, Any], out: Path) -> None:
     cfg = load_simulation_config(Path(spec["config"]))
     sim_update: dict[str, Any] = {"workdir": Path(spec["workdir"]), "seed": spec["seed"],
                                   "baseline": spec["baseline"]}
-    if "firms" in spec:
-        sim_update["firms"] = spec["firms"]
+    for key in ("firms", "actors"):
+        if key in spec:
+            sim_update[key] = spec[key]
     run_update: dict[str, Any] = {}
-    if "rounds" in spec:
-        run_update["rounds"] = spec["rounds"]
+    for key in ("rounds", "min_firms"):
+        if key in spec:
+            run_update[key] = spec[key]
     cfg = cfg.model_copy(update={
         "simulation": cfg.simulation.model_copy(update=sim_update),
         "run": cfg.run.model_copy(update=run_update),
@@ -474,28 +525,33 @@ def child_main(spec: dict[str, Any], out: Path) -> None:
     ray.init = timed_init
     client_log = out.with_suffix(".client.jsonl")
     profiler = None
+    name = spec["label"].removeprefix("speed_")
     if spec.get("profile"):
         import cProfile
 
+        import server.server_app
+
         profiler = cProfile.Profile()
         profiler.enable()
+        # The ServerApp runs in its own thread, which the driver's profiler does not see.
+        real_federation = server.server_app.run_federation
+
+        def profiled_federation(*a: Any, **kw: Any) -> Any:
+            server_prof = cProfile.Profile()
+            try:
+                return server_prof.runcall(real_federation, *a, **kw)
+            finally:
+                _write_profile(server_prof, RESULTS / f"federated_{name}_server.prof")
+
+        server.server_app.run_federation = profiled_federation
     run_dir, summary = simulate(
         cfg, on_phase=lambda p: marks.__setitem__(p, time.time()),
         client_mods=[_message_timer(str(client_log))],
     )
     marks["end"] = time.time()
     if profiler is not None:
-        import io
-        import pstats
-
         profiler.disable()
-        prof = RESULTS / f"federated_{spec['label'].removeprefix('speed_')}.prof"
-        profiler.dump_stats(prof)
-        text = io.StringIO()
-        stats = pstats.Stats(profiler, stream=text)
-        stats.sort_stats("cumulative").print_stats(60)
-        stats.sort_stats("tottime").print_stats(30)
-        prof.with_suffix(".txt").write_text(text.getvalue())
+        _write_profile(profiler, RESULTS / f"federated_{name}.prof")
     from fedcrm.progress import read_events
 
     events = read_events(run_dir / "events.jsonl")
@@ -515,6 +571,7 @@ def child_main(spec: dict[str, Any], out: Path) -> None:
         "run_hyperparameters": cfg.run.model_dump(mode="json"),
         "pooled": pooled,
         "baseline": summary.get("baseline"),
+        "firms_trained": sum(1 for f in summary["firms"] if f["rounds_trained"]),
         "max_epsilon": max((f["epsilon"] or 0.0) for f in summary["firms"]),
         "epsilon_budget": cfg.simulation.epsilon_budget,
         "delta": cfg.simulation.delta,

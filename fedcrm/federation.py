@@ -239,14 +239,19 @@ class FirmNode:
         if last is None or (last.payload["epsilon_cap"], last.payload["delta"]) != (cap, delta):
             self.audit.append(EntryKind.BUDGET_CHANGED, {"epsilon_cap": cap, "delta": delta})
 
-    def log_release(self, event: Any, *, model_hash: str | None = None) -> None:
-        """Audit a committed DP release (and the update it funded); no-op without a signing key."""
+    def log_release(self, event: Any, *, model_hash: str | None = None,
+                    cumulative_epsilon: float | None = None) -> None:
+        """Audit a committed DP release (and the update it funded); no-op without a signing key.
+
+        ``cumulative_epsilon`` is the ledger's total after the commit, when the caller has it.
+        """
         if self.audit is None:
             return
         payload = {k: v for k, v in event.to_json().items()}
         payload.update(
             ledger_path=str(self.cfg.ledger_path),
-            cumulative_epsilon=self.ledger.spent(),
+            cumulative_epsilon=(self.ledger.spent() if cumulative_epsilon is None
+                                else cumulative_epsilon),
             epsilon_cap=self.cfg.budget.epsilon,
         )
         release = self.audit.append(EntryKind.DP_RELEASE, payload)
@@ -405,8 +410,9 @@ class FirmNode:
             proximal=proximal,
         )
         self.ledger.commit(event)  # fsynced before the parameters leave this process
+        spent = self.ledger.spent()
         trained = model_to_arrays(model)
-        self.log_release(event, model_hash=arrays_hash(trained))
+        self.log_release(event, model_hash=arrays_hash(trained), cumulative_epsilon=spent)
         head = self.audit.head() if self.audit is not None else None
         return TrainOutcome(
             status=RoundStatus.OK,
@@ -415,7 +421,7 @@ class FirmNode:
             audit_head_length=head.length if head else 0,
             num_examples=len(y),
             epsilon_round=float(event.epsilon),
-            epsilon_total=self.ledger.spent(),
+            epsilon_total=spent,
             epsilon_cap=self.cfg.budget.epsilon,
             delta=self.cfg.budget.delta,
             seconds=time.perf_counter() - started,

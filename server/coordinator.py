@@ -7,14 +7,16 @@ directory: ``events.jsonl`` (live progress), ``model.pt`` (global model with pro
 
 from __future__ import annotations
 
+import copy
+import os
+import queue
+import threading
 import time
 from collections import Counter
 from dataclasses import asdict
 from logging import WARNING
 from pathlib import Path
 from typing import Any
-
-import os
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
@@ -35,13 +37,24 @@ from server.strategies import FederationStopped, FirmState, GuardedStrategy, bui
 COORDINATOR_KEY_ENV = "FEDCRM_COORDINATOR_KEY"
 
 QUERY = "query"
+#: Seconds between polls for replies in a simulation (Flower's in-memory grid).
+SIMULATION_PULL_INTERVAL = 0.01
 
 
 class FederationAudit:
-    """The coordinator's signed federation log, fed by the run's progress events."""
+    """The coordinator's signed federation log, fed by the run's progress events.
+
+    Entries are appended in order by one writer thread, off the rounds' critical path: each
+    append rewrites and fsyncs the whole log, which grows by one entry per accepted update (with
+    100 firms that cost grew every round). :meth:`close` returns once every entry is durable and
+    re-raises an append that failed; the coordinator calls it before it reports the run finished.
+    """
 
     def __init__(self, run_dir: Path) -> None:
         self.log: AuditLog | None = None
+        self._pending: queue.Queue[tuple[EntryKind, dict[str, Any]] | None] = queue.Queue()
+        self._failure: BaseException | None = None
+        self._writer: threading.Thread | None = None
         key_path = os.environ.get(COORDINATOR_KEY_ENV)
         if not key_path:
             log(WARNING, "%s is not set: this run keeps no signed federation log",
@@ -52,10 +65,33 @@ class FederationAudit:
         fed.mkdir(parents=True, exist_ok=True)
         (fed / "signing.pub").write_bytes(public_key_pem(key.public_key()))
         self.log = AuditLog(fed / "audit.jsonl", signing_key=key)
+        self._writer = threading.Thread(target=self._write, name="federation-audit", daemon=True)
+        self._writer.start()
 
     def append(self, kind: EntryKind, payload: dict[str, Any]) -> None:
-        if self.log is not None:
-            self.log.append(kind, payload)
+        if self.log is None:
+            return
+        if self._failure is not None:
+            raise self._failure
+        self._pending.put((kind, copy.deepcopy(payload)))
+
+    def _write(self) -> None:
+        assert self.log is not None
+        while (item := self._pending.get()) is not None:
+            if self._failure is None:
+                try:
+                    self.log.append(*item)
+                except BaseException as exc:  # re-raised by append/close
+                    self._failure = exc
+
+    def close(self) -> None:
+        """Wait until every entry is appended; raise the first append that failed."""
+        if self._writer is not None:
+            self._pending.put(None)
+            self._writer.join()
+            self._writer = None
+        if self._failure is not None:
+            raise self._failure
 
     def on_event(self, kind: str, **ev: Any) -> None:
         if kind == "update_accepted":
@@ -77,14 +113,40 @@ class FederationAudit:
                                                  "metrics": metrics})
 
 
+#: Once ``min_firms`` nodes are connected, the run starts when no further node has connected
+#: for this many seconds (firms connecting together - or a simulation registering its nodes
+#: while the ServerApp already runs - are not cut off at ``min_firms``).
+NODES_SETTLE_SECONDS = 0.3
+
+
 def _wait_for_nodes(grid: Grid, cfg: RunConfig, events: _AuditedEvents) -> list[int]:
     deadline = time.monotonic() + cfg.wait_for_firms
+    settled_at: float | None = None
+    nodes: list[int] = []
     while True:
-        nodes = list(grid.get_node_ids())
-        if len(nodes) >= cfg.min_firms or time.monotonic() > deadline:
+        now = time.monotonic()
+        current = list(grid.get_node_ids())
+        if len(current) != len(nodes):
+            nodes, settled_at = current, now
+        enough = len(nodes) >= cfg.min_firms
+        if (enough and settled_at is not None and now - settled_at >= NODES_SETTLE_SECONDS) \
+                or now > deadline:
             events.emit("nodes_connected", count=len(nodes))
             return nodes
-        time.sleep(0.5)
+        time.sleep(0.05 if enough else 0.5)
+
+
+def _tune_simulation_polling(grid: Grid, n_nodes: int) -> None:
+    """Poll Flower's in-memory (simulation) grid for replies sooner in small federations.
+
+    It polls every 0.1 s by default; a round is two exchanges, so with a few firms that interval,
+    not the firms' work, sets the pace. One poll scans every stored message, so its cost grows
+    with the federation: the interval grows with it (back to Flower's 0.1 s at 100 firms).
+    """
+    current = getattr(grid, "pull_interval", None)
+    if isinstance(current, float):
+        setattr(grid, "pull_interval",  # noqa: B010 - only Flower's in-memory grid has it
+                min(current, max(SIMULATION_PULL_INTERVAL, 0.001 * n_nodes)))
 
 
 def _describe(grid: Grid, nodes: list[int], cfg: RunConfig, events: _AuditedEvents) -> dict[int, dict[str, Any]]:
@@ -119,6 +181,7 @@ def run_federation(grid: Grid, cfg: RunConfig, *, run_id: str, run_dir: Path) ->
     events.emit("run_started", run_id=run_id, task=cfg.task.value, strategy=cfg.strategy.value,
                 rounds=cfg.rounds)
     nodes = _wait_for_nodes(grid, cfg, events)
+    _tune_simulation_polling(grid, len(nodes))
     info = _describe(grid, nodes, cfg, events)
     layouts = Counter((str(i.get("layout")), int(i.get("input-dim", 0))) for i in info.values())
     firms: dict[int, FirmState] = {}
@@ -235,6 +298,7 @@ def run_federation(grid: Grid, cfg: RunConfig, *, run_id: str, run_dir: Path) ->
     write_summary(run_dir, summary)
     audit.append(EntryKind.RUN_FINISHED, {"status": status, "reason": stop_reason,
                                           "rounds_completed": last_round, "model_hash": model_hash})
+    audit.close()
     events.emit("run_finished", status=status, reason=stop_reason, model=summary["model"])
     return summary
 

@@ -149,7 +149,9 @@ class GuardedStrategy(Strategy):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        replies = list(replies)
+        # In firm order, not arrival order: the round's record, events and aggregate do not
+        # depend on which firm happened to answer first.
+        replies = sorted(replies, key=lambda m: self._firm(m.metadata.src_node_id).firm)
         record = self.rounds.setdefault(server_round, RoundRecord(server_round))
         answered = set()
         valid: list[Message] = []
@@ -254,7 +256,7 @@ class GuardedStrategy(Strategy):
         neg_total: np.ndarray | None = None
         sums: dict[str, float] = {}
         n_total = 0
-        for msg in replies:
+        for msg in sorted(replies, key=lambda m: self._firm(m.metadata.src_node_id).firm):
             if msg.has_error() or "metrics" not in msg.content:
                 continue
             metrics = msg.content["metrics"]

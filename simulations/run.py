@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import time
 import tomllib
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -69,6 +71,10 @@ class SimulationSection(BaseModel):
     exhausted_firms: int = Field(
         default=0, ge=0,
         description="the first N firms start with their budget already spent by an earlier release",
+    )
+    actors: int = Field(
+        default=0, ge=0,
+        description="Ray actors (processes) that run the firms' ClientApps; 0 = one per CPU",
     )
 
 
@@ -185,6 +191,59 @@ def _spend_budget(cfg: FirmConfig) -> None:
     ledger.commit(event)
 
 
+def _engine_cpus(sim: SimulationSection) -> int:
+    """CPUs given to Ray = number of ClientApp actors (each actor takes one)."""
+    return sim.actors or max(1, os.cpu_count() or 1)
+
+
+#: Imported by each Ray worker as it starts, before Flower hands it a ClientApp actor.
+CLIENT_APP_MODULE = "clients.client_app"
+
+
+def _ray_init_args(sim: SimulationSection) -> dict[str, Any]:
+    return {"num_cpus": _engine_cpus(sim), "include_dashboard": False,
+            "logging_level": "error", "log_to_driver": False,
+            "_system_config": {"preload_python_modules": [CLIENT_APP_MODULE]}}
+
+
+def start_engine(sim: SimulationSection) -> None:
+    """Start Ray for Flower's simulation engine now, as its Ray backend would (it reuses it).
+
+    Ray prestarts one idle worker process per CPU at ``ray.init``, and Flower's ClientApp actors
+    take over those workers when they run in the job's own environment. So the harness passes
+    ``PYTHONPATH`` through the environment (Flower's backend sets it there too) rather than a
+    ``runtime_env``, and has the workers preload the ClientApp's module (torch, pandas, flwr:
+    seconds of imports): Ray's start and the workers' imports then overlap the firms' prepare
+    instead of following it.
+    """
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    import ray
+
+    if ray.is_initialized():
+        return
+    pythonpath = os.pathsep.join(sys.path)
+    if os.environ.get("PYTHONPATH"):
+        pythonpath = f"{pythonpath}{os.pathsep}{os.environ['PYTHONPATH']}"
+    os.environ["PYTHONPATH"] = pythonpath
+    ray.init(**_ray_init_args(sim))
+
+
+def _import_apps() -> None:
+    """Import Flower's simulation engine and the fedcrm apps (seconds of imports, overlapped)."""
+    import flwr.simulation  # noqa: F401
+
+    import clients.client_app  # noqa: F401
+    import server.server_app  # noqa: F401
+
+
+def stop_engine() -> None:
+    """Shut Ray down if a failed run left it up (Flower's backend stops it after a run)."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+
+
 def run_flower_simulation(cfg: SimulationConfig, firms: list[SimFirm], *, run_id: str,
                           run_dir: Path, client_mods: list[Any] | None = None) -> None:
     """Run the ServerApp and one ClientApp per firm in Flower's simulation engine."""
@@ -202,15 +261,13 @@ def run_flower_simulation(cfg: SimulationConfig, firms: list[SimFirm], *, run_id
     if not coordinator_key.exists():
         write_signing_key(coordinator_key)
     os.environ[COORDINATOR_KEY_ENV] = str(coordinator_key)
-    cpus = max(1, os.cpu_count() or 1)
     run_simulation(
         server_app=make_server_app(cfg.run, run_id=run_id, run_dir=str(run_dir.resolve())),
         client_app=make_client_app(mapping, mods=client_mods),
         num_supernodes=len(firms),
         backend_config={
             "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-            "init_args": {"num_cpus": cpus, "include_dashboard": False,
-                          "logging_level": "error", "log_to_driver": False},
+            "init_args": _ray_init_args(cfg.simulation),
         },
     )
 
@@ -237,10 +294,24 @@ def simulate(cfg: SimulationConfig, *, run_id: str | None = None,
     started = time.perf_counter()
     phase = on_phase or (lambda _p: None)
     phase("prepare")
-    firms = build_firms(cfg, run_dir, on_firm=on_firm)
-    prepared = time.perf_counter()
-    phase("federate")
-    run_flower_simulation(cfg, firms, run_id=run_id, run_dir=run_dir, client_mods=client_mods)
+    # The firms are prepared in a thread while this (main) thread starts Ray: ray.init mostly
+    # waits for Ray's processes, and it must run in the main thread (its child processes are
+    # tied to the thread that starts them).
+    try:
+        with ThreadPoolExecutor(max_workers=2, thread_name_prefix="prepare") as pool:
+            building = pool.submit(build_firms, cfg, run_dir, on_firm=on_firm)
+            importing = pool.submit(_import_apps)
+            try:
+                start_engine(sim)
+            finally:
+                firms = building.result()
+                importing.result()
+        prepared = time.perf_counter()
+        phase("federate")
+        run_flower_simulation(cfg, firms, run_id=run_id, run_dir=run_dir,
+                              client_mods=client_mods)
+    finally:
+        stop_engine()
     federated = time.perf_counter()
     summary = load_summary(run_dir)
     if sim.baseline:
