@@ -9,6 +9,7 @@ Replies carry model parameters, counts, ε spent and evaluation statistics - nev
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from typing import Any, cast
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -37,7 +38,11 @@ def _spec(msg: Message) -> RoundSpec:
     return RoundSpec.from_config(dict(msg.content["config"]))
 
 
-def _status_reply(msg: Message, status: str, detail: str, metrics: dict[str, float]) -> Message:
+def _arrays(msg: Message) -> list[Any]:
+    return cast(ArrayRecord, msg.content["arrays"]).to_numpy_ndarrays()
+
+
+def _status_reply(msg: Message, status: str, detail: str, metrics: dict[str, Any]) -> Message:
     content = RecordDict(
         {
             "status": ConfigRecord({"state": status, "detail": detail}),
@@ -58,16 +63,19 @@ def make_client_app(
             return FirmNode.open(firm_configs[int(context.node_config["partition-id"])])
         return FirmNode.open(_firm_config_from_node(context))
 
-    def guarded(handler: Callable[[Message, Context], Message]) -> Callable[[Message, Context], Message]:
+    def guarded(
+        handler: Callable[[Message, Context], Message],
+    ) -> Callable[[Message, Context], Message]:
         def run(msg: Message, context: Context) -> Message:
             try:
                 return handler(msg, context)
             except FedcrmError as exc:
                 # A user-facing error (one line, no data values): report it as this firm's status.
                 return _status_reply(msg, "error", str(exc), {"num-examples": 0})
-            except Exception as exc:  # noqa: BLE001 - anything else: its text could quote data
+            except Exception as exc:
                 return _status_reply(
-                    msg, "error",
+                    msg,
+                    "error",
                     f"internal error {type(exc).__name__} on the firm's node (details stay in the "
                     "firm's own logs)",
                     {"num-examples": 0},
@@ -79,14 +87,14 @@ def make_client_app(
     @guarded
     def describe(msg: Message, context: Context) -> Message:
         task = Task(str(msg.content["config"]["task"]))
-        info = node_for(context).describe(task)
+        info: dict[str, Any] = dict(node_for(context).describe(task))
         return Message(content=RecordDict({"describe": ConfigRecord(info)}), reply_to=msg)
 
     @app.train()
     @guarded
     def train(msg: Message, context: Context) -> Message:
         node = node_for(context)
-        outcome = node.train(_spec(msg), msg.content["arrays"].to_numpy_ndarrays())
+        outcome = node.train(_spec(msg), _arrays(msg))
         metrics = MetricRecord(
             {
                 "num-examples": outcome.num_examples,
@@ -115,8 +123,8 @@ def make_client_app(
     @guarded
     def evaluate(msg: Message, context: Context) -> Message:
         node = node_for(context)
-        outcome = node.evaluate(_spec(msg), msg.content["arrays"].to_numpy_ndarrays())
-        values: dict[str, float | int | list[float]] = {"num-examples": outcome.num_examples}
+        outcome = node.evaluate(_spec(msg), _arrays(msg))
+        values: dict[str, Any] = {"num-examples": outcome.num_examples}
         values.update(outcome.metrics)
         for name, hist in outcome.histograms.items():
             values[name] = [float(v) for v in hist]

@@ -1,7 +1,8 @@
 """A firm's side of federated training, with no Flower in it.
 
 The ClientApp (``clients/client_app.py``) only decodes a message into a :class:`RoundSpec` and
-the global arrays, calls :meth:`FirmNode.train` / :meth:`FirmNode.evaluate` / :meth:`FirmNode.describe`
+the global arrays, calls :meth:`FirmNode.train` / :meth:`FirmNode.evaluate` /
+:meth:`FirmNode.describe`
 and encodes the outcome. Everything a firm decides - its budget, its keys, its data - stays here,
 on the firm's machine.
 
@@ -20,6 +21,7 @@ import hashlib
 import json
 import os
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -28,7 +30,6 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from privacy.ledger import Budget, PrivacyLedger
 
 from fedcrm.config import ColumnRole, FeatureKind, FirmConfig, TableName, load_firm_config
 from fedcrm.dp_engine import DpPlan, plan_for_budget, train_dp
@@ -46,6 +47,7 @@ from fedcrm.store import PreparedStore, load_store
 from privacy.audit import AuditLog, EntryKind
 from privacy.errors import BudgetExhausted, ConfigError, PlanDoesNotFit, SchemaError
 from privacy.keys import FirmKeys, load_keys
+from privacy.ledger import Budget, PrivacyLedger
 
 HOLDOUT_FRACTION = 0.2
 #: A firm declines a run when less than this fraction of the run's ε is left in its budget
@@ -81,7 +83,7 @@ class RoundSpec:
     proximal_mu: float = 0.0
     seed: int = 0
 
-    def to_config(self) -> dict[str, str | int | float]:
+    def to_config(self) -> dict[str, Any]:
         """Flat, hyphenated keys (Flower's convention); ``server-round`` is set per round."""
         return {
             k.replace("_", "-"): (v.value if isinstance(v, StrEnum) else v)
@@ -97,7 +99,9 @@ class RoundSpec:
             values["task"] = Task(str(values["task"]))
             return cls(**values)
         except (KeyError, ValueError, TypeError) as exc:
-            raise ConfigError(f"malformed round configuration from the coordinator: {exc}") from None
+            raise ConfigError(
+                f"malformed round configuration from the coordinator: {exc}"
+            ) from None
 
 
 @dataclass(frozen=True)
@@ -159,15 +163,22 @@ def layout_from_config(cfg: FirmConfig) -> FeatureLayout:
         name = col.canonical(source, TableName.CUSTOMERS)
         if col.kind is FeatureKind.NUMERIC:
             assert col.min is not None and col.max is not None
-            numeric.append(NumericSpec(name, float(col.min), float(col.max),
-                                       missing_indicator=col.missing.value == "allow"))
+            numeric.append(
+                NumericSpec(
+                    name,
+                    float(col.min),
+                    float(col.max),
+                    missing_indicator=col.missing.value == "allow",
+                )
+            )
         elif col.kind is FeatureKind.BOOLEAN:
             boolean.append(BooleanSpec(name))
         else:
             categorical.append(CategoricalSpec(name, tuple(col.categories or ())))
     key = lambda s: s.name  # noqa: E731
-    return FeatureLayout([*sorted(numeric, key=key), *sorted(boolean, key=key),
-                          *sorted(categorical, key=key)])
+    return FeatureLayout(
+        [*sorted(numeric, key=key), *sorted(boolean, key=key), *sorted(categorical, key=key)]
+    )
 
 
 def holdout_mask(customer_ids: pd.Series, fraction: float = HOLDOUT_FRACTION) -> np.ndarray:
@@ -225,7 +236,9 @@ class FirmNode:
             budget=Budget(epsilon=cfg.budget.epsilon, delta=cfg.budget.delta),
         )
         self._churn: ChurnData | None = None
+        self._churn_hash = ""
         self._trend: Any = None
+        self._trend_hash = ""
         self.audit = firm_audit_log(cfg, keys)
         self._log_budget()
 
@@ -234,13 +247,15 @@ class FirmNode:
         if self.audit is None:
             return
         cap, delta = self.cfg.budget.epsilon, self.cfg.budget.delta
-        last = next((e for e in reversed(self.audit.entries())
-                     if e.kind is EntryKind.BUDGET_CHANGED), None)
+        last = next(
+            (e for e in reversed(self.audit.entries()) if e.kind is EntryKind.BUDGET_CHANGED), None
+        )
         if last is None or (last.payload["epsilon_cap"], last.payload["delta"]) != (cap, delta):
             self.audit.append(EntryKind.BUDGET_CHANGED, {"epsilon_cap": cap, "delta": delta})
 
-    def log_release(self, event: Any, *, model_hash: str | None = None,
-                    cumulative_epsilon: float | None = None) -> None:
+    def log_release(
+        self, event: Any, *, model_hash: str | None = None, cumulative_epsilon: float | None = None
+    ) -> None:
         """Audit a committed DP release (and the update it funded); no-op without a signing key.
 
         ``cumulative_epsilon`` is the ledger's total after the commit, when the caller has it.
@@ -250,18 +265,24 @@ class FirmNode:
         payload = {k: v for k, v in event.to_json().items()}
         payload.update(
             ledger_path=str(self.cfg.ledger_path),
-            cumulative_epsilon=(self.ledger.spent() if cumulative_epsilon is None
-                                else cumulative_epsilon),
+            cumulative_epsilon=(
+                self.ledger.spent() if cumulative_epsilon is None else cumulative_epsilon
+            ),
             epsilon_cap=self.cfg.budget.epsilon,
         )
         release = self.audit.append(EntryKind.DP_RELEASE, payload)
         if model_hash is not None:
             ctx = dict(event.context)
-            self.audit.append(EntryKind.UPDATE_SENT, {
-                "run_id": str(ctx.get("run_id", "")), "round": int(ctx.get("round", 0)),
-                "task": str(ctx.get("task", "")), "model_hash": model_hash,
-                "release": release.hash,
-            })
+            self.audit.append(
+                EntryKind.UPDATE_SENT,
+                {
+                    "run_id": str(ctx.get("run_id", "")),
+                    "round": int(ctx.get("round", 0)),
+                    "task": str(ctx.get("task", "")),
+                    "model_hash": model_hash,
+                    "release": release.hash,
+                },
+            )
 
     @classmethod
     def open(cls, firm_config: Path | str) -> FirmNode:
@@ -330,7 +351,8 @@ class FirmNode:
         available = self.cfg.budget.epsilon - spent
         if available < MIN_USEFUL_FRACTION * spec.target_epsilon:
             raise PlanDoesNotFit(
-                f"firm '{self.firm}' has spent ε={spent:.4f} of its cap ε={self.cfg.budget.epsilon:g}; "
+                f"firm '{self.firm}' has spent ε={spent:.4f} of its cap "
+                f"ε={self.cfg.budget.epsilon:g}; "
                 f"the remaining ε={max(available, 0):.4f} cannot fund a useful run (at least "
                 f"{MIN_USEFUL_FRACTION:.0%} of the run's ε={spec.target_epsilon:g}). It stops "
                 "participating; raising the cap is a governance decision for the firm"
@@ -373,7 +395,7 @@ class FirmNode:
             data = self.churn()
             x, y = data.x_train, data.y_train
             model = build_churn_model(spec.model, data.layout.dim, seed=spec.seed)
-            loss = churn_per_sample_loss
+            loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = churn_per_sample_loss
         else:
             from fedcrm import trend_task
 

@@ -32,7 +32,7 @@ def _sniff_delimiter(path: Path, encoding: str) -> str | None:
 
 def _decode_hint(spec: SourceSpec) -> str:
     if spec.encoding.lower().replace("-", "") in ("utf8", "utf8sig"):
-        return "if it is a Chinese (GBK) export, set encoding = \"gb18030\" in its source section"
+        return 'if it is a Chinese (GBK) export, set encoding = "gb18030" in its source section'
     return "check the file's encoding and set 'encoding' in its source section (e.g. \"utf-8\")"
 
 
@@ -67,7 +67,8 @@ def _csv_chunks(spec: SourceSpec, expected: int) -> Iterator[Chunk]:
                         else f"check 'delimiter' (now {spec.delimiter!r})"
                     )
                     raise SchemaError(
-                        f"{path}: the header has a single column but the config maps {expected}; {hint}"
+                        f"{path}: the header has a single column but the config maps {expected}; "
+                        f"{hint}"
                     )
             yield start, chunk
             start += len(chunk)
@@ -161,7 +162,7 @@ def _sql_chunks(spec: SourceSpec) -> Iterator[Chunk]:
 
 
 def iter_chunks(spec: SourceSpec, *, expected_columns: int) -> Iterator[Chunk]:
-    """Yield ``(first_row_number, frame)`` chunks from any supported source (rows numbered from 1)."""
+    """Yield ``(first_row_number, frame)`` chunks from any supported source (rows from 1)."""
     if spec.kind is SourceKind.CSV:
         yield from _csv_chunks(spec, expected_columns)
     elif spec.kind is SourceKind.PARQUET:
@@ -178,7 +179,9 @@ def read_sample(spec: SourceSpec, *, rows: int = 5000) -> pd.DataFrame:
     raise SchemaError(f"{spec.describe()} has no rows")
 
 
-def source_for_file(path: Path, *, encoding: str = "utf-8", delimiter: str | None = None) -> SourceSpec:
+def source_for_file(
+    path: Path, *, encoding: str = "utf-8", delimiter: str | None = None
+) -> SourceSpec:
     """A SourceSpec for a bare file path (CSV or Parquet by extension)."""
     suffix = path.suffix.lower()
     if suffix in (".parquet", ".pq"):

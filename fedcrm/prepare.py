@@ -66,8 +66,9 @@ class PrepareResult:
     quarantine_path: Path | None
 
 
-def _mask_frame(frame: pd.DataFrame, cfg: FirmConfig, table: TableName, keys: FirmKeys,
-                as_of: pd.Timestamp) -> pd.DataFrame:
+def _mask_frame(
+    frame: pd.DataFrame, cfg: FirmConfig, table: TableName, keys: FirmKeys, as_of: pd.Timestamp
+) -> pd.DataFrame:
     spec = cfg.tables[table]
     key = keys.pseudonym_key()
     out = frame.drop(columns=["_row"])
@@ -125,8 +126,11 @@ def _write_quarantine(writer: Any, table: TableName, issues: pd.DataFrame, keys:
         return
     ids = issues["raw_id"].astype(object)
     blank = ids.isna() | (ids.astype(str).str.strip() == "")
-    tokens = pseudonymize(ids.where(~blank, "<missing>").astype(str), key=keys.pseudonym_key(),
-                          key_id=keys.pseudonym_key_id)
+    tokens = pseudonymize(
+        ids.where(~blank, "<missing>").astype(str),
+        key=keys.pseudonym_key(),
+        key_id=keys.pseudonym_key_id,
+    )
     tokens = tokens.where(~blank, "")
     for row, column, reason, token in zip(
         issues["row"], issues["column"], issues["reason"], tokens, strict=True
@@ -192,27 +196,41 @@ def prepare(
                 reasons: Counter[str] = Counter()
                 parts: list[pd.DataFrame] = []
                 mask_as_of = feature_as_of or pd.Timestamp.now().normalize()
-                with EncryptedTableWriter(staging / f"{table.value}.fcs", keys=keys,
-                                          table=table.value) as writer:
-                    for first_row, chunk in iter_chunks(spec.source,
-                                                        expected_columns=len(spec.columns)):
+                with EncryptedTableWriter(
+                    staging / f"{table.value}.fcs", keys=keys, table=table.value
+                ) as writer:
+                    for first_row, chunk in iter_chunks(
+                        spec.source, expected_columns=len(spec.columns)
+                    ):
                         if first_row == 1:
-                            check_columns([str(c) for c in chunk.columns], spec, table=table,
-                                          where=where, config=config_name)
-                        result = validate_chunk(chunk, table=table, spec=spec, first_row=first_row,
-                                                ids=registry, known_customers=known, today=today)
+                            check_columns(
+                                [str(c) for c in chunk.columns],
+                                spec,
+                                table=table,
+                                where=where,
+                                config=config_name,
+                            )
+                        result = validate_chunk(
+                            chunk,
+                            table=table,
+                            spec=spec,
+                            first_row=first_row,
+                            ids=registry,
+                            known_customers=known,
+                            today=today,
+                        )
                         rows_read += result.rows_read
                         bad_rows += result.rows_read - len(result.frame)
-                        reasons.update(f"{c}: {r}" for c, r in
-                                       zip(result.issues["column"], result.issues["reason"],
-                                           strict=True))
+                        reasons.update(
+                            f"{c}: {r}"
+                            for c, r in zip(
+                                result.issues["column"], result.issues["reason"], strict=True
+                            )
+                        )
                         _write_quarantine(qwriter, table, result.issues, keys)
                         masked = _mask_frame(result.frame, cfg, table, keys, mask_as_of)
                         writer.write(masked)
-                        keep_cols = [
-                            c for c in masked.columns
-                            if c not in _pii_names(cfg, table)
-                        ]
+                        keep_cols = [c for c in masked.columns if c not in _pii_names(cfg, table)]
                         if table is TableName.TRANSACTIONS:
                             keep_cols = [c for c in FEATURE_COLUMNS_TX if c in masked.columns]
                         parts.append(masked[keep_cols])
@@ -221,8 +239,13 @@ def prepare(
                     chunks = writer.chunks
                     # close() returns the sha256 of the bytes it wrote: no second read of the file
                     file_hash = writer.close()
-                report = TableReport(table.value, rows_read, rows_read - bad_rows, bad_rows,
-                                     dict(reasons.most_common()))
+                report = TableReport(
+                    table.value,
+                    rows_read,
+                    rows_read - bad_rows,
+                    bad_rows,
+                    dict(reasons.most_common()),
+                )
                 reports.append(report)
                 kept[table] = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
                 parts.clear()  # the chunks are copied into kept[table]; free them before features
@@ -255,8 +278,11 @@ def prepare(
                 cutoff=pd.Timestamp(cfg.features.churn_cutoff),
                 horizon_days=cfg.features.churn_horizon_days,
             )
-            feats = feats.join(labels.rename("churn"), on="customer_id") if (
-                "customer_id" in feats.columns) else feats.join(labels.rename("churn"))
+            feats = (
+                feats.join(labels.rename("churn"), on="customer_id")
+                if ("customer_id" in feats.columns)
+                else feats.join(labels.rename("churn"))
+            )
         if "customer_id" not in feats.columns:
             feats = feats.reset_index().rename(columns={"index": "customer_id"})
         with EncryptedTableWriter(staging / "features.fcs", keys=keys, table="features") as fw:
@@ -295,7 +321,8 @@ def prepare(
         _swap_in(staging, cfg.prepared_dir)
         if keys.signing_key is not None:
             AuditLog(cfg.audit_path, signing_key=keys.signing_key).append(
-                EntryKind.DATA_PREPARED, data_prepared_payload(manifest))
+                EntryKind.DATA_PREPARED, data_prepared_payload(manifest)
+            )
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -319,7 +346,7 @@ def _write_in_slices(writer: EncryptedTableWriter, frame: pd.DataFrame) -> None:
         writer.write(frame)
         return
     for start in range(0, len(frame), FEATURE_SLICE_ROWS):
-        writer.write(frame.iloc[start:start + FEATURE_SLICE_ROWS])
+        writer.write(frame.iloc[start : start + FEATURE_SLICE_ROWS])
 
 
 def _pii_names(cfg: FirmConfig, table: TableName) -> set[str]:

@@ -67,15 +67,23 @@ def firm_trend_data(store: PreparedStore, cfg: FirmConfig) -> FirmTrendData:
     holdout_weeks = max(1, int((last - calibration_end).days // 7))
     calibration = tx[tx["timestamp"] <= calibration_end]
     seed = int.from_bytes(hashlib.sha256(cfg.firm.name.encode()).digest()[:4], "big")
-    data = trend_dataset(calibration, calibration_end=calibration_end,
-                         rng=np.random.default_rng(seed))
+    data = trend_dataset(
+        calibration, calibration_end=calibration_end, rng=np.random.default_rng(seed)
+    )
     x_pred, customers = trend_features(calibration, as_of=calibration_end)
-    actual = weekly_series(tx, start=calibration_end,
-                           end=calibration_end + pd.Timedelta(weeks=holdout_weeks),
-                           customers=customers).to_numpy(dtype=np.float64)
+    actual = weekly_series(
+        tx,
+        start=calibration_end,
+        end=calibration_end + pd.Timedelta(weeks=holdout_weeks),
+        customers=customers,
+    ).to_numpy(dtype=np.float64)
     return FirmTrendData(
-        x_train=data.X, y_train=data.Y, x_pred=x_pred, actual=actual,
-        calibration_end=calibration_end, holdout_weeks=actual.shape[1],
+        x_train=data.X,
+        y_train=data.Y,
+        x_pred=x_pred,
+        actual=actual,
+        calibration_end=calibration_end,
+        holdout_weeks=actual.shape[1],
         fingerprint=trend_fingerprint(),
     )
 
@@ -121,8 +129,9 @@ def evaluate(data: FirmTrendData, arrays: list[np.ndarray]) -> Any:
     )
 
 
-def pooled_trend_metrics(sums: dict[str, np.ndarray], per_firm: dict[str, dict[str, float]]
-                         ) -> dict[str, float]:
+def pooled_trend_metrics(
+    sums: dict[str, np.ndarray], per_firm: dict[str, dict[str, float]]
+) -> dict[str, float]:
     """Federation-wide trend errors from the firms' weekly sums (curves add up across firms)."""
     f = np.asarray(sums["sum-forecast"], dtype=np.float64)
     a = np.asarray(sums["sum-actual"], dtype=np.float64)

@@ -62,7 +62,9 @@ class IdRegistry:
 @dataclass(frozen=True)
 class ValidatedChunk:
     frame: pd.DataFrame  # good rows, canonical column names, parsed types; PII still unmasked
-    issues: pd.DataFrame  # columns: row, column, reason, raw_id (raw_id must be masked before writing)
+    issues: (
+        pd.DataFrame
+    )  # columns: row, column, reason, raw_id (raw_id must be masked before writing)
     rows_read: int
 
 
@@ -76,8 +78,9 @@ def check_columns(
         names = ", ".join(repr(c) for c in unmapped[:5])
         more = f" (+{len(unmapped) - 5} more)" if len(unmapped) > 5 else ""
         raise UnmaskedColumn(
-            f"{where}: column {names}{more} has no declared role/policy in {config}; fedcrm refuses "
-            f"unmapped columns. Add it under [tables.{table.value}.columns] (role = \"drop\" to "
+            f"{where}: column {names}{more} has no declared role/policy in {config}; "
+            "fedcrm refuses "
+            f'unmapped columns. Add it under [tables.{table.value}.columns] (role = "drop" to '
             "discard it), or run `fedcrm scan FILE --write-config` for a starter config"
         )
     missing = [c for c in spec.columns if c not in source_columns]
@@ -183,7 +186,7 @@ def validate_chunk(
     known_customers: IdRegistry | None = None,
     today: pd.Timestamp | None = None,
 ) -> ValidatedChunk:
-    """Validate one chunk; returns the good rows (canonical names) and one issue per failed check."""
+    """Validate one chunk: the good rows (canonical names) and one issue per failed check."""
     today = today if today is not None else pd.Timestamp.now().normalize()
     n = len(frame)
     rows = np.arange(first_row, first_row + n)
@@ -203,8 +206,7 @@ def validate_chunk(
             blank = _blank(s)
             problems.append((blank, "missing customer id"))
             # categorize=False: same hashes, without first factorizing (mostly unique) ids.
-            hashes = pd.util.hash_array(raw_ids.fillna("").to_numpy(dtype=object),
-                                        categorize=False)
+            hashes = pd.util.hash_array(raw_ids.fillna("").to_numpy(dtype=object), categorize=False)
             if table is TableName.CUSTOMERS:
                 dup_within = pd.Series(hashes).duplicated().to_numpy()
                 seen_before = ids.contains(hashes)
@@ -214,7 +216,10 @@ def validate_chunk(
             elif known_customers is not None:
                 orphan = ~known_customers.contains(hashes)
                 problems.append(
-                    (pd.Series(orphan & ~blank.to_numpy()), "customer id not in the customers table")
+                    (
+                        pd.Series(orphan & ~blank.to_numpy()),
+                        "customer id not in the customers table",
+                    )
                 )
             out[canonical] = raw_ids
         elif cspec.role is ColumnRole.FEATURE:

@@ -57,8 +57,11 @@ class FederationAudit:
         self._writer: threading.Thread | None = None
         key_path = os.environ.get(COORDINATOR_KEY_ENV)
         if not key_path:
-            log(WARNING, "%s is not set: this run keeps no signed federation log",
-                COORDINATOR_KEY_ENV)
+            log(
+                WARNING,
+                "%s is not set: this run keeps no signed federation log",
+                COORDINATOR_KEY_ENV,
+            )
             return
         key = load_signing_key(Path(key_path))
         fed = run_dir / "federation"
@@ -95,22 +98,41 @@ class FederationAudit:
 
     def on_event(self, kind: str, **ev: Any) -> None:
         if kind == "update_accepted":
-            self.append(EntryKind.UPDATE_ACCEPTED, {
-                "round": int(ev["round"]), "firm": str(ev["firm"]),
-                "node_id": str(ev["node_id"]), "update_hash": str(ev["update_hash"])})
+            self.append(
+                EntryKind.UPDATE_ACCEPTED,
+                {
+                    "round": int(ev["round"]),
+                    "firm": str(ev["firm"]),
+                    "node_id": str(ev["node_id"]),
+                    "update_hash": str(ev["update_hash"]),
+                },
+            )
         elif kind == "update_rejected":
-            self.append(EntryKind.UPDATE_REJECTED, {
-                "round": int(ev["round"]), "firm": str(ev["firm"]),
-                "node_id": str(ev["node_id"]), "reason": str(ev["reason"])})
+            self.append(
+                EntryKind.UPDATE_REJECTED,
+                {
+                    "round": int(ev["round"]),
+                    "firm": str(ev["firm"]),
+                    "node_id": str(ev["node_id"]),
+                    "reason": str(ev["reason"]),
+                },
+            )
         elif kind == "firm_heads":
             self.append(EntryKind.FIRM_HEADS, {"round": int(ev["round"]), "heads": ev["heads"]})
         elif kind == "round_evaluated" and ev.get("model_hash"):
-            metrics = {k: float(v) for k, v in ev.get("pooled", {}).items()
-                       if isinstance(v, (int, float)) and not isinstance(v, bool)
-                       and np.isfinite(v)}
-            self.append(EntryKind.GLOBAL_MODEL, {"round": int(ev["round"]),
-                                                 "model_hash": str(ev["model_hash"]),
-                                                 "metrics": metrics})
+            metrics = {
+                k: float(v)
+                for k, v in ev.get("pooled", {}).items()
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v)
+            }
+            self.append(
+                EntryKind.GLOBAL_MODEL,
+                {
+                    "round": int(ev["round"]),
+                    "model_hash": str(ev["model_hash"]),
+                    "metrics": metrics,
+                },
+            )
 
 
 #: Once ``min_firms`` nodes are connected, the run starts when no further node has connected
@@ -129,8 +151,9 @@ def _wait_for_nodes(grid: Grid, cfg: RunConfig, events: _AuditedEvents) -> list[
         if len(current) != len(nodes):
             nodes, settled_at = current, now
         enough = len(nodes) >= cfg.min_firms
-        if (enough and settled_at is not None and now - settled_at >= NODES_SETTLE_SECONDS) \
-                or now > deadline:
+        if (
+            enough and settled_at is not None and now - settled_at >= NODES_SETTLE_SECONDS
+        ) or now > deadline:
             events.emit("nodes_connected", count=len(nodes))
             return nodes
         time.sleep(0.05 if enough else 0.5)
@@ -145,14 +168,21 @@ def _tune_simulation_polling(grid: Grid, n_nodes: int) -> None:
     """
     current = getattr(grid, "pull_interval", None)
     if isinstance(current, float):
-        setattr(grid, "pull_interval",  # noqa: B010 - only Flower's in-memory grid has it
-                min(current, max(SIMULATION_PULL_INTERVAL, 0.001 * n_nodes)))
+        # only Flower's in-memory (simulation) grid has this attribute
+        grid.pull_interval = min(  # type: ignore[attr-defined]
+            current, max(SIMULATION_PULL_INTERVAL, 0.001 * n_nodes)
+        )
 
 
-def _describe(grid: Grid, nodes: list[int], cfg: RunConfig, events: _AuditedEvents) -> dict[int, dict[str, Any]]:
+def _describe(
+    grid: Grid, nodes: list[int], cfg: RunConfig, events: _AuditedEvents
+) -> dict[int, dict[str, Any]]:
     messages = [
-        Message(content=RecordDict({"config": ConfigRecord({"task": cfg.task.value})}),
-                dst_node_id=n, message_type=QUERY)
+        Message(
+            content=RecordDict({"config": ConfigRecord({"task": cfg.task.value})}),
+            dst_node_id=n,
+            message_type=QUERY,
+        )
         for n in nodes
     ]
     info: dict[int, dict[str, Any]] = {}
@@ -160,15 +190,25 @@ def _describe(grid: Grid, nodes: list[int], cfg: RunConfig, events: _AuditedEven
         node = reply.metadata.src_node_id
         if reply.has_error():
             lines = str(reply.error.reason).strip().splitlines()
-            events.emit("firm_dropped", round=0, node_id=node,
-                        reason=lines[-1][:200] if lines else "error reply")
+            events.emit(
+                "firm_dropped",
+                round=0,
+                node_id=node,
+                reason=lines[-1][:200] if lines else "error reply",
+            )
             continue
         if "describe" in reply.content:
             info[node] = dict(reply.content["describe"])
         elif "status" in reply.content:
             detail = str(reply.content["status"].get("detail", ""))
-            events.emit("firm_stopped", round=0, node_id=node, state="error", detail=detail,
-                        firm=f"node-{node}")
+            events.emit(
+                "firm_stopped",
+                round=0,
+                node_id=node,
+                state="error",
+                detail=detail,
+                firm=f"node-{node}",
+            )
     return info
 
 
@@ -178,8 +218,13 @@ def run_federation(grid: Grid, cfg: RunConfig, *, run_id: str, run_dir: Path) ->
     run_dir.mkdir(parents=True, exist_ok=True)
     audit = FederationAudit(run_dir)
     events = _AuditedEvents(EventLog(run_dir / "events.jsonl"), audit)
-    events.emit("run_started", run_id=run_id, task=cfg.task.value, strategy=cfg.strategy.value,
-                rounds=cfg.rounds)
+    events.emit(
+        "run_started",
+        run_id=run_id,
+        task=cfg.task.value,
+        strategy=cfg.strategy.value,
+        rounds=cfg.rounds,
+    )
     nodes = _wait_for_nodes(grid, cfg, events)
     _tune_simulation_polling(grid, len(nodes))
     info = _describe(grid, nodes, cfg, events)
@@ -191,23 +236,42 @@ def run_federation(grid: Grid, cfg: RunConfig, *, run_id: str, run_dir: Path) ->
             state = FirmState(node_id=node, firm=str(i.get("firm", f"node-{node}")))
             if (str(i.get("layout")), int(i.get("input-dim", 0))) != (layout, input_dim):
                 state.excluded = "feature layout differs from the federation's"
-                events.emit("firm_stopped", round=0, firm=state.firm, node_id=node,
-                            state="layout_mismatch", detail=state.excluded)
+                events.emit(
+                    "firm_stopped",
+                    round=0,
+                    firm=state.firm,
+                    node_id=node,
+                    state="layout_mismatch",
+                    detail=state.excluded,
+                )
             firms[node] = state
     else:
         layout, input_dim = "", 0
     admitted = {f.firm: n for n, f in firms.items() if not f.excluded}
     events.emit("firms_admitted", firms=admitted, layout=layout)
-    audit.append(EntryKind.RUN_STARTED, {
-        "run_id": run_id, "config_hash": cfg.config_hash(), "strategy": cfg.strategy.value,
-        "rounds": cfg.rounds, "task": cfg.task.value, "firms": {k: str(v) for k, v in admitted.items()},
-    })
+    audit.append(
+        EntryKind.RUN_STARTED,
+        {
+            "run_id": run_id,
+            "config_hash": cfg.config_hash(),
+            "strategy": cfg.strategy.value,
+            "rounds": cfg.rounds,
+            "task": cfg.task.value,
+            "firms": {k: str(v) for k, v in admitted.items()},
+        },
+    )
     spec = cfg.round_spec(run_id)
     update_hashes: list[dict[str, Any]] = []
 
     def on_update(server_round: int, firm: FirmState, update: list[np.ndarray]) -> None:
-        update_hashes.append({"round": server_round, "firm": firm.firm, "node_id": firm.node_id,
-                              "hash": arrays_hash(update)})
+        update_hashes.append(
+            {
+                "round": server_round,
+                "firm": firm.firm,
+                "node_id": firm.node_id,
+                "hash": arrays_hash(update),
+            }
+        )
 
     guard = GuardedStrategy(
         build_strategy(cfg),
@@ -217,8 +281,11 @@ def run_federation(grid: Grid, cfg: RunConfig, *, run_id: str, run_dir: Path) ->
         on_event=events.emit,
         on_update=on_update,
     )
-    arrays = initial_arrays(cfg.task, model=cfg.model.value, input_dim=max(input_dim, 1),
-                            seed=cfg.seed) if input_dim else []
+    arrays = (
+        initial_arrays(cfg.task, model=cfg.model.value, input_dim=max(input_dim, 1), seed=cfg.seed)
+        if input_dim
+        else []
+    )
     status = "completed"
     stop_reason = ""
     final_arrays = arrays
@@ -243,7 +310,11 @@ def run_federation(grid: Grid, cfg: RunConfig, *, run_id: str, run_dir: Path) ->
             final_arrays = _latest_arrays(guard, arrays) if last else arrays
     last_round = max(guard.rounds) if guard.rounds else 0
     last_metrics = next(
-        (guard.rounds[r].metrics for r in sorted(guard.rounds, reverse=True) if guard.rounds[r].metrics),
+        (
+            guard.rounds[r].metrics
+            for r in sorted(guard.rounds, reverse=True)
+            if guard.rounds[r].metrics
+        ),
         {},
     )
     model_hash = arrays_hash(final_arrays) if final_arrays else ""
@@ -278,7 +349,7 @@ def run_federation(grid: Grid, cfg: RunConfig, *, run_id: str, run_dir: Path) ->
                 "firm": f.firm,
                 "node_id": f.node_id,
                 "epsilon": f.epsilon_total,
-                "delta": None,
+                "delta": f.delta,
                 "epsilon_budget": f.epsilon_cap,
                 "num_examples": f.num_examples,
                 "rounds_trained": f.rounds_trained,
@@ -286,7 +357,12 @@ def run_federation(grid: Grid, cfg: RunConfig, *, run_id: str, run_dir: Path) ->
             }
             for f in sorted(firms.values(), key=lambda s: s.firm)
         ],
-        "metrics": last_metrics,
+        # Headline metrics at the top level (pooled held-out set: "auc" for churn, the trend
+        # errors for trend), plus the pooled and per-firm breakdowns.
+        "metrics": {
+            **{k: v for k, v in last_metrics.get("pooled", {}).items() if k != "num_examples"},
+            **last_metrics,
+        },
         "rounds_detail": [asdict(r) for _, r in sorted(guard.rounds.items())],
         "updates": update_hashes,
         "model": str(model_path) if model_path else None,
@@ -296,8 +372,15 @@ def run_federation(grid: Grid, cfg: RunConfig, *, run_id: str, run_dir: Path) ->
         "wall_seconds": round(time.time() - started, 3),
     }
     write_summary(run_dir, summary)
-    audit.append(EntryKind.RUN_FINISHED, {"status": status, "reason": stop_reason,
-                                          "rounds_completed": last_round, "model_hash": model_hash})
+    audit.append(
+        EntryKind.RUN_FINISHED,
+        {
+            "status": status,
+            "reason": stop_reason,
+            "rounds_completed": last_round,
+            "model_hash": model_hash,
+        },
+    )
     audit.close()
     events.emit("run_finished", status=status, reason=stop_reason, model=summary["model"])
     return summary

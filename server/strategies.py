@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
@@ -73,6 +73,7 @@ class FirmState:
     excluded: str | None = None
     epsilon_total: float = 0.0
     epsilon_cap: float = 0.0
+    delta: float | None = None
     num_examples: int = 0
     rounds_trained: int = 0
 
@@ -113,8 +114,12 @@ class GuardedStrategy(Strategy):
         self._global: list[np.ndarray] = []
 
     def summary(self) -> None:
-        log(INFO, "\t├──> fedcrm guard: min firms %d, max update norm %g", self.min_firms,
-            self.max_update_norm)
+        log(
+            INFO,
+            "\t├──> fedcrm guard: min firms %d, max update norm %g",
+            self.min_firms,
+            self.max_update_norm,
+        )
         self.inner.summary()
 
     def _firm(self, node_id: int) -> FirmState:
@@ -137,7 +142,8 @@ class GuardedStrategy(Strategy):
             )
         self._global = arrays.to_numpy_ndarrays()
         messages = [
-            m for m in self.inner.configure_train(server_round, arrays, config, grid)
+            m
+            for m in self.inner.configure_train(server_round, arrays, config, grid)
             if m.metadata.dst_node_id in active
         ]
         record = RoundRecord(server_round)
@@ -161,20 +167,31 @@ class GuardedStrategy(Strategy):
             firm = self._firm(node)
             if msg.has_error():
                 record.dropped.append(firm.firm)
-                reason = str(msg.error.reason).strip().splitlines()
-                self.on_event("firm_dropped", round=server_round, firm=firm.firm, node_id=node,
-                              reason=f"error reply: {reason[-1][:200] if reason else '?'}")
+                lines = str(msg.error.reason).strip().splitlines()
+                self.on_event(
+                    "firm_dropped",
+                    round=server_round,
+                    firm=firm.firm,
+                    node_id=node,
+                    reason=f"error reply: {lines[-1][:200] if lines else '?'}",
+                )
                 continue
             content = msg.content
-            status = content.get("status")
+            status: dict[str, Any] | None = dict(content["status"]) if "status" in content else None
             state = str(status["state"]) if status is not None and "state" in status else "ok"
             if status is not None and str(status.get("audit-head-hash", "")):
-                record.heads[firm.firm] = {"hash": str(status["audit-head-hash"]),
-                                           "length": int(status["audit-head-length"])}
-            metrics = content.get("metrics")
+                record.heads[firm.firm] = {
+                    "hash": str(status["audit-head-hash"]),
+                    "length": int(status["audit-head-length"]),
+                }
+            metrics: dict[str, Any] | None = (
+                dict(content["metrics"]) if "metrics" in content else None
+            )
             if metrics is not None:
                 firm.epsilon_total = float(metrics.get("epsilon-total", firm.epsilon_total))
                 firm.epsilon_cap = float(metrics.get("epsilon-cap", firm.epsilon_cap))
+                if "delta" in metrics:
+                    firm.delta = float(metrics["delta"])
             if state != "ok":
                 detail = str(status["detail"]) if status is not None else ""
                 if state == "budget_exhausted":
@@ -182,20 +199,34 @@ class GuardedStrategy(Strategy):
                 else:
                     firm.excluded = f"firm error: {detail}"
                 record.declined.append({"firm": firm.firm, "state": state, "detail": detail})
-                self.on_event("firm_stopped", round=server_round, firm=firm.firm, node_id=node,
-                              state=state, detail=detail)
+                self.on_event(
+                    "firm_stopped",
+                    round=server_round,
+                    firm=firm.firm,
+                    node_id=node,
+                    state=state,
+                    detail=detail,
+                )
                 log(WARNING, "firm %s (node %d) stops participating: %s", firm.firm, node, detail)
                 continue
+            update: list[np.ndarray] = []
+            problem: str | None
             if "arrays" not in content:
-                reason = "reply has no model arrays"
+                problem = "reply has no model arrays"
             else:
-                update = content["arrays"].to_numpy_ndarrays()
-                reason = validate_update(self._global, update,
-                                         max_update_norm=self.max_update_norm)
-            if reason is not None:
-                record.rejected.append({"firm": firm.firm, "node_id": str(node), "reason": reason})
-                self.on_event("update_rejected", round=server_round, firm=firm.firm, node_id=node,
-                              reason=reason)
+                update = cast(ArrayRecord, content["arrays"]).to_numpy_ndarrays()
+                problem = validate_update(
+                    self._global, update, max_update_norm=self.max_update_norm
+                )
+            if problem is not None:
+                reason = problem
+                self.on_event(
+                    "update_rejected",
+                    round=server_round,
+                    firm=firm.firm,
+                    node_id=node,
+                    reason=reason,
+                )
                 log(WARNING, "rejected update from firm %s (node %d): %s", firm.firm, node, reason)
                 continue
             firm.num_examples = int(metrics["num-examples"]) if metrics is not None else 0
@@ -203,15 +234,25 @@ class GuardedStrategy(Strategy):
             record.accepted.append(firm.firm)
             if self.on_update is not None:
                 self.on_update(server_round, firm, update)
-            self.on_event("update_accepted", round=server_round, firm=firm.firm, node_id=node,
-                          update_hash=arrays_hash(update))
+            self.on_event(
+                "update_accepted",
+                round=server_round,
+                firm=firm.firm,
+                node_id=node,
+                update_hash=arrays_hash(update),
+            )
             valid.append(msg)
         for name in record.participants:
-            node = next((n for n, f in self.firms.items() if f.firm == name), None)
-            if node is not None and node not in answered:
+            silent = next((n for n, f in self.firms.items() if f.firm == name), None)
+            if silent is not None and silent not in answered:
                 record.dropped.append(name)
-                self.on_event("firm_dropped", round=server_round, firm=name, node_id=node,
-                              reason="no reply before the round timeout")
+                self.on_event(
+                    "firm_dropped",
+                    round=server_round,
+                    firm=name,
+                    node_id=silent,
+                    reason="no reply before the round timeout",
+                )
         self.on_event(
             "round_trained",
             round=server_round,
@@ -229,10 +270,10 @@ class GuardedStrategy(Strategy):
         for msg in valid:
             if "status" in msg.content:
                 del msg.content["status"]
-        arrays, metrics = self.inner.aggregate_train(server_round, valid)
+        arrays, aggregated = self.inner.aggregate_train(server_round, valid)
         if arrays is not None:
             record.model_hash = arrays_hash(arrays.to_numpy_ndarrays())
-        return arrays, metrics
+        return arrays, aggregated
 
     # ------------------------------------------------------------------ evaluation
 
@@ -240,10 +281,14 @@ class GuardedStrategy(Strategy):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         connected = set(grid.get_node_ids())
-        usable = {n for n, f in self.firms.items() if n in connected and
-                  (f.excluded is None or f.excluded == "privacy budget exhausted")}
+        usable = {
+            n
+            for n, f in self.firms.items()
+            if n in connected and (f.excluded is None or f.excluded == "privacy budget exhausted")
+        }
         return [
-            m for m in self.inner.configure_evaluate(server_round, arrays, config, grid)
+            m
+            for m in self.inner.configure_evaluate(server_round, arrays, config, grid)
             if m.metadata.dst_node_id in usable
         ]
 
@@ -254,16 +299,19 @@ class GuardedStrategy(Strategy):
         per_firm: dict[str, dict[str, float]] = {}
         pos_total: np.ndarray | None = None
         neg_total: np.ndarray | None = None
-        sums: dict[str, float] = {}
+        sums: dict[str, np.ndarray] = {}
         n_total = 0
         for msg in sorted(replies, key=lambda m: self._firm(m.metadata.src_node_id).firm):
             if msg.has_error() or "metrics" not in msg.content:
                 continue
-            metrics = msg.content["metrics"]
+            metrics: dict[str, Any] = dict(msg.content["metrics"])
             firm = self._firm(msg.metadata.src_node_id).firm
             n = int(metrics.get("num-examples", 0))
-            scalars = {k: float(v) for k, v in metrics.items()
-                       if not isinstance(v, list) and k != "num-examples"}
+            scalars = {
+                k: float(v)
+                for k, v in metrics.items()
+                if not isinstance(v, list) and k != "num-examples"
+            }
             per_firm[firm] = {**scalars, "num_examples": n}
             n_total += n
             for key in ("hist-pos", "hist-neg"):
@@ -281,9 +329,9 @@ class GuardedStrategy(Strategy):
                         # A small firm's last purchase can fall in an earlier week, so its
                         # holdout is shorter: pool the weeks every firm covers (as the
                         # simulation's BG/NBD baseline does).
-                        weeks = min(len(prev), len(sums_arr))  # type: ignore[arg-type]
-                        sums_arr = prev[:weeks] + sums_arr[:weeks]  # type: ignore[index]
-                    sums[key] = sums_arr  # type: ignore[assignment]
+                        weeks = min(len(prev), len(sums_arr))
+                        sums_arr = prev[:weeks] + sums_arr[:weeks]
+                    sums[key] = sums_arr
         pooled: dict[str, Any] = {"num_examples": n_total}
         if pos_total is not None and neg_total is not None:
             pooled["auc"] = auc_from_histograms(pos_total, neg_total)
@@ -292,9 +340,19 @@ class GuardedStrategy(Strategy):
 
             pooled.update(pooled_trend_metrics(sums, per_firm))
         record.metrics = {"pooled": pooled, "per_firm": per_firm}
-        self.on_event("round_evaluated", round=server_round, pooled=pooled, per_firm=per_firm,
-                      model_hash=record.model_hash)
+        self.on_event(
+            "round_evaluated",
+            round=server_round,
+            pooled=pooled,
+            per_firm=per_firm,
+            model_hash=record.model_hash,
+        )
         if not per_firm:
             return None
-        return MetricRecord({k: float(v) for k, v in pooled.items()
-                             if isinstance(v, (int, float)) and not isinstance(v, bool)})
+        return MetricRecord(
+            {
+                k: float(v)
+                for k, v in pooled.items()
+                if isinstance(v, (int, float)) and not isinstance(v, bool)
+            }
+        )

@@ -3,7 +3,7 @@
 ``fedcrm datasets export --out DIR`` writes::
 
     DIR/telco_customers.csv    IBM Telco customers + synthetic contact PII (UTF-8)
-    DIR/telco.toml             the Telco firm's config (keys: DIR/keys/telco, store: DIR/stores/telco)
+    DIR/telco.toml             the Telco firm's config (keys DIR/keys/telco, store DIR/stores/telco)
     DIR/cdnow_transactions.csv CDNOW purchases in the original column names
     DIR/cdnow.toml             the CDNOW firm's config
 """

@@ -69,11 +69,13 @@ class SimulationSection(BaseModel):
     workdir: Path = Path("runs")
     baseline: bool = True
     exhausted_firms: int = Field(
-        default=0, ge=0,
+        default=0,
+        ge=0,
         description="the first N firms start with their budget already spent by an earlier release",
     )
     actors: int = Field(
-        default=0, ge=0,
+        default=0,
+        ge=0,
         description="Ray actors (processes) that run the firms' ClientApps; 0 = one per CPU",
     )
 
@@ -101,7 +103,9 @@ def load_simulation_config(path: Path) -> SimulationConfig:
         raise ConfigError(f"{path}: simulation.{loc}: {first['msg']}") from None
     extra = set(data) - {"simulation"}
     if extra:
-        raise ConfigError(f"{path}: unknown section(s) {sorted(extra)}; expected [simulation], [run]")
+        raise ConfigError(
+            f"{path}: unknown section(s) {sorted(extra)}; expected [simulation], [run]"
+        )
     return SimulationConfig(simulation=section, run=run)
 
 
@@ -130,14 +134,16 @@ def split_telco(telco: pd.DataFrame, sim: SimulationSection) -> list[pd.DataFram
 def split_cdnow(tx: pd.DataFrame, sim: SimulationSection) -> list[pd.DataFrame]:
     rng = np.random.default_rng(sim.seed)
     customers = tx["customer_id"].unique()
-    firm_of = dict(zip(rng.permutation(customers), np.arange(len(customers)) % sim.firms,
-                       strict=True))
+    firm_of = dict(
+        zip(rng.permutation(customers), np.arange(len(customers)) % sim.firms, strict=True)
+    )
     labels = tx["customer_id"].map(firm_of).to_numpy()
     return [tx[labels == f] for f in range(sim.firms)]
 
 
-def build_firms(cfg: SimulationConfig, run_dir: Path, *,
-                on_firm: Callable[[str, int], None] | None = None) -> list[SimFirm]:
+def build_firms(
+    cfg: SimulationConfig, run_dir: Path, *, on_firm: Callable[[str, int], None] | None = None
+) -> list[SimFirm]:
     """Create every firm's export, config, keys and prepared store (the client pipeline)."""
     sim = cfg.simulation
     firms: list[SimFirm] = []
@@ -155,15 +161,27 @@ def build_firms(cfg: SimulationConfig, run_dir: Path, *,
             encoding = "gb18030" if i < sim.gbk_firms else "utf-8"
             export = telco_export(part, seed=sim.seed * 1000 + i)
             export.to_csv(root / "customers.csv", index=False, encoding=encoding)
-            data = telco_firm_config(firm=name, csv_path=Path("customers.csv"),
-                                     keys_dir=Path("keys"), store_dir=Path("store"),
-                                     epsilon=cap, delta=sim.delta, encoding=encoding,
-                                     training=training)
+            data = telco_firm_config(
+                firm=name,
+                csv_path=Path("customers.csv"),
+                keys_dir=Path("keys"),
+                store_dir=Path("store"),
+                epsilon=cap,
+                delta=sim.delta,
+                encoding=encoding,
+                training=training,
+            )
         else:
             cdnow_export(part).to_csv(root / "transactions.csv", index=False)
-            data = cdnow_firm_config(firm=name, csv_path=Path("transactions.csv"),
-                                     keys_dir=Path("keys"), store_dir=Path("store"),
-                                     epsilon=cap, delta=sim.delta, training=training)
+            data = cdnow_firm_config(
+                firm=name,
+                csv_path=Path("transactions.csv"),
+                keys_dir=Path("keys"),
+                store_dir=Path("store"),
+                epsilon=cap,
+                delta=sim.delta,
+                training=training,
+            )
         config = write_toml(root / "firm.toml", data)
         init_keys(root / "keys", firm=name)
         shutil.copy(root / "keys" / "signing.pub", root / "signing.pub")  # for auditors
@@ -182,12 +200,22 @@ def _spend_budget(cfg: FirmConfig) -> None:
     from privacy.accounting import Mechanism, calibrate_noise, make_event
     from privacy.ledger import Budget, PrivacyLedger
 
-    ledger = PrivacyLedger(cfg.ledger_path, firm=cfg.firm.name,
-                           budget=Budget(epsilon=cfg.budget.epsilon, delta=cfg.budget.delta))
-    sigma = calibrate_noise(target_epsilon=cfg.budget.epsilon * 0.999, delta=cfg.budget.delta,
-                            sample_rate=1.0, steps=1)
-    event = make_event(mechanism=Mechanism.GAUSSIAN, noise_multiplier=sigma, sample_rate=1.0,
-                       steps=1, delta=cfg.budget.delta, purpose="analytics:earlier-query")
+    ledger = PrivacyLedger(
+        cfg.ledger_path,
+        firm=cfg.firm.name,
+        budget=Budget(epsilon=cfg.budget.epsilon, delta=cfg.budget.delta),
+    )
+    sigma = calibrate_noise(
+        target_epsilon=cfg.budget.epsilon * 0.999, delta=cfg.budget.delta, sample_rate=1.0, steps=1
+    )
+    event = make_event(
+        mechanism=Mechanism.GAUSSIAN,
+        noise_multiplier=sigma,
+        sample_rate=1.0,
+        steps=1,
+        delta=cfg.budget.delta,
+        purpose="analytics:earlier-query",
+    )
     ledger.commit(event)
 
 
@@ -201,9 +229,13 @@ CLIENT_APP_MODULE = "clients.client_app"
 
 
 def _ray_init_args(sim: SimulationSection) -> dict[str, Any]:
-    return {"num_cpus": _engine_cpus(sim), "include_dashboard": False,
-            "logging_level": "error", "log_to_driver": False,
-            "_system_config": {"preload_python_modules": [CLIENT_APP_MODULE]}}
+    return {
+        "num_cpus": _engine_cpus(sim),
+        "include_dashboard": False,
+        "logging_level": "error",
+        "log_to_driver": False,
+        "_system_config": {"preload_python_modules": [CLIENT_APP_MODULE]},
+    }
 
 
 def start_engine(sim: SimulationSection) -> None:
@@ -244,8 +276,14 @@ def stop_engine() -> None:
         ray.shutdown()
 
 
-def run_flower_simulation(cfg: SimulationConfig, firms: list[SimFirm], *, run_id: str,
-                          run_dir: Path, client_mods: list[Any] | None = None) -> None:
+def run_flower_simulation(
+    cfg: SimulationConfig,
+    firms: list[SimFirm],
+    *,
+    run_id: str,
+    run_dir: Path,
+    client_mods: list[Any] | None = None,
+) -> None:
     """Run the ServerApp and one ClientApp per firm in Flower's simulation engine."""
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
@@ -272,8 +310,9 @@ def run_flower_simulation(cfg: SimulationConfig, firms: list[SimFirm], *, run_id
     )
 
 
-def centralized_baseline(firms: list[SimFirm], cfg: SimulationConfig,
-                         model_path: Path | None) -> dict[str, Any]:
+def centralized_baseline(
+    firms: list[SimFirm], cfg: SimulationConfig, model_path: Path | None
+) -> dict[str, Any]:
     """Baselines on the pooled prepared data: same features, same held-out customers."""
     from simulations import baselines
 
@@ -282,10 +321,14 @@ def centralized_baseline(firms: list[SimFirm], cfg: SimulationConfig,
     return baselines.trend_baselines(firms, model_path)
 
 
-def simulate(cfg: SimulationConfig, *, run_id: str | None = None,
-             on_firm: Callable[[str, int], None] | None = None,
-             on_phase: Callable[[str], None] | None = None,
-             client_mods: list[Any] | None = None) -> tuple[Path, dict[str, Any]]:
+def simulate(
+    cfg: SimulationConfig,
+    *,
+    run_id: str | None = None,
+    on_firm: Callable[[str, int], None] | None = None,
+    on_phase: Callable[[str], None] | None = None,
+    client_mods: list[Any] | None = None,
+) -> tuple[Path, dict[str, Any]]:
     """The whole simulation; returns the run directory and the final summary."""
     sim = cfg.simulation
     run_id = run_id or new_run_id(sim.name)
@@ -308,8 +351,7 @@ def simulate(cfg: SimulationConfig, *, run_id: str | None = None,
                 importing.result()
         prepared = time.perf_counter()
         phase("federate")
-        run_flower_simulation(cfg, firms, run_id=run_id, run_dir=run_dir,
-                              client_mods=client_mods)
+        run_flower_simulation(cfg, firms, run_id=run_id, run_dir=run_dir, client_mods=client_mods)
     finally:
         stop_engine()
     federated = time.perf_counter()

@@ -1,4 +1,4 @@
-"""Local DP training, scoring and the budget CLI on a generated firm; FirmNode's check-then-commit."""
+"""Local DP training, scoring and the budget CLI on a generated firm; check-then-commit."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from conftest import make_customers
 from typer.testing import CliRunner
 
-from conftest import make_customers
 from fedcrm.cli import app
 from fedcrm.config import load_firm_config
 from fedcrm.federation import FirmNode, RoundSpec, RoundStatus, Task, initial_arrays
@@ -27,15 +27,18 @@ def _prepared(write_firm: Callable[..., Path], n: int = 1500, epsilon: float = 2
     return cfg_path
 
 
-def test_train_score_and_budget_status_from_the_cli(write_firm: Callable[..., Path],
-                                                     tmp_path: Path) -> None:
+def test_train_score_and_budget_status_from_the_cli(
+    write_firm: Callable[..., Path], tmp_path: Path
+) -> None:
     cfg = _prepared(write_firm)
     model = tmp_path / "churn.pt"
     r = RUNNER.invoke(app, ["train", "--config", str(cfg), "--out", str(model), "--epsilon", "1"])
     assert r.exit_code == 0, r.output
     assert model.exists()
     risks = tmp_path / "risks.csv"
-    r = RUNNER.invoke(app, ["score", "--model", str(model), "--config", str(cfg), "--out", str(risks)])
+    r = RUNNER.invoke(
+        app, ["score", "--model", str(model), "--config", str(cfg), "--out", str(risks)]
+    )
     assert r.exit_code == 0, r.output
     table = pd.read_csv(risks)
     assert list(table.columns[:3]) == ["customer_id", "churn_probability", "risk_band"]
@@ -54,15 +57,18 @@ def test_train_score_and_budget_status_from_the_cli(write_firm: Callable[..., Pa
 
 
 def test_training_beyond_the_budget_is_refused_before_anything_is_released(
-    write_firm: Callable[..., Path], tmp_path: Path,
+    write_firm: Callable[..., Path],
+    tmp_path: Path,
 ) -> None:
     cfg = _prepared(write_firm, epsilon=1.0)
-    first = RUNNER.invoke(app, ["train", "--config", str(cfg), "--out", str(tmp_path / "a.pt"),
-                                "--epsilon", "1"])
+    first = RUNNER.invoke(
+        app, ["train", "--config", str(cfg), "--out", str(tmp_path / "a.pt"), "--epsilon", "1"]
+    )
     assert first.exit_code == 0, first.output
     lines = (cfg.parent / "store" / "budget.jsonl").read_text().splitlines()
-    second = RUNNER.invoke(app, ["train", "--config", str(cfg), "--out", str(tmp_path / "b.pt"),
-                                 "--epsilon", "1"])
+    second = RUNNER.invoke(
+        app, ["train", "--config", str(cfg), "--out", str(tmp_path / "b.pt"), "--epsilon", "1"]
+    )
     assert second.exit_code == 6, second.output
     assert "no useful budget is left" in second.output or "budget exhausted" in second.output
     assert not (tmp_path / "b.pt").exists()
@@ -74,17 +80,35 @@ def test_firm_node_refuses_a_round_when_its_budget_was_spent_elsewhere_mid_run(
 ) -> None:
     cfg_path = _prepared(write_firm, epsilon=1.0)
     node = FirmNode(load_firm_config(cfg_path), load_keys(cfg_path.parent / "keys"))
-    spec = RoundSpec(run_id="r1", task=Task.CHURN, server_round=1, rounds=3, target_epsilon=0.6,
-                     local_epochs=0.5, batch_size=128, learning_rate=0.05, optimizer="adam")
+    spec = RoundSpec(
+        run_id="r1",
+        task=Task.CHURN,
+        server_round=1,
+        rounds=3,
+        target_epsilon=0.6,
+        local_epochs=0.5,
+        batch_size=128,
+        learning_rate=0.05,
+        optimizer="adam",
+    )
     start = initial_arrays(Task.CHURN, model="logistic", input_dim=node.churn().layout.dim)
     first = node.train(spec, start)
     assert first.status is RoundStatus.OK and first.arrays is not None
     assert first.epsilon_total <= 0.6 + 1e-9
     # another analysis spends almost all of the rest of the budget between rounds
-    sigma = calibrate_noise(target_epsilon=0.98, delta=1e-5, sample_rate=1.0, steps=1,
-                            prior_events=node.ledger.events)
-    node.ledger.commit(make_event(mechanism=Mechanism.GAUSSIAN, noise_multiplier=sigma,
-                                  sample_rate=1.0, steps=1, delta=1e-5, purpose="analytics"))
+    sigma = calibrate_noise(
+        target_epsilon=0.98, delta=1e-5, sample_rate=1.0, steps=1, prior_events=node.ledger.events
+    )
+    node.ledger.commit(
+        make_event(
+            mechanism=Mechanism.GAUSSIAN,
+            noise_multiplier=sigma,
+            sample_rate=1.0,
+            steps=1,
+            delta=1e-5,
+            purpose="analytics",
+        )
+    )
     before = len(node.ledger.events)
     second = node.train(RoundSpec(**{**spec.__dict__, "server_round": 2}), first.arrays)
     assert second.status is RoundStatus.BUDGET_EXHAUSTED

@@ -12,11 +12,17 @@ RUNNER = CliRunner()
 
 def _summary(run_id: str, auc: float) -> dict[str, object]:
     return {
-        "run_id": run_id, "task": "churn", "strategy": "fedavg", "rounds": 5,
-        "rounds_completed": 5, "status": "completed",
-        "firms": [{"firm": "a", "epsilon": 0.9, "delta": 1e-5, "epsilon_budget": 1.0,
-                   "num_examples": 100}],
-        "metrics": {"pooled": {"auc": auc}}, "baseline": {"centralized_auc": 0.85},
+        "run_id": run_id,
+        "task": "churn",
+        "strategy": "fedavg",
+        "rounds": 5,
+        "rounds_completed": 5,
+        "status": "completed",
+        "firms": [
+            {"firm": "a", "epsilon": 0.9, "delta": 1e-5, "epsilon_budget": 1.0, "num_examples": 100}
+        ],
+        "metrics": {"pooled": {"auc": auc}},
+        "baseline": {"centralized_auc": 0.85},
         "model": None,
     }
 

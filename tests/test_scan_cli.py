@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from conftest import make_customers
 from typer.testing import CliRunner
 
-from conftest import make_customers
 from fedcrm.cli import app
 from fedcrm.config import ColumnRole, TableName, load_firm_config
 
