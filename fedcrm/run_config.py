@@ -39,6 +39,12 @@ class RunConfig(BaseModel):
     min_firms: int = Field(default=2, ge=1)
     round_timeout: float = Field(default=120.0, gt=0)
     wait_for_firms: float = Field(default=60.0, ge=0, description="seconds to wait for min_firms")
+    expected_firms: int = Field(
+        default=0,
+        ge=0,
+        description="wait (up to wait_for_firms) for this many firms before round 1; "
+        "0 = start once min_firms are connected (a simulation sets it to its number of firms)",
+    )
     target_epsilon: float = Field(
         default=1.0, gt=0, description="ε each firm may spend on this run"
     )

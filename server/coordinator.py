@@ -150,7 +150,7 @@ def _wait_for_nodes(grid: Grid, cfg: RunConfig, events: _AuditedEvents) -> list[
         current = list(grid.get_node_ids())
         if len(current) != len(nodes):
             nodes, settled_at = current, now
-        enough = len(nodes) >= cfg.min_firms
+        enough = len(nodes) >= max(cfg.min_firms, cfg.expected_firms)
         if (
             enough and settled_at is not None and now - settled_at >= NODES_SETTLE_SECONDS
         ) or now > deadline:

@@ -220,6 +220,7 @@ class GuardedStrategy(Strategy):
                 )
             if problem is not None:
                 reason = problem
+                record.rejected.append({"firm": firm.firm, "node_id": str(node), "reason": reason})
                 self.on_event(
                     "update_rejected",
                     round=server_round,

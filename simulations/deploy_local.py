@@ -154,7 +154,9 @@ def run_local_deployment(
         firms=nodes,
         workdir=run_dir / FEDERATION_DIR,
         rounds=cfg.run.rounds,
-        run_config=cfg.run.to_flower(run_id=rid, run_dir=run_dir),
+        run_config=cfg.run.model_copy(update={"expected_firms": n}).to_flower(
+            run_id=rid, run_dir=run_dir
+        ),
         start_node=start_supernode,
         app=AppSpec(),
         on_event=on_event,

@@ -300,7 +300,11 @@ def run_flower_simulation(
         write_signing_key(coordinator_key)
     os.environ[COORDINATOR_KEY_ENV] = str(coordinator_key)
     run_simulation(
-        server_app=make_server_app(cfg.run, run_id=run_id, run_dir=str(run_dir.resolve())),
+        server_app=make_server_app(
+            cfg.run.model_copy(update={"expected_firms": len(firms)}),
+            run_id=run_id,
+            run_dir=str(run_dir.resolve()),
+        ),
         client_app=make_client_app(mapping, mods=client_mods),
         num_supernodes=len(firms),
         backend_config={
