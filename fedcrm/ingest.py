@@ -36,13 +36,19 @@ def _decode_hint(spec: SourceSpec) -> str:
     return "check the file's encoding and set 'encoding' in its source section (e.g. \"utf-8\")"
 
 
-def _csv_chunks(spec: SourceSpec, expected: int) -> Iterator[Chunk]:
+def _source_file(spec: SourceSpec) -> Path:
+    """The source's file, checked to exist and to be non-empty."""
     assert spec.path is not None
     path = spec.path
     if not path.exists():
         raise SchemaError(f"source file {path} not found")
     if path.stat().st_size == 0:
         raise SchemaError(f"source file {path} is empty")
+    return path
+
+
+def _csv_chunks(spec: SourceSpec, expected: int) -> Iterator[Chunk]:
+    path = _source_file(spec)
     try:
         reader = pd.read_csv(
             path,
@@ -93,12 +99,7 @@ def _parquet_chunks(spec: SourceSpec) -> Iterator[Chunk]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    assert spec.path is not None
-    path = spec.path
-    if not path.exists():
-        raise SchemaError(f"source file {path} not found")
-    if path.stat().st_size == 0:
-        raise SchemaError(f"source file {path} is empty")
+    path = _source_file(spec)
     try:
         pf = pq.ParquetFile(path)
         start = 1

@@ -30,6 +30,7 @@ from fedcrm.config import ColumnRole, FirmConfig, TableName
 from fedcrm.ingest import iter_chunks
 from fedcrm.validation import IdRegistry, check_columns, validate_chunk
 from privacy.audit import AuditLog, EntryKind, data_prepared_payload
+from privacy.durable import fsync_dir
 from privacy.encryption import EncryptedTableWriter
 from privacy.errors import KeyFileError, QuarantineThresholdExceeded
 from privacy.keys import FirmKeys, load_keys
@@ -364,11 +365,7 @@ def _swap_in(staging: Path, target: Path) -> None:
         os.replace(target, old)
     os.replace(staging, target)
     shutil.rmtree(old, ignore_errors=True)
-    fd = os.open(target.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_dir(target.parent)
 
 
 def read_manifest(prepared_dir: Path) -> dict[str, Any]:

@@ -46,6 +46,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from privacy.durable import fsync_dir
 from privacy.errors import AuditError, KeyFileError
 from privacy.keys import public_key_id
 
@@ -312,14 +313,6 @@ def _utc_now() -> datetime:
     return datetime.now(UTC)
 
 
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _last_line(data: bytes) -> bytes | None:
     body = data[:-1] if data.endswith(b"\n") else data
     if not body:
@@ -435,7 +428,7 @@ class AuditLog:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
             raise
-        _fsync_dir(self.path.parent)
+        fsync_dir(self.path.parent)
 
 
 def data_prepared_payload(manifest: Mapping[str, Any]) -> dict[str, Any]:

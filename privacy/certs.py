@@ -28,6 +28,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from privacy.durable import write_private
 from privacy.errors import KeyFileError
 
 CA_CERT = "ca.crt"
@@ -65,17 +66,6 @@ class NodeKeyFiles:
     firm: str
     private_key: Path
     public_key: Path
-
-
-def _write_private(path: Path, data: bytes) -> None:
-    """Write a secret file with mode 0600 (callers check :func:`_refuse_existing` first)."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.fchmod(fd, 0o600)
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _write_public(path: Path, data: bytes) -> None:
@@ -161,7 +151,7 @@ def generate_ca(out_dir: Path, *, common_name: str, force: bool = False) -> CaFi
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
         .sign(key, hashes.SHA384())
     )
-    _write_private(files.key, _pem_private(key))
+    write_private(files.key, _pem_private(key))
     _write_public(files.cert, cert.public_bytes(serialization.Encoding.PEM))
     return files
 
@@ -229,7 +219,7 @@ def issue_server_cert(
         )
         .sign(ca_key, hashes.SHA384())
     )
-    _write_private(files.key, _pem_private(key))
+    write_private(files.key, _pem_private(key))
     _write_public(files.cert, cert.public_bytes(serialization.Encoding.PEM))
     return files
 
@@ -259,7 +249,7 @@ def generate_node_auth_key(out_dir: Path, *, firm: str, force: bool = False) -> 
     public = key.public_key().public_bytes(
         serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
     )
-    _write_private(files.private_key, private)
+    write_private(files.private_key, private)
     _write_public(files.public_key, public + f" fedcrm-{firm}\n".encode())
     return files
 

@@ -29,7 +29,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from cryptography.hazmat.primitives.hashes import SHA256
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from privacy.durable import write_private
 from privacy.errors import KeyFileError
+from privacy.masking import derive_pseudonym_key
 
 KEY_BYTES = 32
 META_FILE = "keys.json"
@@ -81,8 +83,9 @@ class FirmKeys:
 
     def pseudonym_key(self) -> bytes:
         """The HMAC key for pseudonyms, derived per firm and version (never the master itself)."""
-        info = f"fedcrm/pseudonym/v1/{self.firm}/{self.pseudonym_version}".encode()
-        return hkdf(self.pseudonym_master, info=info)
+        return derive_pseudonym_key(
+            self.pseudonym_master, firm=self.firm, version=self.pseudonym_version
+        )
 
     def signing_key_id(self) -> str | None:
         return None if self.signing_key is None else public_key_id(self.signing_key.public_key())
@@ -91,14 +94,7 @@ class FirmKeys:
 def _write_secret(path: Path, data: bytes, *, force: bool) -> None:
     if path.exists() and not force:
         raise KeyFileError(f"{path} already exists; refusing to overwrite a secret (use --force)")
-    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
-    fd = os.open(path, flags, 0o600)
-    try:
-        os.fchmod(fd, 0o600)
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    write_private(path, data)
 
 
 def _read_secret(path: Path) -> bytes:

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from privacy.accounting import DpEvent, FrozenMapping, compose_epsilon
+from privacy.durable import fsync_dir
 from privacy.errors import BudgetExhausted, ConfigError
 
 EPSILON_TOLERANCE = 1e-9
@@ -133,14 +134,6 @@ def read_events(path: Path | str) -> list[DpEvent]:
     return _read(Path(path))[1]
 
 
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _atomic_write(path: Path, text: str) -> None:
     """Replace ``path`` with ``text`` atomically and durably (mode 0600)."""
     fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -156,7 +149,7 @@ def _atomic_write(path: Path, text: str) -> None:
         with contextlib.suppress(OSError):
             tmp.unlink()
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def _remove_stale_temps(path: Path) -> None:

@@ -85,7 +85,7 @@ def derive_pseudonym_key(master: bytes, *, firm: str, version: int) -> bytes:
     HKDF-SHA256 (RFC 5869) without salt and with
     ``info = b"fedcrm/pseudonym/v1/" + firm + b"/" + version`` (UTF-8, decimal version), so keys
     for different firms, versions and uses (other ``fedcrm/<use>/v1`` infos) never coincide.
-    This is the same derivation as ``privacy.keys.FirmKeys.pseudonym_key``.
+    ``privacy.keys.FirmKeys.pseudonym_key`` derives a firm's key with this function.
 
     Raises:
         KeyFileError: the master secret is shorter than 16 bytes.
