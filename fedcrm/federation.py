@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
+from torch import nn
 
 from fedcrm.config import ColumnRole, FeatureKind, FirmConfig, TableName, load_firm_config
 from fedcrm.dp_engine import DpPlan, plan_for_budget, train_dp
@@ -124,6 +125,14 @@ class EvalOutcome:
     num_examples: int
     metrics: dict[str, float]
     histograms: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+PerSampleLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def noise_generator() -> torch.Generator:
+    """A generator seeded from the OS for DP noise and Poisson sampling (never a fixed seed)."""
+    return torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "big") >> 1)
 
 
 def arrays_hash(arrays: list[np.ndarray]) -> str:
@@ -339,6 +348,24 @@ class FirmNode:
 
     # ------------------------------------------------------------------ training
 
+    def training_problem(
+        self, task: Task, *, model_kind: str, seed: int
+    ) -> tuple[np.ndarray, np.ndarray, nn.Module, PerSampleLoss]:
+        """This firm's training examples, a fresh model and its per-example loss for ``task``."""
+        if task is Task.CHURN:
+            data = self.churn()
+            model = build_churn_model(model_kind, data.layout.dim, seed=seed)
+            return data.x_train, data.y_train, model, churn_per_sample_loss
+        from fedcrm import trend_task
+
+        tdata = self.trend()
+        return (
+            tdata.x_train,
+            tdata.y_train,
+            trend_task.build_model(tdata),
+            trend_task.per_sample_loss,
+        )
+
     def _plan_path(self, run_id: str) -> Path:
         return self.cfg.firm.store_dir / "runs" / f"{run_id}.plan.json"
 
@@ -391,18 +418,7 @@ class FirmNode:
         """One federated training round on this firm's data (check, train, commit, reply)."""
         started = time.perf_counter()
         torch.set_num_threads(1)
-        if spec.task is Task.CHURN:
-            data = self.churn()
-            x, y = data.x_train, data.y_train
-            model = build_churn_model(spec.model, data.layout.dim, seed=spec.seed)
-            loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = churn_per_sample_loss
-        else:
-            from fedcrm import trend_task
-
-            tdata = self.trend()
-            x, y = tdata.x_train, tdata.y_train
-            model = trend_task.build_model(tdata)
-            loss = trend_task.per_sample_loss
+        x, y, model, loss = self.training_problem(spec.task, model_kind=spec.model, seed=spec.seed)
         arrays_to_model(model, arrays)
         try:
             plan = self._run_plan(spec, len(y))
@@ -416,9 +432,7 @@ class FirmNode:
             self.ledger.check(event)
         except BudgetExhausted as exc:
             return self._refuse(spec, str(exc))
-        generator = torch.Generator().manual_seed(
-            int.from_bytes(os.urandom(8), "big") & ((1 << 63) - 1)
-        )
+        generator = noise_generator()
         global_params = [p.detach().clone() for p in model.parameters()]
         proximal = (global_params, spec.proximal_mu) if spec.proximal_mu > 0 else None
         train_dp(

@@ -7,9 +7,7 @@ list: pseudonymous id, churn probability, risk band and RFM segment, highest ris
 
 from __future__ import annotations
 
-import os
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,11 +18,15 @@ import torch
 import fedcrm
 from fedcrm.config import FirmConfig
 from fedcrm.dp_engine import plan_for_budget, train_dp
-from fedcrm.federation import MIN_USEFUL_FRACTION, FirmNode, Task, layout_from_config
+from fedcrm.federation import (
+    MIN_USEFUL_FRACTION,
+    FirmNode,
+    Task,
+    layout_from_config,
+    noise_generator,
+)
 from fedcrm.metrics import auc
 from fedcrm.models import (
-    build_churn_model,
-    churn_per_sample_loss,
     load_model,
     predict_proba,
     save_model,
@@ -66,20 +68,8 @@ def train_local(
     t = cfg.training
     spent = ledger.spent()
     target_total = min(cfg.budget.epsilon, spent + epsilon)
-    if task is Task.CHURN:
-        data = node.churn()
-        x, y = data.x_train, data.y_train
-        kind = model_kind or t.model.value
-        model = build_churn_model(kind, data.layout.dim, seed=t.seed)
-        loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = churn_per_sample_loss
-    else:
-        from fedcrm import trend_task
-
-        tdata = node.trend()
-        x, y = tdata.x_train, tdata.y_train
-        kind = "trend"
-        model = trend_task.build_model(tdata)
-        loss = trend_task.per_sample_loss
+    kind = (model_kind or t.model.value) if task is Task.CHURN else "trend"
+    x, y, model, loss = node.training_problem(task, model_kind=kind, seed=t.seed)
     if target_total - spent < MIN_USEFUL_FRACTION * epsilon:
         raise PlanDoesNotFit(
             f"firm '{cfg.firm.name}' has spent ε={spent:.4f} of its cap "
@@ -100,7 +90,7 @@ def train_local(
     )
     event = plan.round_event(purpose=f"train:{task.value}:local", context={"task": task.value})
     ledger.check(event)
-    generator = torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "big") >> 1)
+    generator = noise_generator()
     train_dp(
         model,
         torch.as_tensor(x),
@@ -114,6 +104,7 @@ def train_local(
     node.log_release(event)
     metrics: dict[str, float] = {}
     if task is Task.CHURN:
+        data = node.churn()
         metrics["auc"] = auc(predict_proba(model, data.x_test), data.y_test)
         provenance = {
             "kind": kind,
@@ -134,6 +125,7 @@ def train_local(
         from fedcrm import trend_task
         from fedcrm.models import model_to_arrays
 
+        tdata = node.trend()
         metrics = trend_task.evaluate(tdata, model_to_arrays(model)).metrics
         trend_task.save_trend_model(
             out,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -112,3 +113,29 @@ def write_firm(tmp_path: Path) -> Callable[..., Path]:
         return path
 
     return _write
+
+
+def processes_under(root: Path) -> list[str]:
+    """Live processes whose environment or command line mentions ``root`` (ours only)."""
+    needle = str(root).encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            state = (entry / "stat").read_text().rsplit(")", 1)[-1].split()[0]
+            environ = (entry / "environ").read_bytes()
+            cmdline = (entry / "cmdline").read_bytes()
+        except (OSError, IndexError):
+            continue
+        if state != "Z" and (needle in environ or needle in cmdline):
+            command = cmdline.replace(b"\0", b" ").decode(errors="replace")[:120]
+            found.append(f"{entry.name}: {command}")
+    return found
+
+
+def assert_all_gone(root: Path, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while (left := processes_under(root)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not left, f"processes left running: {left}"

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from conftest import assert_all_gone
 
 from clients.node import SUPERNODE_CONNECTION_ERROR, format_node_config, start_supernode
 from fedcrm.processes import (
@@ -43,30 +44,6 @@ APP_DIR = Path(__file__).resolve().parent / "deploy_app"
 TRIVIAL = AppSpec(serverapp="trivial_server:app", clientapp="trivial_client:app", name="trivial")
 
 
-def _processes_under(root: Path) -> list[str]:
-    """Live processes whose environment or command line mentions ``root`` (ours only)."""
-    needle = str(root).encode()
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            state = (entry / "stat").read_text().rsplit(")", 1)[-1].split()[0]
-            environ = (entry / "environ").read_bytes()
-            cmdline = (entry / "cmdline").read_bytes()
-        except (OSError, IndexError):
-            continue
-        if state != "Z" and (needle in environ or needle in cmdline):
-            command = cmdline.replace(b"\0", b" ").decode(errors="replace")[:120]
-            found.append(f"{entry.name}: {command}")
-    return found
-
-
-def _assert_all_gone(root: Path, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while (left := _processes_under(root)) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert not left, f"processes left running: {left}"
 
 
 def _firms(tmp_path: Path, names: tuple[str, ...] = ("alpha", "beta")) -> list[FirmNode]:
@@ -245,7 +222,7 @@ def test_local_deployment_runs_two_rounds_over_tls_with_registered_nodes(tmp_pat
     assert not (tmp_path / "deploy" / "app" / "keys").exists()
     app_text = (tmp_path / "deploy" / "app" / "pyproject.toml").read_text()
     assert ".key" not in app_text
-    _assert_all_gone(tmp_path)
+    assert_all_gone(tmp_path)
 
 
 @pytest.mark.slow
@@ -299,7 +276,7 @@ def test_a_node_with_an_unregistered_key_is_refused_while_a_registered_one_conne
             time.sleep(2)
         assert good_node.poll() is None
         assert len(node_statuses(flwr_home=cli_home, connection="t")) == 1
-    _assert_all_gone(tmp_path)
+    assert_all_gone(tmp_path)
 
 
 @pytest.mark.slow
@@ -317,7 +294,7 @@ def test_a_failing_server_app_is_reported_and_every_process_is_stopped(tmp_path:
     )
     assert result.status.state is RunState.FAILED, result.status
     assert not (tmp_path / "result").exists()
-    _assert_all_gone(tmp_path)
+    assert_all_gone(tmp_path)
 
 
 @pytest.mark.slow
@@ -338,4 +315,4 @@ def test_an_interrupt_during_the_run_stops_every_process(tmp_path: Path) -> None
             on_event=interrupt,
             extra_pythonpath=[APP_DIR],
         )
-    _assert_all_gone(tmp_path)
+    assert_all_gone(tmp_path)

@@ -9,42 +9,16 @@ Also the command line wiring of every deployment command (fast).
 from __future__ import annotations
 
 import json
-import os
 import stat
 import time
 import tomllib
 from pathlib import Path
 
 import pytest
+from conftest import assert_all_gone
 from typer.testing import CliRunner
 
 from fedcrm.run_config import RunConfig
-
-
-def _processes_under(root: Path) -> list[str]:
-    """Live processes whose environment or command line mentions ``root``."""
-    needle = str(root).encode()
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            state = (entry / "stat").read_text().rsplit(")", 1)[-1].split()[0]
-            environ = (entry / "environ").read_bytes()
-            cmdline = (entry / "cmdline").read_bytes()
-        except (OSError, IndexError):
-            continue
-        if state != "Z" and (needle in environ or needle in cmdline):
-            command = cmdline.replace(b"\0", b" ").decode(errors="replace")[:120]
-            found.append(f"{entry.name}: {command}")
-    return found
-
-
-def _assert_all_gone(root: Path, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while (left := _processes_under(root)) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert not left, f"processes left running: {left}"
 
 
 # ---------------------------------------------------------------- fast: CLI wiring
@@ -198,7 +172,7 @@ def test_real_fedcrm_apps_complete_two_rounds_on_a_tls_deployment(tmp_path: Path
     node_log = (fed / "nodes" / "firm1" / "supernode-firm1.log").read_text()
     firm1_config = str((done.run_dir / "firms" / "firm1" / "firm.toml").resolve())
     assert f"--node-config firm-config='{firm1_config}'" in node_log
-    _assert_all_gone(tmp_path)
+    assert_all_gone(tmp_path)
     # the auditor's verification passes on the deployment's signed logs
     from privacy.audit import verify_run
 
