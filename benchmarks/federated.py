@@ -493,7 +493,7 @@ def child_main(spec: dict[str, Any], out: Path) -> None:
 
     for name in ("flwr", "ray"):
         logging.getLogger(name).setLevel(logging.WARNING)
-    from simulations.run import load_simulation_config, simulate
+    from fedcrm.simulations.run import load_simulation_config, simulate
 
     marks: dict[str, float] = {"imports_done": time.time()}
     cfg = load_simulation_config(Path(spec["config"]))
@@ -529,12 +529,12 @@ def child_main(spec: dict[str, Any], out: Path) -> None:
     if spec.get("profile"):
         import cProfile
 
-        import server.server_app
+        from fedcrm.server import server_app
 
         profiler = cProfile.Profile()
         profiler.enable()
         # The ServerApp runs in its own thread, which the driver's profiler does not see.
-        real_federation = server.server_app.run_federation
+        real_federation = server_app.run_federation
 
         def profiled_federation(*a: Any, **kw: Any) -> Any:
             server_prof = cProfile.Profile()
@@ -543,7 +543,7 @@ def child_main(spec: dict[str, Any], out: Path) -> None:
             finally:
                 _write_profile(server_prof, RESULTS / f"federated_{name}_server.prof")
 
-        server.server_app.run_federation = profiled_federation
+        server_app.run_federation = profiled_federation
     run_dir, summary = simulate(
         cfg, on_phase=lambda p: marks.__setitem__(p, time.time()),
         client_mods=[_message_timer(str(client_log))],
@@ -552,7 +552,7 @@ def child_main(spec: dict[str, Any], out: Path) -> None:
     if profiler is not None:
         profiler.disable()
         _write_profile(profiler, RESULTS / f"federated_{name}.prof")
-    from fedcrm.progress import read_events
+    from fedcrm.coordinator.events import read_events
 
     events = read_events(run_dir / "events.jsonl")
     client = ([json.loads(x) for x in client_log.read_text().splitlines() if x.strip()]

@@ -24,8 +24,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from privacy.masking import derive_pseudonym_key, partial_mask, pseudonymize
-from privacy.policies import PiiKind
+from fedcrm.privacy.masking import derive_pseudonym_key, partial_mask, pseudonymize
+from fedcrm.privacy.policies import PiiKind
 
 TARGET_PER_S = 1_000_000
 _ID_WEIGHTS = np.array([7, 9, 10, 5, 8, 4, 2, 1, 6, 3, 7, 9, 10, 5, 8, 4, 2])
@@ -118,7 +118,7 @@ def run(n: int, repeat: int, seed: int) -> dict[str, Any]:
                      "seconds": round(seconds, 4), "values_per_s": round(rate)})
     pseudo = [int(r["values_per_s"]) for r in rows if r["operation"] == "pseudonymize"]
     return {
-        "benchmark": "privacy.masking",
+        "benchmark": "fedcrm.privacy.masking",
         "timestamp": datetime.now(UTC).isoformat(timespec="seconds"),
         "n": n,
         "repeat": repeat,

@@ -123,7 +123,7 @@ def write_firm(root: Path, *, rows: int, seed: int, chunk_rows: int | None) -> P
     """CSV + ``firm.toml`` + keys under ``root`` (reused if already there); returns the config."""
     import tomli_w
 
-    from privacy.keys import init_keys
+    from fedcrm.privacy.keys import init_keys
 
     root.mkdir(parents=True, exist_ok=True)
     data = root / f"customers-{rows}-{seed}.csv"
@@ -223,9 +223,9 @@ class RssSampler(threading.Thread):
 
 
 def child(config: Path, out: Path, cprofile: int) -> None:
-    import fedcrm.prepare as fp
-    from fedcrm.config import load_firm_config
-    from privacy.keys import load_keys
+    import fedcrm.data.prepare as fp
+    from fedcrm.data.contract import load_firm_config
+    from fedcrm.privacy.keys import load_keys
 
     imported = time.perf_counter()
     timer = PhaseTimer()
@@ -504,7 +504,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.cprofile:
             top = run_child(config, cprofile=args.cprofile)["top_functions"]
         report: dict[str, Any] = {
-            "benchmark": "fedcrm.prepare",
+            "benchmark": "fedcrm.data.prepare",
             "timestamp": datetime.now(UTC).isoformat(timespec="seconds"),
             "label": args.label,
             "rows": args.rows,

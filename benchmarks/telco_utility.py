@@ -22,7 +22,8 @@ import torch
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 
-from fedcrm.dp_engine import (
+from fedcrm.data.encoding import layout_from_declared
+from fedcrm.learning.dp_engine import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_EPOCHS,
     DEFAULT_LEARNING_RATE,
@@ -32,9 +33,13 @@ from fedcrm.dp_engine import (
     train_dp,
     train_non_dp,
 )
-from fedcrm.encoding import layout_from_declared
-from fedcrm.models import ChurnModelKind, build_churn_model, churn_per_sample_loss, predict_proba
-from simulations.datasets import (
+from fedcrm.learning.models import (
+    ChurnModelKind,
+    build_churn_model,
+    churn_per_sample_loss,
+    predict_proba,
+)
+from fedcrm.simulations.datasets import (
     TELCO_BOOLEAN,
     TELCO_CATEGORICAL,
     TELCO_NUMERIC,

@@ -27,9 +27,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from fedcrm.dp_engine import DpOptimizer, plan_for_budget, train_dp, train_non_dp
-from fedcrm.features import weekly_series
-from fedcrm.trend import (
+from fedcrm.data.features import weekly_series
+from fedcrm.learning.dp_engine import DpOptimizer, plan_for_budget, train_dp, train_non_dp
+from fedcrm.learning.trend_model import (
     build_trend_model,
     evaluate_holdout,
     forecast,
@@ -40,7 +40,7 @@ from fedcrm.trend import (
     trend_fingerprint,
     trend_per_sample_loss,
 )
-from simulations.datasets import CDNOW_CALIBRATION_END, CDNOW_HOLDOUT_END, load_cdnow
+from fedcrm.simulations.datasets import CDNOW_CALIBRATION_END, CDNOW_HOLDOUT_END, load_cdnow
 
 HOLDOUT_WEEKS = 39
 DELTA = 1e-5

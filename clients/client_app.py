@@ -16,8 +16,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
 
-from fedcrm.federation import FirmNode, RoundSpec, RoundStatus, Task
-from privacy.errors import FedcrmError
+from fedcrm.node import FirmNode, RoundSpec, RoundStatus, Task
+from fedcrm.privacy.errors import FedcrmError
 
 NODE_CONFIG_KEY = "firm-config"
 

@@ -15,11 +15,9 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
-from flwr.supercore.exit.exit_code import ExitCode
-
-from fedcrm.config import load_firm_config
-from fedcrm.processes import (
+from fedcrm.coordinator.processes import (
     LOCALHOST,
+    SUPERNODE_CONNECTION_ERROR,
     DeploymentError,
     ManagedProcess,
     ProcessGroup,
@@ -27,17 +25,14 @@ from fedcrm.processes import (
     flower_env,
     free_port,
 )
-from privacy.certs import load_node_private_key
-from privacy.errors import ConfigError, KeyFileError
+from fedcrm.data.contract import load_firm_config
+from fedcrm.privacy.certs import load_node_private_key
+from fedcrm.privacy.errors import ConfigError, KeyFileError
 
 NodeConfigValue = str | int | float | bool
 _KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*$")
 _NODE_ID = re.compile(r"SuperNode ID: (\d+)")
 
-# Flower exit code logged by flower-supernode ("Exit Code: 305") when the SuperLink refuses it
-# (its key is not registered) or cannot be reached within --max-retries / --max-wait-time.
-# The process status itself is 1; read the code with ManagedProcess.flower_exit_code().
-SUPERNODE_CONNECTION_ERROR: int = ExitCode.SUPERNODE_CONNECTION_ERROR
 
 
 def format_node_config(node_config: Mapping[str, NodeConfigValue]) -> str:
@@ -162,7 +157,7 @@ def firm_node_config(firm_config: Path) -> dict[str, NodeConfigValue]:
     The ClientApp opens the firm's store and keys from that file; nothing else about the firm
     goes into the node config, and none of it leaves the firm's host.
     """
-    from clients.client_app import NODE_CONFIG_KEY  # torch-heavy: import only when needed
+    from fedcrm.clients.client_app import NODE_CONFIG_KEY  # torch-heavy: import only when needed
 
     return {NODE_CONFIG_KEY: str(Path(firm_config).expanduser().resolve())}
 

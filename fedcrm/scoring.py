@@ -16,24 +16,24 @@ import pandas as pd
 import torch
 
 import fedcrm
-from fedcrm.config import FirmConfig
-from fedcrm.dp_engine import plan_for_budget, train_dp
-from fedcrm.federation import (
+from fedcrm.data.contract import FirmConfig
+from fedcrm.data.store import load_store
+from fedcrm.learning.dp_engine import plan_for_budget, train_dp
+from fedcrm.learning.metrics import auc
+from fedcrm.learning.models import (
+    load_model,
+    predict_proba,
+    save_model,
+)
+from fedcrm.node import (
     MIN_USEFUL_FRACTION,
     FirmNode,
     Task,
     layout_from_config,
     noise_generator,
 )
-from fedcrm.metrics import auc
-from fedcrm.models import (
-    load_model,
-    predict_proba,
-    save_model,
-)
-from fedcrm.store import load_store
-from privacy.errors import ConfigError, PlanDoesNotFit
-from privacy.keys import FirmKeys, load_keys
+from fedcrm.privacy.errors import ConfigError, PlanDoesNotFit
+from fedcrm.privacy.keys import FirmKeys, load_keys
 
 RISK_BANDS = ((0.5, "high"), (0.25, "medium"), (0.0, "low"))
 
@@ -122,8 +122,8 @@ def train_local(
         }
         save_model(out, model, provenance)
     else:
-        from fedcrm import trend_task
-        from fedcrm.models import model_to_arrays
+        from fedcrm.learning.models import model_to_arrays
+        from fedcrm.tasks import trend as trend_task
 
         tdata = node.trend()
         metrics = trend_task.evaluate(tdata, model_to_arrays(model)).metrics

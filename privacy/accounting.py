@@ -35,7 +35,7 @@ import numpy as np
 import numpy.typing as npt
 from scipy import special
 
-from privacy.errors import PlanDoesNotFit
+from fedcrm.privacy.errors import PlanDoesNotFit
 
 FloatArray = npt.NDArray[np.float64]
 ContextValue = str | int | float

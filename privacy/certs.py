@@ -28,13 +28,13 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from privacy.durable import write_private
-from privacy.errors import KeyFileError
+from fedcrm.privacy.durable import write_private
+from fedcrm.privacy.errors import KeyFileError
 
 CA_CERT = "ca.crt"
 CA_KEY = "ca.key"
-SERVER_CERT = "server.crt"
-SERVER_KEY = "server.key"
+SERVER_CERT = "fedcrm.server.crt"
+SERVER_KEY = "fedcrm.server.key"
 DEFAULT_HOSTS: tuple[str, ...] = ("127.0.0.1", "localhost")
 CA_VALIDITY = dt.timedelta(days=3650)
 SERVER_VALIDITY = dt.timedelta(days=825)

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from privacy.policies import SUGGESTED_POLICY, MaskingPolicy, PiiKind
+from fedcrm.privacy.policies import SUGGESTED_POLICY, MaskingPolicy, PiiKind
 
 __all__ = ["DETECTION_THRESHOLD", "ColumnFinding", "scan_frame"]
 

@@ -31,8 +31,8 @@ import pyarrow as pa
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from privacy.errors import DecryptionError
-from privacy.keys import FirmKeys, hkdf
+from fedcrm.privacy.errors import DecryptionError
+from fedcrm.privacy.keys import FirmKeys, hkdf
 
 MAGIC = b"FEDCRM-STORE-1\n"
 NONCE_BYTES = 12

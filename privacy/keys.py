@@ -29,14 +29,16 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from cryptography.hazmat.primitives.hashes import SHA256
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from privacy.durable import write_private
-from privacy.errors import KeyFileError
-from privacy.masking import derive_pseudonym_key
+from fedcrm.privacy.durable import write_private
+from fedcrm.privacy.errors import KeyFileError
+from fedcrm.privacy.masking import derive_pseudonym_key
 
 KEY_BYTES = 32
 META_FILE = "keys.json"
 ENV_PSEUDONYM = "FEDCRM_PSEUDONYM_KEY"
 ENV_DATA = "FEDCRM_DATA_KEY"
+#: Path of the coordinator's Ed25519 key that signs a run's federation log (never a run config).
+ENV_COORDINATOR_KEY = "FEDCRM_COORDINATOR_KEY"
 
 
 class KeyKind(StrEnum):

@@ -28,9 +28,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from privacy.accounting import DpEvent, FrozenMapping, compose_epsilon
-from privacy.durable import fsync_dir
-from privacy.errors import BudgetExhausted, ConfigError
+from fedcrm.privacy.accounting import DpEvent, FrozenMapping, compose_epsilon
+from fedcrm.privacy.durable import fsync_dir
+from fedcrm.privacy.errors import BudgetExhausted, ConfigError
 
 EPSILON_TOLERANCE = 1e-9
 """Float slack when comparing composed ε with the cap (an exact fit is allowed)."""

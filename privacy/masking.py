@@ -43,8 +43,8 @@ import pyarrow.compute as pc
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from privacy.errors import ConfigError, KeyFileError
-from privacy.policies import MaskingPolicy, PiiKind
+from fedcrm.privacy.errors import ConfigError, KeyFileError
+from fedcrm.privacy.policies import MaskingPolicy, PiiKind
 
 __all__ = [
     "PSEUDONYM_HEX_CHARS",
@@ -304,7 +304,7 @@ def pseudonymize(
     if len(key) < _MIN_KEY_BYTES:
         raise ConfigError(
             f"pseudonym key is {len(key)} bytes, need at least {_MIN_KEY_BYTES}; derive it with "
-            "privacy.masking.derive_pseudonym_key"
+            "fedcrm.privacy.masking.derive_pseudonym_key"
         )
     if not _KEY_ID_RE.fullmatch(key_id):
         raise ConfigError(

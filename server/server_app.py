@@ -5,8 +5,8 @@ from __future__ import annotations
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from fedcrm.run_config import RunConfig
-from server.coordinator import run_federation
+from fedcrm.coordinator.run_config import RunConfig
+from fedcrm.server.federation import run_federation
 
 
 def make_server_app(

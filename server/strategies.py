@@ -32,10 +32,10 @@ from flwr.serverapp.strategy import (
     Strategy,
 )
 
-from fedcrm.federation import arrays_hash
-from fedcrm.metrics import auc_from_histograms
-from fedcrm.run_config import RunConfig, StrategyKind
-from server.update_validation import validate_update
+from fedcrm.coordinator.run_config import RunConfig, StrategyKind
+from fedcrm.learning.metrics import auc_from_histograms
+from fedcrm.node import arrays_hash
+from fedcrm.server.update_validation import validate_update
 
 EventFn = Callable[..., None]
 
@@ -337,7 +337,7 @@ class GuardedStrategy(Strategy):
         if pos_total is not None and neg_total is not None:
             pooled["auc"] = auc_from_histograms(pos_total, neg_total)
         if sums:
-            from fedcrm.trend_task import pooled_trend_metrics
+            from fedcrm.tasks.trend import pooled_trend_metrics
 
             pooled.update(pooled_trend_metrics(sums, per_firm))
         record.metrics = {"pooled": pooled, "per_firm": per_firm}

@@ -13,16 +13,19 @@ from typing import Any, Protocol
 import numpy as np
 from sklearn.linear_model import LogisticRegression
 
-from fedcrm.config import load_firm_config
-from fedcrm.federation import churn_data, layout_from_config
-from fedcrm.metrics import auc
-from fedcrm.store import load_store
-from privacy.keys import load_keys
+from fedcrm.data.contract import load_firm_config
+from fedcrm.data.store import load_store
+from fedcrm.learning.metrics import auc
+from fedcrm.node import churn_data, layout_from_config
+from fedcrm.privacy.keys import load_keys
 
 
 class _Firm(Protocol):
-    name: str
-    config: Path
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def config(self) -> Path: ...
 
 
 def _firm_churn(firm: _Firm) -> Any:
@@ -46,7 +49,7 @@ def churn_baselines(firms: Sequence[_Firm], model_path: Path | None) -> dict[str
         "train_customers": len(y_train),
     }
     if model_path is not None and model_path.exists():
-        from fedcrm.models import load_model, predict_proba
+        from fedcrm.learning.models import load_model, predict_proba
 
         model, _ = load_model(model_path)
         out["federated_auc_exact"] = auc(predict_proba(model, x_test), y_test)
@@ -93,8 +96,8 @@ def trend_baselines(firms: Sequence[_Firm], model_path: Path | None) -> dict[str
     """BG/NBD (lifetimes, daily) fitted on the pooled calibration data, same holdout weeks."""
     import pandas as pd
 
-    from fedcrm.trend import evaluate_holdout, forecast
-    from fedcrm.trend_task import firm_trend_data, load_trend_model
+    from fedcrm.learning.trend_model import evaluate_holdout, forecast
+    from fedcrm.tasks.trend import firm_trend_data, load_trend_model
 
     txs, datas = [], []
     for f in firms:
@@ -106,7 +109,7 @@ def trend_baselines(firms: Sequence[_Firm], model_path: Path | None) -> dict[str
     tx = pd.concat(txs, ignore_index=True)
     calibration_end = datas[0].calibration_end
     weeks = min(d.holdout_weeks for d in datas)
-    from fedcrm.trend import trend_features
+    from fedcrm.learning.trend_model import trend_features
 
     cal = tx[tx["timestamp"] <= calibration_end]
     _, customers = trend_features(cal, as_of=calibration_end)

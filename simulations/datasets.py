@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from privacy.errors import ConfigError
+from fedcrm.privacy.errors import ConfigError
 
 TELCO_CATEGORICAL: dict[str, tuple[str, ...]] = {
     "multiple_lines": ("No", "Yes", "No phone service"),

@@ -29,14 +29,20 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from clients.node import firm_node_config, start_supernode
-from fedcrm.config import load_firm_config
-from fedcrm.run_config import RunConfig, parse_run_config
-from fedcrm.runs import SUMMARY, load_summary, new_run_id, write_summary
-from privacy.errors import ConfigError
-from server.coordinator_host import default_run_timeout, use_coordinator_key
-from server.deploy import AppSpec, DeployEvent, DeploymentResult, FirmNode, deploy_local
-from simulations.run import Dataset, SimulationConfig, SimulationSection, build_firms
+from fedcrm.clients.node import firm_node_config, start_supernode
+from fedcrm.coordinator.host import default_run_timeout, use_coordinator_key
+from fedcrm.coordinator.local_deployment import (
+    AppSpec,
+    DeployEvent,
+    DeploymentResult,
+    FirmNode,
+    deploy_local,
+)
+from fedcrm.coordinator.run_config import RunConfig, parse_run_config
+from fedcrm.coordinator.runs import SUMMARY, load_summary, new_run_id, write_summary
+from fedcrm.data.contract import load_firm_config
+from fedcrm.privacy.errors import ConfigError
+from fedcrm.simulations.run import Dataset, SimulationConfig, SimulationSection, build_firms
 
 FEDERATION_DIR = "federation"
 

@@ -13,8 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from simulations.datasets import load_cdnow, load_telco
-from simulations.partners import (
+from fedcrm.simulations.datasets import load_cdnow, load_telco
+from fedcrm.simulations.partners import (
     cdnow_export,
     cdnow_firm_config,
     telco_export,

@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 import tomli_w
 
-from simulations.datasets import (
+from fedcrm.simulations.datasets import (
     CDNOW_CALIBRATION_END,
     TELCO_BOOLEAN,
     TELCO_CATEGORICAL,

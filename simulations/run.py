@@ -32,15 +32,15 @@ import numpy as np
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from fedcrm.config import FirmConfig, load_firm_config
-from fedcrm.federation import Task
-from fedcrm.prepare import prepare
-from fedcrm.run_config import RunConfig, parse_run_config
-from fedcrm.runs import load_summary, new_run_id, write_summary
-from privacy.errors import ConfigError
-from privacy.keys import init_keys, write_signing_key
-from simulations.datasets import load_cdnow, load_telco
-from simulations.partners import (
+from fedcrm.coordinator.run_config import RunConfig, parse_run_config
+from fedcrm.coordinator.runs import load_summary, new_run_id, write_summary
+from fedcrm.data.contract import FirmConfig, load_firm_config
+from fedcrm.data.prepare import prepare
+from fedcrm.node import Task
+from fedcrm.privacy.errors import ConfigError
+from fedcrm.privacy.keys import init_keys, write_signing_key
+from fedcrm.simulations.datasets import load_cdnow, load_telco
+from fedcrm.simulations.partners import (
     cdnow_export,
     cdnow_firm_config,
     telco_export,
@@ -197,8 +197,8 @@ def build_firms(
 
 def _spend_budget(cfg: FirmConfig) -> None:
     """Record an earlier (Gaussian) release that used 99.9% of the firm's budget."""
-    from privacy.accounting import Mechanism, calibrate_noise, make_event
-    from privacy.ledger import Budget, PrivacyLedger
+    from fedcrm.privacy.accounting import Mechanism, calibrate_noise, make_event
+    from fedcrm.privacy.ledger import Budget, PrivacyLedger
 
     ledger = PrivacyLedger(
         cfg.ledger_path,
@@ -225,7 +225,7 @@ def _engine_cpus(sim: SimulationSection) -> int:
 
 
 #: Imported by each Ray worker as it starts, before Flower hands it a ClientApp actor.
-CLIENT_APP_MODULE = "clients.client_app"
+CLIENT_APP_MODULE = "fedcrm.clients.client_app"
 
 
 def _ray_init_args(sim: SimulationSection) -> dict[str, Any]:
@@ -264,8 +264,8 @@ def _import_apps() -> None:
     """Import Flower's simulation engine and the fedcrm apps (seconds of imports, overlapped)."""
     import flwr.simulation  # noqa: F401
 
-    import clients.client_app  # noqa: F401
-    import server.server_app  # noqa: F401
+    import fedcrm.clients.client_app
+    import fedcrm.server.server_app  # noqa: F401
 
 
 def stop_engine() -> None:
@@ -290,9 +290,9 @@ def run_flower_simulation(
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     from flwr.simulation import run_simulation
 
-    from clients.client_app import make_client_app
-    from server.coordinator import COORDINATOR_KEY_ENV
-    from server.server_app import make_server_app
+    from fedcrm.clients.client_app import make_client_app
+    from fedcrm.privacy.keys import ENV_COORDINATOR_KEY as COORDINATOR_KEY_ENV
+    from fedcrm.server.server_app import make_server_app
 
     mapping = {i: str(f.config.resolve()) for i, f in enumerate(firms)}
     coordinator_key = run_dir / "coordinator" / "signing.key"
@@ -318,7 +318,7 @@ def centralized_baseline(
     firms: list[SimFirm], cfg: SimulationConfig, model_path: Path | None
 ) -> dict[str, Any]:
     """Baselines on the pooled prepared data: same features, same held-out customers."""
-    from simulations import baselines
+    from fedcrm.simulations import baselines
 
     if cfg.run.task is Task.CHURN:
         return baselines.churn_baselines(firms, model_path)

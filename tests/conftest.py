@@ -77,7 +77,7 @@ def customers_columns() -> dict[str, Any]:
 @pytest.fixture
 def write_firm(tmp_path: Path) -> Callable[..., Path]:
     """Write a firm (CSV + TOML config + keys) into tmp_path; returns the config path."""
-    from privacy.keys import init_keys
+    from fedcrm.privacy.keys import init_keys
 
     def _write(
         frame: pd.DataFrame | None = None,

@@ -16,7 +16,7 @@ from dp_accounting.rdp import RdpAccountant, rdp_privacy_accountant
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from privacy.accounting import (
+from fedcrm.privacy.accounting import (
     DEFAULT_ORDERS,
     DpEvent,
     Mechanism,
@@ -27,7 +27,7 @@ from privacy.accounting import (
     make_event,
     rdp,
 )
-from privacy.errors import PlanDoesNotFit
+from fedcrm.privacy.errors import PlanDoesNotFit
 
 DELTA = 1e-5
 NOW = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)

@@ -26,7 +26,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from dp_accounting.rdp import RdpAccountant
 
-from privacy.audit import (
+from fedcrm.audit.log import (
     GENESIS,
     AuditLog,
     EntryKind,
@@ -39,7 +39,7 @@ from privacy.audit import (
     verify_log,
     verify_run,
 )
-from privacy.errors import AuditError
+from fedcrm.privacy.errors import AuditError
 
 FIRMS = ("acme", "globex")
 DELTA = 1e-5
@@ -497,7 +497,7 @@ _WRITER = textwrap.dedent("""
     import sys
     from pathlib import Path
     from cryptography.hazmat.primitives import serialization
-    from privacy.audit import AuditLog, EntryKind
+    from fedcrm.audit.log import AuditLog, EntryKind
     key = serialization.load_pem_private_key(Path(sys.argv[2]).read_bytes(), password=None)
     log = AuditLog(Path(sys.argv[1]), signing_key=key)
     filler = "x" * 20000  # large entries make each rewrite take a while

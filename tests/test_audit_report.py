@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 from test_audit import FIRMS, Run, build_run, copy_run  # the synthetic run of test_audit
 
-from privacy.audit import AuditLog, EntryKind, verify_run
-from privacy.audit_report import export_bundle, render_report
-from privacy.errors import AuditError
+from fedcrm.audit.log import AuditLog, EntryKind, verify_run
+from fedcrm.audit.report import export_bundle, render_report
+from fedcrm.privacy.errors import AuditError
 
 PNG_IMG = '<img src="data:image/png;base64,'
 

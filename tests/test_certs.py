@@ -12,14 +12,14 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from privacy.certs import (
+from fedcrm.privacy.certs import (
     generate_ca,
     generate_node_auth_key,
     issue_server_cert,
     load_node_private_key,
     load_node_public_key,
 )
-from privacy.errors import KeyFileError
+from fedcrm.privacy.errors import KeyFileError
 
 
 def _mode(path: Path) -> int:

@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 from conftest import customers_columns
 
-from fedcrm.config import load_firm_config
-from privacy.errors import ConfigError
+from fedcrm.data.contract import load_firm_config
+from fedcrm.privacy.errors import ConfigError
 
 
 def test_valid_config_resolves_paths_relative_to_the_file(write_firm: Callable[..., Path]) -> None:

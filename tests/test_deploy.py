@@ -20,8 +20,23 @@ from pathlib import Path
 import pytest
 from conftest import assert_all_gone
 
-from clients.node import SUPERNODE_CONNECTION_ERROR, format_node_config, start_supernode
-from fedcrm.processes import (
+from fedcrm.clients.node import SUPERNODE_CONNECTION_ERROR, format_node_config, start_supernode
+from fedcrm.coordinator.app_bundle import write_app_dir
+from fedcrm.coordinator.flower_cli import (
+    RunState,
+    node_statuses,
+    register_node,
+    start_superlink,
+    write_flwr_config,
+)
+from fedcrm.coordinator.local_deployment import (
+    AppSpec,
+    DeployEvent,
+    DeployEventKind,
+    FirmNode,
+    deploy_local,
+)
+from fedcrm.coordinator.processes import (
     DeploymentError,
     ManagedProcess,
     ProcessGroup,
@@ -29,16 +44,7 @@ from fedcrm.processes import (
     free_port,
     port_open,
 )
-from privacy.certs import generate_ca, generate_node_auth_key, issue_server_cert
-from server.app_bundle import write_app_dir
-from server.deploy import AppSpec, DeployEvent, DeployEventKind, FirmNode, deploy_local
-from server.link import (
-    RunState,
-    node_statuses,
-    register_node,
-    start_superlink,
-    write_flwr_config,
-)
+from fedcrm.privacy.certs import generate_ca, generate_node_auth_key, issue_server_cert
 
 APP_DIR = Path(__file__).resolve().parent / "deploy_app"
 TRIVIAL = AppSpec(serverapp="trivial_server:app", clientapp="trivial_client:app", name="trivial")
@@ -101,7 +107,7 @@ def test_sigterm_to_the_coordinator_still_stops_its_children(tmp_path: Path) -> 
     script = f"""
 import os, sys, time
 sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r})
-from fedcrm.processes import ProcessGroup
+from fedcrm.coordinator.processes import ProcessGroup
 with ProcessGroup(grace_s=2) as group:
     p = group.start(
         name="sleeper", argv=["sleep", "300"], env=dict(os.environ),
@@ -233,9 +239,9 @@ def test_a_node_with_an_unregistered_key_is_refused_while_a_registered_one_conne
     """The rogue firm goes through `fedcrm node start`: one clear line and a non-zero exit."""
     from typer.testing import CliRunner
 
-    from fedcrm.cli import app, load_plugins
-    from fedcrm.config import load_firm_config
-    from fedcrm.prepare import prepare
+    from fedcrm.cli import app
+    from fedcrm.data.contract import load_firm_config
+    from fedcrm.data.prepare import prepare
 
     rogue_config = write_firm(firm="rogue")
     prepare(load_firm_config(rogue_config))
@@ -244,7 +250,6 @@ def test_a_node_with_an_unregistered_key_is_refused_while_a_registered_one_conne
     good = generate_node_auth_key(tmp_path / "keys", firm="good")
     rogue = generate_node_auth_key(tmp_path / "keys", firm="rogue")
     cli_home = tmp_path / "cli"
-    load_plugins()
     with ProcessGroup() as group:
         link = start_superlink(workdir=tmp_path / "link", certs=certs, group=group)
         write_flwr_config(cli_home, "t", link.address, ca.cert)

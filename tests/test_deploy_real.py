@@ -18,14 +18,13 @@ import pytest
 from conftest import assert_all_gone
 from typer.testing import CliRunner
 
-from fedcrm.run_config import RunConfig
+from fedcrm.coordinator.run_config import RunConfig
 
 
 # ---------------------------------------------------------------- fast: CLI wiring
 def test_fedcrm_help_lists_the_deployment_commands() -> None:
-    from fedcrm.cli import app, load_plugins
+    from fedcrm.cli import app
 
-    load_plugins()
     runner = CliRunner()
     result = runner.invoke(app, ["--help"], terminal_width=200)
     assert result.exit_code == 0, result.output
@@ -41,9 +40,8 @@ def test_fedcrm_help_lists_the_deployment_commands() -> None:
 
 
 def test_certs_commands_write_private_files_0600_and_refuse_to_overwrite(tmp_path: Path) -> None:
-    from fedcrm.cli import app, load_plugins
+    from fedcrm.cli import app
 
-    load_plugins()
     runner = CliRunner()
     certs = tmp_path / "certs"
     for args in (["certs", "ca", "--out", str(certs), "--name", "test CA"],
@@ -52,7 +50,7 @@ def test_certs_commands_write_private_files_0600_and_refuse_to_overwrite(tmp_pat
                  ["certs", "node-key", "--firm", "acme", "--out", str(tmp_path / "keys")]):
         result = runner.invoke(app, args)
         assert result.exit_code == 0, result.output
-    for secret in (certs / "ca.key", certs / "server.key", tmp_path / "keys" / "acme.key"):
+    for secret in (certs / "ca.key", certs / "fedcrm.server.key", tmp_path / "keys" / "acme.key"):
         assert stat.S_IMODE(secret.stat().st_mode) == 0o600, secret
     assert (tmp_path / "keys" / "acme.pub").read_text().startswith("ecdsa-sha2-nistp384 ")
     again = runner.invoke(app, ["certs", "node-key", "--firm", "acme", "--out",
@@ -61,10 +59,9 @@ def test_certs_commands_write_private_files_0600_and_refuse_to_overwrite(tmp_pat
 
 
 def test_run_and_link_report_a_missing_superlink_in_one_line(tmp_path: Path) -> None:
-    from fedcrm.cli import app, load_plugins
-    from fedcrm.processes import free_port
+    from fedcrm.cli import app
+    from fedcrm.coordinator.processes import free_port
 
-    load_plugins()
     runner = CliRunner()
     assert runner.invoke(app, ["certs", "ca", "--out", str(tmp_path / "certs")]).exit_code == 0
     coordinator = tmp_path / "coordinator.toml"
@@ -90,8 +87,8 @@ def test_run_and_link_report_a_missing_superlink_in_one_line(tmp_path: Path) -> 
 
 
 def test_coordinator_config_resolves_paths_against_its_file(tmp_path: Path) -> None:
-    from fedcrm.deploy_config import load_coordinator_config
-    from privacy.errors import ConfigError
+    from fedcrm.coordinator.deploy_config import load_coordinator_config
+    from fedcrm.privacy.errors import ConfigError
 
     path = tmp_path / "conf" / "coordinator.toml"
     path.parent.mkdir()
@@ -107,8 +104,8 @@ def test_coordinator_config_resolves_paths_against_its_file(tmp_path: Path) -> N
 
 
 def test_the_shipped_deploy_configs_parse() -> None:
-    from fedcrm.deploy_config import load_coordinator_config, load_run_file
-    from simulations.deploy_local import load_local_deploy_config
+    from fedcrm.coordinator.deploy_config import load_coordinator_config, load_run_file
+    from fedcrm.simulations.deploy_local import load_local_deploy_config
 
     root = Path(__file__).resolve().parents[1] / "configs" / "deploy"
     local = load_local_deploy_config(root / "local.toml")
@@ -118,8 +115,8 @@ def test_the_shipped_deploy_configs_parse() -> None:
 
 
 def test_the_firm_node_config_is_only_the_absolute_firm_config_path(tmp_path: Path) -> None:
-    from clients.client_app import NODE_CONFIG_KEY
-    from clients.node import firm_node_config
+    from fedcrm.clients.client_app import NODE_CONFIG_KEY
+    from fedcrm.clients.node import firm_node_config
 
     assert firm_node_config(tmp_path / "firm.toml") == {
         NODE_CONFIG_KEY: str((tmp_path / "firm.toml").resolve())
@@ -131,8 +128,12 @@ def test_the_firm_node_config_is_only_the_absolute_firm_config_path(tmp_path: Pa
 @pytest.mark.data
 @pytest.mark.timeout(420)
 def test_real_fedcrm_apps_complete_two_rounds_on_a_tls_deployment(tmp_path: Path) -> None:
-    from server.deploy import DeployEvent, DeployEventKind
-    from simulations.deploy_local import DeploySection, LocalDeployConfig, run_local_deployment
+    from fedcrm.coordinator.local_deployment import DeployEvent, DeployEventKind
+    from fedcrm.simulations.deploy_local import (
+        DeploySection,
+        LocalDeployConfig,
+        run_local_deployment,
+    )
 
     cfg = LocalDeployConfig(
         deploy=DeploySection(firms=3, seed=3, epsilon_budget=1.0, workdir=tmp_path / "runs"),
@@ -166,7 +167,7 @@ def test_real_fedcrm_apps_complete_two_rounds_on_a_tls_deployment(tmp_path: Path
     run_config = bundle["tool"]["flwr"]["app"]["config"]
     assert run_config["run-dir"] == str(done.run_dir) and run_config["rounds"] == 2
     assert not any(str(v).endswith((".toml", ".key")) for v in run_config.values())
-    for secret in (fed / "certs" / "ca.key", fed / "certs" / "server.key",
+    for secret in (fed / "certs" / "ca.key", fed / "certs" / "fedcrm.server.key",
                    fed / "keys" / "firm1.key", fed / "keys" / "firm2.key"):
         assert stat.S_IMODE(secret.stat().st_mode) == 0o600, secret
     node_log = (fed / "nodes" / "firm1" / "supernode-firm1.log").read_text()
@@ -174,7 +175,7 @@ def test_real_fedcrm_apps_complete_two_rounds_on_a_tls_deployment(tmp_path: Path
     assert f"--node-config firm-config='{firm1_config}'" in node_log
     assert_all_gone(tmp_path)
     # the auditor's verification passes on the deployment's signed logs
-    from privacy.audit import verify_run
+    from fedcrm.audit.log import verify_run
 
     verification = verify_run(done.run_dir)
     assert verification.ok, [str(f) for f in verification.failures]

@@ -12,8 +12,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from privacy.detection import DETECTION_THRESHOLD, ColumnFinding, scan_frame
-from privacy.policies import SUGGESTED_POLICY, MaskingPolicy, PiiKind
+from fedcrm.privacy.detection import DETECTION_THRESHOLD, ColumnFinding, scan_frame
+from fedcrm.privacy.policies import SUGGESTED_POLICY, MaskingPolicy, PiiKind
 
 N = 60
 RNG_SEED = 7
@@ -294,7 +294,7 @@ def test_categorical_answers_are_never_flagged(values: list[str]) -> None:
 
 @pytest.mark.data
 def test_telco_dataset_flags_only_the_customer_id() -> None:
-    from simulations.datasets import load_telco
+    from fedcrm.simulations.datasets import load_telco
 
     try:
         frame = load_telco()

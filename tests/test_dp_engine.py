@@ -11,8 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import Tensor, nn
 
-import fedcrm.dp_engine as engine
-from fedcrm.dp_engine import (
+import fedcrm.learning.dp_engine as engine
+from fedcrm.learning.dp_engine import (
     DpOptimizer,
     DpPlan,
     OutputGradientLoss,
@@ -22,9 +22,9 @@ from fedcrm.dp_engine import (
     train_dp,
     train_non_dp,
 )
-from fedcrm.models import build_churn_model, churn_per_sample_loss
-from privacy.accounting import DpEvent, Mechanism, make_event
-from privacy.errors import PlanDoesNotFit
+from fedcrm.learning.models import build_churn_model, churn_per_sample_loss
+from fedcrm.privacy.accounting import DpEvent, Mechanism, make_event
+from fedcrm.privacy.errors import PlanDoesNotFit
 
 torch.set_num_threads(1)
 

@@ -8,14 +8,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedcrm.encoding import (
+from fedcrm.data.encoding import (
     BooleanSpec,
     CategoricalSpec,
     FeatureLayout,
     NumericSpec,
     layout_from_declared,
 )
-from privacy.errors import ConfigError, SchemaError
+from fedcrm.privacy.errors import ConfigError, SchemaError
 
 LAYOUT = FeatureLayout(
     [
@@ -166,7 +166,12 @@ def test_every_encoding_is_in_unit_range_with_exactly_one_category(
 
 @pytest.mark.data
 def test_telco_encodes_with_the_declared_layout() -> None:
-    from simulations.datasets import TELCO_BOOLEAN, TELCO_CATEGORICAL, TELCO_NUMERIC, load_telco
+    from fedcrm.simulations.datasets import (
+        TELCO_BOOLEAN,
+        TELCO_CATEGORICAL,
+        TELCO_NUMERIC,
+        load_telco,
+    )
 
     layout = layout_from_declared(TELCO_CATEGORICAL, TELCO_BOOLEAN, TELCO_NUMERIC)
     df = load_telco()

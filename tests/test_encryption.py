@@ -6,9 +6,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from privacy.encryption import MAGIC, EncryptedTableWriter, read_encrypted_table
-from privacy.errors import DecryptionError
-from privacy.keys import FirmKeys, init_keys
+from fedcrm.privacy.encryption import MAGIC, EncryptedTableWriter, read_encrypted_table
+from fedcrm.privacy.errors import DecryptionError
+from fedcrm.privacy.keys import FirmKeys, init_keys
 
 
 def _frames() -> list[pd.DataFrame]:

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedcrm.features import (
+from fedcrm.data.features import (
     RFM_SEGMENT_GRID,
     PurchaseCount,
     RfmSegment,
@@ -20,7 +20,7 @@ from fedcrm.features import (
     segment_for_scores,
     weekly_series,
 )
-from privacy.errors import ConfigError, SchemaError
+from fedcrm.privacy.errors import ConfigError, SchemaError
 
 
 def _tx(rows: list[tuple[str, str, float]]) -> pd.DataFrame:

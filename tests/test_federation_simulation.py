@@ -16,8 +16,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from fedcrm.run_config import RunConfig
-from simulations.run import SimulationConfig, SimulationSection, simulate
+from fedcrm.coordinator.run_config import RunConfig
+from fedcrm.simulations.run import SimulationConfig, SimulationSection, simulate
 
 pytestmark = [pytest.mark.slow, pytest.mark.data]
 
@@ -103,8 +103,8 @@ def test_simulation_rejects_bad_updates_survives_dropout_and_stops_exhausted_fir
 
     # The auditor's independent verification passes on the run's signed logs, and the report
     # carries the verdict and a figure per firm.
-    from privacy.audit import verify_run
-    from privacy.audit_report import render_report
+    from fedcrm.audit.log import verify_run
+    from fedcrm.audit.report import render_report
 
     verification = verify_run(run_dir)
     assert verification.ok, [str(f) for f in verification.failures]

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from privacy.errors import KeyFileError
-from privacy.keys import KeyKind, init_keys, load_keys, rotate_key
+from fedcrm.privacy.errors import KeyFileError
+from fedcrm.privacy.keys import KeyKind, init_keys, load_keys, rotate_key
 
 
 def test_init_creates_0600_secret_files_and_loads_back(tmp_path: Path) -> None:

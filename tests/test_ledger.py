@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from privacy.accounting import DpEvent, Mechanism, compose_epsilon, make_event
-from privacy.errors import BudgetExhausted, ConfigError
-from privacy.ledger import Budget, PrivacyLedger, read_events
+from fedcrm.privacy.accounting import DpEvent, Mechanism, compose_epsilon, make_event
+from fedcrm.privacy.errors import BudgetExhausted, ConfigError
+from fedcrm.privacy.ledger import Budget, PrivacyLedger, read_events
 
 DELTA = 1e-5
 NOW = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
@@ -218,9 +218,9 @@ _CHILD_PRELUDE = """
 import os, sys, time
 from datetime import UTC, datetime
 from pathlib import Path
-from privacy.accounting import Mechanism, make_event
-from privacy.errors import BudgetExhausted
-from privacy.ledger import PrivacyLedger
+from fedcrm.privacy.accounting import Mechanism, make_event
+from fedcrm.privacy.errors import BudgetExhausted
+from fedcrm.privacy.ledger import PrivacyLedger
 
 def event(noise):
     return make_event(mechanism=Mechanism.GAUSSIAN, noise_multiplier=noise, sample_rate=1.0,

@@ -12,11 +12,11 @@ from conftest import make_customers
 from typer.testing import CliRunner
 
 from fedcrm.cli import app
-from fedcrm.config import load_firm_config
-from fedcrm.federation import FirmNode, RoundSpec, RoundStatus, Task, initial_arrays
-from fedcrm.prepare import prepare
-from privacy.accounting import Mechanism, calibrate_noise, make_event
-from privacy.keys import load_keys
+from fedcrm.data.contract import load_firm_config
+from fedcrm.data.prepare import prepare
+from fedcrm.node import FirmNode, RoundSpec, RoundStatus, Task, initial_arrays
+from fedcrm.privacy.accounting import Mechanism, calibrate_noise, make_event
+from fedcrm.privacy.keys import load_keys
 
 RUNNER = CliRunner()
 

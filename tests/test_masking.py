@@ -14,9 +14,9 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import privacy.masking as masking
-from privacy.errors import ConfigError, KeyFileError
-from privacy.masking import (
+import fedcrm.privacy.masking as masking
+from fedcrm.privacy.errors import ConfigError, KeyFileError
+from fedcrm.privacy.masking import (
     apply_policy,
     derive_pseudonym_key,
     generalize,
@@ -25,7 +25,7 @@ from privacy.masking import (
     pseudonymize,
     token_key_id,
 )
-from privacy.policies import MaskingPolicy, PiiKind
+from fedcrm.privacy.policies import MaskingPolicy, PiiKind
 
 MASTER = bytes(range(32))
 KEY_A = derive_pseudonym_key(MASTER, firm="acme", version=1)

@@ -5,7 +5,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from sklearn.metrics import roc_auc_score
 
-from fedcrm.metrics import auc, auc_from_histograms, score_histograms
+from fedcrm.learning.metrics import auc, auc_from_histograms, score_histograms
 
 
 @settings(max_examples=60, deadline=None)

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from fedcrm.models import (
+from fedcrm.learning.models import (
     ChurnModelKind,
     arrays_to_model,
     build_churn_model,
@@ -20,7 +20,7 @@ from fedcrm.models import (
     predict_proba,
     save_model,
 )
-from privacy.errors import ConfigError
+from fedcrm.privacy.errors import ConfigError
 
 torch.set_num_threads(1)
 

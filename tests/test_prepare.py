@@ -8,11 +8,11 @@ import pandas as pd
 import pytest
 from conftest import customers_columns, make_customers
 
-from fedcrm.config import load_firm_config
-from fedcrm.prepare import prepare
-from fedcrm.store import load_store
-from privacy.errors import QuarantineThresholdExceeded
-from privacy.keys import load_keys
+from fedcrm.data.contract import load_firm_config
+from fedcrm.data.prepare import prepare
+from fedcrm.data.store import load_store
+from fedcrm.privacy.errors import QuarantineThresholdExceeded
+from fedcrm.privacy.keys import load_keys
 
 
 def _all_bytes(root: Path) -> bytes:
@@ -174,7 +174,7 @@ def test_parquet_and_sqlite_sources(write_firm: Callable[..., Path], tmp_path: P
 def test_pseudonyms_are_stable_across_runs_and_change_after_rotation(
     write_firm: Callable[..., Path],
 ) -> None:
-    from privacy.keys import KeyKind, rotate_key
+    from fedcrm.privacy.keys import KeyKind, rotate_key
 
     cfg_path = write_firm()
     cfg = load_firm_config(cfg_path)

@@ -9,7 +9,7 @@ from conftest import make_customers
 from typer.testing import CliRunner
 
 from fedcrm.cli import app
-from fedcrm.config import ColumnRole, TableName, load_firm_config
+from fedcrm.data.contract import ColumnRole, TableName, load_firm_config
 
 RUNNER = CliRunner()
 

@@ -7,8 +7,8 @@ import pandas as pd
 import pytest
 import torch
 
-from fedcrm.dp_engine import DpOptimizer, plan_for_budget, train_dp, train_non_dp
-from fedcrm.trend import (
+from fedcrm.learning.dp_engine import DpOptimizer, plan_for_budget, train_dp, train_non_dp
+from fedcrm.learning.trend_model import (
     FIRM_TOTAL,
     TREND_FEATURE_NAMES,
     build_trend_model,
@@ -20,7 +20,7 @@ from fedcrm.trend import (
     trend_fingerprint,
     trend_per_sample_loss,
 )
-from privacy.errors import ConfigError
+from fedcrm.privacy.errors import ConfigError
 
 torch.set_num_threads(1)
 

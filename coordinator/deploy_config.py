@@ -1,0 +1,155 @@
+"""The coordinator's deployment configs: ``coordinator.toml`` and ``RUN.toml``.
+
+Both are parsed once, at the edge, into frozen models; relative paths are resolved against the
+file's own folder. Neither holds a secret: ``coordinator.toml`` names the directory with the
+SuperLink's certificate and key files (made by ``fedcrm certs``), ``RUN.toml`` holds only the
+run parameters that travel to every party.
+
+``coordinator.toml``::
+
+    [link]
+    workdir   = "/srv/fedcrm/link"      # SuperLink home and log, CLI home, runs/<run-id>/
+    certs_dir = "/srv/fedcrm/certs"     # ca.crt, server.crt, server.key
+    database  = "state.db"              # optional; default <workdir>/state.db
+    host      = "0.0.0.0"               # interface the SuperLink binds (default 127.0.0.1)
+    port      = 9093
+
+``RUN.toml`` has one ``[run]`` section, the :class:`fedcrm.run_config.RunConfig`.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from fedcrm.coordinator.run_config import RunConfig, parse_run_config
+from fedcrm.privacy.errors import ConfigError
+
+CA_CERT = "ca.crt"
+SERVER_CERT = "fedcrm.server.crt"
+SERVER_KEY = "fedcrm.server.key"
+_WILDCARD_HOSTS = ("0.0.0.0", "::", "")
+
+
+class LinkSection(BaseModel):
+    """Where the coordinator's SuperLink keeps its state and which address it binds."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    workdir: Path
+    certs_dir: Path
+    database: Path | None = None
+    host: str = "127.0.0.1"
+    port: int = Field(default=9093, ge=1, le=65535)
+
+
+class CoordinatorConfig(BaseModel):
+    """``coordinator.toml``: the SuperLink of a long-lived federation."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    link: LinkSection
+    config_path: Path | None = Field(default=None, exclude=True)
+
+    @property
+    def workdir(self) -> Path:
+        return self.link.workdir
+
+    @property
+    def ca_cert(self) -> Path:
+        return self.link.certs_dir / CA_CERT
+
+    @property
+    def server_cert(self) -> Path:
+        return self.link.certs_dir / SERVER_CERT
+
+    @property
+    def server_key(self) -> Path:
+        return self.link.certs_dir / SERVER_KEY
+
+    @property
+    def database(self) -> Path:
+        return self.link.database or self.link.workdir / "state.db"
+
+    @property
+    def superlink_dir(self) -> Path:
+        """The SuperLink's own directory: its ``FLWR_HOME``, log and working directory."""
+        return self.link.workdir / "superlink"
+
+    @property
+    def cli_home(self) -> Path:
+        """``FLWR_HOME`` of the coordinator's ``flwr`` CLI (register, run, log)."""
+        return self.link.workdir / "cli"
+
+    @property
+    def signing_key(self) -> Path:
+        """The coordinator's Ed25519 key that signs federation logs (created 0600 on start)."""
+        return self.link.workdir / "coordinator" / "signing.key"
+
+    @property
+    def runs_dir(self) -> Path:
+        """Where the ServerApp writes ``<run-id>/summary.json``, the model and events."""
+        return self.link.workdir / "runs"
+
+    @property
+    def local_address(self) -> str:
+        """The address the coordinator's own CLI dials (the certificate always names 127.0.0.1)."""
+        host = "127.0.0.1" if self.link.host in _WILDCARD_HOSTS else self.link.host
+        if ":" in host and not host.startswith("["):
+            host = f"[{host}]"
+        return f"{host}:{self.link.port}"
+
+
+def _read_toml(path: Path, what: str) -> dict[str, Any]:
+    if not path.exists():
+        raise ConfigError(f"{what} {path} not found")
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path} is not UTF-8 text") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path} is not valid TOML: {exc}") from None
+
+
+def _resolve(base: Path, p: Path) -> Path:
+    p = p.expanduser()
+    return (p if p.is_absolute() else base / p).resolve()
+
+
+def load_coordinator_config(path: Path) -> CoordinatorConfig:
+    """Parse ``coordinator.toml``; paths become absolute (relative to the file's folder)."""
+    path = Path(path)
+    data = _read_toml(path, "coordinator config")
+    try:
+        cfg = CoordinatorConfig.model_validate(data)
+    except ValidationError as err:
+        first = err.errors()[0]
+        loc = ".".join(str(x) for x in first["loc"])
+        raise ConfigError(
+            f"{path}: {loc}: {first['msg']} (expected [link] with workdir, certs_dir, and "
+            "optionally database, host, port)"
+        ) from None
+    base = path.resolve().parent
+    link = cfg.link.model_copy(
+        update={
+            "workdir": _resolve(base, cfg.link.workdir),
+            "certs_dir": _resolve(base, cfg.link.certs_dir),
+            "database": None if cfg.link.database is None else _resolve(base, cfg.link.database),
+        }
+    )
+    return cfg.model_copy(update={"link": link, "config_path": path.resolve()})
+
+
+def load_run_file(path: Path) -> RunConfig:
+    """Parse ``RUN.toml`` (one ``[run]`` section) into a :class:`RunConfig`."""
+    path = Path(path)
+    data = _read_toml(path, "run config")
+    extra = sorted(set(data) - {"run"})
+    if extra:
+        raise ConfigError(f"{path}: unknown section(s) {extra}; a run config has only [run]")
+    if "run" not in data:
+        raise ConfigError(f"{path}: no [run] section; see configs/deploy/run.toml")
+    return parse_run_config(data["run"], where=str(path))

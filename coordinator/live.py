@@ -1,0 +1,168 @@
+"""The coordinator's live progress display, fed by a run's ``events.jsonl``."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console, Group
+from rich.live import Live
+from rich.table import Table
+from rich.text import Text
+
+from fedcrm.coordinator.events import follow
+
+
+class RunDisplay:
+    """Follows ``events.jsonl`` in a thread and renders round, firms, rejections, metrics, ε."""
+
+    def __init__(self, events: Path, *, console: Console, title: str) -> None:
+        self.events = events
+        self.console = console
+        self.title = title
+        self.phase = "starting"
+        self.round = 0
+        self.rounds = 0
+        self.firms: dict[str, dict[str, Any]] = {}
+        self.notes: list[str] = []
+        self.metrics: dict[str, Any] = {}
+        self.rejected = 0
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._live: Live | None = None
+
+    def _row(self, firm: str) -> dict[str, Any]:
+        return self.firms.setdefault(firm, {"eps": 0.0, "cap": 0.0, "state": "ready", "auc": None})
+
+    def handle(self, ev: dict[str, Any]) -> None:
+        kind = ev.get("kind")
+        if kind == "run_started":
+            self.rounds = int(ev.get("rounds", 0))
+            self.phase = "federating"
+        elif kind == "firms_admitted":
+            for firm in ev.get("firms", {}):
+                self._row(firm)
+        elif kind == "round_started":
+            self.round = int(ev["round"])
+            for firm in ev.get("firms", []):
+                self._row(firm)["state"] = "training"
+        elif kind == "round_trained":
+            for firm, eps in ev.get("epsilon", {}).items():
+                row = self._row(firm)
+                row["eps"] = eps
+                row["cap"] = ev.get("epsilon_cap", {}).get(firm, row["cap"])
+                if row["state"] == "training":
+                    row["state"] = "ok"
+            for firm in ev.get("dropped", []):
+                self._row(firm)["state"] = "dropped"
+        elif kind == "update_rejected":
+            self.rejected += 1
+            self.notes.append(
+                f"round {ev['round']}: rejected update from {ev['firm']}: {ev['reason']}"
+            )
+        elif kind == "firm_stopped":
+            firm = str(ev.get("firm", ev.get("node_id")))
+            self._row(firm)["state"] = "stopped"
+            self.notes.append(f"{firm} stops participating: {ev.get('detail', ev.get('state'))}")
+        elif kind == "firm_dropped":
+            self.notes.append(
+                f"round {ev.get('round')}: {ev.get('firm', ev.get('node_id'))} "
+                f"dropped: {ev.get('reason')}"
+            )
+        elif kind == "round_evaluated":
+            self.metrics = ev.get("pooled", {})
+            for firm, m in ev.get("per_firm", {}).items():
+                self._row(firm)["auc"] = m.get("auc")
+        elif kind == "run_finished":
+            self.phase = f"finished ({ev.get('status')})"
+            if ev.get("reason"):
+                self.notes.append(str(ev["reason"]))
+
+    def render(self) -> Group:
+        head = Text.assemble(
+            (f"{self.title}  ", "bold"),
+            f"round {self.round}/{self.rounds}  ",
+            f"firms {sum(1 for r in self.firms.values() if r['state'] in ('ok', 'training'))}"
+            f"/{len(self.firms)} reporting  ",
+            f"rejected updates {self.rejected}  ",
+            (self.phase, "cyan"),
+        )
+        metric_text = "  ".join(
+            f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
+            for k, v in self.metrics.items()
+            if not isinstance(v, (list, dict))
+        )
+        table = Table(expand=False)
+        for col in ("firm", "state", "ε spent / budget", "AUC (own test)"):
+            table.add_column(col)
+        for firm, row in sorted(self.firms.items()):
+            cap = row["cap"] or 0.0
+            bar = f"{row['eps']:.3f} / {cap:.3f}" if cap else f"{row['eps']:.3f}"
+            a = row["auc"]
+            table.add_row(firm, row["state"], bar, "-" if a is None else f"{a:.4f}")
+        notes = Text("\n".join(self.notes[-5:]), style="yellow")
+        return Group(
+            head, Text(metric_text or "metrics: (after the first evaluation)"), table, notes
+        )
+
+    def _run(self) -> None:
+        for ev in follow(self.events, poll=0.25, stop=self._done.is_set):
+            self.handle(ev)
+            if self._live is not None:
+                self._live.update(self.render())
+
+    def __enter__(self) -> RunDisplay:
+        self._live = Live(
+            self.render(), console=self.console, refresh_per_second=4, transient=False
+        )
+        self._live.__enter__()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._done.set()
+        self._thread.join(timeout=5)
+        if self._live is not None:
+            self._live.update(self.render())
+            self._live.__exit__(None, None, None)
+
+
+def print_run_summary(console: Console, summary: dict[str, Any], run_dir: Path) -> None:
+    """A finished run's ``summary.json`` as a table: ε per firm, pooled metrics, baseline."""
+    t = Table(
+        title=f"run {summary['run_id']} ({summary['task']}, {summary['strategy']}, "
+        f"{summary.get('rounds_completed', '?')}/{summary['rounds']} rounds, "
+        f"{summary.get('status')})"
+    )
+    for col in ("firm", "ε spent", "ε budget", "δ", "customers (train)", "stopped"):
+        t.add_column(col)
+    for f in summary["firms"]:
+        t.add_row(
+            f["firm"],
+            f"{f['epsilon']:.4f}",
+            f"{f['epsilon_budget']:.4f}",
+            f"{f['delta']:g}" if f.get("delta") else "-",
+            str(f["num_examples"]),
+            f.get("stopped") or "",
+        )
+    console.print(t)
+
+    def plain(values: dict[str, Any]) -> str:
+        return ", ".join(
+            f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
+            for k, v in values.items()
+            if not isinstance(v, (list, dict))
+        )
+
+    pooled = summary.get("metrics", {}).get("pooled", {})
+    if pooled:
+        console.print("pooled metrics: " + plain(pooled))
+    if summary.get("baseline"):
+        console.print("baseline: " + plain(summary["baseline"]))
+        for key in ("bgnbd", "federated"):
+            if isinstance(summary["baseline"].get(key), dict):
+                console.print(f"  {key}: " + plain(summary["baseline"][key]))
+    if summary.get("stop_reason"):
+        console.print(f"[yellow]{summary['stop_reason']}[/]")
+    console.print(f"summary: {run_dir / 'summary.json'}   model: {summary.get('model')}")

@@ -1,0 +1,129 @@
+"""The coordinator's run config (``RUN.toml`` / ``[run]`` of a simulation config).
+
+Parsed once into a frozen model. It travels to the ServerApp as Flower's flat run config
+(:meth:`RunConfig.to_flower`), so it holds only plain, non-secret values: no key, no key path,
+no firm data location (each firm's node config holds those).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from fedcrm.learning.models import ChurnModelKind
+from fedcrm.node import RoundSpec, Task
+from fedcrm.privacy.errors import ConfigError
+
+
+class StrategyKind(StrEnum):
+    FEDAVG = "fedavg"
+    FEDPROX = "fedprox"
+    FEDADAM = "fedadam"
+    FEDMEDIAN = "fedmedian"
+    TRIMMED_MEAN = "trimmed_mean"
+    KRUM = "krum"
+
+
+class RunConfig(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    task: Task = Task.CHURN
+    rounds: int = Field(default=20, ge=1, le=10_000)
+    strategy: StrategyKind = StrategyKind.FEDAVG
+    model: ChurnModelKind = ChurnModelKind.LOGISTIC
+    min_firms: int = Field(default=2, ge=1)
+    round_timeout: float = Field(default=120.0, gt=0)
+    wait_for_firms: float = Field(default=60.0, ge=0, description="seconds to wait for min_firms")
+    expected_firms: int = Field(
+        default=0,
+        ge=0,
+        description="wait (up to wait_for_firms) for this many firms before round 1; "
+        "0 = start once min_firms are connected (a simulation sets it to its number of firms)",
+    )
+    target_epsilon: float = Field(
+        default=1.0, gt=0, description="ε each firm may spend on this run"
+    )
+    local_epochs: float = Field(default=1.0, gt=0)
+    batch_size: int = Field(default=256, ge=1)
+    learning_rate: float = Field(default=0.5, gt=0)
+    max_grad_norm: float = Field(default=1.0, gt=0)
+    optimizer: str = Field(default="sgd", pattern="^(sgd|adam)$")
+    proximal_mu: float = Field(default=0.01, ge=0, description="FedProx only")
+    server_learning_rate: float = Field(default=0.1, gt=0, description="FedAdam only")
+    trim_fraction: float = Field(default=0.2, ge=0, lt=0.5, description="trimmed_mean only")
+    krum_malicious: int = Field(default=1, ge=0, description="krum only")
+    max_update_norm: float = Field(
+        default=100.0, gt=0, description="reject updates farther than this from the global model"
+    )
+    evaluate: bool = True
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _check(self) -> RunConfig:
+        if self.strategy is StrategyKind.KRUM and self.min_firms < 2 * self.krum_malicious + 3:
+            raise ValueError(
+                f"krum with krum_malicious={self.krum_malicious} needs min_firms >= "
+                f"{2 * self.krum_malicious + 3}"
+            )
+        return self
+
+    def round_spec(self, run_id: str) -> RoundSpec:
+        return RoundSpec(
+            run_id=run_id,
+            task=self.task,
+            server_round=0,
+            rounds=self.rounds,
+            model=self.model.value,
+            target_epsilon=self.target_epsilon,
+            local_epochs=self.local_epochs,
+            batch_size=self.batch_size,
+            learning_rate=self.learning_rate,
+            max_grad_norm=self.max_grad_norm,
+            optimizer=self.optimizer,
+            proximal_mu=self.proximal_mu if self.strategy is StrategyKind.FEDPROX else 0.0,
+            seed=self.seed,
+        )
+
+    def config_hash(self) -> str:
+        return hashlib.sha256(self.model_dump_json().encode()).hexdigest()
+
+    def to_flower(self, *, run_id: str, run_dir: Path) -> dict[str, str | int | float | bool]:
+        flat: dict[str, str | int | float | bool] = {
+            k.replace("_", "-"): (v.value if isinstance(v, StrEnum) else v)
+            for k, v in self.model_dump().items()
+        }
+        flat["run-id"] = run_id
+        flat["run-dir"] = str(run_dir)
+        return flat
+
+    @classmethod
+    def from_flower(cls, flat: dict[str, Any]) -> tuple[RunConfig, str, Path]:
+        values = {k.replace("-", "_"): v for k, v in flat.items()}
+        run_id = str(values.pop("run_id", ""))
+        run_dir = Path(str(values.pop("run_dir", "runs/unnamed")))
+        known = set(cls.model_fields)
+        try:
+            cfg = cls.model_validate({k: v for k, v in values.items() if k in known})
+        except ValidationError as err:
+            raise ConfigError(f"invalid run config: {err.errors()[0]['msg']}") from None
+        return cfg, run_id or run_dir.name, run_dir
+
+
+def parse_run_config(data: dict[str, Any], *, where: str) -> RunConfig:
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as err:
+        first = err.errors()[0]
+        loc = ".".join(str(x) for x in first["loc"])
+        raise ConfigError(
+            f"{where}: run.{loc}: {first['msg'].removeprefix('Value error, ')}"
+        ) from None
+
+
+def canonical_hash(data: Any) -> str:
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()

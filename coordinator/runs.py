@@ -1,0 +1,103 @@
+"""Past runs on the coordinator's disk: ``runs/<run-id>/summary.json`` and the saved model."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fedcrm.coordinator.run_config import RunConfig
+from fedcrm.privacy.errors import ConfigError
+
+SUMMARY = "summary.json"
+MODEL = "model.pt"
+
+
+def new_run_id(prefix: str) -> str:
+    import secrets
+    import time
+
+    return f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
+
+
+def write_summary(run_dir: Path, summary: dict[str, Any]) -> Path:
+    path = run_dir / SUMMARY
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(summary, indent=2, sort_keys=False, default=_plain) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    return str(value)
+
+
+def save_global_model(
+    run_dir: Path, cfg: RunConfig, arrays: list[np.ndarray], provenance: dict[str, Any]
+) -> Path:
+    """Save the global model with provenance (config hash, version, firms, rounds, ε, metrics)."""
+    from fedcrm.node import Task
+
+    path = run_dir / MODEL
+    if cfg.task is Task.CHURN:
+        from fedcrm.learning.models import arrays_to_model, build_churn_model, save_model
+
+        model = arrays_to_model(
+            build_churn_model(cfg.model.value, int(provenance["input_dim"])), arrays
+        )
+        save_model(
+            path,
+            model,
+            {
+                **provenance,
+                "kind": cfg.model.value,
+                "layout_fingerprint": provenance["layout_fingerprint"],
+            },
+        )
+    else:
+        from fedcrm.tasks.trend import save_trend_model
+
+        save_trend_model(path, arrays, provenance)
+    return path
+
+
+def load_summary(run_dir: Path) -> dict[str, Any]:
+    path = run_dir / SUMMARY
+    if not path.exists():
+        raise ConfigError(f"{path} not found: not a finished fedcrm run")
+    data: dict[str, Any] = json.loads(path.read_text())
+    return data
+
+
+def list_runs(root: Path) -> list[dict[str, Any]]:
+    if not root.exists():
+        return []
+    runs = []
+    for d in sorted(root.iterdir()):
+        if (d / SUMMARY).exists():
+            try:
+                runs.append(load_summary(d) | {"_dir": str(d)})
+            except (json.JSONDecodeError, ConfigError):
+                continue
+    return runs
+
+
+def find_run(root: Path, run_id: str) -> Path:
+    direct = root / run_id
+    if (direct / SUMMARY).exists():
+        return direct
+    matches = (
+        [d for d in root.glob(f"{run_id}*") if (d / SUMMARY).exists()] if root.exists() else []
+    )
+    if len(matches) == 1:
+        return matches[0]
+    if not matches:
+        raise ConfigError(f"no run '{run_id}' under {root}; see `fedcrm runs list`")
+    raise ConfigError(f"'{run_id}' matches {len(matches)} runs under {root}; give more of the id")

@@ -1,0 +1,275 @@
+"""The partner firm's commands: ``keys``, ``scan``, ``prepare``, ``budget``, ``train``, ``score``.
+
+Each decodes its arguments, calls the firm's core and renders the result; heavy imports (pandas,
+torch) happen inside the commands so ``fedcrm --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from fedcrm.cli.console import err, out, user_errors
+
+keys_app = typer.Typer(help="Create and rotate a firm's secrets.", no_args_is_help=True)
+
+# --------------------------------------------------------------------------- keys
+
+
+@keys_app.command("init")
+@user_errors
+def keys_init(
+    firm: Annotated[str, typer.Option(help="firm name (letters, digits, - and _)")],
+    out_dir: Annotated[Path, typer.Option("--out", help="directory for the key files")],
+    force: Annotated[bool, typer.Option(help="overwrite existing keys (destroys them)")] = False,
+) -> None:
+    """Create a firm's pseudonymization key, data-encryption key and Ed25519 signing key (0600)."""
+    from fedcrm.privacy.keys import init_keys
+
+    keys = init_keys(out_dir, firm=firm, force=force)
+    out.print(f"created keys for firm [bold]{firm}[/] in {out_dir} (files 0600, directory 0700)")
+    out.print(f"  pseudonym key id: {keys.pseudonym_key_id}")
+    out.print(f"  data key id:      {keys.data_key_id}")
+    out.print(
+        f"  signing key id:   {keys.signing_key_id()} (public key: {out_dir / 'signing.pub'})"
+    )
+    out.print("Keep this directory secret and backed up; only signing.pub may be shared.")
+
+
+@keys_app.command("rotate")
+@user_errors
+def keys_rotate(
+    keys_dir: Annotated[Path, typer.Option("--dir", help="the firm's key directory")],
+    kind: Annotated[str, typer.Option(help="pseudonym or data")] = "pseudonym",
+) -> None:
+    """Create the next version of a key; re-run `fedcrm prepare` to re-tokenize / re-encrypt."""
+    from fedcrm.privacy.errors import ConfigError
+    from fedcrm.privacy.keys import KeyKind, rotate_key
+
+    try:
+        key_kind = KeyKind(kind)
+    except ValueError:
+        raise ConfigError(f"--kind must be 'pseudonym' or 'data', not {kind!r}") from None
+    new_id = rotate_key(keys_dir, key_kind)
+    out.print(f"new {kind} key: {new_id}. Run `fedcrm prepare --config FIRM.toml` to re-tokenize.")
+
+
+# --------------------------------------------------------------------------- scan
+
+
+@user_errors
+def scan(
+    file: Annotated[Path, typer.Argument(help="CSV or Parquet file to scan")],
+    as_json: Annotated[bool, typer.Option("--json", help="print findings as JSON")] = False,
+    write_config: Annotated[
+        Path | None, typer.Option(help="write a starter partner config with a policy per column")
+    ] = None,
+    encoding: Annotated[str, typer.Option(help="CSV encoding, e.g. utf-8 or gb18030")] = "utf-8",
+    delimiter: Annotated[
+        str | None, typer.Option(help="CSV delimiter (sniffed if omitted)")
+    ] = None,
+    firm: Annotated[str, typer.Option(help="firm name for --write-config")] = "my-firm",
+    table: Annotated[str, typer.Option(help="customers or transactions")] = "customers",
+    sample_rows: Annotated[int, typer.Option(help="rows to sample")] = 5000,
+) -> None:
+    """Detect PII columns by name hints and by values; suggest a masking policy for each."""
+    from fedcrm.data.ingest import read_sample, source_for_file
+    from fedcrm.data.starter_config import render_starter_config
+    from fedcrm.privacy.detection import scan_frame
+    from fedcrm.privacy.errors import ConfigError
+
+    spec = source_for_file(file, encoding=encoding, delimiter=delimiter)
+    sample = read_sample(spec, rows=sample_rows)
+    findings = scan_frame(sample)
+    if as_json:
+        sys.stdout.write(json.dumps([f.to_json() for f in findings], ensure_ascii=False, indent=2))
+        sys.stdout.write("\n")
+    else:
+        t = Table(title=f"PII scan of {file} ({len(sample):,} rows sampled)")
+        for col in ("column", "kind", "confidence", "suggested policy", "evidence"):
+            t.add_column(col)
+        for f in findings:
+            t.add_row(
+                f.column,
+                f.kind.value if f.kind else "-",
+                f"{f.confidence:.2f}",
+                f.suggested_policy.value if f.suggested_policy else "-",
+                f.evidence,
+            )
+        out.print(t)
+    if write_config is not None:
+        if table not in ("customers", "transactions"):
+            raise ConfigError(f"--table must be customers or transactions, not {table!r}")
+        if write_config.exists():
+            raise ConfigError(f"{write_config} exists; refusing to overwrite it")
+        text = render_starter_config(
+            source=file,
+            sample=sample,
+            findings=findings,
+            firm=firm,
+            table=table,
+            encoding=spec.encoding,
+            delimiter=spec.delimiter,
+        )
+        write_config.write_text(text, encoding="utf-8")
+        (err if as_json else out).print(f"wrote starter config {write_config}: review it")
+
+
+# --------------------------------------------------------------------------- prepare
+
+
+@user_errors
+def prepare(
+    config: Annotated[Path, typer.Option(help="the firm's config (TOML)")],
+) -> None:
+    """Ingest -> validate -> mask -> features, into the firm's encrypted prepared store."""
+    from fedcrm.data.contract import load_firm_config
+    from fedcrm.data.prepare import prepare as run_prepare
+
+    cfg = load_firm_config(config)
+    with Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        TextColumn("{task.fields[rows]:>12,} rows"),
+        TimeElapsedColumn(),
+        console=err,
+        transient=True,
+    ) as progress:
+        tasks: dict[str, Any] = {}
+
+        def on_progress(table: str, rows: int) -> None:
+            if table not in tasks:
+                tasks[table] = progress.add_task(f"prepare {table}", total=None, rows=0)
+            progress.update(tasks[table], rows=rows)
+
+        result = run_prepare(cfg, on_progress=on_progress)
+    t = Table(title=f"prepared store of {cfg.firm.name}: {result.store_dir}")
+    for col in ("table", "rows read", "kept", "quarantined", "encrypted"):
+        t.add_column(col, justify="right" if col != "table" else "left")
+    for r in result.tables:
+        size = (result.store_dir / f"{r.table}.fcs").stat().st_size
+        t.add_row(
+            r.table,
+            f"{r.rows_read:,}",
+            f"{r.rows_kept:,}",
+            f"{r.rows_quarantined:,} ({r.quarantine_fraction:.2%})",
+            f"{size / 1e6:.2f} MB",
+        )
+    feats = result.manifest["tables"]["features"]
+    size = (result.store_dir / "features.fcs").stat().st_size
+    t.add_row("features", "", f"{feats['rows']:,}", "", f"{size / 1e6:.2f} MB")
+    out.print(t)
+    if result.quarantine_path is not None:
+        out.print(f"quarantined rows (masked): {result.quarantine_path}")
+    ids = result.manifest["key_ids"]
+    out.print(
+        f"manifest: {result.store_dir / 'manifest.json'}  (keys: {ids['pseudonym']}, {ids['data']})"
+    )
+
+
+# --------------------------------------------------------------------------- budget, train, score
+
+budget_app = typer.Typer(help="The firm's privacy budget ledger.", no_args_is_help=True)
+
+
+@budget_app.command("status")
+@user_errors
+def budget_status(
+    ledger: Annotated[Path, typer.Option(help="the firm's ledger (JSON Lines)")],
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+) -> None:
+    """ε spent and remaining, per purpose and in total (recomputed from every event)."""
+    from fedcrm.privacy.errors import ConfigError
+    from fedcrm.privacy.ledger import PrivacyLedger
+
+    sidecar = ledger.with_name(ledger.name + ".budget.json")
+    if not ledger.exists() and not sidecar.exists():
+        raise ConfigError(f"ledger {ledger} not found")
+    try:
+        firm = str(json.loads(sidecar.read_text()).get("firm", ""))
+    except (OSError, json.JSONDecodeError):
+        raise ConfigError(
+            f"{sidecar} (the ledger's budget file) is missing or unreadable"
+        ) from None
+    book = PrivacyLedger(ledger, firm=firm)
+    status = book.status()
+    data = status.to_json()
+    if as_json:
+        sys.stdout.write(json.dumps(data, indent=2) + "\n")
+        return
+    t = Table(title=f"privacy budget of {status.firm} ({ledger})")
+    t.add_column("purpose")
+    t.add_column("ε spent", justify="right")
+    for purpose, eps in sorted(status.by_purpose.items()):
+        t.add_row(purpose, f"{eps:.4f}")
+    t.add_row("[bold]total (composed)[/]", f"[bold]{status.spent:.4f}[/]")
+    out.print(t)
+    out.print(
+        f"cap ε={status.epsilon_cap:g}, δ={status.delta:g}; remaining ε={status.remaining:.4f}; "
+        f"{status.n_events} releases, last {status.last_timestamp or '-'}"
+    )
+
+
+@user_errors
+def train(
+    config: Annotated[Path, typer.Option(help="the firm's config (TOML)")],
+    out_path: Annotated[Path, typer.Option("--out", help="where to save the model")],
+    epsilon: Annotated[
+        float, typer.Option(help="ε to spend on this training (within the cap)")
+    ] = 1.0,
+    task: Annotated[str, typer.Option(help="churn or trend")] = "churn",
+    model: Annotated[str | None, typer.Option(help="logistic or mlp (churn)")] = None,
+) -> None:
+    """Centralized DP training on this firm's own prepared store, within its budget."""
+    from fedcrm.data.contract import load_firm_config
+    from fedcrm.node import Task
+    from fedcrm.privacy.errors import ConfigError
+    from fedcrm.scoring import train_local
+
+    try:
+        task_kind = Task(task)
+    except ValueError:
+        raise ConfigError(f"--task must be churn or trend, not {task!r}") from None
+    cfg = load_firm_config(config)
+    r = train_local(cfg, out=out_path, epsilon=epsilon, task=task_kind, model_kind=model)
+    metrics = ", ".join(f"{k}={v:.4f}" for k, v in r.metrics.items())
+    out.print(
+        f"trained {task} model -> {r.model_path} in {r.seconds:.1f}s; this release ε="
+        f"{r.epsilon_spent:.4f} (noise multiplier {r.noise_multiplier:.3f}); firm total "
+        f"ε={r.epsilon_total:.4f} of {r.epsilon_cap:g}; held-out {metrics}"
+    )
+
+
+@user_errors
+def score(
+    model: Annotated[Path, typer.Option(help="a churn model (.pt)")],
+    config: Annotated[Path, typer.Option(help="the firm's config (TOML)")],
+    out_path: Annotated[Path, typer.Option("--out", help="CSV to write")] = Path("risks.csv"),
+) -> None:
+    """Churn early-warning list for the firm's own customers (pseudonymous ids), by risk."""
+    from fedcrm.data.contract import load_firm_config
+    from fedcrm.scoring import score_customers
+
+    cfg = load_firm_config(config)
+    risks = score_customers(cfg, model_path=model)
+    risks.to_csv(out_path, index=False)
+    counts = risks["risk_band"].value_counts().to_dict()
+    out.print(
+        f"scored {len(risks):,} customers -> {out_path} (high {counts.get('high', 0):,}, "
+        f"medium {counts.get('medium', 0):,}, low {counts.get('low', 0):,})"
+    )
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(keys_app, name="keys")
+    app.command()(scan)
+    app.command()(prepare)
+    app.add_typer(budget_app, name="budget")
+    app.command()(train)
+    app.command()(score)
