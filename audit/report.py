@@ -29,6 +29,8 @@ from fedcrm.audit.log import (
     LOG_FILE,
     PUBLIC_KEY_FILE,
     TRUSTED_FILE,
+)
+from fedcrm.audit.verify import (
     FirmSummary,
     VerificationReport,
     verify_run,

@@ -1,28 +1,24 @@
-"""Rényi-DP accounting for the mechanisms fedcrm releases through.
+"""fedcrm's privacy events and their accounting, delegated to Google's ``dp_accounting``.
 
-Pure functions over numpy/scipy, no torch. Three mechanisms:
+No accountant mathematics lives here. A release is recorded as a frozen, serialisable
+:class:`DpEvent` (mechanism, noise multiplier, sampling rate, steps, δ, purpose, context);
+:meth:`DpEvent.to_dp_accounting` turns it into ``dp_accounting``'s event algebra
+(``SelfComposedDpEvent(PoissonSampledDpEvent(q, GaussianDpEvent(σ)), steps)``, Abadi et al. 2016;
+a plain ``GaussianDpEvent`` for whole-table queries), and ``dp_accounting``'s
+RDP accountant (Mironov 2017; Mironov, Talwar & Zhang 2019 for the subsampled Gaussian; the
+RDP → (ε, δ) conversion of Balle et al. 2020 / Canonne, Kamath & Steinke 2020) composes them.
+Noise is calibrated with ``dp_accounting.mechanism_calibration.calibrate_dp_mechanism`` over the
+firm's composed events, so "what would ε be if I composed this?" is answered before anything is
+committed (as ``dp_accounting``'s accountants do).
 
-* :attr:`Mechanism.SUBSAMPLED_GAUSSIAN` - DP-SGD with Poisson sampling. RDP of the Sampled
-  Gaussian Mechanism from Mironov, Talwar & Zhang, "Rényi Differential Privacy of the Sampled
-  Gaussian Mechanism" (2019, arXiv:1908.10530), Sec. 3.3: ``log A_α`` summed exactly for integer
-  orders and by the two-sided series for fractional orders.
-* :attr:`Mechanism.GAUSSIAN` - a single Gaussian query (no subsampling, ``sample_rate=1``):
-  ``RDP(α) = α / (2σ²)`` (Mironov 2017, "Rényi Differential Privacy", Prop. 7).
-* :attr:`Mechanism.LAPLACE` - a Laplace query with ``b / Δ₁ = noise_multiplier``, ``ε₀ = 1/nm``:
-  ``RDP(α) = ε₀ + log(1 + (α-1)(exp((1-2α)ε₀) - 1)/(2α-1)) / (α-1)`` (Mironov 2017, Prop. 6).
-
-RDP composes by addition at every order (Mironov 2017, Prop. 1); the total is converted once to
-(ε, δ) with the improved bound of Canonne, Kamath & Steinke (2020, arXiv:2004.00010, Prop. 12),
-equivalently Balle et al. (2020, arXiv:1905.09982, Thm. 21) - the conversion Opacus and Google's
-``dp_accounting`` use. The series and the order grid follow ``dp_accounting``'s RDP accountant so
-both give the same numbers (checked in ``tests/test_accounting.py``).
-
-Privacy facts are immutable :class:`DpEvent` values; totals are always derived by composing them.
+Totals are always derived by composing the recorded events; nothing stores a running ε.
 """
 
 from __future__ import annotations
 
+import collections
 import functools
+import logging
 import math
 import numbers
 from collections.abc import Iterator, Mapping, Sequence
@@ -31,14 +27,28 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any, TypeVar
 
-import numpy as np
-import numpy.typing as npt
-from scipy import special
+import dp_accounting
+from dp_accounting import mechanism_calibration
+from dp_accounting.rdp import RdpAccountant
 
 from fedcrm.privacy.errors import PlanDoesNotFit
 
-FloatArray = npt.NDArray[np.float64]
 ContextValue = str | int | float
+
+
+class _ExcludedOrderFilter(logging.Filter):
+    """Mute ``dp_accounting``'s note that a fractional RDP order did not converge.
+
+    At very small noise the series for some orders near 1 does not converge in 1000 terms;
+    ``dp_accounting`` then leaves those orders out of the minimum over orders, which can only make
+    ε larger (more conservative). The note is expected during calibration, which probes small σ.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "failed to converge" not in record.getMessage()
+
+
+logging.getLogger("absl").addFilter(_ExcludedOrderFilter())
 
 
 _V = TypeVar("_V")
@@ -76,25 +86,13 @@ class Mechanism(StrEnum):
 
     SUBSAMPLED_GAUSSIAN = "subsampled_gaussian"
     GAUSSIAN = "gaussian"
-    LAPLACE = "laplace"
 
-
-DEFAULT_ORDERS: tuple[float, ...] = tuple(
-    [1.0 + x / 10.0 for x in range(1, 100)]
-    + [float(a) for a in range(11, 64)]
-    + [128.0, 256.0, 512.0, 1024.0]
-)
-"""RDP orders α: ``dp_accounting``'s ``DEFAULT_RDP_ORDERS`` grid (dense near 1, up to 1024)."""
 
 MAX_NOISE_MULTIPLIER = 1e4
 """:func:`calibrate_noise` gives up above this noise multiplier: the release would be useless."""
 
 MIN_NOISE_MULTIPLIER = 1e-3
 """:func:`calibrate_noise` never returns less noise than this."""
-
-_SERIES_TERMS = (64, 256, 1000)
-"""Terms tried for the fractional-order series; the cap (1000) is ``dp_accounting``'s, so an order
-it cannot evaluate is excluded here too and both report the same ε (the audit relies on that)."""
 
 
 # ------------------------------------------------------------------------------ validation
@@ -149,181 +147,6 @@ def _check_delta(delta: float) -> float:
     return float(delta)
 
 
-def _check_orders(orders: Sequence[float]) -> tuple[float, ...]:
-    out = tuple(float(a) for a in orders)
-    if not out or not all(math.isfinite(a) and a > 1.0 for a in out):
-        raise ValueError(
-            f"RDP orders must be a non-empty list of finite numbers > 1, got {orders!r}"
-        )
-    return out
-
-
-# ------------------------------------------------------------------------- RDP, one step
-
-
-def _log_comb(n: float | FloatArray, k: float | FloatArray) -> FloatArray:
-    """log |C(n, k)| for real n (negative binomial coefficients give their magnitude)."""
-    return np.asarray(
-        special.gammaln(n + 1.0) - special.gammaln(k + 1.0) - special.gammaln(n - k + 1.0),
-        dtype=np.float64,
-    )
-
-
-def _log_a_int(q: float, sigma: float, alphas: FloatArray) -> FloatArray:
-    """``log A_α`` for integer orders (Mironov, Talwar & Zhang 2019, Sec. 3.3, binomial sum).
-
-    ``log A_α = log Σ_{i=0..α} C(α, i) q^i (1-q)^(α-i) exp((i² - i) / (2σ²))``. Orders up to 64
-    are evaluated as one block, larger ones one by one (the sum has α + 1 terms).
-    """
-    out = np.empty(alphas.shape, dtype=np.float64)
-    if alphas.size == 0:
-        return out
-    log_fact = special.gammaln(np.arange(int(alphas.max()) + 1, dtype=np.float64) + 1.0)
-    small = alphas <= 64
-    groups = [np.flatnonzero(small)] + [np.array([k]) for k in np.flatnonzero(~small)]
-    for rows in groups:
-        if rows.size == 0:
-            continue
-        a_idx = alphas[rows].astype(np.int64)[:, None]
-        i_idx = np.arange(int(a_idx.max()) + 1)[None, :]
-        valid = i_idx <= a_idx
-        a, i = a_idx.astype(np.float64), i_idx.astype(np.float64)
-        log_coef = log_fact[a_idx] - log_fact[i_idx] - log_fact[np.where(valid, a_idx - i_idx, 0)]
-        terms = (
-            log_coef + i * math.log(q) + (a - i) * math.log1p(-q) + (i * i - i) / (2.0 * sigma**2)
-        )
-        terms = np.where(valid, terms, -np.inf)
-        peak = terms.max(axis=1, keepdims=True)
-        out[rows] = peak[:, 0] + np.log(np.exp(terms - peak).sum(axis=1))
-    return out
-
-
-def _log_a_frac(q: float, sigma: float, alphas: FloatArray) -> FloatArray:
-    """``log A_α`` for fractional orders (Mironov, Talwar & Zhang 2019, Sec. 3.3, two-sided series).
-
-    Magnitudes of the (alternating) binomial terms are summed, which upper-bounds ``A_α`` and
-    matches ``dp_accounting``; the series stops once both halves are decreasing and 30 nats below
-    the running total. An order whose series has not converged after 1000 terms gets ``inf``
-    (excluded, which can only raise ε).
-    """
-    out = np.full(alphas.shape, np.inf, dtype=np.float64)
-    z0 = sigma**2 * math.log(1.0 / q - 1.0) + 0.5
-    log_q, log_1mq = math.log(q), math.log1p(-q)
-    pending = np.arange(alphas.size)
-    for n_terms in _SERIES_TERMS:
-        if pending.size == 0:
-            break
-        a = alphas[pending][:, None]
-        i = np.arange(n_terms, dtype=np.float64)[None, :]
-        j = a - i
-        log_coef = _log_comb(a, i)
-        log_t0 = log_coef + i * log_q + j * log_1mq
-        log_t1 = log_coef + j * log_q + i * log_1mq
-        log_e0 = special.log_ndtr(-(i - z0) / sigma)  # log(erfc((i - z0) / (√2σ)) / 2)
-        log_e1 = special.log_ndtr(-(z0 - j) / sigma)
-        log_s0 = log_t0 + (i * i - i) / (2.0 * sigma**2) + log_e0
-        log_s1 = log_t1 + (j * j - j) / (2.0 * sigma**2) + log_e1
-        total = np.logaddexp(
-            np.logaddexp.accumulate(log_s0, axis=1), np.logaddexp.accumulate(log_s1, axis=1)
-        )
-        done = np.zeros(log_s0.shape, dtype=bool)
-        done[:, 1:] = (
-            (log_s0[:, 1:] < log_s0[:, :-1])
-            & (log_s1[:, 1:] < log_s1[:, :-1])
-            & (np.maximum(log_s0[:, 1:], log_s1[:, 1:]) < total[:, 1:] - 30.0)
-        )
-        converged = done.any(axis=1)
-        first = done.argmax(axis=1)
-        rows = np.flatnonzero(converged)
-        out[pending[rows]] = total[rows, first[rows]]
-        pending = pending[~converged]
-    return out
-
-
-@functools.lru_cache(maxsize=4096)
-def _rdp_one_step(
-    mechanism: Mechanism, noise_multiplier: float, sample_rate: float, orders: tuple[float, ...]
-) -> tuple[float, ...]:
-    """RDP of one application of the mechanism at each order (validated inputs, cached)."""
-    if mechanism is Mechanism.LAPLACE:
-        eps0 = 1.0 / noise_multiplier
-        return tuple(
-            eps0 + math.log1p((a - 1.0) * math.expm1((1.0 - 2.0 * a) * eps0) / (2.0 * a - 1.0))
-            / (a - 1.0)
-            for a in orders
-        )
-    q, sigma = sample_rate, noise_multiplier
-    if q == 0.0:
-        return tuple(0.0 for _ in orders)
-    if q == 1.0:
-        return tuple(a / (2.0 * sigma**2) for a in orders)
-    alphas = np.asarray(orders, dtype=np.float64)
-    is_int = alphas == np.floor(alphas)
-    log_a = np.empty_like(alphas)
-    log_a[is_int] = _log_a_int(q, sigma, alphas[is_int])
-    log_a[~is_int] = _log_a_frac(q, sigma, alphas[~is_int])
-    return tuple(float(v) for v in log_a / (alphas - 1.0))
-
-
-def rdp(
-    *,
-    mechanism: Mechanism | str,
-    noise_multiplier: float,
-    sample_rate: float,
-    steps: int,
-    orders: Sequence[float] = DEFAULT_ORDERS,
-) -> FloatArray:
-    """RDP ε(α) of ``steps`` self-composed releases, one value per order in ``orders``.
-
-    Subsampled Gaussian: Mironov, Talwar & Zhang (2019), Sec. 3.3. Gaussian: Mironov (2017),
-    Prop. 7. Laplace (``noise_multiplier`` = scale / L1 sensitivity): Mironov (2017), Prop. 6.
-    Composition over steps is additive (Mironov 2017, Prop. 1). May contain ``inf``.
-
-    Raises:
-        ValueError: on an unknown mechanism, non-positive noise, a rate outside [0, 1] (or != 1
-            for the non-subsampled mechanisms), negative steps or orders not > 1.
-    """
-    mech = _check_mechanism(mechanism)
-    sigma = _check_noise(noise_multiplier)
-    q = _check_rate(mech, sample_rate)
-    n = _check_steps(steps)
-    alphas = _check_orders(orders)
-    if n == 0:
-        return np.zeros(len(alphas), dtype=np.float64)
-    return np.asarray(_rdp_one_step(mech, sigma, q, alphas), dtype=np.float64) * float(n)
-
-
-# ------------------------------------------------------------------------ RDP -> (ε, δ)
-
-
-def epsilon_from_rdp(
-    *, orders: Sequence[float], rdp: Sequence[float] | FloatArray, delta: float
-) -> float:
-    """Smallest ε over ``orders`` such that the RDP curve implies (ε, δ)-DP.
-
-    Uses the improved conversion of Canonne, Kamath & Steinke (2020, Prop. 12) / Balle et al.
-    (2020, Thm. 21): ``ε = r + log(1 - 1/α) - log(δ·α)/(α - 1)``, and ε = 0 where the KL bound
-    ``δ ≥ sqrt(1 - exp(-r))`` already holds - exactly as ``dp_accounting.rdp.compute_epsilon``.
-    Returns ``inf`` when no order gives a finite bound.
-    """
-    d = _check_delta(delta)
-    alphas = np.asarray(_check_orders(orders), dtype=np.float64)
-    r = np.asarray(rdp, dtype=np.float64)
-    if r.shape != alphas.shape:
-        raise ValueError(
-            f"orders and rdp must have the same length, got {alphas.size} orders and "
-            f"{r.size} RDP values"
-        )
-    if np.isnan(r).any():
-        raise ValueError("rdp contains NaN; recompute it with rdp()")
-    with np.errstate(over="ignore", invalid="ignore"):
-        eps = r + np.log1p(-1.0 / alphas) - np.log(d * alphas) / (alphas - 1.0)
-        kl_enough = d**2 + np.expm1(-r) > 0
-    eps = np.where((r <= 0) | kl_enough, 0.0, eps)
-    best = float(np.min(eps))
-    return max(0.0, best)
-
-
 # ------------------------------------------------------------------------------ events
 
 
@@ -370,9 +193,8 @@ def _utc_iso(now: datetime | None) -> str:
 class DpEvent:
     """One DP release: the mechanism's parameters and the ε it alone costs at its δ.
 
-    ``noise_multiplier`` is noise std / L2 sensitivity for the Gaussian mechanisms and
-    scale / L1 sensitivity for Laplace. ``epsilon`` is informational: ledgers and accountants
-    recompute ε from the parameters by composing RDP. Mirrors ``dp_accounting``'s
+    ``noise_multiplier`` is noise std / L2 sensitivity. ``epsilon`` is informational: ledgers and
+    accountants recompute ε from the parameters by composing RDP. Mirrors ``dp_accounting``'s
     ``SelfComposedDpEvent(PoissonSampledDpEvent(q, GaussianDpEvent(σ)), steps)``.
     """
 
@@ -445,35 +267,64 @@ class DpEvent:
             context=d.get("context") or {},
         )
 
-
-def _events_rdp(events: Sequence[DpEvent]) -> FloatArray:
-    """RDP at :data:`DEFAULT_ORDERS` of all ``events`` composed (summed per order)."""
-    total = np.zeros(len(DEFAULT_ORDERS), dtype=np.float64)
-    for event in events:
-        total += rdp(
-            mechanism=event.mechanism,
-            noise_multiplier=event.noise_multiplier,
-            sample_rate=event.sample_rate,
-            steps=event.steps,
+    def to_dp_accounting(self) -> dp_accounting.DpEvent:
+        """This release in ``dp_accounting``'s event algebra (what the accountant composes)."""
+        return _dp_accounting_event(
+            self.mechanism, self.noise_multiplier, self.sample_rate, self.steps
         )
-    return total
+
+
+def _dp_accounting_event(
+    mechanism: Mechanism, noise_multiplier: float, sample_rate: float, steps: int
+) -> dp_accounting.DpEvent:
+    base: dp_accounting.DpEvent
+    if sample_rate == 0.0 or steps == 0:
+        return dp_accounting.NoOpDpEvent()  # touches no data
+    else:
+        base = dp_accounting.GaussianDpEvent(noise_multiplier)
+        if mechanism is Mechanism.SUBSAMPLED_GAUSSIAN and sample_rate < 1.0:
+            base = dp_accounting.PoissonSampledDpEvent(sample_rate, base)
+    return dp_accounting.SelfComposedDpEvent(base, steps)
+
+
+_Params = tuple[Mechanism, float, float, int]
+"""What the accountant needs of an event: mechanism, noise multiplier, sample rate, steps."""
+
+
+def _params(event: DpEvent) -> _Params:
+    return (event.mechanism, event.noise_multiplier, event.sample_rate, event.steps)
+
+
+def _grouped(events: Sequence[DpEvent]) -> tuple[tuple[_Params, int], ...]:
+    """Identical releases counted once: a run repeats the same round event every round, and
+    ``dp_accounting`` composes ``k`` copies of an event as cheaply as one."""
+    return tuple(sorted(collections.Counter(_params(e) for e in events).items()))
+
+
+def _composed_event(groups: Sequence[tuple[_Params, int]]) -> dp_accounting.DpEvent:
+    return dp_accounting.ComposedDpEvent(
+        [dp_accounting.SelfComposedDpEvent(_dp_accounting_event(*p), count) for p, count in groups]
+    )
+
+
+@functools.lru_cache(maxsize=4096)
+def _epsilon_of(groups: tuple[tuple[_Params, int], ...], delta: float) -> float:
+    """ε at ``delta`` of the composed groups (memoised: check, commit and status of one release
+    ask for the same composition)."""
+    if not groups:
+        return 0.0
+    accountant = RdpAccountant()
+    accountant.compose(_composed_event(groups))
+    return float(accountant.get_epsilon(delta))
 
 
 def compose_epsilon(events: Sequence[DpEvent], *, delta: float) -> float:
-    """ε at ``delta`` of all ``events`` together: RDP summed per order, converted once.
+    """ε at ``delta`` of all ``events`` together, by ``dp_accounting``'s RDP accountant.
 
     Each event's own δ is ignored; the composition is evaluated at ``delta`` (typically the firm's
-    budget δ). When every event is Laplace, the pure-DP basic composition ``Σ steps / b``
-    (Dwork et al. 2006) is also a valid bound and the smaller of the two is returned.
-    ``0.0`` for no events.
+    budget δ). ``0.0`` for no events.
     """
-    d = _check_delta(delta)
-    if not events:
-        return 0.0
-    eps = epsilon_from_rdp(orders=DEFAULT_ORDERS, rdp=_events_rdp(events), delta=d)
-    if all(e.mechanism is Mechanism.LAPLACE for e in events):
-        eps = min(eps, math.fsum(e.steps / e.noise_multiplier for e in events))
-    return eps
+    return _epsilon_of(_grouped(events), _check_delta(delta))
 
 
 def make_event(
@@ -526,13 +377,10 @@ def make_event(
 # ---------------------------------------------------------------------- planning DP-SGD
 
 
-def _plan_rdp(*, noise_multiplier: float, sample_rate: float, steps: int) -> FloatArray:
-    return rdp(
-        mechanism=Mechanism.SUBSAMPLED_GAUSSIAN,
-        noise_multiplier=noise_multiplier,
-        sample_rate=sample_rate,
-        steps=steps,
-    )
+def _plan_event(
+    noise_multiplier: float, sample_rate: float, steps: int
+) -> dp_accounting.DpEvent:
+    return _dp_accounting_event(Mechanism.SUBSAMPLED_GAUSSIAN, noise_multiplier, sample_rate, steps)
 
 
 def epsilon_for(
@@ -545,14 +393,14 @@ def epsilon_for(
 ) -> float:
     """ε at ``delta`` of ``steps`` Poisson-subsampled Gaussian steps composed with ``prior_events``.
 
-    The DP-SGD analysis of Abadi et al. (2016) with the RDP accountant of Mironov, Talwar & Zhang
-    (2019). ``steps=0`` or ``sample_rate=0`` adds nothing.
+    The DP-SGD analysis of Abadi et al. (2016), accounted by ``dp_accounting``. ``steps=0`` or
+    ``sample_rate=0`` adds nothing.
     """
-    d = _check_delta(delta)
-    total = _events_rdp(prior_events) + _plan_rdp(
-        noise_multiplier=noise_multiplier, sample_rate=sample_rate, steps=steps
-    )
-    return epsilon_from_rdp(orders=DEFAULT_ORDERS, rdp=total, delta=d)
+    plan = (Mechanism.SUBSAMPLED_GAUSSIAN, _check_noise(noise_multiplier),
+            _check_rate(Mechanism.SUBSAMPLED_GAUSSIAN, sample_rate), _check_steps(steps))
+    groups = collections.Counter(dict(_grouped(prior_events)))
+    groups[plan] += 1
+    return _epsilon_of(tuple(sorted(groups.items())), _check_delta(delta))
 
 
 def calibrate_noise(
@@ -567,11 +415,9 @@ def calibrate_noise(
     """Smallest noise multiplier σ such that ``prior_events`` + this DP-SGD plan stays within
     ``target_epsilon`` (the firm's TOTAL cap) at ``delta``.
 
-    Bisection on σ in log space (as Opacus' ``get_noise_multiplier``), using
-    :func:`epsilon_for`. ``tolerance`` is relative: the returned σ always satisfies
-    ``ε(σ) <= target_epsilon``, lies within a factor ``1 + tolerance`` of the smallest feasible
-    σ, and gives ``ε(σ) >= (1 - tolerance) * target_epsilon`` (unless the bracket has shrunk to
-    a 1e-6 relative width first, e.g. when ε barely moves with σ).
+    ``dp_accounting.mechanism_calibration.calibrate_dp_mechanism`` over the composition of
+    ``prior_events`` and the plan. The returned σ always satisfies ``ε(σ) <= target_epsilon`` and
+    lies within ``tolerance × MIN_NOISE_MULTIPLIER`` of the smallest feasible σ.
 
     Raises:
         ValueError: on invalid arguments (steps and sample_rate must be positive).
@@ -596,12 +442,17 @@ def calibrate_noise(
     if not 0.0 < tolerance < 1.0:
         raise ValueError(f"tolerance must lie in (0, 1), got {tolerance!r}")
     target = float(target_epsilon)
-    prior = _events_rdp(prior_events)
-    spent = epsilon_from_rdp(orders=DEFAULT_ORDERS, rdp=prior, delta=d)
+    prior = _grouped(prior_events)
+    spent = _epsilon_of(prior, d)
+    prior_events_dpa = [
+        dp_accounting.SelfComposedDpEvent(_dp_accounting_event(*p), count) for p, count in prior
+    ]
+
+    def composed_with_plan(sigma: float) -> dp_accounting.DpEvent:
+        return dp_accounting.ComposedDpEvent([*prior_events_dpa, _plan_event(sigma, q, n)])
 
     def eps_at(sigma: float) -> float:
-        plan = _plan_rdp(noise_multiplier=sigma, sample_rate=q, steps=n)
-        return epsilon_from_rdp(orders=DEFAULT_ORDERS, rdp=prior + plan, delta=d)
+        return float(RdpAccountant().compose(composed_with_plan(sigma)).get_epsilon(d))
 
     def does_not_fit(why: str) -> PlanDoesNotFit:
         return PlanDoesNotFit(
@@ -618,19 +469,14 @@ def calibrate_noise(
         )
     if eps_at(MIN_NOISE_MULTIPLIER) <= target:
         return MIN_NOISE_MULTIPLIER
-
-    # Invariant: eps(lo) > target >= eps(hi); bisect geometrically (σ spans decades).
-    lo, hi = MIN_NOISE_MULTIPLIER, MAX_NOISE_MULTIPLIER
-    eps_hi = eps_at(hi)
-    for _ in range(200):
-        if (eps_hi >= (1.0 - tolerance) * target and hi / lo <= 1.0 + tolerance) or (
-            hi / lo <= 1.0 + 1e-6
-        ):
-            break
-        mid = math.sqrt(lo * hi)
-        eps_mid = eps_at(mid)
-        if eps_mid > target:
-            lo = mid
-        else:
-            hi, eps_hi = mid, eps_mid
-    return hi
+    # dp_accounting searches an upper bracket from the guess, then runs Brent's method; the
+    # result is guaranteed to satisfy ε(σ) <= target and to lie within ``tol`` of the optimum.
+    sigma = mechanism_calibration.calibrate_dp_mechanism(
+        RdpAccountant,
+        composed_with_plan,
+        target,
+        d,
+        bracket_interval=mechanism_calibration.LowerEndpointAndGuess(MIN_NOISE_MULTIPLIER, 1.0),
+        tol=tolerance * MIN_NOISE_MULTIPLIER,
+    )
+    return float(sigma)

@@ -1,9 +1,22 @@
-"""Crash-safe file primitives shared by the ledger, audit logs, key and certificate files."""
+"""Crash-safe file primitives: the one atomic write and the one file lock of fedcrm.
+
+Every file whose loss or tearing would matter (ledgers, audit logs, key and certificate files,
+models, run plans, run summaries) is written with :func:`write_atomic`: a temporary file in the
+same directory, fsync, ``os.replace`` over the target, fsync of the directory. A crash at any point
+leaves the old file or the new one, never a mix. :func:`locked` is the advisory lock that
+serialises the read-modify-write of ledgers and audit logs across processes.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
+
+PRIVATE_MODE = 0o600
 
 
 def fsync_dir(directory: Path) -> None:
@@ -15,12 +28,55 @@ def fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def write_private(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` as mode 0600 (even if it existed with another mode), fsynced."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+def _temp_prefix(path: Path) -> str:
+    return f".{path.name}."
+
+
+def write_atomic(path: Path, data: bytes, *, mode: int = PRIVATE_MODE) -> None:
+    """Replace ``path`` with ``data`` atomically and durably, as ``mode`` (default 0600).
+
+    The parent directory must exist. On any failure the temporary file is removed and the old
+    ``path`` (if any) is untouched.
+    """
+    path = Path(path)
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=_temp_prefix(path), suffix=".tmp")
     try:
-        os.fchmod(fd, 0o600)
-        os.write(fd, data)
-        os.fsync(fd)
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp_name)
+        raise
+    fsync_dir(path.parent)
+
+
+def write_private(path: Path, data: bytes) -> None:
+    """Write a secret or private file: atomically, mode 0600 (even if it existed as 0644)."""
+    write_atomic(path, data, mode=PRIVATE_MODE)
+
+
+def remove_stale_temps(path: Path) -> None:
+    """Delete temporary files a crashed :func:`write_atomic` of ``path`` left behind.
+
+    Call only while holding :func:`locked` for ``path`` (another writer's temp file is live).
+    """
+    for stale in Path(path).parent.glob(f"{_temp_prefix(Path(path))}*.tmp"):
+        with contextlib.suppress(OSError):
+            stale.unlink()
+
+
+@contextlib.contextmanager
+def locked(path: Path) -> Iterator[None]:
+    """Exclusive advisory lock on ``<path>.lock``, shared by every process using ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path.with_name(path.name + ".lock"), os.O_RDWR | os.O_CREAT, PRIVATE_MODE)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
     finally:
-        os.close(fd)
+        os.close(fd)  # closing releases the lock

@@ -16,28 +16,22 @@ old or the new ledger, never a torn line; two processes committing at once canno
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
 import math
-import os
-import tempfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from fedcrm.privacy.accounting import DpEvent, FrozenMapping, compose_epsilon
-from fedcrm.privacy.durable import fsync_dir
+from fedcrm.privacy.durable import locked, remove_stale_temps, write_private
 from fedcrm.privacy.errors import BudgetExhausted, ConfigError
 
 EPSILON_TOLERANCE = 1e-9
 """Float slack when comparing composed ε with the cap (an exact fit is allowed)."""
 
-_FILE_MODE = 0o600
 _BUDGET_SUFFIX = ".budget.json"
-_LOCK_SUFFIX = ".lock"
 
 
 @dataclass(frozen=True)
@@ -134,31 +128,6 @@ def read_events(path: Path | str) -> list[DpEvent]:
     return _read(Path(path))[1]
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    """Replace ``path`` with ``text`` atomically and durably (mode 0600)."""
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, _FILE_MODE)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-    fsync_dir(path.parent)
-
-
-def _remove_stale_temps(path: Path) -> None:
-    """Delete temp files a crashed writer left behind (call only while holding the lock)."""
-    for stale in path.parent.glob(f".{path.name}.*.tmp"):
-        with contextlib.suppress(OSError):
-            stale.unlink()
-
-
 def _now() -> str:
     return datetime.now(UTC).isoformat()
 
@@ -186,7 +155,6 @@ class PrivacyLedger:
         self._path = Path(path)
         self._firm = firm
         self._budget_path = self._path.with_name(self._path.name + _BUDGET_SUFFIX)
-        self._lock_path = self._path.with_name(self._path.name + _LOCK_SUFFIX)
         if budget is None:
             recorded = self._read_budget_file()
             if recorded is None:
@@ -249,7 +217,7 @@ class PrivacyLedger:
     def _record_budget(self, budget: Budget) -> None:
         """Write the budget file if it is missing or records a different budget."""
         self._path.parent.mkdir(parents=True, exist_ok=True)
-        with self._locked():
+        with locked(self._path):
             recorded = self._read_budget_file()
             if recorded is not None and recorded[0] == budget:
                 return
@@ -270,20 +238,9 @@ class PrivacyLedger:
                 "delta": budget.delta,
                 "history": history,
             }
-            _atomic_write(self._budget_path, json.dumps(document, indent=2) + "\n")
+            write_private(self._budget_path, (json.dumps(document, indent=2) + "\n").encode())
 
     # -------------------------------------------------------------- locking
-
-    @contextlib.contextmanager
-    def _locked(self) -> Iterator[None]:
-        """Exclusive advisory lock shared by every process using this ledger."""
-        self._path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT, _FILE_MODE)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            yield
-        finally:
-            os.close(fd)  # closing releases the lock
 
     # -------------------------------------------------------------- queries
 
@@ -346,8 +303,8 @@ class PrivacyLedger:
         Raises:
             BudgetExhausted: if the event no longer fits (e.g. another process spent meanwhile).
         """
-        with self._locked():
-            _remove_stale_temps(self._path)
+        with locked(self._path):
+            remove_stale_temps(self._path)
             lines, events = _read(self._path, firm=self._firm)
             self._refuse_if_exceeds(events, event)
             record = {
@@ -356,7 +313,7 @@ class PrivacyLedger:
                 "cumulative_epsilon": self._total_with(events, event),
             }
             lines.append(json.dumps(record, sort_keys=True, ensure_ascii=False))
-            _atomic_write(self._path, "\n".join(lines) + "\n")
+            write_private(self._path, ("\n".join(lines) + "\n").encode())
 
     def status(self) -> LedgerStatus:
         """A snapshot: cap, δ, ε spent (recomputed), remaining, ε per purpose, count, last time."""

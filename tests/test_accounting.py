@@ -1,31 +1,25 @@
-"""The RDP accountant: agreement with dp_accounting, monotonicity, calibration, edge cases."""
+"""The accountant: events translated to dp_accounting, checked against an independent
+implementation (Opacus's RDP analysis); monotonicity, calibration, edge cases."""
 
 from __future__ import annotations
 
-import functools
-import logging
 import math
 import pickle
-from collections.abc import Iterator
 from datetime import UTC, datetime
 
-import dp_accounting
 import numpy as np
 import pytest
-from dp_accounting.rdp import RdpAccountant, rdp_privacy_accountant
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from fedcrm.audit.epsilon import CROSS_CHECK_RANGE, ORDERS, opacus_rdp
 from fedcrm.privacy.accounting import (
-    DEFAULT_ORDERS,
     DpEvent,
     Mechanism,
     calibrate_noise,
     compose_epsilon,
     epsilon_for,
-    epsilon_from_rdp,
     make_event,
-    rdp,
 )
 from fedcrm.privacy.errors import PlanDoesNotFit
 
@@ -33,38 +27,15 @@ DELTA = 1e-5
 NOW = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _fast_reference() -> Iterator[None]:
-    """Memoise dp_accounting's pure ``log A_α`` so each (σ, q) is computed once across step counts.
-
-    Only speeds the reference up; its results are unchanged. Its convergence warnings are muted.
-    """
-    with pytest.MonkeyPatch.context() as mp:
-        cached = functools.lru_cache(maxsize=None)(rdp_privacy_accountant._compute_log_a)
-        mp.setattr(rdp_privacy_accountant, "_compute_log_a", cached)
-        logging.disable(logging.WARNING)
-        try:
-            yield
-        finally:
-            logging.disable(logging.NOTSET)
-
-
-def _reference_event(
-    mechanism: Mechanism, nm: float, q: float, steps: int
-) -> dp_accounting.DpEvent:
-    if mechanism is Mechanism.LAPLACE:
-        return dp_accounting.SelfComposedDpEvent(dp_accounting.LaplaceDpEvent(nm), steps)
-    base: dp_accounting.DpEvent = dp_accounting.GaussianDpEvent(nm)
-    if q < 1.0:
-        base = dp_accounting.PoissonSampledDpEvent(q, base)
-    return dp_accounting.SelfComposedDpEvent(base, steps)
-
-
-def _reference_epsilon(events: list[tuple[Mechanism, float, float, int]], delta: float) -> float:
-    accountant = RdpAccountant()
+def _opacus_epsilon(events: list[tuple[Mechanism, float, float, int]], delta: float) -> float:
+    """The reference: Opacus's own RDP analysis (written independently of dp_accounting)."""
+    rdp = opacus_rdp()
+    curve = np.zeros(len(ORDERS))
     for mechanism, nm, q, steps in events:
-        accountant.compose(_reference_event(mechanism, nm, q, steps))
-    return float(accountant.get_epsilon(delta))
+        rate = 1.0 if mechanism is Mechanism.GAUSSIAN else q
+        curve += rdp.compute_rdp(q=rate, noise_multiplier=nm, steps=steps, orders=list(ORDERS))
+    eps, _ = rdp.get_privacy_spent(orders=list(ORDERS), rdp=curve, delta=delta)
+    return float(eps)
 
 
 def _event(mechanism: Mechanism, nm: float, q: float, steps: int, purpose: str = "t") -> DpEvent:
@@ -74,72 +45,62 @@ def _event(mechanism: Mechanism, nm: float, q: float, steps: int, purpose: str =
     )
 
 
-# ------------------------------------------------------------------ reference: dp_accounting
+# ------------------------------------------------------------------ reference: Opacus
 
 
 @pytest.mark.parametrize("noise", [0.5, 1.1, 5.0])
 @pytest.mark.parametrize("rate", [0.001, 0.04, 0.5])
-def test_subsampled_gaussian_matches_dp_accounting(noise: float, rate: float) -> None:
+def test_subsampled_gaussian_matches_opacus(noise: float, rate: float) -> None:
     for steps in (1, 10, 1000, 10000):
         ours = epsilon_for(noise_multiplier=noise, sample_rate=rate, steps=steps, delta=DELTA)
-        ref = _reference_epsilon([(Mechanism.SUBSAMPLED_GAUSSIAN, noise, rate, steps)], DELTA)
-        assert ours == pytest.approx(ref, rel=0.01), (noise, rate, steps)
+        ref = _opacus_epsilon([(Mechanism.SUBSAMPLED_GAUSSIAN, noise, rate, steps)], DELTA)
+        # Never below the independent analysis; equal within 1% in the range budgets live in
+        # (beyond it dp_accounting drops unconverged fractional orders and is more conservative).
+        assert ours >= ref * 0.99, (noise, rate, steps)
+        if ref <= CROSS_CHECK_RANGE:
+            assert ours == pytest.approx(ref, rel=0.01), (noise, rate, steps)
 
 
 @pytest.mark.parametrize("noise", [0.5, 2.0, 8.0])
 @pytest.mark.parametrize("steps", [1, 3, 50])
-def test_gaussian_and_laplace_match_dp_accounting(noise: float, steps: int) -> None:
+def test_whole_table_gaussian_matches_opacus(noise: float, steps: int) -> None:
     gauss = _event(Mechanism.GAUSSIAN, noise, 1.0, steps)
     assert gauss.epsilon == pytest.approx(
-        _reference_epsilon([(Mechanism.GAUSSIAN, noise, 1.0, steps)], DELTA), rel=0.01
+        _opacus_epsilon([(Mechanism.GAUSSIAN, noise, 1.0, steps)], DELTA), rel=0.01
     )
-    lap = _event(Mechanism.LAPLACE, noise, 1.0, steps)
-    rdp_ref = _reference_epsilon([(Mechanism.LAPLACE, noise, 1.0, steps)], DELTA)
-    # Laplace: the smaller of the RDP bound and pure-DP basic composition steps / b.
-    assert lap.epsilon == pytest.approx(min(rdp_ref, steps / noise), rel=0.01)
 
 
-def test_composition_of_heterogeneous_events_matches_dp_accounting() -> None:
+def test_composition_of_heterogeneous_events_matches_opacus() -> None:
     plan = [
         (Mechanism.SUBSAMPLED_GAUSSIAN, 1.1, 0.04, 1000),
         (Mechanism.GAUSSIAN, 5.0, 1.0, 3),
-        (Mechanism.LAPLACE, 8.0, 1.0, 2),
         (Mechanism.SUBSAMPLED_GAUSSIAN, 5.0, 0.001, 10),
         (Mechanism.SUBSAMPLED_GAUSSIAN, 1.1, 0.04, 10),
+        (Mechanism.SUBSAMPLED_GAUSSIAN, 1.1, 0.04, 10),  # repeated: composed as a group of two
     ]
     events = [_event(*p) for p in plan]
     for delta in (1e-5, 1e-7):
         ours = compose_epsilon(events, delta=delta)
-        assert ours == pytest.approx(_reference_epsilon(plan, delta), rel=0.01)
+        assert ours == pytest.approx(_opacus_epsilon(plan, delta), rel=0.01)
     # Composition is cheaper than adding the events' own ε (that is why we compose RDP).
     assert compose_epsilon(events, delta=DELTA) < sum(e.epsilon for e in events)
+    # Order does not matter.
+    assert compose_epsilon(events[::-1], delta=DELTA) == compose_epsilon(events, delta=DELTA)
 
 
 def test_epsilon_for_composes_prior_events() -> None:
-    prior = [_event(Mechanism.GAUSSIAN, 5.0, 1.0, 2), _event(Mechanism.LAPLACE, 8.0, 1.0, 1)]
+    prior = [_event(Mechanism.GAUSSIAN, 5.0, 1.0, 2), _event(Mechanism.GAUSSIAN, 8.0, 1.0, 1)]
     ours = epsilon_for(
         noise_multiplier=1.1, sample_rate=0.04, steps=1000, delta=DELTA, prior_events=prior
     )
-    ref = _reference_epsilon(
-        [(Mechanism.GAUSSIAN, 5.0, 1.0, 2), (Mechanism.LAPLACE, 8.0, 1.0, 1),
+    ref = _opacus_epsilon(
+        [(Mechanism.GAUSSIAN, 5.0, 1.0, 2), (Mechanism.GAUSSIAN, 8.0, 1.0, 1),
          (Mechanism.SUBSAMPLED_GAUSSIAN, 1.1, 0.04, 1000)],
         DELTA,
     )
     assert ours == pytest.approx(ref, rel=0.01)
     alone = epsilon_for(noise_multiplier=1.1, sample_rate=0.04, steps=1000, delta=DELTA)
     assert ours > alone
-
-
-def test_epsilon_from_rdp_uses_improved_conversion() -> None:
-    orders = [2.0, 8.0, 32.0]
-    values = [0.1, 0.5, 3.0]
-    expected = min(
-        r + math.log1p(-1 / a) - math.log(DELTA * a) / (a - 1)
-        for a, r in zip(orders, values, strict=True)
-    )
-    assert epsilon_from_rdp(orders=orders, rdp=values, delta=DELTA) == pytest.approx(expected)
-    assert epsilon_from_rdp(orders=orders, rdp=[0.0, 0.0, 0.0], delta=DELTA) == 0.0
-    assert math.isinf(epsilon_from_rdp(orders=orders, rdp=[math.inf] * 3, delta=DELTA))
 
 
 # ------------------------------------------------------------------ properties
@@ -176,13 +137,10 @@ def test_epsilon_is_non_increasing_in_noise(n1: float, n2: float, rate: float, s
 def test_calibrated_noise_reaches_target_and_is_minimal(
     target: float, rate: float, steps: int
 ) -> None:
-    tolerance = 0.01
-    sigma = calibrate_noise(
-        target_epsilon=target, delta=DELTA, sample_rate=rate, steps=steps, tolerance=tolerance
-    )
+    sigma = calibrate_noise(target_epsilon=target, delta=DELTA, sample_rate=rate, steps=steps)
     eps = epsilon_for(noise_multiplier=sigma, sample_rate=rate, steps=steps, delta=DELTA)
     assert eps <= target
-    assert eps >= target * (1 - tolerance)
+    assert eps >= target * 0.99
     less = epsilon_for(noise_multiplier=sigma * 0.97, sample_rate=rate, steps=steps, delta=DELTA)
     assert less > target
 
@@ -226,16 +184,17 @@ def test_no_steps_or_no_sampling_costs_nothing() -> None:
     assert epsilon_for(noise_multiplier=1.0, sample_rate=0.0, steps=100, delta=DELTA) == 0.0
     assert compose_epsilon([], delta=DELTA) == 0.0
     assert _event(Mechanism.SUBSAMPLED_GAUSSIAN, 1.0, 0.1, 0).epsilon == 0.0
-    assert np.all(rdp(mechanism=Mechanism.LAPLACE, noise_multiplier=1.0, sample_rate=1.0,
-                      steps=0) == 0.0)
 
 
-def test_rdp_is_linear_in_steps_and_matches_closed_form_gaussian() -> None:
-    one = rdp(mechanism=Mechanism.GAUSSIAN, noise_multiplier=2.0, sample_rate=1.0, steps=1)
-    assert one == pytest.approx(np.asarray(DEFAULT_ORDERS) / 8.0)
-    seven = rdp(mechanism="subsampled_gaussian", noise_multiplier=1.3, sample_rate=0.02, steps=7)
-    single = rdp(mechanism="subsampled_gaussian", noise_multiplier=1.3, sample_rate=0.02, steps=1)
-    assert seven == pytest.approx(7 * single)
+def test_event_translates_to_dp_accounting_algebra() -> None:
+    import dp_accounting
+
+    sgd = _event(Mechanism.SUBSAMPLED_GAUSSIAN, 1.3, 0.02, 7).to_dp_accounting()
+    assert sgd == dp_accounting.SelfComposedDpEvent(
+        dp_accounting.PoissonSampledDpEvent(0.02, dp_accounting.GaussianDpEvent(1.3)), 7
+    )
+    query = _event(Mechanism.GAUSSIAN, 2.0, 1.0, 1).to_dp_accounting()
+    assert query == dp_accounting.SelfComposedDpEvent(dp_accounting.GaussianDpEvent(2.0), 1)
 
 
 @pytest.mark.parametrize(
@@ -271,9 +230,6 @@ def test_calibrate_noise_rejects_invalid_arguments() -> None:
         calibrate_noise(target_epsilon=0.0, delta=DELTA, sample_rate=0.1, steps=10)
     with pytest.raises(ValueError, match="steps >= 1"):
         calibrate_noise(target_epsilon=1.0, delta=DELTA, sample_rate=0.1, steps=0)
-    with pytest.raises(ValueError, match="orders"):
-        rdp(mechanism=Mechanism.GAUSSIAN, noise_multiplier=1.0, sample_rate=1.0, steps=1,
-            orders=(0.5, 2.0))
 
 
 # ------------------------------------------------------------------ DpEvent values

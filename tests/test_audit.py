@@ -30,15 +30,12 @@ from fedcrm.audit.log import (
     GENESIS,
     AuditLog,
     EntryKind,
-    Failure,
-    FailureKind,
     data_prepared_payload,
     key_id,
     public_key_pem,
     raw_public_key,
-    verify_log,
-    verify_run,
 )
+from fedcrm.audit.verify import Failure, FailureKind, verify_log, verify_run
 from fedcrm.privacy.errors import AuditError
 
 FIRMS = ("acme", "globex")
@@ -146,7 +143,7 @@ def build_run(root: Path) -> Run:
         logs[firm].append(EntryKind.DATA_PREPARED, data_prepared_payload(_manifest(firm)))
         logs[firm].append(EntryKind.BUDGET_CHANGED, {"epsilon_cap": CAP, "delta": DELTA,
                                                      "reason": "initial budget"})
-    ledgers["acme"].release(purpose="trend_stats", mechanism="laplace", nm=10.0, q=1.0, steps=2)
+    ledgers["acme"].release(purpose="trend_stats", mechanism="gaussian", nm=10.0, q=1.0, steps=2)
     fed.append(EntryKind.RUN_STARTED, {
         "run_id": "run-1", "config_hash": "c" * 64, "strategy": "fedavg", "rounds": ROUNDS,
         "task": "churn", "firms": list(FIRMS)})
@@ -332,7 +329,7 @@ def test_firm_rewriting_its_tail_shows_up_as_head_mismatch(run: Run) -> None:
     lines = run.lines(path)
     run.write_lines(path, lines[:-2])
     ledger = Ledger(AuditLog(path, signing_key=run.firm_keys["acme"]))
-    ledger.accountant.compose(_event("laplace", 10.0, 1.0, 2))
+    ledger.accountant.compose(_event("gaussian", 10.0, 1.0, 2))
     for _ in range(ROUNDS - 1):
         ledger.accountant.compose(_event("subsampled_gaussian", 1.1, 0.02, 60))
     rewritten = ledger.release(nm=5.0)  # a cheaper release than the one really spent
@@ -536,3 +533,17 @@ def test_sigkilled_writer_mid_append_leaves_a_valid_log(tmp_path: Path) -> None:
     AuditLog(path, signing_key=key).append(EntryKind.RUN_FINISHED, {})
     assert verify_log(path, trusted_keys=trusted) == []
     assert AuditLog(path, signing_key=key).head().length == n + 1
+
+
+def test_auditor_flags_a_composition_the_second_implementation_disagrees_with(
+    run: Run, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import fedcrm.audit.epsilon as epsilon
+
+    assert verify_log(run.firm_log("acme"), trusted_keys=firm_trusted(run, "acme")) == []
+    real = epsilon._opacus_curve.__wrapped__
+    monkeypatch.setattr(epsilon, "_opacus_curve", lambda p: tuple(2 * x for x in real(p)))
+    failures = verify_log(run.firm_log("acme"), trusted_keys=firm_trusted(run, "acme"))
+    assert any(
+        f.kind is FailureKind.EPSILON_MISMATCH and "Opacus" in f.detail for f in failures
+    ), failures

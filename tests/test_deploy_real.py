@@ -175,7 +175,7 @@ def test_real_fedcrm_apps_complete_two_rounds_on_a_tls_deployment(tmp_path: Path
     assert f"--node-config firm-config='{firm1_config}'" in node_log
     assert_all_gone(tmp_path)
     # the auditor's verification passes on the deployment's signed logs
-    from fedcrm.audit.log import verify_run
+    from fedcrm.audit.verify import verify_run
 
     verification = verify_run(done.run_dir)
     assert verification.ok, [str(f) for f in verification.failures]

@@ -31,7 +31,7 @@ def audit_verify(
     as_json: Annotated[bool, typer.Option("--json", help="print the verification as JSON")] = False,
 ) -> None:
     """Verify every signature, chain and head, and recompute each firm's ε independently."""
-    from fedcrm.audit.log import verify_run
+    from fedcrm.audit.verify import verify_run
     from fedcrm.privacy.errors import AuditError
 
     _quiet_accounting_logs()
