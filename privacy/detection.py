@@ -14,14 +14,32 @@ import ipaddress
 import itertools
 import math
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import date
 from typing import Any
 
 import numpy as np
 import pandas as pd
+import phonenumbers
+from stdnum import luhn
+from stdnum.cn import ric
+from stdnum.exceptions import ValidationError
 
+from fedcrm.privacy.pii_vocabulary import (
+    CN_DATE_RE,
+    CN_MOBILE_RE,
+    COLUMN_CJK_HINTS,
+    COLUMN_TOKEN_HINTS,
+    COMMON_SURNAMES,
+    COMPOUND_SURNAMES,
+    EMAIL_RE,
+    HAN,
+    NAME_PARTICLES,
+    PRC_ID_RE,
+    PRC_PROVINCE_CODES,
+    STREET_SUFFIXES,
+)
 from fedcrm.privacy.policies import SUGGESTED_POLICY, MaskingPolicy, PiiKind
 
 __all__ = ["DETECTION_THRESHOLD", "ColumnFinding", "scan_frame"]
@@ -59,45 +77,6 @@ class ColumnFinding:
 # Column-name hints
 # --------------------------------------------------------------------------------------------
 
-# Matched against whole tokens of the column name ("zip" must not fire on "zipper_count").
-_TOKEN_HINTS: Mapping[PiiKind, frozenset[str]] = {
-    PiiKind.NAME: frozenset({"name", "fullname", "firstname", "lastname", "surname", "givenname",
-                             "forename", "fname", "lname", "contactname", "customername"}),
-    PiiKind.EMAIL: frozenset({"email", "mail", "emailaddress"}),
-    PiiKind.PHONE: frozenset({"phone", "mobile", "tel", "telephone", "cell", "cellphone", "msisdn",
-                              "phonenumber", "mobilephone", "fax"}),
-    PiiKind.NATIONAL_ID: frozenset({"ssn", "nin", "idcard", "idnumber", "nationalid", "citizenid",
-                                    "residentid", "identityid", "identitynumber", "idno",
-                                    "passport", "sfz"}),
-    PiiKind.BANK_CARD: frozenset({"pan", "cardnumber", "cardno", "creditcard", "bankcard",
-                                  "ccnumber", "ccnum", "debitcard", "iban"}),
-    PiiKind.IP_ADDRESS: frozenset({"ip", "ipaddress", "ipv4", "ipv6", "ipaddr", "remoteaddr",
-                                   "clientip"}),
-    PiiKind.ADDRESS: frozenset({"address", "addr", "street", "streetaddress", "addressline",
-                                "address1", "address2", "residence", "homeaddress"}),
-    PiiKind.BIRTH_DATE: frozenset({"dob", "birthday", "birthdate", "dateofbirth", "birth",
-                                   "born"}),
-    PiiKind.POSTCODE: frozenset({"zip", "zipcode", "postcode", "postalcode", "postal", "plz"}),
-    PiiKind.CUSTOMER_ID: frozenset({"customerid", "custid", "clientid", "memberid", "userid",
-                                    "accountid", "customerno", "customernumber", "memberno",
-                                    "accountnumber", "accountno"}),
-}
-
-# Matched as substrings of the original column name.
-_CJK_HINTS: Mapping[PiiKind, tuple[str, ...]] = {
-    PiiKind.NAME: ("姓名", "名字", "联系人", "客户名称", "客户姓名"),
-    PiiKind.EMAIL: ("邮箱", "电子邮件", "电邮"),
-    PiiKind.PHONE: ("手机", "电话", "联系方式", "手机号", "座机"),
-    PiiKind.NATIONAL_ID: ("身份证", "证件号", "身份号"),
-    PiiKind.BANK_CARD: ("银行卡", "卡号", "信用卡", "银行账号"),
-    PiiKind.IP_ADDRESS: ("IP地址", "ip地址"),
-    PiiKind.ADDRESS: ("地址", "住址", "居住地"),
-    PiiKind.BIRTH_DATE: ("出生", "生日"),
-    PiiKind.POSTCODE: ("邮编", "邮政编码"),
-    PiiKind.CUSTOMER_ID: ("客户编号", "客户ID", "客户id", "会员号", "会员编号", "用户ID", "用户id",
-                          "客户号"),
-}
-
 _CAMEL_RE = re.compile(r"(?<=[a-z0-9])(?=[A-Z])")
 _SPLIT_RE = re.compile(r"[^A-Za-z0-9]+")
 
@@ -115,10 +94,10 @@ def _name_tokens(column: str) -> set[str]:
 
 def _name_hint(column: str, kind: PiiKind) -> str | None:
     """The part of the column name that suggests ``kind``, if any."""
-    for hint in _CJK_HINTS[kind]:
+    for hint in COLUMN_CJK_HINTS[kind]:
         if hint in column:
             return hint
-    matched = _name_tokens(column) & _TOKEN_HINTS[kind]
+    matched = _name_tokens(column) & COLUMN_TOKEN_HINTS[kind]
     return max(matched, key=len) if matched else None
 
 
@@ -126,109 +105,103 @@ def _name_hint(column: str, kind: PiiKind) -> str | None:
 # Value validators: each takes one stripped text value and returns whether it matches.
 # --------------------------------------------------------------------------------------------
 
-_EMAIL_RE = re.compile(r"[A-Za-z0-9._%+'-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}")
 _PHONE_SEPARATORS_RE = re.compile(r"[\s().-]")
-_CN_MOBILE_RE = re.compile(r"(?:\+86|0086)?1[3-9]\d{9}")
-_E164_RE = re.compile(r"\+[1-9]\d{7,14}")
-_NANP_RE = re.compile(r"(?:\+?1)?[2-9]\d{2}[2-9]\d{6}")
 _PHONE_SHAPE_RE = re.compile(r"[+(\d][\d\s().-]{6,24}")
-
-_ID_WEIGHTS = (7, 9, 10, 5, 8, 4, 2, 1, 6, 3, 7, 9, 10, 5, 8, 4, 2)
-_ID_CHECK = "10X98765432"
-_ID_RE = re.compile(r"[1-9]\d{16}[\dXx]")
-_ID_PROVINCES = frozenset(
-    {11, 12, 13, 14, 15, 21, 22, 23, 31, 32, 33, 34, 35, 36, 37, 41, 42, 43, 44, 45, 46,
-     50, 51, 52, 53, 54, 61, 62, 63, 64, 65, 71, 81, 82, 83, 91}
+_NANP_RE = re.compile(r"1?[2-9]\d{2}[2-9]\d{6}")
+_MOBILE_TYPES = frozenset(
+    {phonenumbers.PhoneNumberType.MOBILE, phonenumbers.PhoneNumberType.FIXED_LINE_OR_MOBILE}
 )
+
 _CARD_RE = re.compile(r"\d{13,19}")
 _CARD_SHAPE_RE = re.compile(r"\d[\d -]{11,22}\d")
 
-_NAME_PARTICLES = frozenset({"van", "von", "de", "da", "del", "della", "di", "le", "la", "du",
-                             "der", "den", "bin", "binti", "al", "ibn"})
-_COMMON_SURNAMES = frozenset(
-    "王李张刘陈杨黄赵吴周徐孙马朱胡郭何高林罗郑梁谢宋唐许韩冯邓曹彭曾肖田董袁潘于蒋蔡余杜叶程苏魏吕丁"
-    "任沈姚卢姜崔钟谭陆汪范金石廖贾夏韦付傅方白邹孟熊秦邱江尹薛闫段雷侯龙史陶黎贺顾毛郝龚邵万钱严覃"
-    "武戴莫孔向汤常温康施文牛樊葛邢安齐易乔伍庞颜倪庄聂章鲁岳翟殷詹申欧耿关兰焦俞左柳甘祝包宁尚符舒"
-    "阮柯纪梅童凌毕单季裴霍涂成苗谷盛曲翁冉骆蓝路游辛靳管柴蒙鲍华喻祁蒲房滕屈饶解牟艾尤阳时穆农司卓"
-    "古吉缪简车项连芦麦褚娄窦戚岑景党宫费卜冷晏席卫米柏宗瞿桂全佟应臧闵苟邬边卞姬师和仇栾隋商刁沙荣"
-    "巫寇桑郎甄丛仲虞敖巩明佘池查麻苑迟邝"
-)
-_COMPOUND_SURNAMES = ("欧阳", "司马", "诸葛", "上官", "东方", "皇甫", "尉迟", "公孙", "慕容",
-                      "长孙", "宇文", "司徒", "夏侯", "令狐", "端木", "独孤", "南宫", "西门")
-_HAN_NAME_RE = re.compile(r"[\u4e00-\u9fff]{2,4}(?:·[\u4e00-\u9fff]{1,6})?")
+_HAN_NAME_RE = re.compile(rf"[{HAN}]{{2,4}}(?:·[{HAN}]{{1,6}})?")
 
-_STREET_SUFFIX = (
-    r"street|st|avenue|ave|road|rd|boulevard|blvd|lane|ln|drive|dr|court|ct|way|place|pl|"
-    r"terrace|close|crescent|square|sq|highway|hwy|parkway|pkwy|row|gardens|strasse|straße"
-)
 _LATIN_ADDRESS_RE = re.compile(
-    rf"\b\d{{1,6}}[A-Za-z]?,?\s+(?:[A-Za-z0-9.'-]+\s+){{1,5}}(?:{_STREET_SUFFIX})\b\.?",
+    rf"\b\d{{1,6}}[A-Za-z]?,?\s+(?:[A-Za-z0-9.'-]+\s+){{1,5}}(?:{STREET_SUFFIXES})\b\.?",
     re.IGNORECASE,
 )
 _CN_ADDRESS_RE = re.compile(
-    r"[\u4e00-\u9fff]{1,12}(?:省|市|区|县|镇|乡|自治区|自治州)"
-    r"[\u4e00-\u9fff\dA-Za-z]*(?:路|街|道|巷|弄|胡同|村|号|大厦|小区|室)"
-    r"|[\u4e00-\u9fff]{1,12}(?:路|街|大道|巷|弄|胡同)\s*\d+\s*号"
+    rf"[{HAN}]{{1,12}}(?:省|市|区|县|镇|乡|自治区|自治州)"
+    rf"[{HAN}\dA-Za-z]*(?:路|街|道|巷|弄|胡同|村|号|大厦|小区|室)"
+    rf"|[{HAN}]{{1,12}}(?:路|街|大道|巷|弄|胡同)\s*\d+\s*号"
 )
 
 _US_ZIP_RE = re.compile(r"\d{5}(?:-\d{4})?")
 _UK_POSTCODE_RE = re.compile(r"[A-Z]{1,2}\d[A-Z\d]?\s*\d[A-Z]{2}", re.IGNORECASE)
 _CN_POSTCODE_RE = re.compile(r"[1-8]\d{5}")
 
-_CN_DATE_RE = re.compile(r"(\d{4})\s*年\s*(\d{1,2})\s*月\s*(\d{1,2})\s*日?")
 _DATE_RE = re.compile(r"(\d{4})[-/.](\d{1,2})[-/.](\d{1,2})(?:[ T].*)?|(\d{4})(\d{2})(\d{2})")
 _DMY_RE = re.compile(r"(\d{1,2})[-/.](\d{1,2})[-/.](\d{4})")
 
 
 def _is_email(text: str) -> bool:
-    return _EMAIL_RE.fullmatch(text) is not None
+    return EMAIL_RE.fullmatch(text) is not None
 
 
 def _phone_pattern(text: str, *, allow_bare_nanp: bool) -> str | None:
-    """Which phone pattern ``text`` matches ("CN mobile", "E.164", "North American")."""
+    """Which kind of phone number ``text`` is ("CN mobile", "E.164", "North American"), if any.
+
+    The shape decides how to read the digits (international with ``+``/``00``, a bare mainland
+    mobile, a bare North American number); ``phonenumbers`` then decides whether the number is
+    valid, i.e. of a possible length and in a range its country has assigned. A bare
+    10-digit number only counts with separators or in a text column (``allow_bare_nanp``):
+    in a numeric column it is as likely an account number.
+    """
     if not _PHONE_SHAPE_RE.fullmatch(text):
         return None
     compact = _PHONE_SEPARATORS_RE.sub("", text)
-    if _CN_MOBILE_RE.fullmatch(compact):
+    if compact.startswith("00"):
+        compact = "+" + compact[2:]
+    if compact.startswith("+"):
+        number = _parse_phone(compact, region=None)
+        label = "E.164"
+    elif CN_MOBILE_RE.fullmatch(compact):
+        number = _parse_phone(compact, region="CN")
+        label = "CN mobile"
+    elif _NANP_RE.fullmatch(compact) and (allow_bare_nanp or compact != text):
+        number = _parse_phone(compact, region="US")
+        label = "North American"
+    else:
+        return None
+    if number is None or not phonenumbers.is_valid_number(number):
+        return None
+    if number.country_code == 86 and phonenumbers.number_type(number) in _MOBILE_TYPES:
         return "CN mobile"
-    if _E164_RE.fullmatch(compact):
-        return "E.164"
-    if _NANP_RE.fullmatch(compact) and (allow_bare_nanp or compact != text):
-        return "North American"
-    return None
+    return label
+
+
+def _parse_phone(text: str, *, region: str | None) -> phonenumbers.PhoneNumber | None:
+    try:
+        return phonenumbers.parse(text, region)
+    except phonenumbers.NumberParseException:
+        return None
 
 
 def _is_prc_id(text: str) -> bool:
-    """PRC resident identity number: region, valid birth date, GB 11643-1999 check character."""
-    if not _ID_RE.fullmatch(text) or int(text[:2]) not in _ID_PROVINCES:
+    """PRC resident identity number: province, valid birth date, GB 11643-1999 check character.
+
+    ``stdnum.cn.ric`` computes the check character and reads the birth date. Its full
+    ``is_valid`` also requires the 6-digit region to have existed in the birth year, which is
+    wrong for people registered in a district created after they were born (the code
+    is the place of registration when the id was issued), so only the province is checked here.
+    """
+    if not PRC_ID_RE.fullmatch(text) or int(text[:2]) not in PRC_PROVINCE_CODES:
+        return False
+    if ric.calc_check_digit(text) != text[17].upper():
         return False
     try:
-        born = date(int(text[6:10]), int(text[10:12]), int(text[12:14]))
-    except ValueError:
+        born = ric.get_birth_date(text)
+    except ValidationError:
         return False
-    if not 1900 <= born.year <= date.today().year:
-        return False
-    total = sum(int(c) * w for c, w in zip(text[:17], _ID_WEIGHTS, strict=True))
-    return _ID_CHECK[total % 11] == text[17].upper()
-
-
-def _luhn_ok(digits: str) -> bool:
-    total = 0
-    for i, ch in enumerate(reversed(digits)):
-        d = ord(ch) - 48
-        if i % 2 == 1:
-            d *= 2
-            if d > 9:
-                d -= 9
-        total += d
-    return total % 10 == 0
+    return 1900 <= born.year <= date.today().year
 
 
 def _is_bank_card(text: str) -> bool:
     if not _CARD_SHAPE_RE.fullmatch(text) and not _CARD_RE.fullmatch(text):
         return False
     digits = text.replace(" ", "").replace("-", "")
-    return _CARD_RE.fullmatch(digits) is not None and _luhn_ok(digits)
+    return _CARD_RE.fullmatch(digits) is not None and luhn.is_valid(digits)
 
 
 def _is_ip(text: str) -> bool:
@@ -252,9 +225,9 @@ def _is_name_word(word: str) -> bool:
 def _is_latin_name(text: str) -> bool:
     """Two to four capitalised words, optionally with particles ("Peter van Dyke")."""
     words = text.split()
-    if not 2 <= len(words) <= 6 or words[0] in _NAME_PARTICLES:
+    if not 2 <= len(words) <= 6 or words[0] in NAME_PARTICLES:
         return False
-    proper = [w for w in words if w not in _NAME_PARTICLES]
+    proper = [w for w in words if w not in NAME_PARTICLES]
     return 2 <= len(proper) <= 4 and all(_is_name_word(w) for w in proper)
 
 
@@ -262,7 +235,7 @@ def _is_name(text: str) -> bool:
     if _is_latin_name(text):
         return True
     if _HAN_NAME_RE.fullmatch(text):
-        return text[:2] in _COMPOUND_SURNAMES or text[0] in _COMMON_SURNAMES
+        return text[:2] in COMPOUND_SURNAMES or text[0] in COMMON_SURNAMES
     return False
 
 
@@ -278,7 +251,7 @@ def _is_postcode(text: str) -> bool:
 
 
 def _plausible_birth_date(text: str) -> bool:
-    m = _CN_DATE_RE.fullmatch(text)
+    m = CN_DATE_RE.fullmatch(text)
     parts: tuple[str, str, str] | None = None
     if m:
         parts = (m.group(1), m.group(2), m.group(3))

@@ -57,13 +57,24 @@ def _cards(n: int = N) -> list[str]:
     return [luhn_complete("4" + "".join(map(str, rng.integers(0, 10, 14)))) for _ in range(n)]
 
 
+# Prefixes that mainland operators have long assigned to mobile service. Detection validates
+# numbers with phonenumbers, which knows the assigned ranges: an 11-digit "1[3-9]x" number under
+# an unassigned prefix (154, 160, 174, 194, ...) is not a phone number (see
+# test_numbers_in_unassigned_mobile_ranges_are_not_phones_by_value).
+CN_MOBILE_PREFIXES = (
+    *(f"13{d}" for d in range(10)), "150", "151", "152", "153", "155", "156", "157", "158", "159",
+    "166", "170", "171", "173", "175", "176", "177", "178",
+    *(f"18{d}" for d in range(10)), "198", "199",
+)
+
+
 def _cn_mobiles(n: int = N) -> list[str]:
     rng = _rng()
     formats = ["{a}{b}{c}", "{a}-{b}-{c}", "{a} {b} {c}", "+86 {a} {b} {c}", "0086{a}{b}{c}",
                "+86-{a}-{b}-{c}"]
     out = []
     for i in range(n):
-        a = f"1{rng.integers(3, 10)}{rng.integers(0, 10)}"
+        a = str(rng.choice(CN_MOBILE_PREFIXES))
         b, c = f"{rng.integers(0, 10**4):04d}", f"{rng.integers(0, 10**4):04d}"
         out.append(formats[i % len(formats)].format(a=a, b=b, c=c))
     return out
@@ -114,6 +125,14 @@ def test_latin_and_chinese_names_are_found_by_value() -> None:
     chinese = ["张伟", "王芳", "李娜", "刘洋", "欧阳娜娜", "陈静", "杨磊", "赵敏"]
     assert _kind(latin) is PiiKind.NAME
     assert _kind(chinese) is PiiKind.NAME
+
+
+def test_names_with_han_characters_outside_the_basic_block_are_names() -> None:
+    # Extension A (U+3400-U+4DBF) and B (U+20000-) characters occur in registered names.
+    names = ["张㛃", "王\U000201d4", "李㐨华", "陈\U00020b9f", "刘㑇", "赵㒿明", "欧阳㐱",
+             "周\U00021a1a"]
+    assert _kind(names) is PiiKind.NAME
+    assert _kind([f"北京市朝阳区㐱路{i + 1}号" for i in range(N)]) is PiiKind.ADDRESS
 
 
 def test_mobiles_stored_as_integers_are_phones() -> None:
@@ -180,6 +199,22 @@ def test_non_luhn_numbers_are_not_cards() -> None:
         return card[:-1] + str((int(card[-1]) + 1) % 10)
 
     assert _kind([spoil(c) for c in _cards()]) is None
+
+
+def test_numbers_in_unassigned_mobile_ranges_are_not_phones_by_value() -> None:
+    rng = _rng()
+    unassigned = [f"{p}{rng.integers(0, 10**8):08d}" for p in ("154", "160", "174", "194")
+                  for _ in range(15)]
+    assert _kind(unassigned) is None
+    # With a phone hint in the name the column is still flagged for a human to look at.
+    assert _kind(unassigned, column="mobile") is PiiKind.PHONE
+
+
+def test_international_numbers_are_checked_against_their_country() -> None:
+    # Plus-prefixed digits of an impossible length for their country code are not phones ...
+    assert _kind([f"+1{i:07d}" for i in range(N)]) is None
+    # ... while a valid number written with the 00 international prefix is one.
+    assert _kind([f"0044 20 7180 {i:04d}" for i in range(N)]) is PiiKind.PHONE
 
 
 def test_amount_columns_are_not_pii() -> None:
