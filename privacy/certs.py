@@ -19,7 +19,6 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +29,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from fedcrm.privacy.durable import write_private
 from fedcrm.privacy.errors import KeyFileError
+from fedcrm.privacy.keys import check_firm_name
 
 CA_CERT = "ca.crt"
 CA_KEY = "ca.key"
@@ -38,7 +38,6 @@ SERVER_KEY = "fedcrm.server.key"
 DEFAULT_HOSTS: tuple[str, ...] = ("127.0.0.1", "localhost")
 CA_VALIDITY = dt.timedelta(days=3650)
 SERVER_VALIDITY = dt.timedelta(days=825)
-_FIRM_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$")
 
 
 @dataclass(frozen=True)
@@ -230,11 +229,7 @@ def generate_node_auth_key(out_dir: Path, *, firm: str, force: bool = False) -> 
     ``<firm>.key`` (0600) is passed only to that firm's ``flower-supernode``; ``<firm>.pub`` is
     sent to the coordinator, who registers it with ``flwr supernode register``.
     """
-    if not _FIRM_NAME.match(firm):
-        raise KeyFileError(
-            f"firm name {firm!r} must start with a letter or digit and use only letters, digits, "
-            "'-' or '_' (at most 63 characters)"
-        )
+    check_firm_name(firm)
     out_dir = _prepare_dir(out_dir)
     files = NodeKeyFiles(
         firm=firm, private_key=out_dir / f"{firm}.key", public_key=out_dir / f"{firm}.pub"

@@ -4,7 +4,8 @@ File layout (``<table>.fcs``)::
 
     MAGIC | u32 header_len | header JSON | { u32 len | nonce(12) | ciphertext+tag }* | final chunk
 
-* The per-file key is ``HKDF(data_key, salt=header.salt, info="fedcrm/store/v1/<firm>/<table>")``.
+* The per-file key is ``HKDF(data_key, salt=header.salt, info="fedcrm/store/v1/<firm>/<table>")``
+  (`privacy.keys.FirmKeys.store_file_key`), derived once per file, not per chunk.
 * Each chunk's associated data is ``header || "|<index>|<final>"``: the header (firm, table, key id,
   salt) is authenticated by every chunk, chunks cannot be swapped or reordered (index), and the
   explicit, empty *final* chunk makes truncation at a chunk boundary detectable.
@@ -32,15 +33,11 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from fedcrm.privacy.errors import DecryptionError
-from fedcrm.privacy.keys import FirmKeys, hkdf
+from fedcrm.privacy.keys import FirmKeys
 
 MAGIC = b"FEDCRM-STORE-1\n"
 NONCE_BYTES = 12
 _U32 = struct.Struct(">I")
-
-
-def _file_key(data_key: bytes, *, firm: str, table: str, salt: bytes) -> bytes:
-    return hkdf(data_key, info=f"fedcrm/store/v1/{firm}/{table}".encode(), salt=salt)
 
 
 def _aad(header: bytes, index: int, final: bool) -> bytes:
@@ -75,7 +72,7 @@ class EncryptedTableWriter:
             "payload": "arrow-ipc-stream+zstd",
         }
         self._header = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
-        self._aead = AESGCM(_file_key(keys.data_key, firm=keys.firm, table=table, salt=self._salt))
+        self._aead = AESGCM(keys.store_file_key(table=table, salt=self._salt))
         self._index = 0
         self.rows = 0
         self._hash = hashlib.sha256()
@@ -181,7 +178,7 @@ def iter_encrypted_table(path: Path, *, keys: FirmKeys, table: str) -> Iterator[
                 "store"
             )
         salt = bytes.fromhex(str(header["salt"]))
-        aead = AESGCM(_file_key(keys.data_key, firm=keys.firm, table=table, salt=salt))
+        aead = AESGCM(keys.store_file_key(table=table, salt=salt))
         index = 0
         while True:
             raw_len = _read_exact(fh, 4)

@@ -11,6 +11,13 @@ Secret files are created with mode 0600 and refused when group/other can read th
 secrets can instead come from environment variables ``FEDCRM_PSEUDONYM_KEY`` and
 ``FEDCRM_DATA_KEY`` (64 hex chars each). Keys are passed around as :class:`FirmKeys` objects,
 whose ``repr`` never shows key material. Nothing here logs or serializes a secret.
+
+This module owns every key derived from a firm's secrets, each domain-separated by its HKDF
+``info`` (``b"fedcrm/<use>/v1/..."``) so that keys for different uses, firms and versions never
+coincide: the pseudonym (HMAC) key per firm and key version (`derive_pseudonym_key`) and the key
+of each encrypted store file (`FirmKeys.store_file_key`). Key length, key versions and the firm
+name are checked once, when a :class:`FirmKeys` is created or loaded (`check_firm_name` is the
+one rule for firm names, shared with ``privacy.certs``).
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import secrets
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -30,10 +38,14 @@ from cryptography.hazmat.primitives.hashes import SHA256
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from fedcrm.privacy.durable import write_private
-from fedcrm.privacy.errors import KeyFileError
-from fedcrm.privacy.masking import derive_pseudonym_key
+from fedcrm.privacy.errors import ConfigError, KeyFileError
 
 KEY_BYTES = 32
+"""Length of every fedcrm secret (pseudonym master, data key): 64 hex characters in a key file."""
+PSEUDONYM_INFO_PREFIX = b"fedcrm/pseudonym/v1/"
+"""HKDF ``info`` prefix for pseudonym keys; the firm and key version follow it."""
+STORE_INFO_PREFIX = b"fedcrm/store/v1/"
+"""HKDF ``info`` prefix for store file keys; the firm and table follow it."""
 META_FILE = "keys.json"
 ENV_PSEUDONYM = "FEDCRM_PSEUDONYM_KEY"
 ENV_DATA = "FEDCRM_DATA_KEY"
@@ -57,16 +69,92 @@ def public_key_id(public_key: Ed25519PublicKey) -> str:
     return "ed25519:" + hashlib.sha256(raw).hexdigest()[:16]
 
 
-def hkdf(
-    master: bytes, *, info: bytes, length: int = KEY_BYTES, salt: bytes | None = None
-) -> bytes:
-    """HKDF-SHA256 with a domain-separating ``info`` (``b"fedcrm/<use>/v1..."``)."""
-    return HKDF(algorithm=SHA256(), length=length, salt=salt, info=info).derive(master)
+# --------------------------------------------------------------------------------------------
+# The one check of each value that goes into a key
+# --------------------------------------------------------------------------------------------
+
+_FIRM_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,62}")
+
+
+def check_firm_name(firm: str) -> str:
+    """Return ``firm`` if it can name a firm's keys, node key file and store; else raise.
+
+    One rule everywhere a firm name enters (`init_keys`, `load_keys`, ``privacy.certs``): it
+    becomes a file name, part of HKDF ``info`` strings (so no ``/``) and a Flower node id.
+
+    Raises:
+        KeyFileError: the name is empty, too long or has other characters.
+    """
+    if not isinstance(firm, str) or not _FIRM_NAME_RE.fullmatch(firm):
+        raise KeyFileError(
+            f"firm name {firm!r} must start with a letter or digit and use only letters, digits, "
+            "'-' or '_' (at most 63 characters)"
+        )
+    return firm
+
+
+def _check_version(version: int, *, kind: KeyKind) -> int:
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise ConfigError(
+            f"{kind.value} key version must be a positive integer, got {version!r}; "
+            "set it to 1, 2, ..."
+        )
+    return version
+
+
+def _check_secret(key: bytes, *, kind: KeyKind, version: int) -> bytes:
+    if len(key) != KEY_BYTES:
+        env = ENV_PSEUDONYM if kind is KeyKind.PSEUDONYM else ENV_DATA
+        # Only the length: the message never shows key material.
+        raise KeyFileError(
+            f"{kind.value} key v{version} is {len(key)} bytes, need {KEY_BYTES} "
+            f"({2 * KEY_BYTES} hex characters in {kind.value}-v{version}.key of the firm's key "
+            f"directory or in ${env}); restore it from the firm's backup, or create a new "
+            f"version with `fedcrm keys rotate --kind {kind.value}`"
+        )
+    return key
+
+
+# --------------------------------------------------------------------------------------------
+# Derived keys
+# --------------------------------------------------------------------------------------------
+
+
+def _hkdf(master: bytes, *, info: bytes, salt: bytes | None = None) -> bytes:
+    """HKDF-SHA256 (RFC 5869) to a 32-byte key with a domain-separating ``info``."""
+    return HKDF(algorithm=SHA256(), length=KEY_BYTES, salt=salt, info=info).derive(master)
+
+
+def _pseudonym_info(firm: str, version: int) -> bytes:
+    return PSEUDONYM_INFO_PREFIX + firm.encode("utf-8") + b"/" + str(version).encode("ascii")
+
+
+def derive_pseudonym_key(master: bytes, *, firm: str, version: int) -> bytes:
+    """Derive the 32-byte pseudonym (HMAC) key of ``firm`` at key ``version`` from its master.
+
+    HKDF-SHA256 without salt and with
+    ``info = b"fedcrm/pseudonym/v1/" + firm + b"/" + version`` (UTF-8, decimal version), so keys
+    for different firms, versions and uses never coincide. For a loaded firm use
+    `FirmKeys.pseudonym_key`, which holds this key already derived; this function is for a
+    master secret held outside a :class:`FirmKeys` and checks it the same way.
+
+    Raises:
+        KeyFileError: the master secret is not 32 bytes, or ``firm`` is not a valid firm name.
+        ConfigError: ``version`` is not a positive integer.
+    """
+    version = _check_version(version, kind=KeyKind.PSEUDONYM)
+    _check_secret(master, kind=KeyKind.PSEUDONYM, version=version)
+    return _hkdf(master, info=_pseudonym_info(check_firm_name(firm), version))
 
 
 @dataclass(frozen=True)
 class FirmKeys:
-    """The secrets of one firm. ``repr`` hides the key material."""
+    """The secrets of one firm, checked once on creation. ``repr`` hides the key material.
+
+    Raises (on construction):
+        KeyFileError: a secret is not 32 bytes, or ``firm`` is not a valid firm name.
+        ConfigError: a key version is not a positive integer.
+    """
 
     firm: str
     pseudonym_version: int
@@ -74,6 +162,20 @@ class FirmKeys:
     data_version: int
     data_key: bytes = field(repr=False)
     signing_key: Ed25519PrivateKey | None = field(default=None, repr=False)
+    # Derived once here: prepare asks for it for every chunk it masks.
+    _pseudonym_key: bytes = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        check_firm_name(self.firm)
+        _check_version(self.pseudonym_version, kind=KeyKind.PSEUDONYM)
+        _check_version(self.data_version, kind=KeyKind.DATA)
+        _check_secret(self.pseudonym_master, kind=KeyKind.PSEUDONYM,
+                      version=self.pseudonym_version)
+        _check_secret(self.data_key, kind=KeyKind.DATA, version=self.data_version)
+        derived = _hkdf(
+            self.pseudonym_master, info=_pseudonym_info(self.firm, self.pseudonym_version)
+        )
+        object.__setattr__(self, "_pseudonym_key", derived)
 
     @property
     def pseudonym_key_id(self) -> str:
@@ -84,10 +186,18 @@ class FirmKeys:
         return key_id(KeyKind.DATA, self.data_version, self.data_key)
 
     def pseudonym_key(self) -> bytes:
-        """The HMAC key for pseudonyms, derived per firm and version (never the master itself)."""
-        return derive_pseudonym_key(
-            self.pseudonym_master, firm=self.firm, version=self.pseudonym_version
-        )
+        """The HMAC key for pseudonyms, derived per firm and version (never the master itself);
+        the same bytes as `derive_pseudonym_key` gives for this firm's master and version."""
+        return self._pseudonym_key
+
+    def store_file_key(self, *, table: str, salt: bytes) -> bytes:
+        """The AES-256 key of one encrypted store file (derive it once per file).
+
+        ``HKDF-SHA256(data_key, salt=salt, info=b"fedcrm/store/v1/<firm>/<table>")``, ``salt``
+        being the file's random 16-byte salt from its header.
+        """
+        info = STORE_INFO_PREFIX + f"{self.firm}/{table}".encode()
+        return _hkdf(self.data_key, info=info, salt=salt)
 
     def signing_key_id(self) -> str | None:
         return None if self.signing_key is None else public_key_id(self.signing_key.public_key())
@@ -113,15 +223,13 @@ def _read_secret(path: Path) -> bytes:
 
 
 def _hex_key(text: str, where: str) -> bytes:
+    """Decode a hex key; its length is checked where it becomes part of a :class:`FirmKeys`."""
     try:
-        key = bytes.fromhex(text.strip())
+        return bytes.fromhex(text.strip())
     except ValueError:
         raise KeyFileError(
             f"{where} is not hex-encoded; expected {2 * KEY_BYTES} hex characters"
         ) from None
-    if len(key) != KEY_BYTES:
-        raise KeyFileError(f"{where} has {len(key)} bytes; expected {KEY_BYTES}")
-    return key
 
 
 def _meta(keys_dir: Path) -> dict[str, object]:
@@ -140,6 +248,16 @@ def _meta(keys_dir: Path) -> dict[str, object]:
     return meta
 
 
+def _meta_version(meta: dict[str, object], field_name: str, keys_dir: Path) -> int:
+    try:
+        return int(str(meta.get(field_name, 1)))
+    except ValueError:
+        raise KeyFileError(
+            f"{keys_dir / META_FILE}: {field_name} must be an integer; restore the file from "
+            "your backup of the key directory"
+        ) from None
+
+
 def _write_meta(keys_dir: Path, meta: dict[str, object]) -> None:
     tmp = keys_dir / (META_FILE + ".tmp")
     tmp.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
@@ -148,15 +266,22 @@ def _write_meta(keys_dir: Path, meta: dict[str, object]) -> None:
 
 def init_keys(keys_dir: Path, *, firm: str, force: bool = False) -> FirmKeys:
     """Create a firm's secrets in ``keys_dir`` (0700 directory, 0600 files)."""
-    if not firm or not firm.replace("-", "").replace("_", "").isalnum():
-        raise KeyFileError(f"firm name {firm!r} must be letters, digits, '-' or '_'")
+    pseudonym = secrets.token_bytes(KEY_BYTES)
+    data = secrets.token_bytes(KEY_BYTES)
+    signing = Ed25519PrivateKey.generate()
+    # Built (and so checked, firm name included) before anything touches the disk.
+    keys = FirmKeys(
+        firm=firm,
+        pseudonym_version=1,
+        pseudonym_master=pseudonym,
+        data_version=1,
+        data_key=data,
+        signing_key=signing,
+    )
     keys_dir.mkdir(parents=True, exist_ok=True)
     os.chmod(keys_dir, 0o700)
     if (keys_dir / META_FILE).exists() and not force:
         raise KeyFileError(f"{keys_dir} already holds keys; refusing to overwrite (use --force)")
-    pseudonym = secrets.token_bytes(KEY_BYTES)
-    data = secrets.token_bytes(KEY_BYTES)
-    signing = Ed25519PrivateKey.generate()
     _write_secret(keys_dir / "pseudonym-v1.key", pseudonym.hex().encode() + b"\n", force=force)
     _write_secret(keys_dir / "data-v1.key", data.hex().encode() + b"\n", force=force)
     _write_secret(
@@ -202,8 +327,10 @@ def load_keys(keys_dir: Path, *, data_version: int | None = None) -> FirmKeys:
     """Load a firm's keys from its key directory; environment variables override the files."""
     meta = _meta(keys_dir)
     firm = str(meta.get("firm", ""))
-    p_ver = int(str(meta.get("pseudonym_version", 1)))
-    d_ver = data_version if data_version is not None else int(str(meta.get("data_version", 1)))
+    p_ver = _meta_version(meta, "pseudonym_version", keys_dir)
+    d_ver = data_version if data_version is not None else _meta_version(
+        meta, "data_version", keys_dir
+    )
     if ENV_PSEUDONYM in os.environ:
         pseudonym = _hex_key(os.environ[ENV_PSEUDONYM], f"${ENV_PSEUDONYM}")
     else:
@@ -243,7 +370,7 @@ def rotate_key(keys_dir: Path, kind: KeyKind) -> str:
     """
     meta = _meta(keys_dir)
     field_name = f"{kind.value}_version"
-    version = int(str(meta.get(field_name, 1))) + 1
+    version = _meta_version(meta, field_name, keys_dir) + 1
     key = secrets.token_bytes(KEY_BYTES)
     _write_secret(
         keys_dir / f"{kind.value}-v{version}.key", key.hex().encode() + b"\n", force=False

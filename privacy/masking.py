@@ -1,7 +1,8 @@
 """Masking of PII columns: keyed pseudonyms, partial masks and generalization.
 
 Everything here is a pure function over a `pandas.Series`; key bytes are injected by the caller
-(see `derive_pseudonym_key`), nothing reads files or the environment. Missing values stay missing
+(``privacy.keys.FirmKeys.pseudonym_key``, which owns the key derivation and checks the key when
+it is loaded), nothing reads files or the environment. Missing values stay missing
 under every policy: a shared token for "unknown" would link unrelated customers.
 
 Pseudonym tokens
@@ -40,12 +41,14 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from fedcrm.privacy.errors import ConfigError, KeyFileError
+from fedcrm.privacy.errors import ConfigError
+from fedcrm.privacy.keys import PSEUDONYM_INFO_PREFIX, derive_pseudonym_key
+from fedcrm.privacy.pii_vocabulary import CN_COUNTRY_PREFIX, CN_DATE_RE, COMPOUND_SURNAMES, HAN
 from fedcrm.privacy.policies import MaskingPolicy, PiiKind
 
+# derive_pseudonym_key and PSEUDONYM_INFO_PREFIX live in privacy.keys (the owner of every key
+# derivation); they stay importable from here for existing callers.
 __all__ = [
     "PSEUDONYM_HEX_CHARS",
     "PSEUDONYM_INFO_PREFIX",
@@ -59,56 +62,15 @@ __all__ = [
     "token_key_id",
 ]
 
-PSEUDONYM_INFO_PREFIX = b"fedcrm/pseudonym/v1/"
-"""HKDF ``info`` prefix for pseudonym keys; the firm and key version follow it."""
-
 PSEUDONYM_HEX_CHARS = 24
 """Hex characters of HMAC output kept in a token (96 bits)."""
 
-_MIN_KEY_BYTES = 16
 _KEY_ID_RE = re.compile(r"[A-Za-z0-9_.-]{1,48}")
 
 # Below this many values a process pool costs more than it saves (fork + pipe ~10 ms).
 _PARALLEL_MIN_VALUES = 200_000
 
 _STRING_DTYPE = pd.StringDtype("pyarrow", na_value=np.nan)
-
-
-# --------------------------------------------------------------------------------------------
-# Keys
-# --------------------------------------------------------------------------------------------
-
-
-def derive_pseudonym_key(master: bytes, *, firm: str, version: int) -> bytes:
-    """Derive the 32-byte pseudonym (HMAC) key of ``firm`` at key ``version`` from its master.
-
-    HKDF-SHA256 (RFC 5869) without salt and with
-    ``info = b"fedcrm/pseudonym/v1/" + firm + b"/" + version`` (UTF-8, decimal version), so keys
-    for different firms, versions and uses (other ``fedcrm/<use>/v1`` infos) never coincide.
-    ``privacy.keys.FirmKeys.pseudonym_key`` derives a firm's key with this function.
-
-    Raises:
-        KeyFileError: the master secret is shorter than 16 bytes.
-        ConfigError: ``firm`` is empty or contains ``/``, or ``version`` is not a positive
-            integer.
-    """
-    if len(master) < _MIN_KEY_BYTES:
-        raise KeyFileError(
-            f"pseudonym master key is {len(master)} bytes, need at least {_MIN_KEY_BYTES}; "
-            "generate a new random key file (32 bytes recommended)"
-        )
-    if not firm or "/" in firm:
-        raise ConfigError(
-            f"firm id {firm!r} cannot be used for key derivation; it must be non-empty and "
-            "contain no '/'"
-        )
-    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
-        raise ConfigError(
-            f"pseudonym key version must be a positive integer, got {version!r}; "
-            "set it to 1, 2, ..."
-        )
-    info = PSEUDONYM_INFO_PREFIX + firm.encode("utf-8") + b"/" + str(version).encode("ascii")
-    return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=info).derive(master)
 
 
 # --------------------------------------------------------------------------------------------
@@ -290,7 +252,7 @@ def pseudonymize(
 
     Args:
         values: any Series; non-strings are hashed as their text (see module docstring).
-        key: the firm's pseudonym key, from `derive_pseudonym_key` (>= 16 bytes).
+        key: the firm's pseudonym key, ``FirmKeys.pseudonym_key()`` (checked when loaded).
         key_id: recorded in every token, e.g. ``FirmKeys.pseudonym_key_id``.
         workers: processes for large inputs (>= 200,000 values, Linux only); ``None`` uses the
             available cores, ``1`` forces a single process. Small inputs never start a pool.
@@ -299,13 +261,8 @@ def pseudonymize(
         A string Series with the same index and name; missing values stay missing.
 
     Raises:
-        ConfigError: the key is too short, ``key_id`` is malformed or ``workers`` < 1.
+        ConfigError: ``key_id`` is malformed or ``workers`` < 1.
     """
-    if len(key) < _MIN_KEY_BYTES:
-        raise ConfigError(
-            f"pseudonym key is {len(key)} bytes, need at least {_MIN_KEY_BYTES}; derive it with "
-            "fedcrm.privacy.masking.derive_pseudonym_key"
-        )
     if not _KEY_ID_RE.fullmatch(key_id):
         raise ConfigError(
             "pseudonym key id is not valid; use 1-48 letters, digits, '_', '.' or "
@@ -404,12 +361,8 @@ def plan_rotation(tokens: pd.Series, *, current_key_id: str) -> RotationPlan:
 # Partial masking
 # --------------------------------------------------------------------------------------------
 
-_COMPOUND_SURNAMES = frozenset(
-    ("欧阳", "司马", "诸葛", "上官", "东方", "皇甫", "尉迟", "公孙", "慕容", "长孙", "宇文",
-     "司徒", "夏侯", "令狐", "端木", "独孤", "南宫", "西门")
-)
-_HAN_RE = re.compile(r"[\u3400-\u9fff]+")
-_CN_PREFIX_RE = re.compile(r"^\s*(?:\+|00)86[\s-]*")
+_HAN_RE = re.compile(f"[{HAN}]+")
+_CN_PREFIX_RE = re.compile(CN_COUNTRY_PREFIX)
 
 
 def _mask_phone(text: str) -> str:
@@ -447,7 +400,7 @@ def _mask_card(text: str) -> str:
 def _mask_name(text: str) -> str:
     stripped = text.strip()
     if _HAN_RE.fullmatch(stripped):
-        surname = stripped[:2] if stripped[:2] in _COMPOUND_SURNAMES else stripped[:1]
+        surname = stripped[:2] if stripped[:2] in COMPOUND_SURNAMES else stripped[:1]
         return surname + "**"
     words = stripped.split()
     if not words:
@@ -516,7 +469,7 @@ def _vectorised_partial(
 
 _VECTORISED_PARTIAL: dict[PiiKind, dict[str, Any]] = {
     PiiKind.PHONE: {
-        "strip": (r"^\s*(?:\+|00)86[\s-]*", r"\D"), "head": 3, "tail": 4, "min_len": 10,
+        "strip": (CN_COUNTRY_PREFIX, r"\D"), "head": 3, "tail": 4, "min_len": 10,
         "fallback": _mask_phone,
     },
     PiiKind.NATIONAL_ID: {
@@ -558,9 +511,6 @@ def partial_mask(values: pd.Series, *, kind: PiiKind | None) -> pd.Series:
 # Generalization
 # --------------------------------------------------------------------------------------------
 
-_CN_DATE_RE = re.compile(r"^\s*(\d{4})\s*年\s*(\d{1,2})\s*月\s*(\d{1,2})\s*日?\s*$")
-
-
 def _parse_dates(values: pd.Series) -> pd.Series:
     """Parse birth dates given as datetimes, ISO-like text, ``YYYYMMDD`` or ``1990年3月7日``."""
     if pd.api.types.is_datetime64_any_dtype(values.dtype):
@@ -571,7 +521,7 @@ def _parse_dates(values: pd.Series) -> pd.Series:
         if t is None:
             normalized.append(None)
             continue
-        m = _CN_DATE_RE.match(t)
+        m = CN_DATE_RE.fullmatch(t)
         if m:
             t = f"{m.group(1)}-{int(m.group(2)):02d}-{int(m.group(3)):02d}"
         elif re.fullmatch(r"\d{8}", t.strip()):

@@ -1,10 +1,15 @@
 from __future__ import annotations
 
+import json
 import struct
 from pathlib import Path
 
 import pandas as pd
+import pyarrow as pa
 import pytest
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from fedcrm.privacy.encryption import MAGIC, EncryptedTableWriter, read_encrypted_table
 from fedcrm.privacy.errors import DecryptionError
@@ -103,3 +108,43 @@ def test_file_of_another_table_is_refused(tmp_path: Path, keys: FirmKeys) -> Non
     _write(path, keys)
     with pytest.raises(DecryptionError, match="expected 'features'"):
         read_encrypted_table(path, keys=keys, table="features")
+
+
+def test_the_file_key_is_derived_once_per_file_not_per_chunk(
+    tmp_path: Path, keys: FirmKeys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[str] = []
+    derive = FirmKeys.store_file_key
+
+    def counting(self: FirmKeys, *, table: str, salt: bytes) -> bytes:
+        calls.append(table)
+        return derive(self, table=table, salt=salt)
+
+    monkeypatch.setattr(FirmKeys, "store_file_key", counting)
+    path = tmp_path / "customers.fcs"
+    _write(path, keys)  # three data chunks and the final chunk
+    assert calls == ["customers"]
+    read_encrypted_table(path, keys=keys, table="customers")
+    assert calls == ["customers", "customers"]
+
+
+def test_store_format_decrypts_with_an_independent_implementation(
+    tmp_path: Path, keys: FirmKeys
+) -> None:
+    """The documented format: HKDF(data_key, header salt, "fedcrm/store/v1/<firm>/<table>"),
+    AES-256-GCM with ``header || "|<index>|<final>"`` as associated data."""
+    path = tmp_path / "customers.fcs"
+    _write(path, keys)
+    data = path.read_bytes()
+    pos = len(MAGIC)
+    (hlen,) = struct.unpack(">I", data[pos : pos + 4])
+    header = data[pos + 4 : pos + 4 + hlen]
+    salt = bytes.fromhex(json.loads(header)["salt"])
+    file_key = HKDF(
+        algorithm=hashes.SHA256(), length=32, salt=salt, info=b"fedcrm/store/v1/acme/customers"
+    ).derive(keys.data_key)
+    start, end = _chunk_offsets(path)[0]
+    body = data[start + 4 : end]
+    plaintext = AESGCM(file_key).decrypt(body[:12], body[12:], header + b"|0|0")
+    first = pa.ipc.open_stream(pa.BufferReader(plaintext)).read_all().to_pandas()
+    pd.testing.assert_frame_equal(first, _frames()[0])

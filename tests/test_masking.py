@@ -9,16 +9,14 @@ from datetime import date
 import numpy as np
 import pandas as pd
 import pytest
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import fedcrm.privacy.masking as masking
-from fedcrm.privacy.errors import ConfigError, KeyFileError
+from fedcrm.privacy.errors import ConfigError
+from fedcrm.privacy.keys import derive_pseudonym_key
 from fedcrm.privacy.masking import (
     apply_policy,
-    derive_pseudonym_key,
     generalize,
     partial_mask,
     plan_rotation,
@@ -48,37 +46,6 @@ def _phones(n: int, seed: int = 0) -> pd.Series:
     second = rng.integers(3, 10, n)
     rest = rng.integers(0, 10**9, n)
     return pd.Series([f"1{a}{b:09d}" for a, b in zip(second, rest, strict=True)], name="phone")
-
-
-# ---------------------------------------------------------------------------------------------
-# Keys
-# ---------------------------------------------------------------------------------------------
-
-
-def test_derived_key_matches_independent_hkdf_with_documented_info() -> None:
-    expected = HKDF(
-        algorithm=hashes.SHA256(), length=32, salt=None, info=b"fedcrm/pseudonym/v1/acme/1"
-    ).derive(MASTER)
-    assert expected == KEY_A
-
-
-def test_derived_keys_differ_by_firm_and_version() -> None:
-    keys = {
-        derive_pseudonym_key(MASTER, firm=f, version=v) for f in ("acme", "beta") for v in (1, 2)
-    }
-    assert len(keys) == 4
-
-
-def test_short_master_key_is_rejected_without_echoing_it() -> None:
-    with pytest.raises(KeyFileError) as exc:
-        derive_pseudonym_key(b"secretsecret", firm="acme", version=1)
-    assert "secretsecret" not in str(exc.value)
-
-
-@pytest.mark.parametrize("version", [0, -1, True])
-def test_bad_key_version_is_a_config_error(version: int) -> None:
-    with pytest.raises(ConfigError):
-        derive_pseudonym_key(MASTER, firm="acme", version=version)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -170,11 +137,6 @@ def test_malformed_key_id_is_rejected(key_id: str) -> None:
         pseudonymize(pd.Series(["x"]), key=KEY_A, key_id=key_id)
 
 
-def test_short_pseudonym_key_is_rejected() -> None:
-    with pytest.raises(ConfigError):
-        pseudonymize(pd.Series(["x"]), key=b"short", key_id="k1")
-
-
 def test_worker_processes_give_the_same_tokens_as_one_process(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -229,6 +191,7 @@ def test_rotation_plan_lists_stale_key_ids() -> None:
         (PiiKind.BANK_CARD, "4111 1111 1111 1111", "************1111"),
         (PiiKind.NAME, "张伟", "张**"),
         (PiiKind.NAME, "欧阳娜娜", "欧阳**"),
+        (PiiKind.NAME, "王\U000201d4", "王**"),  # Han beyond the basic block (Extension B)
         (PiiKind.NAME, "Jane Smith", "J*** S***"),
         (PiiKind.ADDRESS, "221B Baker Street", "2***t"),
         (None, "ab", "**"),
