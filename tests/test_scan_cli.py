@@ -5,11 +5,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pandas as pd
 from conftest import make_customers
 from typer.testing import CliRunner
 
 from fedcrm.cli import app
 from fedcrm.data.contract import ColumnRole, TableName, load_firm_config
+from fedcrm.data.starter_config import render_starter_config
+from fedcrm.privacy.detection import scan_frame
 
 RUNNER = CliRunner()
 
@@ -57,3 +60,30 @@ def test_write_config_gives_every_column_a_role_and_prepares(tmp_path: Path) -> 
     # refuses to overwrite
     r = RUNNER.invoke(app, ["scan", str(path), "--write-config", str(cfg_path)])
     assert r.exit_code != 0 and "refusing to overwrite" in r.output
+
+
+def test_starter_config_keeps_any_column_name_and_the_review_comments(tmp_path: Path) -> None:
+    names = ['say "hi"', "[tables.x]", "a.b = 1", "back\\slash", "客户 等级", "tab\tand\nnewline",
+             "# not a comment", "plain_name"]
+    sample = pd.DataFrame({name: ["x", "y", "z"] * 10 for name in names})
+    source = tmp_path / "customers.csv"
+    sample.to_csv(source, index=False)
+
+    def render(frame: pd.DataFrame) -> str:
+        return render_starter_config(
+            source=source, sample=frame, findings=scan_frame(frame), firm="acme"
+        )
+
+    without_id = render(sample)
+    assert without_id.startswith("# Starter fedcrm partner config")
+    assert "epsilon = 3.0  # total privacy budget" in without_id
+    assert '# REVIEW: no customer id column was recognised; mark one with role = "id"' in without_id
+    # "客户" (customer) alone is taken for the id column.
+    text = render(sample.assign(客户=[f"c{i}" for i in range(30)]))
+    assert "\"客户\" = {role = \"id\"}  # pseudonymized with the firm's key" in text
+    cfg_path = tmp_path / "firm.toml"
+    cfg_path.write_text(text, encoding="utf-8")
+    columns = load_firm_config(cfg_path).tables[TableName.CUSTOMERS].columns
+    assert list(columns) == [*names, "客户"]
+    assert all(columns[name].categories == ("x", "y", "z") for name in names)
+    assert columns["客户"].role is ColumnRole.ID
