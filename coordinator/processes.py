@@ -32,6 +32,8 @@ from pathlib import Path
 from types import FrameType, TracebackType
 from typing import IO, Self
 
+import psutil
+
 from fedcrm.privacy.errors import FedcrmError
 
 TOKEN_ENV = "FEDCRM_PROCESS_TOKEN"
@@ -120,52 +122,29 @@ def port_open(port: int, host: str = LOCALHOST, *, timeout: float = 0.5) -> bool
         return False
 
 
-def _scan_proc(*, token: str | None = None, pgid: int | None = None) -> list[int]:
-    """Live (non-zombie) PIDs with ``token`` in their environment or in process group ``pgid``."""
-    marker = f"{TOKEN_ENV}={token}".encode() if token is not None else None
-    found: list[int] = []
-    proc = Path("/proc")
-    if not proc.is_dir():
-        return found
-    for entry in proc.iterdir():
-        if not entry.name.isdigit():
-            continue
+def _processes(*, token: str, pgid: int | None = None) -> list[psutil.Process]:
+    """Live (non-zombie) processes in process group ``pgid`` or with ``token`` in their environment.
+
+    The group is asked first (cheap); a process's environment is read only when it is not in
+    the group. Processes that exit during the scan, or that we may not inspect (other users'),
+    are skipped.
+    """
+    found: list[psutil.Process] = []
+    for proc in psutil.process_iter(["status"]):
         try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[-1].split()
-            state, group = fields[0], int(fields[2])
-        except (OSError, IndexError, ValueError):
-            continue
-        if state in ("Z", "X"):
-            continue
-        if pgid is not None and group == pgid:
-            found.append(int(entry.name))
-            continue
-        if marker is not None:
-            try:
-                environ = (entry / "environ").read_bytes()
-            except OSError:
+            if proc.info["status"] in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD):
                 continue
-            if marker in environ.split(b"\0"):
-                found.append(int(entry.name))
+            in_group = pgid is not None and os.getpgid(proc.pid) == pgid
+            if in_group or proc.environ().get(TOKEN_ENV) == token:
+                found.append(proc)
+        except (psutil.Error, ProcessLookupError, PermissionError):
+            continue
     return found
 
 
 def pids_with_token(token: str) -> list[int]:
-    """PIDs of live processes whose environment carries ``FEDCRM_PROCESS_TOKEN=token`` (Linux)."""
-    return _scan_proc(token=token)
-
-
-def _remaining(*, token: str, pgid: int) -> bool:
-    """Whether any process of group ``pgid`` (or carrying ``token``) is still alive."""
-    if Path("/proc").is_dir():
-        return bool(_scan_proc(token=token, pgid=pgid))
-    try:  # no /proc: ask the kernel about the group (zombies count as alive here)
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    """PIDs of live processes whose environment carries ``FEDCRM_PROCESS_TOKEN=token``."""
+    return [proc.pid for proc in _processes(token=token)]
 
 
 def _signal_group(pgid: int, sig: signal.Signals) -> None:
@@ -351,19 +330,20 @@ class ManagedProcess:
             deadline = self._terminated_at + grace
             while time.monotonic() < deadline:
                 self._popen.poll()
-                if not _remaining(token=self.token, pgid=pgid):
+                if not _processes(token=self.token, pgid=pgid):
                     break
                 time.sleep(0.1)
             _signal_group(pgid, signal.SIGKILL)
-            for pid in _scan_proc(token=self.token, pgid=pgid):
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.kill(pid, signal.SIGKILL)
+            for straggler in _processes(token=self.token, pgid=pgid):
+                # psutil checks the pid still names the same process before signalling it.
+                with contextlib.suppress(psutil.Error):
+                    straggler.kill()
         try:
             code = self._popen.wait(timeout=max(grace, 1.0))
         except subprocess.TimeoutExpired:  # pragma: no cover - SIGKILL cannot be ignored
             code = None
         deadline = time.monotonic() + 2.0
-        while _remaining(token=self.token, pgid=pgid) and time.monotonic() < deadline:
+        while _processes(token=self.token, pgid=pgid) and time.monotonic() < deadline:
             time.sleep(0.05)
         if self._popen.stdout is not None:
             self._popen.stdout.close()
