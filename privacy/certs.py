@@ -27,7 +27,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from fedcrm.privacy.durable import write_private
+from fedcrm.privacy.durable import write_atomic, write_private
 from fedcrm.privacy.errors import KeyFileError
 from fedcrm.privacy.keys import check_firm_name
 
@@ -68,10 +68,7 @@ class NodeKeyFiles:
 
 
 def _write_public(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
+    write_atomic(path, data, mode=0o644)
 
 
 def _prepare_dir(out_dir: Path) -> Path:

@@ -37,7 +37,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from cryptography.hazmat.primitives.hashes import SHA256
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from fedcrm.privacy.durable import write_private
+from fedcrm.privacy.durable import write_atomic, write_private
 from fedcrm.privacy.errors import ConfigError, KeyFileError
 
 KEY_BYTES = 32
@@ -258,10 +258,12 @@ def _meta_version(meta: dict[str, object], field_name: str, keys_dir: Path) -> i
         ) from None
 
 
+_PUBLIC_MODE = 0o644
+
+
 def _write_meta(keys_dir: Path, meta: dict[str, object]) -> None:
-    tmp = keys_dir / (META_FILE + ".tmp")
-    tmp.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, keys_dir / META_FILE)
+    text = json.dumps(meta, indent=2, sort_keys=True) + "\n"
+    write_atomic(keys_dir / META_FILE, text.encode(), mode=_PUBLIC_MODE)
 
 
 def init_keys(keys_dir: Path, *, firm: str, force: bool = False) -> FirmKeys:
@@ -293,10 +295,12 @@ def init_keys(keys_dir: Path, *, firm: str, force: bool = False) -> FirmKeys:
         ),
         force=force,
     )
-    (keys_dir / "signing.pub").write_bytes(
+    write_atomic(
+        keys_dir / "signing.pub",
         signing.public_key().public_bytes(
             serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-        )
+        ),
+        mode=_PUBLIC_MODE,
     )
     keys = FirmKeys(
         firm=firm,
@@ -420,10 +424,12 @@ def write_signing_key(path: Path, *, force: bool = False) -> Ed25519PrivateKey:
         ),
         force=force,
     )
-    path.with_suffix(".pub").write_bytes(
+    write_atomic(
+        path.with_suffix(".pub"),
         key.public_key().public_bytes(
             serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-        )
+        ),
+        mode=_PUBLIC_MODE,
     )
     return key
 
