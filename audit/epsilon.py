@@ -9,9 +9,9 @@
 
 The two must agree within :data:`CROSS_CHECK_RTOL` wherever ε ≤ :data:`CROSS_CHECK_RANGE`; beyond
 it ``dp_accounting`` leaves out fractional orders whose series does not converge in 1000 terms,
-which can only make its ε larger. The per-release prefix totals use Opacus's curves, which it returns through its public
-API and which add up across releases (RDP composition, Mironov 2017, Prop. 1); each firm's final
-total comes from both and is compared.
+which can only make its ε larger. The per-release prefix totals use Opacus's curves, which it
+returns through its public API and which add up across releases (RDP composition, Mironov 2017,
+Prop. 1); each firm's final total comes from both and is compared.
 """
 
 from __future__ import annotations

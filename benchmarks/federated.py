@@ -552,9 +552,9 @@ def child_main(spec: dict[str, Any], out: Path) -> None:
     if profiler is not None:
         profiler.disable()
         _write_profile(profiler, RESULTS / f"federated_{name}.prof")
-    from fedcrm.coordinator.events import read_events
-
-    events = read_events(run_dir / "events.jsonl")
+    # The raw lines: their "t" timestamps are what the timeline measures.
+    events = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()
+              if line.strip()]
     client = ([json.loads(x) for x in client_log.read_text().splitlines() if x.strip()]
               if client_log.exists() else [])
     pooled = (summary.get("metrics") or {}).get("pooled", {})

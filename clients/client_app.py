@@ -1,27 +1,40 @@
-"""The partner firm's Flower ClientApp: decode the message, call the core, encode the reply.
+"""The partner firm's Flower ClientApp: decode the request, call the node, encode the reply.
 
 Where the firm's data and keys are comes only from the node (``--node-config
 "firm-config='/path/FIRM.toml'"``), never from the run config or the app bundle. In a simulation
 the harness passes a partition-id -> firm-config mapping instead (still never via the run config).
-Replies carry model parameters, counts, ε spent and evaluation statistics - never records.
+Every message is a typed request and reply of :mod:`fedcrm.protocol`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any, cast
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
 
-from fedcrm.node import FirmNode, RoundSpec, RoundStatus, Task
+from fedcrm.flower.records import reply, wire_of
+from fedcrm.node import FirmNode
 from fedcrm.privacy.errors import FedcrmError
+from fedcrm.protocol import (
+    DescribeReply,
+    DescribeRequest,
+    ErrorReply,
+    EvaluateReply,
+    EvaluateRequest,
+    MessageKind,
+    TrainReply,
+    TrainRequest,
+)
 
 NODE_CONFIG_KEY = "firm-config"
 
 torch.set_num_threads(1)
+
+Reply = DescribeReply | TrainReply | EvaluateReply
+Handler = Callable[[FirmNode, Message], Reply]
 
 
 def _firm_config_from_node(context: Context) -> str:
@@ -34,22 +47,16 @@ def _firm_config_from_node(context: Context) -> str:
     return str(value)
 
 
-def _spec(msg: Message) -> RoundSpec:
-    return RoundSpec.from_config(dict(msg.content["config"]))
+def _describe(node: FirmNode, msg: Message) -> Reply:
+    return node.describe(DescribeRequest.decode(wire_of(msg)))
 
 
-def _arrays(msg: Message) -> list[Any]:
-    return cast(ArrayRecord, msg.content["arrays"]).to_numpy_ndarrays()
+def _train(node: FirmNode, msg: Message) -> Reply:
+    return node.train(TrainRequest.decode(wire_of(msg)))
 
 
-def _status_reply(msg: Message, status: str, detail: str, metrics: dict[str, Any]) -> Message:
-    content = RecordDict(
-        {
-            "status": ConfigRecord({"state": status, "detail": detail}),
-            "metrics": MetricRecord(metrics),
-        }
-    )
-    return Message(content=content, reply_to=msg)
+def _evaluate(node: FirmNode, msg: Message) -> Reply:
+    return node.evaluate(EvaluateRequest.decode(wire_of(msg)))
 
 
 def make_client_app(
@@ -63,76 +70,28 @@ def make_client_app(
             return FirmNode.open(firm_configs[int(context.node_config["partition-id"])])
         return FirmNode.open(_firm_config_from_node(context))
 
-    def guarded(
-        handler: Callable[[Message, Context], Message],
-    ) -> Callable[[Message, Context], Message]:
+    def serve(handler: Handler) -> Callable[[Message, Context], Message]:
         def run(msg: Message, context: Context) -> Message:
+            firm = ""
             try:
-                return handler(msg, context)
+                node = node_for(context)
+                firm = node.firm
+                return reply(msg, handler(node, msg).encode())
             except FedcrmError as exc:
-                # A user-facing error (one line, no data values): report it as this firm's status.
-                return _status_reply(msg, "error", str(exc), {"num-examples": 0})
+                # A user-facing error (one line, no data values): this firm's status.
+                return reply(msg, ErrorReply(firm=firm, detail=str(exc)).encode())
             except Exception as exc:
-                return _status_reply(
-                    msg,
-                    "error",
-                    f"internal error {type(exc).__name__} on the firm's node (details stay in the "
-                    "firm's own logs)",
-                    {"num-examples": 0},
+                detail = (
+                    f"internal error {type(exc).__name__} on the firm's node (details stay in "
+                    "the firm's own logs)"
                 )
+                return reply(msg, ErrorReply(firm=firm, detail=detail).encode())
 
         return run
 
-    @app.query()
-    @guarded
-    def describe(msg: Message, context: Context) -> Message:
-        task = Task(str(msg.content["config"]["task"]))
-        info: dict[str, Any] = dict(node_for(context).describe(task))
-        return Message(content=RecordDict({"describe": ConfigRecord(info)}), reply_to=msg)
-
-    @app.train()
-    @guarded
-    def train(msg: Message, context: Context) -> Message:
-        node = node_for(context)
-        outcome = node.train(_spec(msg), _arrays(msg))
-        metrics = MetricRecord(
-            {
-                "num-examples": outcome.num_examples,
-                "epsilon-round": outcome.epsilon_round,
-                "epsilon-total": outcome.epsilon_total,
-                "epsilon-cap": outcome.epsilon_cap,
-                "delta": outcome.delta,
-                "train-seconds": outcome.seconds,
-            }
-        )
-        status = ConfigRecord(
-            {
-                "state": outcome.status.value,
-                "detail": outcome.message,
-                "firm": node.firm,
-                "audit-head-hash": outcome.audit_head_hash,
-                "audit-head-length": outcome.audit_head_length,
-            }
-        )
-        content = RecordDict({"metrics": metrics, "status": status})
-        if outcome.status is RoundStatus.OK and outcome.arrays is not None:
-            content["arrays"] = ArrayRecord(outcome.arrays)
-        return Message(content=content, reply_to=msg)
-
-    @app.evaluate()
-    @guarded
-    def evaluate(msg: Message, context: Context) -> Message:
-        node = node_for(context)
-        outcome = node.evaluate(_spec(msg), _arrays(msg))
-        values: dict[str, Any] = {"num-examples": outcome.num_examples}
-        values.update(outcome.metrics)
-        for name, hist in outcome.histograms.items():
-            values[name] = [float(v) for v in hist]
-        content = RecordDict(
-            {"metrics": MetricRecord(values), "status": ConfigRecord({"firm": node.firm})}
-        )
-        return Message(content=content, reply_to=msg)
-
+    app.query(MessageKind.DESCRIBE.value.split(".")[1])(serve(_describe))
+    app.train()(serve(_train))
+    app.evaluate()(serve(_evaluate))
     return app
 
 

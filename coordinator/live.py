@@ -11,7 +11,19 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from fedcrm.coordinator.events import follow
+from fedcrm.coordinator.events import (
+    FirmDropped,
+    FirmsAdmitted,
+    FirmStopped,
+    RoundEvaluated,
+    RoundStarted,
+    RoundTrained,
+    RunEvent,
+    RunFinished,
+    RunStarted,
+    UpdateRejected,
+    follow,
+)
 
 
 class RunDisplay:
@@ -35,49 +47,47 @@ class RunDisplay:
     def _row(self, firm: str) -> dict[str, Any]:
         return self.firms.setdefault(firm, {"eps": 0.0, "cap": 0.0, "state": "ready", "auc": None})
 
-    def handle(self, ev: dict[str, Any]) -> None:
-        kind = ev.get("kind")
-        if kind == "run_started":
-            self.rounds = int(ev.get("rounds", 0))
-            self.phase = "federating"
-        elif kind == "firms_admitted":
-            for firm in ev.get("firms", {}):
-                self._row(firm)
-        elif kind == "round_started":
-            self.round = int(ev["round"])
-            for firm in ev.get("firms", []):
-                self._row(firm)["state"] = "training"
-        elif kind == "round_trained":
-            for firm, eps in ev.get("epsilon", {}).items():
-                row = self._row(firm)
-                row["eps"] = eps
-                row["cap"] = ev.get("epsilon_cap", {}).get(firm, row["cap"])
-                if row["state"] == "training":
-                    row["state"] = "ok"
-            for firm in ev.get("dropped", []):
-                self._row(firm)["state"] = "dropped"
-        elif kind == "update_rejected":
-            self.rejected += 1
-            self.notes.append(
-                f"round {ev['round']}: rejected update from {ev['firm']}: {ev['reason']}"
-            )
-        elif kind == "firm_stopped":
-            firm = str(ev.get("firm", ev.get("node_id")))
-            self._row(firm)["state"] = "stopped"
-            self.notes.append(f"{firm} stops participating: {ev.get('detail', ev.get('state'))}")
-        elif kind == "firm_dropped":
-            self.notes.append(
-                f"round {ev.get('round')}: {ev.get('firm', ev.get('node_id'))} "
-                f"dropped: {ev.get('reason')}"
-            )
-        elif kind == "round_evaluated":
-            self.metrics = ev.get("pooled", {})
-            for firm, m in ev.get("per_firm", {}).items():
-                self._row(firm)["auc"] = m.get("auc")
-        elif kind == "run_finished":
-            self.phase = f"finished ({ev.get('status')})"
-            if ev.get("reason"):
-                self.notes.append(str(ev["reason"]))
+    def handle(self, event: RunEvent) -> None:
+        match event:
+            case RunStarted():
+                self.rounds = event.rounds
+                self.phase = "federating"
+            case FirmsAdmitted():
+                for firm in event.firms:
+                    self._row(firm)
+            case RoundStarted():
+                self.round = event.round
+                for firm in event.firms:
+                    self._row(firm)["state"] = "training"
+            case RoundTrained():
+                for firm, eps in event.epsilon.items():
+                    row = self._row(firm)
+                    row["eps"] = eps
+                    row["cap"] = event.epsilon_cap.get(firm, row["cap"])
+                    if row["state"] == "training":
+                        row["state"] = "ok"
+                for firm in event.dropped:
+                    self._row(firm)["state"] = "dropped"
+            case UpdateRejected():
+                self.rejected += 1
+                self.notes.append(
+                    f"round {event.round}: rejected update from {event.firm}: {event.reason}"
+                )
+            case FirmStopped():
+                self._row(event.firm)["state"] = "stopped"
+                self.notes.append(f"{event.firm} stops participating: {event.detail}")
+            case FirmDropped():
+                self.notes.append(f"round {event.round}: {event.firm} dropped: {event.reason}")
+            case RoundEvaluated():
+                self.metrics = dict(event.pooled)
+                for firm, m in event.per_firm.items():
+                    self._row(firm)["auc"] = m.get("auc")
+            case RunFinished():
+                self.phase = f"finished ({event.status})"
+                if event.reason:
+                    self.notes.append(event.reason)
+            case _:
+                pass
 
     def render(self) -> Group:
         head = Text.assemble(

@@ -15,9 +15,17 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from fedcrm.learning.models import ChurnModelKind
-from fedcrm.node import RoundSpec, Task
+from fedcrm.learning.settings import (
+    FEDERATED_ROUND,
+    BatchSize,
+    ChurnModelKind,
+    DpOptimizer,
+    Epochs,
+    LearningRate,
+    MaxGradNorm,
+)
 from fedcrm.privacy.errors import ConfigError
+from fedcrm.protocol import RunSpec, TaskKind, flat_decode, flat_encode
 
 
 class StrategyKind(StrEnum):
@@ -32,7 +40,7 @@ class StrategyKind(StrEnum):
 class RunConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    task: Task = Task.CHURN
+    task: TaskKind = TaskKind.CHURN
     rounds: int = Field(default=20, ge=1, le=10_000)
     strategy: StrategyKind = StrategyKind.FEDAVG
     model: ChurnModelKind = ChurnModelKind.LOGISTIC
@@ -48,11 +56,12 @@ class RunConfig(BaseModel):
     target_epsilon: float = Field(
         default=1.0, gt=0, description="ε each firm may spend on this run"
     )
-    local_epochs: float = Field(default=1.0, gt=0)
-    batch_size: int = Field(default=256, ge=1)
-    learning_rate: float = Field(default=0.5, gt=0)
-    max_grad_norm: float = Field(default=1.0, gt=0)
-    optimizer: str = Field(default="sgd", pattern="^(sgd|adam)$")
+    # local DP-SGD per round; defaults: fedcrm.learning.settings.FEDERATED_ROUND
+    local_epochs: Epochs = FEDERATED_ROUND.epochs
+    batch_size: BatchSize = FEDERATED_ROUND.batch_size
+    learning_rate: LearningRate = FEDERATED_ROUND.learning_rate
+    max_grad_norm: MaxGradNorm = FEDERATED_ROUND.max_grad_norm
+    optimizer: DpOptimizer = FEDERATED_ROUND.optimizer
     proximal_mu: float = Field(default=0.01, ge=0, description="FedProx only")
     server_learning_rate: float = Field(default=0.1, gt=0, description="FedAdam only")
     trim_fraction: float = Field(default=0.2, ge=0, lt=0.5, description="trimmed_mean only")
@@ -72,13 +81,13 @@ class RunConfig(BaseModel):
             )
         return self
 
-    def round_spec(self, run_id: str) -> RoundSpec:
-        return RoundSpec(
+    def run_spec(self, run_id: str) -> RunSpec:
+        """What every firm receives about this run with each request."""
+        return RunSpec(
             run_id=run_id,
             task=self.task,
-            server_round=0,
             rounds=self.rounds,
-            model=self.model.value,
+            model=self.model,
             target_epsilon=self.target_epsilon,
             local_epochs=self.local_epochs,
             batch_size=self.batch_size,
@@ -93,17 +102,12 @@ class RunConfig(BaseModel):
         return hashlib.sha256(self.model_dump_json().encode()).hexdigest()
 
     def to_flower(self, *, run_id: str, run_dir: Path) -> dict[str, str | int | float | bool]:
-        flat: dict[str, str | int | float | bool] = {
-            k.replace("_", "-"): (v.value if isinstance(v, StrEnum) else v)
-            for k, v in self.model_dump().items()
-        }
-        flat["run-id"] = run_id
-        flat["run-dir"] = str(run_dir)
-        return flat
+        """Flower's flat run config (``flwr run --run-config``): the protocol's flat codec."""
+        return flat_encode({**self.model_dump(), "run_id": run_id, "run_dir": str(run_dir)})
 
     @classmethod
     def from_flower(cls, flat: dict[str, Any]) -> tuple[RunConfig, str, Path]:
-        values = {k.replace("-", "_"): v for k, v in flat.items()}
+        values = flat_decode(flat)
         run_id = str(values.pop("run_id", ""))
         run_dir = Path(str(values.pop("run_dir", "runs/unnamed")))
         known = set(cls.model_fields)

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from fedcrm.coordinator.run_config import RunConfig
+from fedcrm.privacy.durable import write_atomic
 from fedcrm.privacy.errors import ConfigError
 
 SUMMARY = "summary.json"
@@ -25,9 +25,8 @@ def new_run_id(prefix: str) -> str:
 
 def write_summary(run_dir: Path, summary: dict[str, Any]) -> Path:
     path = run_dir / SUMMARY
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(summary, indent=2, sort_keys=False, default=_plain) + "\n")
-    os.replace(tmp, path)
+    text = json.dumps(summary, indent=2, sort_keys=False, default=_plain) + "\n"
+    write_atomic(path, text.encode(), mode=0o644)
     return path
 
 
@@ -43,29 +42,9 @@ def save_global_model(
     run_dir: Path, cfg: RunConfig, arrays: list[np.ndarray], provenance: dict[str, Any]
 ) -> Path:
     """Save the global model with provenance (config hash, version, firms, rounds, ε, metrics)."""
-    from fedcrm.node import Task
+    from fedcrm.tasks import task_for  # torch: only when a model is saved
 
-    path = run_dir / MODEL
-    if cfg.task is Task.CHURN:
-        from fedcrm.learning.models import arrays_to_model, build_churn_model, save_model
-
-        model = arrays_to_model(
-            build_churn_model(cfg.model.value, int(provenance["input_dim"])), arrays
-        )
-        save_model(
-            path,
-            model,
-            {
-                **provenance,
-                "kind": cfg.model.value,
-                "layout_fingerprint": provenance["layout_fingerprint"],
-            },
-        )
-    else:
-        from fedcrm.tasks.trend import save_trend_model
-
-        save_trend_model(path, arrays, provenance)
-    return path
+    return task_for(cfg.task).save_model(run_dir / MODEL, arrays, provenance)
 
 
 def load_summary(run_dir: Path) -> dict[str, Any]:

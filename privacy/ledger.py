@@ -119,7 +119,7 @@ def _read(path: Path, *, firm: str | None = None) -> tuple[list[str], list[DpEve
     return lines, events
 
 
-def read_events(path: Path | str) -> list[DpEvent]:
+def read_ledger_events(path: Path | str) -> list[DpEvent]:
     """Parse a ledger file; a missing file holds no events.
 
     Raises:

@@ -16,8 +16,8 @@ from sklearn.linear_model import LogisticRegression
 from fedcrm.data.contract import load_firm_config
 from fedcrm.data.store import load_store
 from fedcrm.learning.metrics import auc
-from fedcrm.node import churn_data, layout_from_config
 from fedcrm.privacy.keys import load_keys
+from fedcrm.tasks.churn import churn_data, layout_from_config
 
 
 class _Firm(Protocol):

@@ -36,9 +36,9 @@ from fedcrm.coordinator.run_config import RunConfig, parse_run_config
 from fedcrm.coordinator.runs import load_summary, new_run_id, write_summary
 from fedcrm.data.contract import FirmConfig, load_firm_config
 from fedcrm.data.prepare import prepare
-from fedcrm.node import Task
 from fedcrm.privacy.errors import ConfigError
 from fedcrm.privacy.keys import init_keys, write_signing_key
+from fedcrm.protocol import TaskKind
 from fedcrm.simulations.datasets import load_cdnow, load_telco
 from fedcrm.simulations.partners import (
     cdnow_export,
@@ -196,15 +196,11 @@ def build_firms(
 
 
 def _spend_budget(cfg: FirmConfig) -> None:
-    """Record an earlier (Gaussian) release that used 99.9% of the firm's budget."""
+    """Make an earlier (Gaussian) release that used 99.9% of the firm's budget."""
     from fedcrm.privacy.accounting import Mechanism, calibrate_noise, make_event
-    from fedcrm.privacy.ledger import Budget, PrivacyLedger
+    from fedcrm.privacy.keys import load_keys
+    from fedcrm.release import FirmPrivacy, release
 
-    ledger = PrivacyLedger(
-        cfg.ledger_path,
-        firm=cfg.firm.name,
-        budget=Budget(epsilon=cfg.budget.epsilon, delta=cfg.budget.delta),
-    )
     sigma = calibrate_noise(
         target_epsilon=cfg.budget.epsilon * 0.999, delta=cfg.budget.delta, sample_rate=1.0, steps=1
     )
@@ -216,7 +212,7 @@ def _spend_budget(cfg: FirmConfig) -> None:
         delta=cfg.budget.delta,
         purpose="analytics:earlier-query",
     )
-    ledger.commit(event)
+    release(FirmPrivacy(cfg, load_keys(cfg.firm.keys_dir)), event, lambda: None)
 
 
 def _engine_cpus(sim: SimulationSection) -> int:
@@ -320,7 +316,7 @@ def centralized_baseline(
     """Baselines on the pooled prepared data: same features, same held-out customers."""
     from fedcrm.simulations import baselines
 
-    if cfg.run.task is Task.CHURN:
+    if cfg.run.task is TaskKind.CHURN:
         return baselines.churn_baselines(firms, model_path)
     return baselines.trend_baselines(firms, model_path)
 

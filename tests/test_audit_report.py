@@ -11,8 +11,8 @@ import pytest
 from test_audit import FIRMS, Run, build_run, copy_run  # the synthetic run of test_audit
 
 from fedcrm.audit.log import AuditLog, EntryKind
-from fedcrm.audit.verify import verify_run
 from fedcrm.audit.report import export_bundle, render_report
+from fedcrm.audit.verify import verify_run
 from fedcrm.privacy.errors import AuditError
 
 PNG_IMG = '<img src="data:image/png;base64,'

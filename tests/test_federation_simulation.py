@@ -103,8 +103,8 @@ def test_simulation_rejects_bad_updates_survives_dropout_and_stops_exhausted_fir
 
     # The auditor's independent verification passes on the run's signed logs, and the report
     # carries the verdict and a figure per firm.
-    from fedcrm.audit.verify import verify_run
     from fedcrm.audit.report import render_report
+    from fedcrm.audit.verify import verify_run
 
     verification = verify_run(run_dir)
     assert verification.ok, [str(f) for f in verification.failures]

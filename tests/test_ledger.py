@@ -17,7 +17,7 @@ import pytest
 
 from fedcrm.privacy.accounting import DpEvent, Mechanism, compose_epsilon, make_event
 from fedcrm.privacy.errors import BudgetExhausted, ConfigError
-from fedcrm.privacy.ledger import Budget, PrivacyLedger, read_events
+from fedcrm.privacy.ledger import Budget, PrivacyLedger, read_ledger_events
 
 DELTA = 1e-5
 NOW = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
@@ -52,7 +52,7 @@ def test_empty_ledger_has_spent_nothing(path: Path) -> None:
     assert ledger.events == ()
     assert ledger.spent() == 0.0
     assert ledger.remaining() == 2.0
-    assert read_events(path) == []
+    assert read_ledger_events(path) == []
     status = ledger.status()
     assert (status.n_events, status.last_timestamp, dict(status.by_purpose)) == (0, None, {})
 
@@ -156,7 +156,7 @@ def test_malformed_line_names_file_and_line(path: Path) -> None:
     with pytest.raises(ConfigError, match=rf"{path}.*line 2"):
         ledger.spent()
     with pytest.raises(ConfigError, match="line 2"):
-        read_events(path)
+        read_ledger_events(path)
     with pytest.raises(ConfigError, match="line 2"):
         ledger.commit(gaussian())
 
@@ -309,7 +309,7 @@ def test_sigkill_mid_commit_leaves_a_whole_ledger(
 
     text = path.read_text()
     assert text.endswith("\n")
-    events = read_events(path)  # every line parses
+    events = read_ledger_events(path)  # every line parses
     assert len(events) == (3 if committed else 2)
     if not committed:
         assert path.read_bytes() == before

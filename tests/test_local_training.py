@@ -14,9 +14,13 @@ from typer.testing import CliRunner
 from fedcrm.cli import app
 from fedcrm.data.contract import load_firm_config
 from fedcrm.data.prepare import prepare
-from fedcrm.node import FirmNode, RoundSpec, RoundStatus, Task, initial_arrays
+from fedcrm.learning.settings import ChurnModelKind, DpOptimizer
+from fedcrm.node import FirmNode
 from fedcrm.privacy.accounting import Mechanism, calibrate_noise, make_event
 from fedcrm.privacy.keys import load_keys
+from fedcrm.protocol import ReplyState, RunSpec, TaskKind, TrainRequest
+from fedcrm.release import release
+from fedcrm.tasks import task_for
 
 RUNNER = CliRunner()
 
@@ -70,7 +74,8 @@ def test_training_beyond_the_budget_is_refused_before_anything_is_released(
         app, ["train", "--config", str(cfg), "--out", str(tmp_path / "b.pt"), "--epsilon", "1"]
     )
     assert second.exit_code == 6, second.output
-    assert "no useful budget is left" in second.output or "budget exhausted" in second.output
+    # the first release spent (almost) the whole cap: less than 5% of the ε asked is left
+    assert "cannot fund a useful release" in second.output
     assert not (tmp_path / "b.pt").exists()
     assert (cfg.parent / "store" / "budget.jsonl").read_text().splitlines() == lines
 
@@ -80,40 +85,45 @@ def test_firm_node_refuses_a_round_when_its_budget_was_spent_elsewhere_mid_run(
 ) -> None:
     cfg_path = _prepared(write_firm, epsilon=1.0)
     node = FirmNode(load_firm_config(cfg_path), load_keys(cfg_path.parent / "keys"))
-    spec = RoundSpec(
+    spec = RunSpec(
         run_id="r1",
-        task=Task.CHURN,
-        server_round=1,
+        task=TaskKind.CHURN,
         rounds=3,
+        model=ChurnModelKind.LOGISTIC,
         target_epsilon=0.6,
         local_epochs=0.5,
         batch_size=128,
         learning_rate=0.05,
-        optimizer="adam",
+        max_grad_norm=1.0,
+        optimizer=DpOptimizer.ADAM,
+        proximal_mu=0.0,
+        seed=0,
     )
-    start = initial_arrays(Task.CHURN, model="logistic", input_dim=node.churn().layout.dim)
-    first = node.train(spec, start)
-    assert first.status is RoundStatus.OK and first.arrays is not None
+    start = task_for(TaskKind.CHURN).initial_arrays(
+        model=ChurnModelKind.LOGISTIC, input_dim=node.task_data(TaskKind.CHURN).input_dim, seed=0
+    )
+    first = node.train(TrainRequest(spec=spec, server_round=1, arrays=start))
+    assert first.state is ReplyState.OK and first.arrays is not None
     assert first.epsilon_total <= 0.6 + 1e-9
     # another analysis spends almost all of the rest of the budget between rounds
+    ledger = node.privacy.ledger
     sigma = calibrate_noise(
-        target_epsilon=0.98, delta=1e-5, sample_rate=1.0, steps=1, prior_events=node.ledger.events
+        target_epsilon=0.98, delta=1e-5, sample_rate=1.0, steps=1, prior_events=ledger.events
     )
-    node.ledger.commit(
-        make_event(
-            mechanism=Mechanism.GAUSSIAN,
-            noise_multiplier=sigma,
-            sample_rate=1.0,
-            steps=1,
-            delta=1e-5,
-            purpose="analytics",
-        )
+    analytics = make_event(
+        mechanism=Mechanism.GAUSSIAN,
+        noise_multiplier=sigma,
+        sample_rate=1.0,
+        steps=1,
+        delta=1e-5,
+        purpose="analytics",
     )
-    before = len(node.ledger.events)
-    second = node.train(RoundSpec(**{**spec.__dict__, "server_round": 2}), first.arrays)
-    assert second.status is RoundStatus.BUDGET_EXHAUSTED
+    release(node.privacy, analytics, lambda: None)
+    before = len(ledger.events)
+    second = node.train(TrainRequest(spec=spec, server_round=2, arrays=first.arrays))
+    assert second.state is ReplyState.BUDGET_EXHAUSTED
     assert second.arrays is None
-    assert "budget exhausted" in second.message
-    assert len(node.ledger.events) == before
-    assert node.ledger.spent() <= 1.0
+    assert "budget exhausted" in second.detail
+    assert len(ledger.events) == before
+    assert ledger.spent() <= 1.0
     assert np.isfinite(second.epsilon_total)

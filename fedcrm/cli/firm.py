@@ -16,6 +16,8 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from fedcrm.cli.console import err, out, user_errors
+from fedcrm.learning.settings import ChurnModelKind
+from fedcrm.protocol import TaskKind
 
 keys_app = typer.Typer(help="Create and rotate a firm's secrets.", no_args_is_help=True)
 
@@ -223,24 +225,20 @@ def train(
     epsilon: Annotated[
         float, typer.Option(help="ε to spend on this training (within the cap)")
     ] = 1.0,
-    task: Annotated[str, typer.Option(help="churn or trend")] = "churn",
-    model: Annotated[str | None, typer.Option(help="logistic or mlp (churn)")] = None,
+    task: Annotated[TaskKind, typer.Option(help="what to train")] = TaskKind.CHURN,
+    model: Annotated[
+        ChurnModelKind | None, typer.Option(help="churn model (default: the config's)")
+    ] = None,
 ) -> None:
     """Centralized DP training on this firm's own prepared store, within its budget."""
     from fedcrm.data.contract import load_firm_config
-    from fedcrm.node import Task
-    from fedcrm.privacy.errors import ConfigError
-    from fedcrm.scoring import train_local
+    from fedcrm.local_training import train_local
 
-    try:
-        task_kind = Task(task)
-    except ValueError:
-        raise ConfigError(f"--task must be churn or trend, not {task!r}") from None
     cfg = load_firm_config(config)
-    r = train_local(cfg, out=out_path, epsilon=epsilon, task=task_kind, model_kind=model)
+    r = train_local(cfg, out=out_path, epsilon=epsilon, task=task, model_kind=model)
     metrics = ", ".join(f"{k}={v:.4f}" for k, v in r.metrics.items())
     out.print(
-        f"trained {task} model -> {r.model_path} in {r.seconds:.1f}s; this release ε="
+        f"trained {task.value} model -> {r.model_path} in {r.seconds:.1f}s; this release ε="
         f"{r.epsilon_spent:.4f} (noise multiplier {r.noise_multiplier:.3f}); firm total "
         f"ε={r.epsilon_total:.4f} of {r.epsilon_cap:g}; held-out {metrics}"
     )

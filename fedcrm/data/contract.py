@@ -18,6 +18,16 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from fedcrm.learning.settings import (
+    LOCAL_TRAINING,
+    BatchSize,
+    ChurnModelKind,
+    DpOptimizer,
+    DpSgdSettings,
+    Epochs,
+    LearningRate,
+    MaxGradNorm,
+)
 from fedcrm.privacy.errors import ConfigError
 from fedcrm.privacy.policies import MaskingPolicy, PiiKind
 
@@ -56,11 +66,6 @@ class SourceKind(StrEnum):
 class TableName(StrEnum):
     CUSTOMERS = "customers"
     TRANSACTIONS = "transactions"
-
-
-class ModelKind(StrEnum):
-    LOGISTIC = "logistic"
-    MLP = "mlp"
 
 
 _FROZEN = ConfigDict(frozen=True, extra="forbid", use_enum_values=False)
@@ -217,17 +222,24 @@ class FeatureSection(BaseModel):
 
 
 class TrainingSection(BaseModel):
-    """Local DP training defaults (see docs/privacy.md for how they were chosen)."""
+    """``fedcrm train`` settings; defaults: :data:`fedcrm.learning.settings.LOCAL_TRAINING`."""
 
     model_config = _FROZEN
 
-    model: ModelKind = ModelKind.LOGISTIC
-    epochs: float = Field(default=5, gt=0)
-    batch_size: int = Field(default=256, ge=1)
-    learning_rate: float = Field(default=0.05, gt=0)
-    max_grad_norm: float = Field(default=1.0, gt=0)
-    optimizer: str = Field(default="adam", pattern="^(sgd|adam)$")
+    model: ChurnModelKind = ChurnModelKind.LOGISTIC
+    epochs: Epochs = LOCAL_TRAINING.epochs
+    batch_size: BatchSize = LOCAL_TRAINING.batch_size
+    learning_rate: LearningRate = LOCAL_TRAINING.learning_rate
+    max_grad_norm: MaxGradNorm = LOCAL_TRAINING.max_grad_norm
+    optimizer: DpOptimizer = LOCAL_TRAINING.optimizer
     seed: int = 0
+
+    @property
+    def dp_sgd(self) -> DpSgdSettings:
+        return DpSgdSettings(
+            epochs=self.epochs, batch_size=self.batch_size, learning_rate=self.learning_rate,
+            max_grad_norm=self.max_grad_norm, optimizer=self.optimizer,
+        )
 
 
 class FirmConfig(BaseModel):

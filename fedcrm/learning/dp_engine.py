@@ -38,15 +38,16 @@ Mironov (CCS 2012) either. Both are the usual practical trade-off and are record
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from enum import StrEnum
 from typing import Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn
 
+from fedcrm.learning.settings import LOCAL_TRAINING, DpOptimizer
 from fedcrm.privacy.accounting import (
     ContextValue,
     DpEvent,
@@ -74,22 +75,12 @@ _ELEMENTWISE: tuple[type[nn.Module], ...] = (
 )
 
 
-class DpOptimizer(StrEnum):
-    """Optimizer applied to the privatised gradient (post-processing: no privacy cost)."""
-
-    SGD = "sgd"
-    ADAM = "adam"
-
-
-# Default hyperparameters, tuned on IBM Telco churn (5,653 training customers, 50 features from the
-# fixed layout) for centralized DP logistic regression at ε=1, δ=1e-5: test AUC ≈ 0.85 against
-# ≈ 0.857 without DP (benchmarks/dp_training.py). The batch of 256 gives q ≈ 0.045, 5 epochs give
-# ≈ 111 steps and σ ≈ 2.2; Adam makes the learning rate forgiving across firms' sizes.
-DEFAULT_EPOCHS = 5.0
-DEFAULT_BATCH_SIZE = 256
-DEFAULT_LEARNING_RATE = 0.05
-DEFAULT_MAX_GRAD_NORM = 1.0
-DEFAULT_OPTIMIZER = DpOptimizer.ADAM
+# Defaults: the local-training profile, declared once in fedcrm.learning.settings.
+DEFAULT_EPOCHS = LOCAL_TRAINING.epochs
+DEFAULT_BATCH_SIZE = LOCAL_TRAINING.batch_size
+DEFAULT_LEARNING_RATE = LOCAL_TRAINING.learning_rate
+DEFAULT_MAX_GRAD_NORM = LOCAL_TRAINING.max_grad_norm
+DEFAULT_OPTIMIZER = LOCAL_TRAINING.optimizer
 
 
 @dataclass(frozen=True)
@@ -152,6 +143,11 @@ class TrainStats:
     examples_processed: int
     mean_loss: float
     seconds: float
+
+
+def noise_generator() -> torch.Generator:
+    """A generator seeded from the OS for DP noise and Poisson sampling (never a fixed seed)."""
+    return torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "big") >> 1)
 
 
 def plan_for_budget(

@@ -8,12 +8,10 @@ fingerprint, ...) and loads with ``torch.load(weights_only=True)``.
 
 from __future__ import annotations
 
+import io
 import json
 import math
-import os
-import tempfile
 from collections.abc import Mapping, Sequence
-from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -21,16 +19,11 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from fedcrm.learning.settings import ChurnModelKind
+from fedcrm.privacy.durable import write_private
 from fedcrm.privacy.errors import ConfigError
 
 MODEL_FORMAT = "fedcrm/churn-model/v1"
-
-
-class ChurnModelKind(StrEnum):
-    """Architectures a firm may train for churn."""
-
-    LOGISTIC = "logistic"
-    MLP = "mlp"
 
 
 def _linear(in_features: int, out_features: int) -> nn.Linear:
@@ -180,17 +173,10 @@ def save_model(path: str | Path, model: nn.Module, provenance: Mapping[str, Any]
         "provenance": provenance_json,
         "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
     }
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(payload, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_private(path, buffer.getvalue())
     return path
 
 

@@ -1,4 +1,4 @@
-"""The trend task of a firm's node: data, model, evaluation, pooled metrics (no Flower).
+"""The trend task: data, model, evaluation, pooled metrics (see :mod:`fedcrm.tasks.base`).
 
 A firm's calibration period ends at its config's ``features.as_of``; everything after it up to
 the last transaction is its holdout. Training examples come from the calibration period only
@@ -10,9 +10,9 @@ per-customer errors: aggregates, never a customer's record.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
-import os
-import tempfile
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,7 +25,8 @@ from torch import nn
 from fedcrm.data.contract import FirmConfig
 from fedcrm.data.features import weekly_series
 from fedcrm.data.store import PreparedStore
-from fedcrm.learning.models import arrays_to_model
+from fedcrm.learning.models import arrays_to_model, model_to_arrays
+from fedcrm.learning.settings import ChurnModelKind
 from fedcrm.learning.trend_model import (
     TREND_FEATURE_NAMES,
     build_trend_model,
@@ -36,10 +37,13 @@ from fedcrm.learning.trend_model import (
     trend_fingerprint,
     trend_per_sample_loss,
 )
+from fedcrm.privacy.durable import write_private
 from fedcrm.privacy.errors import ConfigError, SchemaError
+from fedcrm.protocol import DescribeReply, EvaluateReply, TaskKind
+from fedcrm.tasks.base import Evaluation, TrainingProblem
 
 TREND_MODEL_FORMAT = "fedcrm/trend-model/v1"
-per_sample_loss = trend_per_sample_loss
+SUM_FORECAST, SUM_ACTUAL = "sum-forecast", "sum-actual"
 
 
 @dataclass(frozen=True)
@@ -51,6 +55,47 @@ class FirmTrendData:
     calibration_end: pd.Timestamp
     holdout_weeks: int
     fingerprint: str
+
+    @property
+    def layout(self) -> str:
+        return self.fingerprint
+
+    @property
+    def input_dim(self) -> int:
+        return len(TREND_FEATURE_NAMES)
+
+    def describe(self, firm: str) -> DescribeReply:
+        return DescribeReply(
+            firm=firm,
+            layout=self.fingerprint,
+            input_dim=self.input_dim,
+            num_train=len(self.y_train),
+            num_test=len(self.x_pred),
+            holdout_weeks=self.holdout_weeks,
+        )
+
+    def training_problem(self, *, model: ChurnModelKind, seed: int) -> TrainingProblem:
+        """``model`` names the churn architecture and does not apply: the trend network is
+        fixed (:func:`fedcrm.learning.trend_model.build_trend_model`)."""
+        return TrainingProblem(
+            x=self.x_train, y=self.y_train, model=build_trend_model(seed=seed),
+            loss=trend_per_sample_loss,
+        )
+
+    def evaluate(self, arrays: Sequence[np.ndarray], *, model: ChurnModelKind) -> Evaluation:
+        net = arrays_to_model(build_trend_model(), arrays)
+        weekly = forecast(net, self.x_pred, weeks=self.holdout_weeks)
+        own = evaluate_holdout(weekly, self.actual)
+        abs_err = float(np.abs(weekly.sum(axis=1) - self.actual.sum(axis=1)).sum())
+        return Evaluation(
+            num_examples=len(self.x_pred),
+            metrics={
+                "customer-abs-error-sum": abs_err,
+                "cumulative-error": own["cumulative_error"],
+                "customer-mae": own["customer_mae"],
+            },
+            vectors={SUM_FORECAST: weekly.sum(axis=0), SUM_ACTUAL: self.actual.sum(axis=0)},
+        )
 
 
 def firm_trend_data(store: PreparedStore, cfg: FirmConfig) -> FirmTrendData:
@@ -88,58 +133,23 @@ def firm_trend_data(store: PreparedStore, cfg: FirmConfig) -> FirmTrendData:
     )
 
 
-def describe(data: FirmTrendData, *, firm: str) -> dict[str, str | int | float]:
-    return {
-        "firm": firm,
-        "layout": data.fingerprint,
-        "input-dim": len(TREND_FEATURE_NAMES),
-        "num-train": len(data.y_train),
-        "num-test": len(data.x_pred),
-        "holdout-weeks": data.holdout_weeks,
-    }
+def pooled_trend_metrics(replies: Sequence[EvaluateReply]) -> dict[str, float]:
+    """Federation-wide trend errors from the firms' weekly sums (curves add up across firms).
 
-
-def build_model(data: FirmTrendData | None = None, *, seed: int = 0) -> nn.Module:
-    return build_trend_model(seed=seed)
-
-
-def build_model_for_dim(input_dim: int, *, seed: int = 0) -> nn.Module:
-    if input_dim != len(TREND_FEATURE_NAMES):
-        raise ConfigError(
-            f"trend model input has {len(TREND_FEATURE_NAMES)} features, firms reported {input_dim}"
-        )
-    return build_trend_model(seed=seed)
-
-
-def evaluate(data: FirmTrendData, arrays: list[np.ndarray]) -> Any:
-    from fedcrm.node import EvalOutcome
-
-    model = arrays_to_model(build_trend_model(), arrays)
-    weekly = forecast(model, data.x_pred, weeks=data.holdout_weeks)
-    own = evaluate_holdout(weekly, data.actual)
-    abs_err = float(np.abs(weekly.sum(axis=1) - data.actual.sum(axis=1)).sum())
-    return EvalOutcome(
-        num_examples=len(data.x_pred),
-        metrics={
-            "customer-abs-error-sum": abs_err,
-            "cumulative-error": own["cumulative_error"],
-            "customer-mae": own["customer_mae"],
-        },
-        histograms={"sum-forecast": weekly.sum(axis=0), "sum-actual": data.actual.sum(axis=0)},
-    )
-
-
-def pooled_trend_metrics(
-    sums: dict[str, np.ndarray], per_firm: dict[str, dict[str, float]]
-) -> dict[str, float]:
-    """Federation-wide trend errors from the firms' weekly sums (curves add up across firms)."""
-    f = np.asarray(sums["sum-forecast"], dtype=np.float64)
-    a = np.asarray(sums["sum-actual"], dtype=np.float64)
+    A small firm's last purchase can fall in an earlier week, so its holdout is shorter: the
+    weeks every firm covers are pooled (as the simulation's BG/NBD baseline does).
+    """
+    with_sums = [r for r in replies if SUM_FORECAST in r.vectors and SUM_ACTUAL in r.vectors]
+    if not with_sums:
+        return {}
+    weeks = min(len(r.vectors[SUM_ACTUAL]) for r in with_sums)
+    f = np.sum([np.asarray(r.vectors[SUM_FORECAST][:weeks]) for r in with_sums], axis=0)
+    a = np.sum([np.asarray(r.vectors[SUM_ACTUAL][:weeks]) for r in with_sums], axis=0)
     cum_f, cum_a = f.cumsum(), a.cumsum()
     mae = float(np.abs(cum_f - cum_a).mean())
     total = float(cum_a[-1]) if len(cum_a) else float("nan")
-    n = sum(m.get("num_examples", 0) for m in per_firm.values())
-    abs_sum = sum(m.get("customer-abs-error-sum", 0.0) for m in per_firm.values())
+    n = sum(r.num_examples for r in replies)
+    abs_sum = sum(r.metrics.get("customer-abs-error-sum", 0.0) for r in replies)
     return {
         "cumulative_error": mae,
         "cumulative_relative_error": mae / total if total else float("nan"),
@@ -157,13 +167,10 @@ def save_trend_model(path: Path, arrays: list[np.ndarray], provenance: dict[str,
         "provenance": json.dumps(provenance, sort_keys=True, default=str),
         "state_dict": {k: v.detach().clone() for k, v in model.state_dict().items()},
     }
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "wb") as fh:
-        torch.save(payload, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    write_private(path, buffer.getvalue())
     return path
 
 
@@ -178,3 +185,33 @@ def load_trend_model(path: Path) -> tuple[nn.Module, dict[str, Any]]:
     model.load_state_dict(payload["state_dict"])
     provenance: dict[str, Any] = json.loads(payload["provenance"])
     return model, provenance
+
+
+class TrendTask:
+    """The trend task's definition (see :class:`fedcrm.tasks.base.Task`)."""
+
+    kind = TaskKind.TREND
+
+    def firm_data(self, cfg: FirmConfig, store: PreparedStore) -> FirmTrendData:
+        return firm_trend_data(store, cfg)
+
+    def initial_arrays(
+        self, *, model: ChurnModelKind, input_dim: int, seed: int
+    ) -> list[np.ndarray]:
+        if input_dim != len(TREND_FEATURE_NAMES):
+            raise ConfigError(
+                f"trend model input has {len(TREND_FEATURE_NAMES)} features, firms reported "
+                f"{input_dim}"
+            )
+        return model_to_arrays(build_trend_model(seed=seed))
+
+    def pooled_metrics(self, replies: Sequence[EvaluateReply]) -> dict[str, float]:
+        return pooled_trend_metrics(replies)
+
+    def save_model(
+        self, path: Path, arrays: Sequence[np.ndarray], provenance: Mapping[str, Any]
+    ) -> Path:
+        return save_trend_model(path, list(arrays), dict(provenance))
+
+
+TREND = TrendTask()

@@ -1,0 +1,84 @@
+"""The task protocol: what every federated task (churn, trend) provides, to firms and coordinator.
+
+A :class:`Task` is stateless and knows its model family: it builds a firm's examples from the
+firm's config and prepared store (:meth:`Task.firm_data`), the coordinator's starting model, how
+firms' evaluation replies pool into federation-wide metrics, and how a model is saved with its
+provenance. A firm's :class:`TaskData` knows its own examples: what it may describe publicly, its
+DP training problem, and how it evaluates a global model. The node and the coordinator call these
+and never branch on the task.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from torch import nn
+
+from fedcrm.data.contract import FirmConfig
+from fedcrm.data.store import PreparedStore
+from fedcrm.learning.settings import ChurnModelKind
+from fedcrm.protocol import DescribeReply, EvaluateReply, TaskKind
+
+PerSampleLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class TrainingProblem:
+    """A firm's training examples (one per customer), a fresh model and its per-example loss."""
+
+    x: np.ndarray
+    y: np.ndarray
+    model: nn.Module
+    loss: PerSampleLoss
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """A firm's evaluation of a model on its held-out customers (what it may send is decided
+    by the node, not here)."""
+
+    num_examples: int
+    metrics: Mapping[str, float]
+    vectors: Mapping[str, np.ndarray]
+
+
+class TaskData(Protocol):
+    """One firm's prepared examples for one task."""
+
+    @property
+    def layout(self) -> str:
+        """Fingerprint of the model input layout (public: it is fixed by declared schema)."""
+
+    @property
+    def input_dim(self) -> int: ...
+
+    def describe(self, firm: str) -> DescribeReply: ...
+
+    def training_problem(self, *, model: ChurnModelKind, seed: int) -> TrainingProblem: ...
+
+    def evaluate(self, arrays: Sequence[np.ndarray], *, model: ChurnModelKind) -> Evaluation: ...
+
+
+class Task(Protocol):
+    """A federated task's definition."""
+
+    kind: TaskKind
+
+    def firm_data(self, cfg: FirmConfig, store: PreparedStore) -> TaskData: ...
+
+    def initial_arrays(
+        self, *, model: ChurnModelKind, input_dim: int, seed: int
+    ) -> list[np.ndarray]: ...
+
+    def pooled_metrics(self, replies: Sequence[EvaluateReply]) -> dict[str, float]: ...
+
+    def save_model(
+        self, path: Path, arrays: Sequence[np.ndarray], provenance: Mapping[str, Any]
+    ) -> Path:
+        """Save ``arrays`` with ``provenance`` (``kind``, ``input_dim``, ``layout_fingerprint``
+        and anything else worth keeping), atomically."""

@@ -1,0 +1,189 @@
+"""The churn task: one row per customer, the declared features as input, churned or not as label.
+
+A firm's held-out customers are chosen by a hash of their pseudonym (:func:`holdout_mask`), so every
+round, every restart and a simulation's centralized baseline agree on them without coordination.
+Evaluation reports, for the held-out customers, how many churners and non-churners fall in each
+score bin; the coordinator sums the bins over firms into a pooled AUC
+(:func:`fedcrm.learning.metrics.auc_from_histograms`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from fedcrm.data.contract import ColumnRole, FeatureKind, FirmConfig, TableName
+from fedcrm.data.encoding import (
+    BooleanSpec,
+    CategoricalSpec,
+    FeatureLayout,
+    FeatureSpec,
+    NumericSpec,
+)
+from fedcrm.data.store import PreparedStore
+from fedcrm.learning.metrics import auc, auc_from_histograms, score_histograms
+from fedcrm.learning.models import (
+    arrays_to_model,
+    build_churn_model,
+    churn_per_sample_loss,
+    model_to_arrays,
+    predict_proba,
+    save_model,
+)
+from fedcrm.learning.settings import ChurnModelKind
+from fedcrm.privacy.errors import ConfigError, SchemaError
+from fedcrm.protocol import DescribeReply, EvaluateReply, TaskKind
+from fedcrm.tasks.base import Evaluation, TrainingProblem
+
+HOLDOUT_FRACTION = 0.2
+HIST_POSITIVE, HIST_NEGATIVE = "hist-pos", "hist-neg"
+
+
+def layout_from_config(cfg: FirmConfig) -> FeatureLayout:
+    """The churn model's input layout, fixed by the firm's declared customer features."""
+    if TableName.CUSTOMERS not in cfg.tables:
+        raise ConfigError(
+            f"{cfg.config_path}: the churn task needs a customers table with declared features"
+        )
+    table = cfg.tables[TableName.CUSTOMERS]
+    numeric: list[FeatureSpec] = []
+    boolean: list[FeatureSpec] = []
+    categorical: list[FeatureSpec] = []
+    for source, col in table.columns.items():
+        if col.role is not ColumnRole.FEATURE:
+            continue
+        name = col.canonical(source, TableName.CUSTOMERS)
+        if col.kind is FeatureKind.NUMERIC:
+            assert col.min is not None and col.max is not None
+            numeric.append(
+                NumericSpec(
+                    name,
+                    float(col.min),
+                    float(col.max),
+                    missing_indicator=col.missing.value == "allow",
+                )
+            )
+        elif col.kind is FeatureKind.BOOLEAN:
+            boolean.append(BooleanSpec(name))
+        else:
+            categorical.append(CategoricalSpec(name, tuple(col.categories or ())))
+    key = lambda s: s.name  # noqa: E731
+    return FeatureLayout(
+        [*sorted(numeric, key=key), *sorted(boolean, key=key), *sorted(categorical, key=key)]
+    )
+
+
+def holdout_mask(customer_ids: pd.Series, fraction: float = HOLDOUT_FRACTION) -> np.ndarray:
+    """A firm's held-out customers: ``sha256("fedcrm/holdout/v1/" + pseudonym) < fraction``.
+
+    Deterministic per customer pseudonym, so every round, every restart and the centralized
+    baseline of a simulation agree on it without any coordination.
+    """
+    limit = int(fraction * 2**64)
+    return np.fromiter(
+        (
+            int.from_bytes(hashlib.sha256(f"fedcrm/holdout/v1/{c}".encode()).digest()[:8], "big")
+            < limit
+            for c in customer_ids.astype(str)
+        ),
+        dtype=bool,
+        count=len(customer_ids),
+    )
+
+
+@dataclass(frozen=True)
+class ChurnData:
+    """A firm's churn examples, split into training and held-out customers."""
+
+    feature_layout: FeatureLayout
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+
+    @property
+    def layout(self) -> str:
+        return self.feature_layout.fingerprint()
+
+    @property
+    def input_dim(self) -> int:
+        return self.feature_layout.dim
+
+    def describe(self, firm: str) -> DescribeReply:
+        return DescribeReply(
+            firm=firm,
+            layout=self.layout,
+            input_dim=self.input_dim,
+            num_train=len(self.y_train),
+            num_test=len(self.y_test),
+        )
+
+    def training_problem(self, *, model: ChurnModelKind, seed: int) -> TrainingProblem:
+        return TrainingProblem(
+            x=self.x_train,
+            y=self.y_train,
+            model=build_churn_model(model, self.input_dim, seed=seed),
+            loss=churn_per_sample_loss,
+        )
+
+    def evaluate(self, arrays: Sequence[np.ndarray], *, model: ChurnModelKind) -> Evaluation:
+        net = arrays_to_model(build_churn_model(model, self.input_dim), arrays)
+        scores = predict_proba(net, self.x_test)
+        pos, neg = score_histograms(scores, self.y_test)
+        return Evaluation(
+            num_examples=len(self.y_test),
+            metrics={"auc": auc(scores, self.y_test)},
+            vectors={HIST_POSITIVE: pos, HIST_NEGATIVE: neg},
+        )
+
+
+def churn_data(store: PreparedStore, layout: FeatureLayout) -> ChurnData:
+    customers = store.customers
+    if customers is None or "churn" not in customers.columns:
+        raise SchemaError(
+            f"firm '{store.firm}': the prepared store has no churn label; declare a label column "
+            "or set features.churn_cutoff"
+        )
+    test = holdout_mask(customers["customer_id"])
+    x = layout.encode(customers)
+    y = customers["churn"].to_numpy(dtype=np.float32)
+    return ChurnData(layout, x[~test], y[~test], x[test], y[test])
+
+
+class ChurnTask:
+    """The churn task's definition (see :class:`fedcrm.tasks.base.Task`)."""
+
+    kind = TaskKind.CHURN
+
+    def firm_data(self, cfg: FirmConfig, store: PreparedStore) -> ChurnData:
+        return churn_data(store, layout_from_config(cfg))
+
+    def initial_arrays(
+        self, *, model: ChurnModelKind, input_dim: int, seed: int
+    ) -> list[np.ndarray]:
+        return model_to_arrays(build_churn_model(model, input_dim, seed=seed))
+
+    def pooled_metrics(self, replies: Sequence[EvaluateReply]) -> dict[str, float]:
+        """The pooled held-out AUC from the firms' summed score histograms."""
+        hists = [r.vectors for r in replies if HIST_POSITIVE in r.vectors]
+        if not hists:
+            return {}
+        pos = np.sum([np.asarray(h[HIST_POSITIVE]) for h in hists], axis=0)
+        neg = np.sum([np.asarray(h[HIST_NEGATIVE]) for h in hists], axis=0)
+        return {"auc": auc_from_histograms(pos, neg)}
+
+    def save_model(
+        self, path: Path, arrays: Sequence[np.ndarray], provenance: Mapping[str, Any]
+    ) -> Path:
+        kind = ChurnModelKind(provenance["kind"])
+        net = arrays_to_model(build_churn_model(kind, int(provenance["input_dim"])), arrays)
+        return save_model(path, net, provenance)
+
+
+CHURN = ChurnTask()

@@ -1,0 +1,1 @@
+"""What both Flower adapters share: the protocol's wire form as Flower records."""
