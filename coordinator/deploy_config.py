@@ -19,14 +19,12 @@ run parameters that travel to every party.
 
 from __future__ import annotations
 
-import tomllib
 from pathlib import Path
-from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
-from fedcrm.coordinator.run_config import RunConfig, parse_run_config
-from fedcrm.privacy.errors import ConfigError
+from fedcrm.config_file import load_toml
+from fedcrm.coordinator.run_config import RunConfig
 
 CA_CERT = "ca.crt"
 SERVER_CERT = "fedcrm.server.crt"
@@ -103,17 +101,6 @@ class CoordinatorConfig(BaseModel):
         return f"{host}:{self.link.port}"
 
 
-def _read_toml(path: Path, what: str) -> dict[str, Any]:
-    if not path.exists():
-        raise ConfigError(f"{what} {path} not found")
-    try:
-        return tomllib.loads(path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError:
-        raise ConfigError(f"{path} is not UTF-8 text") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path} is not valid TOML: {exc}") from None
-
-
 def _resolve(base: Path, p: Path) -> Path:
     p = p.expanduser()
     return (p if p.is_absolute() else base / p).resolve()
@@ -122,16 +109,7 @@ def _resolve(base: Path, p: Path) -> Path:
 def load_coordinator_config(path: Path) -> CoordinatorConfig:
     """Parse ``coordinator.toml``; paths become absolute (relative to the file's folder)."""
     path = Path(path)
-    data = _read_toml(path, "coordinator config")
-    try:
-        cfg = CoordinatorConfig.model_validate(data)
-    except ValidationError as err:
-        first = err.errors()[0]
-        loc = ".".join(str(x) for x in first["loc"])
-        raise ConfigError(
-            f"{path}: {loc}: {first['msg']} (expected [link] with workdir, certs_dir, and "
-            "optionally database, host, port)"
-        ) from None
+    cfg = load_toml(path, CoordinatorConfig, what="coordinator config")
     base = path.resolve().parent
     link = cfg.link.model_copy(
         update={
@@ -146,10 +124,12 @@ def load_coordinator_config(path: Path) -> CoordinatorConfig:
 def load_run_file(path: Path) -> RunConfig:
     """Parse ``RUN.toml`` (one ``[run]`` section) into a :class:`RunConfig`."""
     path = Path(path)
-    data = _read_toml(path, "run config")
-    extra = sorted(set(data) - {"run"})
-    if extra:
-        raise ConfigError(f"{path}: unknown section(s) {extra}; a run config has only [run]")
-    if "run" not in data:
-        raise ConfigError(f"{path}: no [run] section; see configs/deploy/run.toml")
-    return parse_run_config(data["run"], where=str(path))
+    return load_toml(path, RunFile, what="run config").run
+
+
+class RunFile(BaseModel):
+    """``RUN.toml``: one ``[run]`` section (see ``configs/deploy/run.toml``)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    run: RunConfig

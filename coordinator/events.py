@@ -9,14 +9,19 @@ value.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field, fields
 from enum import StrEnum
 from pathlib import Path
 from typing import Any, ClassVar
+
+EVENTS = "events.jsonl"
+"""The events file in a run's folder."""
 
 
 class EventKind(StrEnum):
@@ -232,3 +237,26 @@ def follow(
         if stop is not None and stop():
             return
         time.sleep(poll)
+
+
+@contextlib.contextmanager
+def watch_rounds(path: Path, on_round: Callable[[int, int], None]) -> Iterator[None]:
+    """While the block runs, call ``on_round(round, total)`` for each round the run's
+    ``events.jsonl`` reports trained (in a background thread; drained when the block ends)."""
+    done = threading.Event()
+
+    def watch() -> None:
+        total = 0
+        for event in follow(path, poll=0.25, stop=done.is_set):
+            if isinstance(event, RunStarted):
+                total = event.rounds
+            elif isinstance(event, RoundTrained):
+                on_round(event.round, total)
+
+    thread = threading.Thread(target=watch, name="round-watcher", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join(timeout=5)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import selectors
 import time
 import tomllib
@@ -42,8 +41,6 @@ from fedcrm.privacy.certs import ServerCertFiles, load_node_public_key
 
 FLWR_CONFIG_FILE = "config.toml"
 CLI_TIMEOUT_S = 120.0
-_ROUND = re.compile(r"\[ROUND (\d+)(?:/(\d+))?\]")
-_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
 #: A value of a Flower run config (``flwr.app.UserConfigValue``, spelled out here because only the
 #: Flower adapters import flwr; ``tests/test_deploy.py`` checks the two agree).
@@ -308,19 +305,6 @@ def run_app(
         raise DeploymentError(
             f"the SuperLink accepted the app but returned no run id ({run_id!r})"
         ) from None
-
-
-def plain_log_line(raw: str) -> str:
-    """A line of ``flwr log`` output without its terminal colour codes."""
-    return _ANSI.sub("", raw).rstrip()
-
-
-def parse_round(line: str) -> tuple[int, int | None] | None:
-    """``(round, total)`` from a Flower ``[ROUND n/N]`` log line (total may be missing)."""
-    match = _ROUND.search(line)
-    if match is None:
-        return None
-    return int(match.group(1)), int(match.group(2)) if match.group(2) else None
 
 
 def run_status(*, flwr_home: Path, connection: str, run_id: int) -> RunStatus:

@@ -20,11 +20,10 @@ from pathlib import Path
 
 from fedcrm.coordinator.app_bundle import write_app_dir
 from fedcrm.coordinator.deploy_config import CoordinatorConfig
+from fedcrm.coordinator.events import EVENTS, watch_rounds
 from fedcrm.coordinator.flower_cli import (
     RunStatus,
     follow_run,
-    parse_round,
-    plain_log_line,
     register_node,
     run_app,
     start_superlink,
@@ -158,7 +157,7 @@ def submit_run(
     The app bundle is written to ``<workdir>/runs/<run_id>/app`` with the whole run config as
     its defaults (``RunConfig.to_flower``: plain values, no secret, no firm path); the
     ServerApp writes ``summary.json``, the model and ``events.jsonl`` next to it. ``on_round``
-    receives ``(round, total)`` for each Flower ``[ROUND n/N]`` line.
+    receives ``(round, total)`` for each round ``events.jsonl`` reports trained.
     """
     if not _RUN_ID.match(run_id):
         raise ConfigError(
@@ -178,17 +177,12 @@ def submit_run(
     cli_home = connect_cli(cfg)
     flower_run_id = run_app(app_dir=app_dir, flwr_home=cli_home, connection=CONNECTION)
     log_path = run_dir / "flower.log"
-
-    def on_log(raw: str) -> None:
-        progress = parse_round(plain_log_line(raw))
-        if progress is not None and on_round is not None:
-            on_round(progress[0], progress[1] or run.rounds)
-
-    status = follow_run(
-        flwr_home=cli_home, connection=CONNECTION, run_id=flower_run_id,
-        timeout_s=default_run_timeout(run) if timeout_s is None else timeout_s,
-        on_log=on_log, log_path=log_path,
-    )
+    with watch_rounds(run_dir / EVENTS, on_round or (lambda _round, _total: None)):
+        status = follow_run(
+            flwr_home=cli_home, connection=CONNECTION, run_id=flower_run_id,
+            timeout_s=default_run_timeout(run) if timeout_s is None else timeout_s,
+            log_path=log_path,
+        )
     return RunOutcome(
         run_id=run_id, flower_run_id=flower_run_id, status=status, run_dir=run_dir,
         log_path=log_path,

@@ -16,6 +16,7 @@ and stops every process in a ``finally`` block, also on errors and KeyboardInter
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -24,12 +25,11 @@ from pathlib import Path
 from typing import Protocol
 
 from fedcrm.coordinator.app_bundle import write_app_dir
+from fedcrm.coordinator.events import watch_rounds
 from fedcrm.coordinator.flower_cli import (
     FlowerConfigValue,
     RunStatus,
     follow_run,
-    parse_round,
-    plain_log_line,
     register_node,
     run_app,
     start_superlink,
@@ -107,7 +107,6 @@ class DeployEventKind(StrEnum):
     NODES_ONLINE = "nodes-online"
     RUN_STARTED = "run-started"
     ROUND = "round"
-    LOG = "log"
     RUN_FINISHED = "run-finished"
     STOPPED = "stopped"
 
@@ -202,6 +201,7 @@ def deploy_local(
     extra_pythonpath: Sequence[Path] = (),
     run_timeout_s: float = 900.0,
     node_online_timeout_s: float = 60.0,
+    events: Path | None = None,
 ) -> DeploymentResult:
     """Run ``app`` for ``rounds`` rounds on a local TLS + node-auth Flower deployment.
 
@@ -209,7 +209,8 @@ def deploy_local(
     ``superlink/`` (state, log, the ServerApp's working directory), ``nodes/<firm>/`` (each
     SuperNode's home and log), ``cli/`` (the ``flwr`` CLI's own ``FLWR_HOME``) and ``app/``.
     ``run_config`` must not hold secrets (it goes to every party); ``rounds`` is passed as
-    ``num-rounds``. Every process is stopped before this returns or raises.
+    ``num-rounds``. ``events``, the run's ``events.jsonl`` (fedcrm's ServerApp writes it), is
+    followed for round progress. Every process is stopped before this returns or raises.
     """
     if rounds < 1:
         raise DeploymentError(f"rounds must be at least 1 (got {rounds})")
@@ -290,19 +291,17 @@ def deploy_local(
                              extra_pythonpath=extra_pythonpath)
             emit(DeployEventKind.RUN_STARTED, f"run {run_id} started ({rounds} rounds)")
 
-            def on_log(raw: str) -> None:
-                line = plain_log_line(raw)
-                progress = parse_round(line)
-                if progress is not None:
-                    emit(DeployEventKind.ROUND, line.strip(), round=progress[0],
-                         total_rounds=progress[1] or rounds)
-                elif line.strip():
-                    emit(DeployEventKind.LOG, line)
+            def on_round(n: int, total: int) -> None:
+                emit(DeployEventKind.ROUND, f"round {n}/{total or rounds} trained", round=n,
+                     total_rounds=total or rounds)
 
-            status = follow_run(
-                flwr_home=cli_home, connection=CONNECTION, run_id=run_id,
-                timeout_s=run_timeout_s, on_log=on_log, log_path=workdir / f"run-{run_id}.log",
-            )
+            with contextlib.ExitStack() as watching:
+                if events is not None:
+                    watching.enter_context(watch_rounds(events, on_round))
+                status = follow_run(
+                    flwr_home=cli_home, connection=CONNECTION, run_id=run_id,
+                    timeout_s=run_timeout_s, log_path=workdir / f"run-{run_id}.log",
+                )
             logs["run"] = workdir / f"run-{run_id}.log"
             emit(DeployEventKind.RUN_FINISHED, f"run {run_id}: {status.status_text}")
             return DeploymentResult(

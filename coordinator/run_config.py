@@ -13,8 +13,9 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from fedcrm.config_file import validate
 from fedcrm.learning.settings import (
     FEDERATED_ROUND,
     BatchSize,
@@ -24,7 +25,6 @@ from fedcrm.learning.settings import (
     LearningRate,
     MaxGradNorm,
 )
-from fedcrm.privacy.errors import ConfigError
 from fedcrm.protocol import RunSpec, TaskKind, flat_decode, flat_encode
 
 
@@ -111,22 +111,14 @@ class RunConfig(BaseModel):
         run_id = str(values.pop("run_id", ""))
         run_dir = Path(str(values.pop("run_dir", "runs/unnamed")))
         known = set(cls.model_fields)
-        try:
-            cfg = cls.model_validate({k: v for k, v in values.items() if k in known})
-        except ValidationError as err:
-            raise ConfigError(f"invalid run config: {err.errors()[0]['msg']}") from None
+        cfg = validate(
+            cls, {k: v for k, v in values.items() if k in known}, where="Flower run config"
+        )
         return cfg, run_id or run_dir.name, run_dir
 
 
 def parse_run_config(data: dict[str, Any], *, where: str) -> RunConfig:
-    try:
-        return RunConfig.model_validate(data)
-    except ValidationError as err:
-        first = err.errors()[0]
-        loc = ".".join(str(x) for x in first["loc"])
-        raise ConfigError(
-            f"{where}: run.{loc}: {first['msg'].removeprefix('Value error, ')}"
-        ) from None
+    return validate(RunConfig, data, where=where, prefix="run")
 
 
 def canonical_hash(data: Any) -> str:

@@ -21,6 +21,7 @@ from flwr.serverapp import Grid
 
 from fedcrm.audit.log import EntryKind
 from fedcrm.coordinator.events import (
+    EVENTS,
     EventLog,
     FirmDropped,
     FirmsAdmitted,
@@ -123,7 +124,7 @@ def run_federation(grid: Grid, cfg: RunConfig, *, run_id: str, run_dir: Path) ->
     started = time.time()
     run_dir.mkdir(parents=True, exist_ok=True)
     audit = FederationAudit(run_dir)
-    events = EventLog(run_dir / "events.jsonl", sinks=[audit.record])
+    events = EventLog(run_dir / EVENTS, sinks=[audit.record])
     events.emit(RunStarted(run_id=run_id, task=cfg.task.value, strategy=cfg.strategy.value,
                            rounds=cfg.rounds))
     nodes = _wait_for_nodes(grid, cfg, events)

@@ -21,15 +21,16 @@ Config (``configs/deploy/local.toml``): ``[deploy]`` (:class:`DeploySection`) an
 
 from __future__ import annotations
 
-import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from fedcrm.clients.node import firm_node_config, start_supernode
+from fedcrm.config_file import load_toml
+from fedcrm.coordinator.events import EVENTS
 from fedcrm.coordinator.host import default_run_timeout, use_coordinator_key
 from fedcrm.coordinator.local_deployment import (
     AppSpec,
@@ -38,59 +39,33 @@ from fedcrm.coordinator.local_deployment import (
     FirmNode,
     deploy_local,
 )
-from fedcrm.coordinator.run_config import RunConfig, parse_run_config
+from fedcrm.coordinator.run_config import RunConfig
 from fedcrm.coordinator.runs import SUMMARY, load_summary, new_run_id, write_summary
 from fedcrm.data.contract import load_firm_config
 from fedcrm.privacy.errors import ConfigError
-from fedcrm.simulations.run import Dataset, SimulationConfig, SimulationSection, build_firms
+from fedcrm.simulations.run import PartnerScenario, SimulationConfig, SimulationSection, build_firms
 
 FEDERATION_DIR = "federation"
 
 
-class DeploySection(BaseModel):
+class DeploySection(PartnerScenario):
     """``[deploy]``: which firms to build and where the deployment's files go."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
     name: str = Field(default="deploy-local", pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,40}$")
-    dataset: Dataset = Dataset.TELCO
     firms: int = Field(default=3, ge=1, le=20, description="one SuperNode process per firm")
-    split: str = Field(default="dirichlet", pattern="^(dirichlet|random)$")
-    dirichlet_alpha: float = Field(default=0.5, gt=0)
-    seed: int = Field(default=0, description="seed of the split into firms and of their PII")
-    epsilon_budget: float = Field(default=1.0, gt=0, description="each firm's total ε cap")
-    delta: float = Field(default=1e-5, gt=0, lt=1e-2)
-    gbk_firms: int = Field(default=1, ge=0, description="how many firms export GB18030 CSV")
     workdir: Path = Path("runs/deploy")
 
 
 class LocalDeployConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    deploy: DeploySection
-    run: RunConfig
+    deploy: DeploySection = DeploySection()
+    run: RunConfig = RunConfig()
 
 
 def load_local_deploy_config(path: Path) -> LocalDeployConfig:
-    """Parse ``[deploy]`` + ``[run]`` (``deploy.workdir`` is relative to the current folder)."""
-    path = Path(path)
-    if not path.exists():
-        raise ConfigError(f"deployment config {path} not found")
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path} is not valid TOML: {exc}") from None
-    extra = sorted(set(data) - {"deploy", "run"})
-    if extra:
-        raise ConfigError(f"{path}: unknown section(s) {extra}; expected [deploy], [run]")
-    run = parse_run_config(data.get("run", {}), where=str(path))
-    try:
-        section = DeploySection.model_validate(data.get("deploy", {}))
-    except ValidationError as err:
-        first = err.errors()[0]
-        loc = ".".join(str(x) for x in first["loc"])
-        raise ConfigError(f"{path}: deploy.{loc}: {first['msg']}") from None
-    return LocalDeployConfig(deploy=section, run=run)
+    """``[deploy]`` + ``[run]`` (``deploy.workdir`` is relative to the current folder)."""
+    return load_toml(Path(path), LocalDeployConfig, what="deployment config")
 
 
 @dataclass(frozen=True)
@@ -112,13 +87,9 @@ class LocalDeployment:
 
 
 def _simulation_config(cfg: LocalDeployConfig, firms: int) -> SimulationConfig:
-    d = cfg.deploy
+    scenario = cfg.deploy.model_dump(include=set(PartnerScenario.model_fields))
     return SimulationConfig(
-        simulation=SimulationSection(
-            name=d.name, dataset=d.dataset, firms=firms, split=d.split,
-            dirichlet_alpha=d.dirichlet_alpha, seed=d.seed, epsilon_budget=d.epsilon_budget,
-            delta=d.delta, gbk_firms=d.gbk_firms, workdir=d.workdir, baseline=False,
-        ),
+        simulation=SimulationSection(**{**scenario, "firms": firms, "baseline": False}),
         run=cfg.run,
     )
 
@@ -167,6 +138,7 @@ def run_local_deployment(
         app=AppSpec(),
         on_event=on_event,
         run_timeout_s=default_run_timeout(cfg.run) if run_timeout_s is None else run_timeout_s,
+        events=run_dir / EVENTS,
     )
 
     summary: dict[str, Any] = load_summary(run_dir) if (run_dir / SUMMARY).exists() else {}

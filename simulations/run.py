@@ -20,7 +20,6 @@ import os
 import shutil
 import sys
 import time
-import tomllib
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -30,13 +29,13 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
-from fedcrm.coordinator.run_config import RunConfig, parse_run_config
+from fedcrm.config_file import load_toml
+from fedcrm.coordinator.run_config import RunConfig
 from fedcrm.coordinator.runs import load_summary, new_run_id, write_summary
 from fedcrm.data.contract import FirmConfig, load_firm_config
 from fedcrm.data.prepare import prepare
-from fedcrm.privacy.errors import ConfigError
 from fedcrm.privacy.keys import init_keys, write_signing_key
 from fedcrm.protocol import TaskKind
 from fedcrm.simulations.datasets import load_cdnow, load_telco
@@ -54,19 +53,33 @@ class Dataset(StrEnum):
     CDNOW = "cdnow"
 
 
-class SimulationSection(BaseModel):
+class Split(StrEnum):
+    DIRICHLET = "dirichlet"  # per contract type (Telco) or at random, by Dirichlet(alpha) shares
+    RANDOM = "random"
+
+
+class PartnerScenario(BaseModel):
+    """Which public data set is split into how many partner firms, and their budgets."""
+
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    name: str = "simulation"
+    name: str = Field(default="simulation", pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,40}$")
     dataset: Dataset = Dataset.TELCO
     firms: int = Field(default=5, ge=1, le=1000)
-    split: str = Field(default="dirichlet", pattern="^(dirichlet|random)$")
-    dirichlet_alpha: float = Field(default=0.5, gt=0)
-    seed: int = 0
-    epsilon_budget: float = Field(default=1.0, gt=0, description="each firm's total ε cap")
+    split: Split = Split.DIRICHLET
+    dirichlet_alpha: float = Field(default=0.5, gt=0, allow_inf_nan=False)
+    seed: int = Field(default=0, description="seed of the split into firms and of their PII")
+    epsilon_budget: float = Field(
+        default=1.0, gt=0, le=100, allow_inf_nan=False, description="each firm's total ε cap"
+    )
     delta: float = Field(default=1e-5, gt=0, lt=1e-2)
     gbk_firms: int = Field(default=1, ge=0, description="how many firms export GB18030 CSV")
     workdir: Path = Path("runs")
+
+
+class SimulationSection(PartnerScenario):
+    """``[simulation]``: a scenario run in one process with Flower's simulation engine."""
+
     baseline: bool = True
     exhausted_firms: int = Field(
         default=0,
@@ -83,30 +96,13 @@ class SimulationSection(BaseModel):
 class SimulationConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    simulation: SimulationSection
-    run: RunConfig
+    simulation: SimulationSection = SimulationSection()
+    run: RunConfig = RunConfig()
 
 
 def load_simulation_config(path: Path) -> SimulationConfig:
-    if not path.exists():
-        raise ConfigError(f"simulation config {path} not found")
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path} is not valid TOML: {exc}") from None
-    run = parse_run_config(data.pop("run", {}), where=str(path))
-    try:
-        section = SimulationSection.model_validate(data.get("simulation", {}))
-    except ValidationError as err:
-        first = err.errors()[0]
-        loc = ".".join(str(x) for x in first["loc"])
-        raise ConfigError(f"{path}: simulation.{loc}: {first['msg']}") from None
-    extra = set(data) - {"simulation"}
-    if extra:
-        raise ConfigError(
-            f"{path}: unknown section(s) {sorted(extra)}; expected [simulation], [run]"
-        )
-    return SimulationConfig(simulation=section, run=run)
+    """``[simulation]`` + ``[run]``."""
+    return load_toml(Path(path), SimulationConfig, what="simulation config")
 
 
 @dataclass(frozen=True)
@@ -119,7 +115,7 @@ class SimFirm:
 def split_telco(telco: pd.DataFrame, sim: SimulationSection) -> list[pd.DataFrame]:
     rng = np.random.default_rng(sim.seed)
     assignment = np.empty(len(telco), dtype=int)
-    if sim.split == "random":
+    if sim.split is Split.RANDOM:
         assignment[:] = rng.integers(0, sim.firms, len(telco))
     else:
         for _, idx in telco.groupby("contract").indices.items():

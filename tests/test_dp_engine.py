@@ -15,7 +15,6 @@ import fedcrm.learning.dp_engine as engine
 from fedcrm.learning.dp_engine import (
     DpOptimizer,
     DpPlan,
-    OutputGradientLoss,
     clipped_gradient_sum,
     plan_for_budget,
     poisson_batches,
@@ -130,9 +129,15 @@ def test_ghost_clipping_matches_brute_force_for_any_shape(n: int, d: int, hidden
     assert total <= n * clip * (1 + 1e-5)
 
 
-def test_churn_loss_declares_closed_form_gradient() -> None:
-    assert isinstance(churn_per_sample_loss, OutputGradientLoss)
-    assert not isinstance(autograd_bce, OutputGradientLoss)
+def test_churn_loss_closed_form_gradient_equals_autograd() -> None:
+    gen = torch.Generator().manual_seed(3)
+    logits = (4 * torch.randn(64, 1, generator=gen)).requires_grad_()
+    target = (torch.rand(64, generator=gen) < 0.3).float()
+    losses, closed_form = churn_per_sample_loss.output_gradient(logits.detach(), target)
+    reference = autograd_bce(logits, target)
+    torch.testing.assert_close(losses, reference.detach())
+    (grad,) = torch.autograd.grad(reference.sum(), logits)
+    torch.testing.assert_close(closed_form, grad)
 
 
 def test_per_sample_loss_must_return_one_value_per_example() -> None:

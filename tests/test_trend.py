@@ -179,6 +179,14 @@ def test_evaluate_holdout_on_a_known_forecast() -> None:
         evaluate_holdout(fc[:, :2], actual)
 
 
-def test_fingerprint_is_stable_hex() -> None:
+def test_fingerprint_changes_with_any_declared_feature_range(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import fedcrm.learning.trend_model as trend_model
+
     fp = trend_fingerprint()
-    assert fp == trend_fingerprint() and len(fp) == 64 and int(fp, 16) >= 0
+    assert fp == trend_fingerprint()
+    wider = dict(trend_model.TREND_FEATURE_SPECS)
+    wider["repeat_purchases"] = ("log1p", 200.0)
+    monkeypatch.setattr(trend_model, "TREND_FEATURE_SPECS", wider)
+    assert trend_fingerprint() != fp  # firms with another layout would be told apart

@@ -88,7 +88,7 @@ def deploy_local(
 ) -> None:
     """Deploy N firms + a coordinator on this machine (TLS, node auth) and run the federation."""
     from fedcrm.coordinator.live import RunDisplay, print_run_summary
-    from fedcrm.coordinator.local_deployment import DeployEvent, DeployEventKind
+    from fedcrm.coordinator.local_deployment import DeployEvent
     from fedcrm.coordinator.processes import DeploymentError
     from fedcrm.coordinator.runs import new_run_id
     from fedcrm.simulations.deploy_local import load_local_deploy_config, run_local_deployment
@@ -105,10 +105,7 @@ def deploy_local(
         err.print(f"  prepared {name}: {rows:,} source rows (validated, masked, encrypted)")
 
     def on_event(event: DeployEvent) -> None:
-        if event.kind is DeployEventKind.ROUND:
-            err.print(f"  [ROUND {event.round}/{event.total_rounds}]", highlight=False)
-        elif event.kind is not DeployEventKind.LOG:
-            err.print(f"  {event.message}", highlight=False)
+        err.print(f"  {event.message}", highlight=False, markup=False)
 
     with RunDisplay(run_dir / "events.jsonl", console=out, title=rid):
         done = run_local_deployment(cfg, firms=n, run_id=rid, on_firm=on_firm, on_event=on_event)

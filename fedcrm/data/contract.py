@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tomllib
 from datetime import date
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from fedcrm.config_file import read_toml, validate
 from fedcrm.learning.settings import (
     LOCAL_TRAINING,
     BatchSize,
@@ -283,20 +283,9 @@ def _resolve(base: Path, p: Path | None) -> Path | None:
     return p if p.is_absolute() else (base / p)
 
 
-def _format_error(path: Path, err: ValidationError) -> str:
-    first = err.errors()[0]
-    loc = ".".join(str(x) for x in first["loc"] if not str(x).startswith("function-after"))
-    msg = first["msg"].removeprefix("Value error, ")
-    extra = f" (and {err.error_count() - 1} more)" if err.error_count() > 1 else ""
-    return f"{path}: {loc}: {msg}{extra}"
-
-
 def parse_firm_config(data: dict[str, Any], *, path: Path) -> FirmConfig:
     """Validate a parsed TOML document; relative paths are resolved against the file's folder."""
-    try:
-        cfg = FirmConfig.model_validate(data)
-    except ValidationError as err:
-        raise ConfigError(_format_error(path, err)) from None
+    cfg = validate(FirmConfig, data, where=str(path))
     base = path.parent
     firm = cfg.firm.model_copy(
         update={
@@ -320,14 +309,6 @@ def parse_firm_config(data: dict[str, Any], *, path: Path) -> FirmConfig:
 
 
 def load_firm_config(path: Path) -> FirmConfig:
-    if not path.exists():
-        raise ConfigError(f"config file {path} not found")
-    raw = path.read_bytes()
-    try:
-        data = tomllib.loads(raw.decode("utf-8"))
-    except UnicodeDecodeError:
-        raise ConfigError(f"{path} is not UTF-8 text") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path} is not valid TOML: {exc}") from None
-    cfg = parse_firm_config(data, path=path)
+    data, raw = read_toml(Path(path), what="firm config")
+    cfg = parse_firm_config(data, path=Path(path))
     return cfg.model_copy(update={"config_sha256": hashlib.sha256(raw).hexdigest()})

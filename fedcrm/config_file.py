@@ -1,0 +1,68 @@
+"""The one TOML loader: every fedcrm config file is read, parsed and validated here, once.
+
+Each config file is a frozen pydantic model (``extra="forbid"``, so an unknown section or key is
+an error, not silently ignored). A file that is missing, not a file, not UTF-8 or not valid TOML,
+and a value that fails validation, all end as one :class:`~fedcrm.privacy.errors.ConfigError`
+line naming the file, the key (``section.key``) and what is wrong.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ValidationError
+
+from fedcrm.privacy.errors import ConfigError
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def read_toml(path: Path, *, what: str) -> tuple[dict[str, Any], bytes]:
+    """The parsed document and its raw bytes (for a content hash)."""
+    path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{what} {path} is a folder; give the path of the TOML file")
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(f"{what} {path} not found") from None
+    except OSError as exc:
+        raise ConfigError(f"{what} {path} cannot be read ({exc.strerror})") from None
+    try:
+        return tomllib.loads(raw.decode("utf-8")), raw
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path} is not UTF-8 text; save it as UTF-8") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path} is not valid TOML: {exc}") from None
+
+
+def validation_message(err: ValidationError, *, where: str, prefix: str = "") -> str:
+    """One line for the first problem of ``err`` (and how many more there are)."""
+    first = err.errors()[0]
+    loc = ".".join(
+        str(x) for x in first["loc"] if not str(x).startswith("function-after")
+    )
+    if prefix:
+        loc = f"{prefix}.{loc}" if loc else prefix
+    msg = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "extra_forbidden":
+        msg = "unknown key or section (check its spelling against the documented config)"
+    more = f" (and {err.error_count() - 1} more)" if err.error_count() > 1 else ""
+    return f"{where}: {loc}: {msg}{more}"
+
+
+def validate(model: type[M], data: Mapping[str, Any], *, where: str, prefix: str = "") -> M:
+    """``data`` as ``model``, or one :class:`ConfigError` line."""
+    try:
+        return model.model_validate(dict(data))
+    except ValidationError as err:
+        raise ConfigError(validation_message(err, where=where, prefix=prefix)) from None
+
+
+def load_toml(path: Path, model: type[M], *, what: str) -> M:
+    """Read a TOML file and validate the whole document as ``model``."""
+    data, _ = read_toml(path, what=what)
+    return validate(model, data, where=str(path))
