@@ -118,7 +118,7 @@ def run(n: int, repeat: int, seed: int) -> dict[str, Any]:
                      "seconds": round(seconds, 4), "values_per_s": round(rate)})
     pseudo = [int(r["values_per_s"]) for r in rows if r["operation"] == "pseudonymize"]
     return {
-        "benchmark": "fedcrm.privacy.masking",
+        "benchmark": "privacy.masking",
         "timestamp": datetime.now(UTC).isoformat(timespec="seconds"),
         "n": n,
         "repeat": repeat,

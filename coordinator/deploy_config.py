@@ -27,8 +27,8 @@ from fedcrm.config_file import load_toml
 from fedcrm.coordinator.run_config import RunConfig
 
 CA_CERT = "ca.crt"
-SERVER_CERT = "fedcrm.server.crt"
-SERVER_KEY = "fedcrm.server.key"
+SERVER_CERT = "server.crt"
+SERVER_KEY = "server.key"
 _WILDCARD_HOSTS = ("0.0.0.0", "::", "")
 
 

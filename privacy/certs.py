@@ -33,8 +33,8 @@ from fedcrm.privacy.keys import check_firm_name
 
 CA_CERT = "ca.crt"
 CA_KEY = "ca.key"
-SERVER_CERT = "fedcrm.server.crt"
-SERVER_KEY = "fedcrm.server.key"
+SERVER_CERT = "server.crt"
+SERVER_KEY = "server.key"
 DEFAULT_HOSTS: tuple[str, ...] = ("127.0.0.1", "localhost")
 CA_VALIDITY = dt.timedelta(days=3650)
 SERVER_VALIDITY = dt.timedelta(days=825)

@@ -50,7 +50,7 @@ def test_certs_commands_write_private_files_0600_and_refuse_to_overwrite(tmp_pat
                  ["certs", "node-key", "--firm", "acme", "--out", str(tmp_path / "keys")]):
         result = runner.invoke(app, args)
         assert result.exit_code == 0, result.output
-    for secret in (certs / "ca.key", certs / "fedcrm.server.key", tmp_path / "keys" / "acme.key"):
+    for secret in (certs / "ca.key", certs / "server.key", tmp_path / "keys" / "acme.key"):
         assert stat.S_IMODE(secret.stat().st_mode) == 0o600, secret
     assert (tmp_path / "keys" / "acme.pub").read_text().startswith("ecdsa-sha2-nistp384 ")
     again = runner.invoke(app, ["certs", "node-key", "--firm", "acme", "--out",
@@ -167,7 +167,7 @@ def test_real_fedcrm_apps_complete_two_rounds_on_a_tls_deployment(tmp_path: Path
     run_config = bundle["tool"]["flwr"]["app"]["config"]
     assert run_config["run-dir"] == str(done.run_dir) and run_config["rounds"] == 2
     assert not any(str(v).endswith((".toml", ".key")) for v in run_config.values())
-    for secret in (fed / "certs" / "ca.key", fed / "certs" / "fedcrm.server.key",
+    for secret in (fed / "certs" / "ca.key", fed / "certs" / "server.key",
                    fed / "keys" / "firm1.key", fed / "keys" / "firm2.key"):
         assert stat.S_IMODE(secret.stat().st_mode) == 0o600, secret
     node_log = (fed / "nodes" / "firm1" / "supernode-firm1.log").read_text()
