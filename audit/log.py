@@ -123,11 +123,6 @@ def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def key_id(public_key: Ed25519PublicKey) -> str:
-    """``"ed25519:"`` + first 16 hex of SHA-256 over the raw 32-byte public key."""
-    return public_key_id(public_key)
-
-
 def raw_public_key(public_key: Ed25519PublicKey) -> bytes:
     return public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
 
@@ -278,7 +273,7 @@ class AuditLog:
                  clock: Callable[[], datetime] = _utc_now) -> None:
         self.path = Path(path)
         self._key = signing_key
-        self._key_id = key_id(signing_key.public_key())
+        self._key_id = public_key_id(signing_key.public_key())
         self._clock = clock
 
     def __repr__(self) -> str:
@@ -389,7 +384,7 @@ def load_public_keys(path: Path) -> dict[str, Ed25519PublicKey]:
             raise KeyFileError(f"{path} holds a PEM block that is not a public key") from None
         if not isinstance(loaded, Ed25519PublicKey):
             raise KeyFileError(f"{path} holds a key that is not Ed25519")
-        keys[key_id(loaded)] = loaded
+        keys[public_key_id(loaded)] = loaded
     if not keys:
         raise KeyFileError(f"{path} holds no PEM public key")
     return keys

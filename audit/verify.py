@@ -41,11 +41,11 @@ from fedcrm.audit.log import (
     EntryKind,
     _payload_problem,
     canonical_json,
-    key_id,
     load_public_keys,
     sha256_hex,
 )
 from fedcrm.privacy.errors import KeyFileError
+from fedcrm.privacy.keys import public_key_id
 
 
 class FailureKind(StrEnum):
@@ -176,11 +176,11 @@ def _rotate(scan: _Scan, n: int, entry: AuditEntry, active: dict[str, Ed25519Pub
     except (binascii.Error, ValueError):
         scan.fail(n, FailureKind.MALFORMED, "key_rotated new_public_key is not a raw Ed25519 key")
         return
-    if key_id(new_key) != entry.payload["new_key_id"]:
+    if public_key_id(new_key) != entry.payload["new_key_id"]:
         scan.fail(n, FailureKind.MALFORMED, "key_rotated new_key_id does not match new_public_key")
         return
     active.pop(entry.signer, None)  # the rotating key is retired
-    active[key_id(new_key)] = new_key
+    active[public_key_id(new_key)] = new_key
 
 
 def _check_semantics(scan: _Scan) -> None:

@@ -150,8 +150,7 @@ def release(
     privacy.ledger.check(event)
     value = compute()
     publish = stage(value) if stage is not None else None
-    privacy.ledger.commit(event)  # fsynced: from here the result may leave the process
-    total = privacy.spent()
+    total = privacy.ledger.commit(event)  # fsynced: from here the result may leave the process
     if privacy.audit is not None:
         entry = privacy.audit.append(
             EntryKind.DP_RELEASE,

@@ -58,7 +58,7 @@ class KeyKind(StrEnum):
     DATA = "data"
 
 
-def key_id(kind: KeyKind, version: int, key: bytes) -> str:
+def secret_key_id(kind: KeyKind, version: int, key: bytes) -> str:
     """Public identifier of a secret key: kind, version and a short one-way fingerprint."""
     fp = hashlib.sha256(b"fedcrm/key-id/v1/" + kind.value.encode() + b"/" + key).hexdigest()[:10]
     return f"{kind.value}-v{version}-{fp}"
@@ -179,11 +179,11 @@ class FirmKeys:
 
     @property
     def pseudonym_key_id(self) -> str:
-        return key_id(KeyKind.PSEUDONYM, self.pseudonym_version, self.pseudonym_master)
+        return secret_key_id(KeyKind.PSEUDONYM, self.pseudonym_version, self.pseudonym_master)
 
     @property
     def data_key_id(self) -> str:
-        return key_id(KeyKind.DATA, self.data_version, self.data_key)
+        return secret_key_id(KeyKind.DATA, self.data_version, self.data_key)
 
     def pseudonym_key(self) -> bytes:
         """The HMAC key for pseudonyms, derived per firm and version (never the master itself);
@@ -379,7 +379,7 @@ def rotate_key(keys_dir: Path, kind: KeyKind) -> str:
     _write_secret(
         keys_dir / f"{kind.value}-v{version}.key", key.hex().encode() + b"\n", force=False
     )
-    new_id = key_id(kind, version, key)
+    new_id = secret_key_id(kind, version, key)
     meta[field_name] = version
     ids = meta.setdefault("key_ids", {})
     if isinstance(ids, dict):

@@ -293,12 +293,15 @@ class PrivacyLedger:
 
     # -------------------------------------------------------------- commit
 
-    def commit(self, event: DpEvent) -> None:
+    def commit(self, event: DpEvent) -> float:
         """Record ``event`` durably; only after this returns may its noisy result be released.
 
         Under an exclusive lock the ledger is re-read and the budget re-checked, then the full
         new ledger is written to a temp file in the same directory, fsynced, renamed over the
         old one and the directory fsynced.
+
+        Returns:
+            ε spent after the commit (every committed event composed at the budget's δ).
 
         Raises:
             BudgetExhausted: if the event no longer fits (e.g. another process spent meanwhile).
@@ -307,13 +310,15 @@ class PrivacyLedger:
             remove_stale_temps(self._path)
             lines, events = _read(self._path, firm=self._firm)
             self._refuse_if_exceeds(events, event)
+            total = self._total_with(events, event)
             record = {
                 **event.to_json(),
                 "firm": self._firm,
-                "cumulative_epsilon": self._total_with(events, event),
+                "cumulative_epsilon": total,
             }
             lines.append(json.dumps(record, sort_keys=True, ensure_ascii=False))
             write_private(self._path, ("\n".join(lines) + "\n").encode())
+        return total
 
     def status(self) -> LedgerStatus:
         """A snapshot: cap, δ, ε spent (recomputed), remaining, ε per purpose, count, last time."""

@@ -31,12 +31,12 @@ from fedcrm.audit.log import (
     AuditLog,
     EntryKind,
     data_prepared_payload,
-    key_id,
     public_key_pem,
     raw_public_key,
 )
 from fedcrm.audit.verify import Failure, FailureKind, verify_log, verify_run
 from fedcrm.privacy.errors import AuditError
+from fedcrm.privacy.keys import public_key_id
 
 FIRMS = ("acme", "globex")
 DELTA = 1e-5
@@ -193,7 +193,7 @@ def run(run_template: Run, tmp_path: Path) -> Run:
 
 def firm_trusted(run: Run, firm: str) -> dict[str, Any]:
     pub = run.firm_keys[firm].public_key()
-    return {key_id(pub): pub}
+    return {public_key_id(pub): pub}
 
 
 def first(failures: list[Failure] | tuple[Failure, ...], file: str) -> Failure:
@@ -235,7 +235,7 @@ def test_entries_are_canonical_chained_and_files_private(run: Run) -> None:
     lines = run.firm_log("acme").read_bytes().splitlines()
     assert hashlib.sha256(lines[-1]).hexdigest() == entries[-1].hash
     assert stat.S_IMODE(run.firm_log("acme").stat().st_mode) == 0o600
-    assert entries[0].signer == key_id(run.firm_keys["acme"].public_key())
+    assert entries[0].signer == public_key_id(run.firm_keys["acme"].public_key())
 
 
 # ------------------------------------------------------------------ tampering, byte by byte
@@ -307,7 +307,7 @@ def test_reordered_pair_breaks_the_chain(run: Run) -> None:
     lines = run.lines(path)
     lines[2], lines[3] = lines[3], lines[2]
     run.write_lines(path, lines)
-    failures = verify_log(path, trusted_keys={key_id(run.fed_key.public_key()):
+    failures = verify_log(path, trusted_keys={public_key_id(run.fed_key.public_key()):
                                               run.fed_key.public_key()})
     assert (failures[0].line, failures[0].kind) == (3, FailureKind.BROKEN_CHAIN)
 
@@ -364,7 +364,7 @@ def test_key_rotation_hands_trust_to_the_new_key_and_retires_the_old(run: Run) -
     path = run.firm_log("acme")
     old, new = run.firm_keys["acme"], Ed25519PrivateKey.generate()
     AuditLog(path, signing_key=old).append(EntryKind.KEY_ROTATED, {
-        "new_key_id": key_id(new.public_key()),
+        "new_key_id": public_key_id(new.public_key()),
         "new_public_key": base64.b64encode(raw_public_key(new.public_key())).decode()})
     AuditLog(path, signing_key=new).append(EntryKind.BUDGET_CHANGED,
                                            {"epsilon_cap": CAP, "delta": DELTA})
@@ -377,8 +377,8 @@ def test_key_rotation_hands_trust_to_the_new_key_and_retires_the_old(run: Run) -
 
 def test_pinned_keys_reject_a_swapped_public_key(run: Run) -> None:
     (run.root / "keys").mkdir()
-    pins = {"federation": key_id(run.fed_key.public_key()),
-            **{f: [key_id(k.public_key())] for f, k in run.firm_keys.items()}}
+    pins = {"federation": public_key_id(run.fed_key.public_key()),
+            **{f: [public_key_id(k.public_key())] for f, k in run.firm_keys.items()}}
     (run.root / "keys" / "trusted.json").write_text(json.dumps(pins))
     assert verify_run(run.root).ok
     impostor = Ed25519PrivateKey.generate()
@@ -516,7 +516,7 @@ def test_sigkilled_writer_mid_append_leaves_a_valid_log(tmp_path: Path) -> None:
                                            serialization.PrivateFormat.PKCS8,
                                            serialization.NoEncryption()))
     path = tmp_path / "audit.jsonl"
-    trusted = {key_id(key.public_key()): key.public_key()}
+    trusted = {public_key_id(key.public_key()): key.public_key()}
     rng = random.Random(7)
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     for _ in range(3):  # each writer start costs seconds of imports on a busy machine

@@ -27,3 +27,17 @@ def test_privacy_package_source_never_mentions_torch_or_flwr_imports() -> None:
         text = path.read_text()
         for banned in ("import torch", "from torch", "import flwr", "from flwr", "opacus"):
             assert banned not in text, f"{path} mentions {banned!r}"
+
+
+def test_no_module_of_fedcrm_is_part_of_an_import_cycle() -> None:
+    import grimp
+
+    graph = grimp.build_graph("fedcrm")
+    modules = sorted(graph.modules)
+    # Tarjan-free check: a module is in a cycle iff it can reach itself through its imports.
+    in_cycle = [
+        m for m in modules
+        if any(graph.chain_exists(imported=m, importer=dep)
+               for dep in graph.find_modules_directly_imported_by(m))
+    ]
+    assert in_cycle == [], f"modules in an import cycle: {in_cycle}"
