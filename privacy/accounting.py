@@ -94,6 +94,9 @@ MAX_NOISE_MULTIPLIER = 1e4
 MIN_NOISE_MULTIPLIER = 1e-3
 """:func:`calibrate_noise` never returns less noise than this."""
 
+_BRACKET_START = 16.0
+"""Where :func:`calibrate_noise` starts bracketing σ (budgets of ε ≈ 0.1-10 need σ ≈ 0.5-40)."""
+
 
 # ------------------------------------------------------------------------------ validation
 
@@ -410,14 +413,14 @@ def calibrate_noise(
     sample_rate: float,
     steps: int,
     prior_events: Sequence[DpEvent] = (),
-    tolerance: float = 0.01,
+    tolerance: float = 1e-3,
 ) -> float:
     """Smallest noise multiplier σ such that ``prior_events`` + this DP-SGD plan stays within
     ``target_epsilon`` (the firm's TOTAL cap) at ``delta``.
 
     ``dp_accounting.mechanism_calibration.calibrate_dp_mechanism`` over the composition of
     ``prior_events`` and the plan. The returned σ always satisfies ``ε(σ) <= target_epsilon`` and
-    lies within ``tolerance × MIN_NOISE_MULTIPLIER`` of the smallest feasible σ.
+    lies within a factor ``1 + tolerance`` of the smallest feasible σ.
 
     Raises:
         ValueError: on invalid arguments (steps and sample_rate must be positive).
@@ -463,20 +466,25 @@ def calibrate_noise(
 
     if spent >= target:
         raise does_not_fit("nothing is left for this plan")
-    if eps_at(MAX_NOISE_MULTIPLIER) > target:
-        raise does_not_fit(
-            f"even noise multiplier {MAX_NOISE_MULTIPLIER:g} would exceed it"
-        )
-    if eps_at(MIN_NOISE_MULTIPLIER) <= target:
-        return MIN_NOISE_MULTIPLIER
-    # dp_accounting searches an upper bracket from the guess, then runs Brent's method; the
+    # Bracket the answer by doubling/halving from a large σ, where ε is cheap to evaluate (the RDP
+    # series of small σ converge slowly), then let dp_accounting run Brent's method inside it; its
     # result is guaranteed to satisfy ε(σ) <= target and to lie within ``tol`` of the optimum.
+    hi = _BRACKET_START
+    while eps_at(hi) > target:
+        if hi >= MAX_NOISE_MULTIPLIER:
+            raise does_not_fit(f"even noise multiplier {MAX_NOISE_MULTIPLIER:g} would exceed it")
+        hi = min(2 * hi, MAX_NOISE_MULTIPLIER)
+    lo = hi / 2
+    while eps_at(lo) <= target:
+        if lo <= MIN_NOISE_MULTIPLIER:
+            return MIN_NOISE_MULTIPLIER
+        hi, lo = lo, max(lo / 2, MIN_NOISE_MULTIPLIER)
     sigma = mechanism_calibration.calibrate_dp_mechanism(
         RdpAccountant,
         composed_with_plan,
         target,
         d,
-        bracket_interval=mechanism_calibration.LowerEndpointAndGuess(MIN_NOISE_MULTIPLIER, 1.0),
-        tol=tolerance * MIN_NOISE_MULTIPLIER,
+        bracket_interval=mechanism_calibration.ExplicitBracketInterval(lo, hi),
+        tol=tolerance * lo,
     )
     return float(sigma)
