@@ -41,3 +41,23 @@ def test_no_module_of_fedcrm_is_part_of_an_import_cycle() -> None:
                for dep in graph.find_modules_directly_imported_by(m))
     ]
     assert in_cycle == [], f"modules in an import cycle: {in_cycle}"
+
+
+def test_the_wheel_installs_only_the_fedcrm_package(tmp_path: Path) -> None:
+    import zipfile
+
+    result = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+         "-w", str(tmp_path), str(ROOT)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    (wheel,) = tmp_path.glob("fedcrm-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    top = {name.split("/")[0] for name in names}
+    assert {t for t in top if not t.endswith(".dist-info")} == {"fedcrm"}, top
+    # the role folders are in the package as real files, not links
+    for module in ("privacy/ledger.py", "audit/verify.py", "coordinator/events.py",
+                   "clients/client_app.py", "server/strategies.py", "flower/records.py",
+                   "simulations/run.py"):
+        assert f"fedcrm/{module}" in names, module
