@@ -44,11 +44,19 @@ def test_no_module_of_fedcrm_is_part_of_an_import_cycle() -> None:
 
 
 def test_the_wheel_installs_only_the_fedcrm_package(tmp_path: Path) -> None:
+    import shutil
     import zipfile
 
+    # Build from a copy: setuptools writes build/ and *.egg-info into the source tree.
+    source = tmp_path / "src"
+    shutil.copytree(
+        ROOT, source, symlinks=True,
+        ignore=shutil.ignore_patterns(".venv", ".git", "runs", "build", "*.egg-info",
+                                      "__pycache__", "results", ".*_cache"),
+    )
     result = subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-         "-w", str(tmp_path), str(ROOT)],
+         "-w", str(tmp_path), str(source)],
         capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, result.stderr[-2000:]
