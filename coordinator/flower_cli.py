@@ -38,6 +38,7 @@ from fedcrm.coordinator.processes import (
     run_command,
 )
 from fedcrm.privacy.certs import ServerCertFiles, load_node_public_key
+from fedcrm.privacy.durable import write_atomic
 
 FLWR_CONFIG_FILE = "config.toml"
 CLI_TIMEOUT_S = 120.0
@@ -170,9 +171,7 @@ def write_flwr_config(flwr_home: Path, name: str, address: str, root_cert: Path)
     superlink["default"] = name
     superlink[name] = {"address": address, "root-certificates": str(Path(root_cert).resolve())}
     config["superlink"] = superlink
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(tomli_w.dumps(config))
-    os.replace(tmp, path)
+    write_atomic(path, tomli_w.dumps(config).encode(), mode=0o644)
     return path
 
 

@@ -119,7 +119,9 @@ def scan(
             encoding=spec.encoding,
             delimiter=spec.delimiter,
         )
-        write_config.write_text(text, encoding="utf-8")
+        from fedcrm.privacy.durable import write_atomic
+
+        write_atomic(write_config, text.encode("utf-8"), mode=0o644)
         (err if as_json else out).print(f"wrote starter config {write_config}: review it")
 
 

@@ -30,7 +30,7 @@ from fedcrm.data import features as crm_features
 from fedcrm.data.contract import ColumnRole, FirmConfig, TableName
 from fedcrm.data.ingest import iter_chunks
 from fedcrm.data.validation import IdRegistry, check_columns, validate_chunk
-from fedcrm.privacy.durable import fsync_dir
+from fedcrm.privacy.durable import fsync_dir, write_atomic
 from fedcrm.privacy.encryption import EncryptedTableWriter
 from fedcrm.privacy.errors import KeyFileError, QuarantineThresholdExceeded
 from fedcrm.privacy.keys import FirmKeys, load_keys
@@ -318,7 +318,11 @@ def prepare(
             },
             "store_hash": store_hash,
         }
-        (staging / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        write_atomic(
+            staging / MANIFEST,
+            (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode(),
+            mode=0o644,
+        )
         _swap_in(staging, cfg.prepared_dir)
         if keys.signing_key is not None:
             AuditLog(cfg.audit_path, signing_key=keys.signing_key).append(
