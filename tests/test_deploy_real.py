@@ -3,7 +3,10 @@
 Telco firms with their own prepared encrypted stores, a TLS SuperLink with SuperNode
 authentication, one ``flower-supernode`` per firm (node config: only the firm config path),
 the real ServerApp / ClientApp for 2 rounds; afterwards no Flower process may be left.
-Also the command line wiring of every deployment command (fast).
+
+That deployment costs about a minute, so it runs ONCE per test session (the module-scoped
+``real_deployment`` fixture) and each ``slow`` test below checks one fact about it. Also the
+command line wiring of every deployment command (fast).
 """
 
 from __future__ import annotations
@@ -12,13 +15,23 @@ import json
 import stat
 import time
 import tomllib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeVar
 
 import pytest
 from conftest import assert_all_gone
 from typer.testing import CliRunner
 
+from fedcrm.coordinator.local_deployment import DeployEvent, DeployEventKind
 from fedcrm.coordinator.run_config import RunConfig
+from fedcrm.simulations.deploy_local import FEDERATION_DIR, LocalDeployment
+
+TestFunction = TypeVar("TestFunction", bound=Callable[..., None])
+FIRMS = ("firm1", "firm2")
+ROUNDS = 2
+TARGET_EPSILON = 0.5
 
 
 # ---------------------------------------------------------------- fast: CLI wiring
@@ -124,60 +137,193 @@ def test_the_firm_node_config_is_only_the_absolute_firm_config_path(tmp_path: Pa
 
 
 # ---------------------------------------------------------------- slow: the real apps
-@pytest.mark.slow
-@pytest.mark.data
-@pytest.mark.timeout(420)
-def test_real_fedcrm_apps_complete_two_rounds_on_a_tls_deployment(tmp_path: Path) -> None:
-    from fedcrm.coordinator.local_deployment import DeployEvent, DeployEventKind
+@dataclass(frozen=True)
+class RealDeployment:
+    """What the one real deployment left behind, for the tests to read (never to change)."""
+
+    done: LocalDeployment
+    events: tuple[DeployEvent, ...]  # as ``on_event`` received them, in order
+    root: Path  # every file the deployment wrote, and every process it started, names this
+    seconds: float  # wall time of ``run_local_deployment``
+
+    @property
+    def summary(self) -> dict[str, Any]:
+        return self.done.summary
+
+    @property
+    def federation(self) -> Path:
+        return self.done.run_dir / FEDERATION_DIR
+
+    def kinds(self) -> list[DeployEventKind]:
+        return [e.kind for e in self.events]
+
+
+@pytest.fixture(scope="module")
+def real_deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RealDeployment]:
+    """The real fedcrm ServerApp / ClientApp, 2 Telco firms x 2 rounds, TLS + registered keys."""
+    from fedcrm.privacy.keys import ENV_COORDINATOR_KEY
     from fedcrm.simulations.deploy_local import (
         DeploySection,
         LocalDeployConfig,
         run_local_deployment,
     )
 
+    root = tmp_path_factory.mktemp("real-deploy")
     cfg = LocalDeployConfig(
-        deploy=DeploySection(firms=3, seed=3, epsilon_budget=1.0, workdir=tmp_path / "runs"),
-        run=RunConfig(rounds=2, min_firms=2, round_timeout=120,
-                      wait_for_firms=30, target_epsilon=0.5, batch_size=128,
+        deploy=DeploySection(firms=3, seed=3, epsilon_budget=1.0, workdir=root / "runs"),
+        run=RunConfig(rounds=ROUNDS, min_firms=2, round_timeout=120,
+                      wait_for_firms=30, target_epsilon=TARGET_EPSILON, batch_size=128,
                       learning_rate=1.0, max_update_norm=100.0),
     )
     events: list[DeployEvent] = []
-    started = time.monotonic()
-    done = run_local_deployment(cfg, firms=2, run_id="real-deploy", on_event=events.append)
-    seconds = time.monotonic() - started
+    # run_local_deployment points this process's environment at the run's coordinator key;
+    # put it back afterwards so no later test signs with a deleted temp key
+    with pytest.MonkeyPatch.context() as env:
+        env.delenv(ENV_COORDINATOR_KEY, raising=False)
+        started = time.monotonic()
+        done = run_local_deployment(
+            cfg, firms=len(FIRMS), run_id="real-deploy", on_event=events.append
+        )
+        seconds = time.monotonic() - started
+    print(f"\nreal deployment of {len(FIRMS)} firms x {ROUNDS} rounds: {seconds:.1f}s")
+    yield RealDeployment(done=done, events=tuple(events), root=root, seconds=seconds)
 
+
+def on_the_real_deployment(test: TestFunction) -> TestFunction:
+    """Marks of a test reading ``real_deployment`` (the first one pays for the deployment)."""
+    marked: TestFunction = pytest.mark.slow(pytest.mark.data(pytest.mark.timeout(420)(test)))
+    return marked
+
+
+@on_the_real_deployment
+def test_the_real_apps_complete_two_rounds_over_tls_with_registered_nodes(
+    real_deployment: RealDeployment,
+) -> None:
+    done, summary = real_deployment.done, real_deployment.summary
     assert done.result.completed, done.result.status
-    assert done.summary_path.exists()
-    summary = json.loads(done.summary_path.read_text())
+    assert done.completed and done.summary_path.exists()
+    assert json.loads(done.summary_path.read_text()) == summary
     assert summary["status"] == "completed", summary.get("stop_reason")
-    assert summary["rounds_completed"] == 2
-    assert 0.5 < summary["metrics"]["pooled"]["auc"] <= 1.0
-    firms = {f["firm"]: f for f in summary["firms"]}
-    assert set(firms) == {"firm1", "firm2"} == set(done.result.node_ids)
-    for f in firms.values():
-        assert f["rounds_trained"] == 2
-        assert 0 < f["epsilon"] <= f["epsilon_budget"] + 1e-9
-        assert f["epsilon"] <= 0.5 + 1e-9  # the run's target_epsilon
+    assert summary["rounds_completed"] == ROUNDS
     assert summary["deployment"]["flower_status"] == "finished:completed"
-    assert [e.round for e in events if e.kind is DeployEventKind.ROUND] == [1, 2]
-    assert events[-1].kind is DeployEventKind.STOPPED
+    # every firm's key was registered, its node admitted, and it trained in every round
+    assert set(done.result.node_ids) == set(FIRMS) == {f["firm"] for f in summary["firms"]}
+    assert len(set(done.result.node_ids.values())) == len(FIRMS)
+    assert summary["deployment"]["node_ids"] == dict(done.result.node_ids)
+    assert all(f["rounds_trained"] == ROUNDS for f in summary["firms"])
+    link_log = done.result.logs["superlink"].read_text()
+    assert "--enable-supernode-auth" in link_log and "--ssl-certfile" in link_log
+    for firm, node_id in done.result.node_ids.items():
+        node_log = done.result.logs[f"supernode-{firm}"].read_text()
+        assert "--root-certificates" in node_log and "--auth-supernode-private-key" in node_log
+        assert f"SuperNode ID: {node_id}" in node_log
+    kinds = real_deployment.kinds()
+    registered = [e.firm for e in real_deployment.events
+                  if e.kind is DeployEventKind.NODE_REGISTERED]
+    assert registered == list(FIRMS)
+    assert (kinds.index(DeployEventKind.SUPERLINK_STARTED)
+            < kinds.index(DeployEventKind.NODE_REGISTERED)
+            < kinds.index(DeployEventKind.NODES_ONLINE)
+            < kinds.index(DeployEventKind.RUN_STARTED)
+            < kinds.index(DeployEventKind.RUN_FINISHED))
+    assert kinds[-1] is DeployEventKind.STOPPED and kinds.count(DeployEventKind.STOPPED) == 1
+    assert 0 < summary["deployment"]["seconds"] <= real_deployment.seconds
 
-    fed = done.run_dir / "federation"
-    bundle = tomllib.loads((fed / "app" / "pyproject.toml").read_text())
-    run_config = bundle["tool"]["flwr"]["app"]["config"]
-    assert run_config["run-dir"] == str(done.run_dir) and run_config["rounds"] == 2
+
+@on_the_real_deployment
+def test_round_progress_is_reported_from_the_runs_typed_event_log(
+    real_deployment: RealDeployment,
+) -> None:
+    from fedcrm.coordinator.events import EVENTS, RoundTrained, read_run_events
+
+    rounds = [e for e in real_deployment.events if e.kind is DeployEventKind.ROUND]
+    assert [e.round for e in rounds] == [1, 2]
+    assert [e.total_rounds for e in rounds] == [ROUNDS, ROUNDS]
+    kinds = real_deployment.kinds()
+    first, last = (real_deployment.events.index(rounds[0]),
+                   real_deployment.events.index(rounds[-1]))
+    assert kinds.index(DeployEventKind.RUN_STARTED) < first
+    assert last < kinds.index(DeployEventKind.RUN_FINISHED)
+    # the progress is the ServerApp's events.jsonl, not Flower's log
+    logged = read_run_events(real_deployment.done.run_dir / EVENTS)
+    assert [e.round for e in logged if isinstance(e, RoundTrained)] == [1, 2]
+
+
+@on_the_real_deployment
+def test_each_firm_spends_a_positive_epsilon_within_its_budget_and_the_run_target(
+    real_deployment: RealDeployment,
+) -> None:
+    firms = {f["firm"]: f for f in real_deployment.summary["firms"]}
+    assert set(firms) == set(FIRMS)
+    for f in firms.values():
+        assert 0 < f["epsilon"] <= f["epsilon_budget"] + 1e-9, f
+        assert f["epsilon"] <= TARGET_EPSILON + 1e-9, f
+        assert 0 < f["delta"] < 1, f
+        assert Path(f["ledger"]).exists(), f
+
+
+@on_the_real_deployment
+def test_the_federated_churn_model_beats_chance_on_the_pooled_holdout(
+    real_deployment: RealDeployment,
+) -> None:
+    assert 0.5 < real_deployment.summary["metrics"]["pooled"]["auc"] <= 1.0
+
+
+@on_the_real_deployment
+def test_the_app_bundle_carries_no_secret_and_no_firm_path(
+    real_deployment: RealDeployment,
+) -> None:
+    run_dir = real_deployment.done.run_dir
+    app_dir = real_deployment.federation / "app"
+    assert sorted(p.name for p in app_dir.iterdir()) == ["pyproject.toml"]
+    app_text = (app_dir / "pyproject.toml").read_text()
+    run_config = tomllib.loads(app_text)["tool"]["flwr"]["app"]["config"]
+    assert run_config["run-dir"] == str(run_dir) and run_config["rounds"] == ROUNDS
     assert not any(str(v).endswith((".toml", ".key")) for v in run_config.values())
-    for secret in (fed / "certs" / "ca.key", fed / "certs" / "server.key",
-                   fed / "keys" / "firm1.key", fed / "keys" / "firm2.key"):
+    assert "firm-config" not in run_config
+    assert ".key" not in app_text and "BEGIN" not in app_text
+    assert str(run_dir / "firms") not in app_text
+
+
+@on_the_real_deployment
+def test_every_private_key_the_deployment_wrote_is_0600(
+    real_deployment: RealDeployment,
+) -> None:
+    run_dir, fed = real_deployment.done.run_dir, real_deployment.federation
+    expected = {fed / "certs" / "ca.key", fed / "certs" / "server.key",
+                run_dir / "coordinator" / "signing.key",
+                *(fed / "keys" / f"{firm}.key" for firm in FIRMS),
+                *(run_dir / "firms" / firm / "keys" / "signing.key" for firm in FIRMS)}
+    written = set(run_dir.rglob("*.key"))
+    assert expected <= written
+    for secret in sorted(written):
         assert stat.S_IMODE(secret.stat().st_mode) == 0o600, secret
-    node_log = (fed / "nodes" / "firm1" / "supernode-firm1.log").read_text()
-    firm1_config = str((done.run_dir / "firms" / "firm1" / "firm.toml").resolve())
-    assert f"--node-config firm-config='{firm1_config}'" in node_log
-    assert_all_gone(tmp_path)
-    # the auditor's verification passes on the deployment's signed logs
+
+
+@on_the_real_deployment
+def test_a_firms_node_config_is_only_its_absolute_firm_config_path(
+    real_deployment: RealDeployment,
+) -> None:
+    for firm in FIRMS:
+        node_log = (real_deployment.federation / "nodes" / firm / f"supernode-{firm}.log")
+        firm_config = (real_deployment.done.run_dir / "firms" / firm / "firm.toml").resolve()
+        # the next argument starts right after the one key: nothing else rides along
+        assert f"--node-config firm-config='{firm_config}' --" in node_log.read_text(), firm
+
+
+@on_the_real_deployment
+def test_no_deployment_process_outlives_the_run(real_deployment: RealDeployment) -> None:
+    assert real_deployment.kinds()[-1] is DeployEventKind.STOPPED
+    assert_all_gone(real_deployment.root)
+
+
+@on_the_real_deployment
+def test_the_auditor_verifies_the_deployments_signed_logs(
+    real_deployment: RealDeployment,
+) -> None:
     from fedcrm.audit.verify import verify_run
 
-    verification = verify_run(done.run_dir)
-    assert verification.ok, [str(f) for f in verification.failures]
+    fed = real_deployment.federation
     assert (fed / "audit.jsonl").exists() and (fed / "signing.pub").exists()
-    print(f"real deployment of 2 firms x 2 rounds: {seconds:.1f}s")
+    verification = verify_run(real_deployment.done.run_dir)
+    assert verification.ok, [str(f) for f in verification.failures]
