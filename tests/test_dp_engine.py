@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -24,6 +25,7 @@ from fedcrm.learning.dp_engine import (
 from fedcrm.learning.models import build_churn_model, churn_per_sample_loss
 from fedcrm.privacy.accounting import DpEvent, Mechanism, make_event
 from fedcrm.privacy.errors import PlanDoesNotFit
+from fedcrm.privacy.noise import SecureRandom
 
 torch.set_num_threads(1)
 
@@ -424,3 +426,88 @@ def test_rejects_mismatched_data() -> None:
         train_non_dp(model, torch.zeros(0, 3), torch.zeros(0),
                      per_sample_loss=churn_per_sample_loss, epochs=1, batch_size=2,
                      learning_rate=0.1, generator=torch.Generator())
+
+
+# -- the production noise source (ChaCha20) -------------------------------------------------------
+
+
+def one_noisy_step(generator: engine.NoiseSource | torch.Generator, *, n: int = 1000,
+                   rate: float = 0.1, sigma: float = 1.5, clip: float = 2.0,
+                   steps: int = 1) -> Tensor:
+    """Weights after ``steps`` SGD steps (lr=1) on zero data gradients: pure noise."""
+    model = nn.Linear(400, 5)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+    plan = DpPlan(steps=steps, sample_rate=rate, noise_multiplier=sigma, max_grad_norm=clip,
+                  learning_rate=1.0, delta=1e-5, epochs=0.1 * steps)
+    train_dp(model, torch.rand(n, 400, generator=torch.Generator().manual_seed(1)),
+             torch.zeros(n), per_sample_loss=zero_loss, plan=plan, generator=generator,
+             optimizer="sgd")
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+
+def test_secure_noise_std_is_noise_multiplier_times_clip_over_expected_batch() -> None:
+    moved = one_noisy_step(engine.noise_generator())
+    expected = 1.5 * 2.0 / (1000 * 0.1)
+    assert float(moved.std()) == pytest.approx(expected, rel=0.1)
+    assert abs(float(moved.mean())) < 4 * expected / math.sqrt(moved.numel())
+
+
+def test_secure_noise_with_an_injected_key_reproduces_and_fresh_sources_differ() -> None:
+    def keyed() -> engine.SecureNoise:
+        return engine.SecureNoise(SecureRandom(key=bytes(range(32))))
+
+    assert torch.equal(one_noisy_step(keyed(), steps=3), one_noisy_step(keyed(), steps=3))
+    assert not torch.equal(one_noisy_step(engine.noise_generator()),
+                           one_noisy_step(engine.noise_generator()))
+
+
+def test_production_training_never_touches_torch_or_numpy_random(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def banned(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the production DP path used torch's Mersenne Twister")
+
+    X, y = toy_data(n=300)
+    plan = plan_for_budget(n_examples=300, target_epsilon=2.0, delta=1e-4, epochs=2,
+                           batch_size=32, max_grad_norm=1.0, learning_rate=0.05)
+    model = build_churn_model("mlp", 5, seed=1)
+    torch_state, numpy_state = torch.get_rng_state(), np.random.get_state()
+    for name in ("randn", "rand", "randint", "randperm", "normal", "bernoulli"):
+        monkeypatch.setattr(torch, name, banned)
+    for name in ("exponential_", "normal_", "uniform_", "bernoulli_"):
+        monkeypatch.setattr(torch.Tensor, name, banned)
+    stats = train_dp(model, X, y, per_sample_loss=churn_per_sample_loss, plan=plan,
+                     generator=engine.noise_generator())
+    assert stats.steps == plan.steps and stats.examples_processed > 0
+    monkeypatch.undo()
+    assert torch.equal(torch.get_rng_state(), torch_state)
+    assert all(np.array_equal(a, b) for a, b in zip(np.random.get_state(), numpy_state,
+                                                     strict=True))
+
+
+@pytest.mark.parametrize("block", [1, 7, 2**16])
+def test_noise_blocks_give_every_step_its_own_full_noise_vector(
+    monkeypatch: pytest.MonkeyPatch, block: int
+) -> None:
+    monkeypatch.setattr(engine, "_NOISE_BLOCK", block)
+    source = engine.SecureNoise(SecureRandom(key=bytes(32)))
+    vectors = list(engine._step_noise(source, 5, 23, torch.float32))
+    assert len(vectors) == 23 and all(v.shape == (5,) and v.dtype == torch.float32
+                                      for v in vectors)
+    assert len({tuple(v.tolist()) for v in vectors}) == 23  # no step reuses another's noise
+    # blocks only cut the stream; they never skip or repeat values of it
+    whole = engine.SecureNoise(SecureRandom(key=bytes(32))).normal(5 * 23, dtype=torch.float32)
+    if block >= 5 * 23:
+        torch.testing.assert_close(torch.cat(vectors), whole, rtol=0, atol=0)
+
+
+def test_secure_noise_over_many_blocked_steps_keeps_its_scale(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(engine, "_NOISE_BLOCK", 1000)  # force several blocks
+    moved = one_noisy_step(engine.noise_generator(), steps=8)
+    # 8 independent steps: the sum of 8 draws, std √8 σC/(nq)
+    expected = math.sqrt(8) * 1.5 * 2.0 / (1000 * 0.1)
+    assert float(moved.std()) == pytest.approx(expected, rel=0.1)

@@ -29,16 +29,27 @@ Per-example clipping never loops over examples:
   which needs no second backward pass);
 * anything else falls back to ``torch.func.vmap`` per-example gradients.
 
-All randomness (Poisson sampling and Gaussian noise) comes from the injected ``torch.Generator``
-(so runs are reproducible in tests). It is torch's Mersenne Twister, not a CSPRNG, as in Opacus
-without ``secure_mode``; floating-point Gaussian sampling is not hardened against the attacks of
-Mironov (CCS 2012) either. Both are the usual practical trade-off and are recorded here on purpose.
+All randomness of a DP run (Poisson sampling and Gaussian noise) comes from one injected
+:class:`NoiseSource`. In production it is :func:`noise_generator`'s :class:`SecureNoise`: the
+ChaCha20 keystream of :class:`fedcrm.privacy.noise.SecureRandom` (``cryptography``/OpenSSL, a
+fresh 256-bit key from the OS per training round), so the noise cannot be predicted or replayed
+from earlier outputs, as it could from a Mersenne Twister. Tests and benchmarks that need
+reproducible runs inject :class:`SeededNoise` (or a plain seeded ``torch.Generator``, which
+:func:`train_dp` wraps in one); that is torch's Mersenne Twister and never the production path.
+Noise is drawn in blocks of several steps (one keystream call per block), not per step or element.
+
+Still NOT hardened: the Gaussian noise is floating-point. Normals come from the Box–Muller
+transform of 53-bit uniforms, rounded to float64 and then to the parameters' float32, and are
+added to float gradients. This is not a discretised or snapping mechanism, so the attacks of
+Mironov ("On Significance of the Least Significant Bits for Differential Privacy", CCS 2012) on
+the irregular set of floating-point outputs are not ruled out; the guarantee is that of the ideal
+Gaussian mechanism, to the extent that float rounding does not break it. (Integer releases such
+as counts should use :func:`fedcrm.privacy.noise.discrete_gaussian`, which is exact.)
 """
 
 from __future__ import annotations
 
 import math
-import os
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -57,6 +68,7 @@ from fedcrm.privacy.accounting import (
     make_event,
 )
 from fedcrm.privacy.errors import PlanDoesNotFit
+from fedcrm.privacy.noise import SecureRandom
 
 PerSampleLoss = Callable[[Tensor, Tensor], Tensor]
 """``(model_output[B, ...], targets[B, ...]) -> loss[B]``: one loss per example, no reduction."""
@@ -145,9 +157,81 @@ class TrainStats:
     seconds: float
 
 
-def noise_generator() -> torch.Generator:
-    """A generator seeded from the OS for DP noise and Poisson sampling (never a fixed seed)."""
-    return torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "big") >> 1)
+@runtime_checkable
+class NoiseSource(Protocol):
+    """Where one DP-SGD run takes ALL its randomness: Gaussian noise and Poisson sampling.
+
+    Each call returns a whole vector; :func:`train_dp` asks for blocks covering several steps.
+    """
+
+    def normal(self, n: int, *, dtype: torch.dtype) -> Tensor:
+        """``n`` independent standard normals, as a 1-D tensor of ``dtype``."""
+        ...
+
+    def exponential(self, n: int) -> Tensor:
+        """``n`` independent Exp(1) variates, float64 (the Poisson sampler's geometric gaps)."""
+        ...
+
+
+class SecureNoise:
+    """Production noise: the ChaCha20 keystream of :class:`fedcrm.privacy.noise.SecureRandom`.
+
+    ``rng`` is for tests with an injected key; production calls :func:`noise_generator`, which
+    gives every training round a fresh key from the OS.
+    """
+
+    __slots__ = ("_rng",)
+
+    def __init__(self, rng: SecureRandom | None = None) -> None:
+        self._rng = rng if rng is not None else SecureRandom()
+
+    def __repr__(self) -> str:
+        return f"SecureNoise({self._rng!r})"
+
+    def normal(self, n: int, *, dtype: torch.dtype) -> Tensor:
+        return torch.from_numpy(self._rng.normal(n)).to(dtype)
+
+    def exponential(self, n: int) -> Tensor:
+        return torch.from_numpy(self._rng.exponential(n))
+
+
+class SeededNoise:
+    """Reproducible noise from a seeded ``torch.Generator`` (Mersenne Twister, NOT a CSPRNG):
+    for tests and benchmarks only, never for a release."""
+
+    __slots__ = ("generator",)
+
+    def __init__(self, generator: torch.Generator) -> None:
+        self.generator = generator
+
+    def normal(self, n: int, *, dtype: torch.dtype) -> Tensor:
+        return torch.randn(n, generator=self.generator, dtype=dtype)
+
+    def exponential(self, n: int) -> Tensor:
+        return torch.empty(n, dtype=torch.float64).exponential_(generator=self.generator)
+
+
+def noise_generator() -> SecureNoise:
+    """The production noise source for one training round: a ChaCha20 keystream under a fresh
+    256-bit key from the OS (never a fixed seed). Pass it as ``train_dp(..., generator=...)``."""
+    return SecureNoise()
+
+
+def as_noise_source(generator: NoiseSource | torch.Generator) -> NoiseSource:
+    """``generator`` as a :class:`NoiseSource`; a seeded ``torch.Generator`` (tests,
+    benchmarks) is wrapped in :class:`SeededNoise`.
+
+    Fails closed: only the two sources above are accepted, since anything with ``normal`` and
+    ``exponential`` methods (a numpy ``Generator``, say) would satisfy the protocol.
+    """
+    if isinstance(generator, torch.Generator):
+        return SeededNoise(generator)
+    if not isinstance(generator, (SecureNoise, SeededNoise)):
+        raise TypeError(
+            f"DP-SGD takes its noise from a NoiseSource: noise_generator() in production, a seeded "
+            f"torch.Generator in tests; got {type(generator).__name__}"
+        )
+    return generator
 
 
 def plan_for_budget(
@@ -479,8 +563,11 @@ def _input_factor(clipper: _GhostClipper | _VmapClipper, X: Tensor) -> Tensor | 
 #: About how many sampled indices one block of steps draws at once (bounds memory).
 _SAMPLING_BLOCK = 2**22
 
+#: About how many Gaussian noise values one draw covers (whole steps; bounds memory).
+_NOISE_BLOCK = 2**16
 
-def _bernoulli_successes(length: int, sample_rate: float, generator: torch.Generator) -> Tensor:
+
+def _bernoulli_successes(length: int, sample_rate: float, source: NoiseSource) -> Tensor:
     """Sorted positions of the successes among ``length`` i.i.d. Bernoulli(``sample_rate``) trials.
 
     Exact and O(length·q) instead of O(length): the gaps between successive successes are i.i.d.
@@ -494,7 +581,7 @@ def _bernoulli_successes(length: int, sample_rate: float, generator: torch.Gener
     pieces: list[Tensor] = []
     last = -1.0
     while True:
-        gaps = torch.empty(chunk, dtype=torch.float64).exponential_(generator=generator)
+        gaps = source.exponential(chunk)
         positions = gaps.div_(rate).floor_().add_(1.0).cumsum_(0).add_(last)
         if positions[-1] >= length:
             pieces.append(positions[positions < length])
@@ -505,14 +592,15 @@ def _bernoulli_successes(length: int, sample_rate: float, generator: torch.Gener
 
 
 def poisson_batches(n: int, sample_rate: float, steps: int,
-                    generator: torch.Generator) -> Iterator[Tensor]:
+                    generator: NoiseSource | torch.Generator) -> Iterator[Tensor]:
     """Index tensors of ``steps`` Poisson-sampled batches: in every step each of the ``n`` examples
     joins independently with probability ``sample_rate`` (batches may be empty).
 
     The ``steps × n`` inclusion decisions are one long i.i.d. Bernoulli sequence, so they are drawn
     together, in blocks of steps, by :func:`_bernoulli_successes`; position ``p`` is example
-    ``p mod n`` of step ``p // n``.
+    ``p mod n`` of step ``p // n``. The exponential gaps come from ``generator``.
     """
+    source = as_noise_source(generator)
     if sample_rate >= 1.0:
         for _ in range(steps):
             yield torch.arange(n)
@@ -525,9 +613,22 @@ def poisson_batches(n: int, sample_rate: float, steps: int,
     done = 0
     while done < steps:
         k = min(block, steps - done)
-        positions = _bernoulli_successes(k * n, sample_rate, generator)
+        positions = _bernoulli_successes(k * n, sample_rate, source)
         counts = torch.bincount(positions // n, minlength=k).tolist()
         yield from (positions % n).split(counts)
+        done += k
+
+
+def _step_noise(source: NoiseSource, total: int, steps: int,
+                dtype: torch.dtype) -> Iterator[Tensor]:
+    """``steps`` flat noise vectors of ``total`` standard normals each, drawn lazily in blocks of
+    whole steps (about ``_NOISE_BLOCK`` values per draw): the per-call cost of a source, a
+    keystream call plus a numpy transform for :class:`SecureNoise`, is paid once per block."""
+    per_block = max(1, min(steps, _NOISE_BLOCK // max(total, 1)))
+    done = 0
+    while done < steps:
+        k = min(per_block, steps - done)
+        yield from source.normal(k * total, dtype=dtype).view(k, total).unbind(0)
         done += k
 
 
@@ -626,11 +727,15 @@ def train_dp(
     *,
     per_sample_loss: PerSampleLoss,
     plan: DpPlan,
-    generator: torch.Generator,
+    generator: NoiseSource | torch.Generator,
     optimizer: DpOptimizer | str = DEFAULT_OPTIMIZER,
     proximal: tuple[Sequence[Tensor], float] | None = None,
 ) -> TrainStats:
     """Run ONE round of ``plan`` (``plan.steps`` DP-SGD steps) on ``(X, y)``, in place on ``model``.
+
+    ``generator`` is where all the run's randomness comes from: :func:`noise_generator` (ChaCha20,
+    a fresh key) in production; a seeded ``torch.Generator`` or :class:`SeededNoise` only in tests
+    and benchmarks that must be reproducible.
 
     ``proximal=(global_weights, mu)`` adds the FedProx pull ``mu·(w − w_global)`` to the
     privatised gradient (it does not touch the data, so it costs no privacy); ``global_weights``
@@ -653,12 +758,16 @@ def train_dp(
     anchors, mu = _proximal_anchors(params, proximal)
     clipper = _clipper(model, per_sample_loss, plan.max_grad_norm)
     x_sq = _input_factor(clipper, X)
+    source = as_noise_source(generator)
     model.train()
 
     empty = 0
     seen = 0
     loss_total = torch.zeros(())
-    for idx in poisson_batches(n, q, plan.steps, generator):
+    # zip takes each step's batch before its noise: a block of sampling, then a block of noise.
+    for idx, flat_noise in zip(poisson_batches(n, q, plan.steps, source),
+                               _step_noise(source, total, plan.steps, params[0].dtype),
+                               strict=True):
         batch = int(idx.numel())
         if batch == 0:
             empty += 1
@@ -672,7 +781,6 @@ def train_dp(
             grads = clipped.grads
             loss_total += clipped.loss_sum
             seen += batch
-        flat_noise = torch.randn(total, generator=generator, dtype=params[0].dtype)
         noise = [z.view(shape) for z, shape in zip(flat_noise.split(sizes), shapes, strict=True)]
         torch._foreach_add_(grads, noise, alpha=noise_std)
         torch._foreach_div_(grads, expected_batch)
