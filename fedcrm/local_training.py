@@ -20,9 +20,10 @@ from fedcrm.learning.dp_engine import noise_generator, train_dp
 from fedcrm.learning.models import model_to_arrays
 from fedcrm.learning.settings import ChurnModelKind
 from fedcrm.node import FirmNode
+from fedcrm.privacy.durable import StagedFile, check_output_file
 from fedcrm.privacy.keys import FirmKeys, load_keys
 from fedcrm.protocol import TaskKind
-from fedcrm.release import plan_dp_sgd, release
+from fedcrm.release import check_epsilon, plan_dp_sgd, release
 from fedcrm.tasks import task_for
 
 
@@ -30,7 +31,8 @@ from fedcrm.tasks import task_for
 class LocalTrainResult:
     model_path: Path
     task: TaskKind
-    epsilon_spent: float
+    epsilon_release: float  # the release's own ε, at its δ
+    epsilon_added: float  # what it added to the firm's composed total
     epsilon_total: float
     epsilon_cap: float
     noise_multiplier: float
@@ -47,16 +49,25 @@ def train_local(
     model_kind: ChurnModelKind | None = None,
     keys: FirmKeys | None = None,
 ) -> LocalTrainResult:
-    """Centralized DP training on this firm's own store, spending at most ``epsilon``."""
+    """Centralized DP training on this firm's own store, spending at most ``epsilon``.
+
+    ``epsilon`` must fit in what the firm has left (refused before any work otherwise) and
+    ``out`` must be writable; the model is staged next to ``out`` and moved into place only once
+    the release is committed and audited.
+    """
     started = time.perf_counter()
+    epsilon = check_epsilon(epsilon)
+    out = check_output_file(Path(out), what="--out model file")
     torch.set_num_threads(1)
     node = FirmNode(cfg, keys or load_keys(cfg.firm.keys_dir))
+    spent_before = node.privacy.spent()
     settings = cfg.training
     kind = ChurnModelKind(model_kind or settings.model)
     data = node.task_data(task)
     problem = data.training_problem(model=kind, seed=settings.seed)
     plan = plan_dp_sgd(
-        node.privacy, n_examples=len(problem.y), epsilon=epsilon, settings=settings.dp_sgd
+        node.privacy, n_examples=len(problem.y), epsilon=epsilon, settings=settings.dp_sgd,
+        whole=True,
     )
     event = plan.round_event(purpose=f"train:{task.value}:local", context={"task": task.value})
 
@@ -72,34 +83,40 @@ def train_local(
         )
         return model_to_arrays(problem.model)
 
-    released = release(node.privacy, event, compute)
-    metrics = {k: float(v) for k, v in data.evaluate(released.value, model=kind).metrics.items()}
-    task_for(task).save_model(
-        out,
-        released.value,
-        {
-            "kind": kind.value if task is TaskKind.CHURN else "trend",
-            "task": task.value,
-            "input_dim": data.input_dim,
-            "layout_fingerprint": data.layout,
-            "firm": cfg.firm.name,
-            "fedcrm_version": fedcrm.__version__,
-            "config_sha256": cfg.config_sha256,
-            "epsilon": released.epsilon_total,
-            "epsilon_release": float(event.epsilon),
-            "delta": cfg.budget.delta,
-            "noise_multiplier": plan.noise_multiplier,
-            "metrics": metrics,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        },
-    )
+    def stage(arrays: list[np.ndarray]) -> StagedFile:
+        staged = StagedFile(out)
+        try:
+            metrics.update(data.evaluate(arrays, model=kind).metrics)
+            task_for(task).save_model(staged.path, arrays, {
+                "kind": kind.value if task is TaskKind.CHURN else "trend",
+                "task": task.value,
+                "input_dim": data.input_dim,
+                "layout_fingerprint": data.layout,
+                "firm": cfg.firm.name,
+                "fedcrm_version": fedcrm.__version__,
+                "config_sha256": cfg.config_sha256,
+                "epsilon": node.privacy.ledger.total_with(event),  # the total once committed
+                "epsilon_release": float(event.epsilon),
+                "delta": cfg.budget.delta,
+                "noise_multiplier": plan.noise_multiplier,
+                "metrics": dict(metrics),
+                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            })
+        except BaseException:
+            staged.discard()
+            raise
+        return staged
+
+    metrics: dict[str, float] = {}
+    released = release(node.privacy, event, compute, stage=stage)
     return LocalTrainResult(
-        out,
-        task,
-        float(event.epsilon),
-        released.epsilon_total,
-        cfg.budget.epsilon,
-        plan.noise_multiplier,
-        metrics,
-        time.perf_counter() - started,
+        model_path=out,
+        task=task,
+        epsilon_release=float(event.epsilon),
+        epsilon_added=released.epsilon_total - spent_before,
+        epsilon_total=released.epsilon_total,
+        epsilon_cap=node.privacy.cap,
+        noise_multiplier=plan.noise_multiplier,
+        metrics=metrics,
+        seconds=time.perf_counter() - started,
     )

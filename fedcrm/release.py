@@ -19,18 +19,26 @@ Callers never touch the ledger's ``check``/``commit`` themselves.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
-from fedcrm.audit.log import AuditLog, EntryKind, LogHead
+from fedcrm.audit.log import AuditEntry, AuditLog, EntryKind, LogHead
+from fedcrm.audit.verify import verify_log
 from fedcrm.data.contract import FirmConfig
 from fedcrm.learning.dp_engine import DpPlan, plan_for_budget
 from fedcrm.learning.settings import DpSgdSettings
 from fedcrm.privacy.accounting import DpEvent
-from fedcrm.privacy.errors import PlanDoesNotFit
-from fedcrm.privacy.keys import FirmKeys
-from fedcrm.privacy.ledger import Budget, PrivacyLedger
+from fedcrm.privacy.errors import (
+    BudgetExhausted,
+    BudgetRaiseRequired,
+    ConfigError,
+    LedgerTampered,
+    PlanDoesNotFit,
+)
+from fedcrm.privacy.keys import FirmKeys, public_key_id
+from fedcrm.privacy.ledger import EPSILON_TOLERANCE, Budget, PrivacyLedger
 
 T = TypeVar("T")
 
@@ -40,41 +48,194 @@ MIN_USEFUL_FRACTION = 0.05
 
 
 class FirmPrivacy:
-    """One firm's budget, ledger and signed audit log."""
+    """One firm's budget: its ledger and its signed audit log, which must agree.
 
-    def __init__(self, cfg: FirmConfig, keys: FirmKeys) -> None:
+    Opening it is where fedcrm fails closed:
+
+    * no signing key - refused (every release is a signed audit entry);
+    * the ledger and the audit log are found through the firm's key directory
+      (:meth:`FirmConfig.budget_files`), so moving the store continues the same budget;
+    * the ledger must hold exactly the releases the signed log records: a ledger that is missing,
+      truncated, behind or different is refused (``fedcrm budget rebuild`` restores it from the
+      log); releases the log lacks (a crash between commit and audit) are logged now;
+    * the cap: the first one is recorded from the config; a config cap above the recorded one is
+      refused (``fedcrm budget raise`` is the explicit, signed way); a lower one is recorded;
+      δ never changes silently.
+    """
+
+    def __init__(
+        self, cfg: FirmConfig, keys: FirmKeys, *, reconcile: bool = True, govern: bool = True
+    ) -> None:
         self.firm = cfg.firm.name
-        self.cap = cfg.budget.epsilon
-        self.delta = cfg.budget.delta
-        self.ledger = PrivacyLedger(
-            cfg.ledger_path, firm=self.firm, budget=Budget(epsilon=self.cap, delta=self.delta)
-        )
-        self.audit: AuditLog | None = (
-            None if keys.signing_key is None
-            else AuditLog(cfg.audit_path, signing_key=keys.signing_key)
-        )
-        self._log_budget()
+        signing_key = keys.require_signing_key(cfg.firm.keys_dir)
+        self.files = cfg.budget_files()
+        self.audit = AuditLog(self.files.audit_log, signing_key=signing_key)
+        self.ledger = PrivacyLedger(self.files.ledger, firm=self.firm)
+        self._config = str(cfg.config_path or "the firm config")
+        if reconcile:
+            self._reconcile()
+        if govern:
+            self._govern(Budget(epsilon=cfg.budget.epsilon, delta=cfg.budget.delta))
 
-    def _log_budget(self) -> None:
-        """Record the firm's budget in its audit log when it is new or changed."""
-        if self.audit is None:
-            return
-        last = next(
-            (e for e in reversed(self.audit.entries()) if e.kind is EntryKind.BUDGET_CHANGED),
-            None,
-        )
-        if last is None or (last.payload["epsilon_cap"], last.payload["delta"]) != (
-            self.cap, self.delta
+    # ------------------------------------------------------------------ the two records agree
+
+    def _logged(self) -> tuple[list[DpEvent], Budget | None]:
+        releases: list[DpEvent] = []
+        budget: Budget | None = None
+        for entry in self.audit.entries():
+            if entry.kind is EntryKind.DP_RELEASE:
+                releases.append(DpEvent.from_json(entry.payload))
+            elif entry.kind is EntryKind.BUDGET_CHANGED:
+                budget = Budget(epsilon=entry.payload["epsilon_cap"], delta=entry.payload["delta"])
+        return releases, budget
+
+    def _reconcile(self) -> None:
+        if not self.files.audit_log.exists() and (
+            self.files.ledger.exists() or self.ledger.recorded_budget is not None
         ):
-            self.audit.append(
-                EntryKind.BUDGET_CHANGED, {"epsilon_cap": self.cap, "delta": self.delta}
+            raise LedgerTampered(
+                f"firm '{self.firm}''s signed audit log {self.files.audit_log} is missing while "
+                f"its ledger {self.files.ledger} exists: restore the log from a backup; nothing "
+                "is released without it"
             )
+        logged, logged_budget = self._logged()
+        ledgered = list(self.ledger.events)
+        rebuild = f"`fedcrm budget rebuild --config {self._config}`"
+        for i, (a, b) in enumerate(zip(logged, ledgered, strict=False)):
+            if a != b:
+                raise LedgerTampered(
+                    f"release #{i + 1} of firm '{self.firm}' differs between its ledger "
+                    f"{self.files.ledger} and its signed audit log {self.files.audit_log}; the "
+                    f"ledger was edited. Rebuild it from the log with {rebuild}"
+                )
+        if len(logged) > len(ledgered):
+            raise LedgerTampered(
+                f"firm '{self.firm}''s ledger {self.files.ledger} holds {len(ledgered)} releases "
+                f"but its signed audit log records {len(logged)}: the ledger was deleted, "
+                f"truncated or replaced. Nothing is released until it is rebuilt with {rebuild}"
+            )
+        for event in ledgered[len(logged):]:
+            # committed, then the process stopped before the audit entry: log it now
+            self._log_release(event, self.ledger.spent(), recovered=True)
+        recorded = self.ledger.recorded_budget
+        if logged_budget is not None and recorded != logged_budget:
+            raise LedgerTampered(
+                f"firm '{self.firm}''s recorded budget ({_fmt(recorded)}) differs from the last "
+                f"signed budget in its audit log ({_fmt(logged_budget)}); rebuild it with {rebuild}"
+            )
+        if recorded is not None and logged_budget is None and self.audit.head().length:
+            self.audit.append(EntryKind.BUDGET_CHANGED, {
+                "epsilon_cap": recorded.epsilon, "delta": recorded.delta,
+                "reason": "budget recorded before it was logged",
+            })
+
+    def _govern(self, configured: Budget) -> None:
+        recorded = self.ledger.recorded_budget
+        if recorded is None:
+            self._set_budget(configured, reason=f"initial budget from {self._config}")
+            return
+        if configured.delta != recorded.delta:
+            raise BudgetRaiseRequired(
+                f"{self._config} sets budget.delta={configured.delta:g} but firm '{self.firm}''s "
+                f"budget was recorded with δ={recorded.delta:g}; δ is part of every guarantee the "
+                "firm has given. Change it only with `fedcrm budget raise --config ... "
+                "--delta ... --reason ...`, or restore budget.delta"
+            )
+        if configured.epsilon > recorded.epsilon:
+            raise BudgetRaiseRequired(
+                f"{self._config} sets budget.epsilon={configured.epsilon:g}, above firm "
+                f"'{self.firm}''s recorded cap ε={recorded.epsilon:g}. Raising a cap is a "
+                "governance decision: run `fedcrm budget raise --config "
+                f"{self._config} --epsilon {configured.epsilon:g} --reason \"...\"` "
+                "(signed and logged), or restore budget.epsilon"
+            )
+        if configured.epsilon < recorded.epsilon:
+            self._set_budget(configured, reason=f"cap lowered in {self._config}")
+
+    def _set_budget(self, budget: Budget, *, reason: str) -> None:
+        previous = self.ledger.recorded_budget
+        self.ledger.record_budget(budget, reason=reason)
+        self.audit.append(EntryKind.BUDGET_CHANGED, {
+            "epsilon_cap": budget.epsilon, "delta": budget.delta, "reason": reason,
+            "previous": None if previous is None
+            else {"epsilon_cap": previous.epsilon, "delta": previous.delta},
+        })
+
+    def raise_cap(self, budget: Budget, *, reason: str) -> None:
+        """The explicit, signed and logged way to give the firm a larger budget."""
+        if not reason.strip():
+            raise ConfigError("say why the cap changes: --reason \"board decision of ...\"")
+        self._set_budget(budget, reason=f"raised: {reason.strip()}")
+
+    # ------------------------------------------------------------------ queries
+
+    @property
+    def cap(self) -> float:
+        return self.ledger.budget.epsilon
+
+    @property
+    def delta(self) -> float:
+        return self.ledger.budget.delta
 
     def spent(self) -> float:
         return self.ledger.spent()
 
-    def head(self) -> LogHead | None:
-        return self.audit.head() if self.audit is not None else None
+    def head(self) -> LogHead:
+        return self.audit.head()
+
+    def _log_release(self, event: DpEvent, total: float, *, recovered: bool = False) -> AuditEntry:
+        payload: dict[str, Any] = {
+            **event.to_json(),
+            "ledger_path": str(self.ledger.path),
+            "cumulative_epsilon": total,
+            "epsilon_cap": self.cap,
+        }
+        if recovered:
+            payload["recovered"] = "committed before a crash; logged when the firm reopened"
+        return self.audit.append(EntryKind.DP_RELEASE, payload)
+
+
+def rebuild_ledger(cfg: FirmConfig, keys: FirmKeys) -> tuple[int, Budget | None]:
+    """Rewrite a firm's ledger from its signed audit log (after a loss or an edit).
+
+    The log's signatures are verified with the firm's own public key first; a log that does not
+    verify is refused (restore it from a backup). Returns the number of releases and the budget.
+    """
+    files = cfg.budget_files()
+    public = keys.require_signing_key(cfg.firm.keys_dir).public_key()
+    failures = verify_log(files.audit_log, trusted_keys={public_key_id(public): public})
+    if failures:
+        raise LedgerTampered(
+            f"{files.audit_log} does not verify ({failures[0]}); a ledger cannot be rebuilt "
+            "from it. Restore the audit log from a backup"
+        )
+    privacy = FirmPrivacy(cfg, keys, reconcile=False, govern=False)
+    releases, budget = privacy._logged()
+    if budget is not None:
+        privacy.ledger.record_budget(budget, reason="rebuilt from the signed audit log")
+    elif releases:
+        raise LedgerTampered(f"{files.audit_log} records releases but no budget")
+    if files.ledger.exists():
+        backup = files.ledger.with_name(files.ledger.name + ".before-rebuild")
+        files.ledger.replace(backup)
+    privacy.ledger.replace_events(releases)
+    return len(releases), budget
+
+
+def _fmt(budget: Budget | None) -> str:
+    return "none" if budget is None else f"ε={budget.epsilon:g}, δ={budget.delta:g}"
+
+
+def check_epsilon(epsilon: float, *, what: str = "--epsilon") -> float:
+    """A requested ε must be a finite number > 0 (nan, inf, 0 and negatives are refused)."""
+    if (
+        isinstance(epsilon, bool)
+        or not isinstance(epsilon, int | float)
+        or not math.isfinite(epsilon)
+        or epsilon <= 0
+    ):
+        raise ConfigError(f"{what} must be a finite number > 0 (the ε to spend), not {epsilon!r}")
+    return float(epsilon)
 
 
 def plan_dp_sgd(
@@ -84,16 +245,27 @@ def plan_dp_sgd(
     epsilon: float,
     settings: DpSgdSettings,
     rounds: int = 1,
+    whole: bool = False,
 ) -> DpPlan:
     """Calibrate DP-SGD so that ``rounds`` rounds add at most ``epsilon`` to the firm's total.
 
-    The plan's noise fits ``min(cap, spent + epsilon)`` composed with everything already spent.
+    ``whole=True`` (a firm's own request, e.g. ``fedcrm train --epsilon``): the ε asked for must
+    fit in what remains, or the request is refused before any work - never silently reduced.
+    ``whole=False`` (a federated run's target): the plan fits ``min(cap, spent + epsilon)``,
+    provided at least :data:`MIN_USEFUL_FRACTION` of ``epsilon`` is left.
 
     Raises:
+        BudgetExhausted: ``whole`` and ``epsilon`` does not fit.
         PlanDoesNotFit: less than :data:`MIN_USEFUL_FRACTION` of ``epsilon`` is left.
     """
+    epsilon = check_epsilon(epsilon, what="the release's ε")
     spent = privacy.spent()
     available = privacy.cap - spent
+    if whole and spent + epsilon > privacy.cap + EPSILON_TOLERANCE:
+        raise BudgetExhausted(
+            epsilon_spent=spent, epsilon_cap=privacy.cap, epsilon_requested=spent + epsilon,
+            purpose=f"a release of ε={epsilon:g}", ledger=str(privacy.ledger.path),
+        )
     if available < MIN_USEFUL_FRACTION * epsilon:
         raise PlanDoesNotFit(
             f"firm '{privacy.firm}' has spent ε={spent:.4f} of its cap ε={privacy.cap:g}; the "
@@ -121,11 +293,19 @@ class Released(Generic[T]):
     value: T
     event: DpEvent
     epsilon_total: float
-    audit_head: LogHead | None
+    audit_head: LogHead
 
 
 Funded = tuple[EntryKind, Mapping[str, Any]]
 """What a release funded, for the audit log: an entry kind and payload (``release`` is added)."""
+
+
+class Staged(Protocol):
+    """A result written where it will go, published only after the release is committed."""
+
+    def publish(self) -> None: ...
+
+    def discard(self) -> None: ...
 
 
 def release(
@@ -134,14 +314,15 @@ def release(
     compute: Callable[[], T],
     *,
     funded: Callable[[T], Funded] | None = None,
-    stage: Callable[[T], Callable[[], None]] | None = None,
+    stage: Callable[[T], Staged] | None = None,
 ) -> Released[T]:
     """Check, compute, commit, audit, in that order (see the module docstring).
 
     ``compute`` draws the noise and returns the result; it runs only after the check. ``stage``
-    may prepare the result's destination (it returns the function that publishes it, called
-    after the commit and the audit). ``funded`` describes what the release paid for (e.g. a model
-    update and its hash) for the audit log.
+    writes the result next to its destination (e.g. a :class:`fedcrm.privacy.durable.StagedFile`);
+    it is published after the commit and the audit, and discarded if the commit fails.
+    ``funded`` describes what the release paid for (e.g. a model update and its hash) for the
+    audit log.
 
     Raises:
         BudgetExhausted: before ``compute`` runs, or at commit if another process spent meanwhile
@@ -149,21 +330,17 @@ def release(
     """
     privacy.ledger.check(event)
     value = compute()
-    publish = stage(value) if stage is not None else None
-    total = privacy.ledger.commit(event)  # fsynced: from here the result may leave the process
-    if privacy.audit is not None:
-        entry = privacy.audit.append(
-            EntryKind.DP_RELEASE,
-            {
-                **event.to_json(),
-                "ledger_path": str(privacy.ledger.path),
-                "cumulative_epsilon": total,
-                "epsilon_cap": privacy.cap,
-            },
-        )
-        if funded is not None:
-            kind, payload = funded(value)
-            privacy.audit.append(kind, {**payload, "release": entry.hash})
-    if publish is not None:
-        publish()
+    staged = stage(value) if stage is not None else None
+    try:
+        total = privacy.ledger.commit(event)  # fsynced: from here the result may leave the process
+    except BaseException:
+        if staged is not None:
+            staged.discard()
+        raise
+    entry = privacy._log_release(event, total)
+    if funded is not None:
+        kind, payload = funded(value)
+        privacy.audit.append(kind, {**payload, "release": entry.hash})
+    if staged is not None:
+        staged.publish()
     return Released(value=value, event=event, epsilon_total=total, audit_head=privacy.head())

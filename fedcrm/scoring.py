@@ -34,6 +34,7 @@ def score_customers(
 ) -> pd.DataFrame:
     """The churn early-warning list for the firm's own customers, sorted by risk."""
     keys = keys or load_keys(cfg.firm.keys_dir)
+    keys.require_signing_key(cfg.firm.keys_dir)  # fail closed, like every firm command
     model, provenance = load_model(model_path)
     layout = layout_from_config(cfg)
     if provenance.get("layout_fingerprint") != layout.fingerprint():

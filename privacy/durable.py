@@ -16,6 +16,8 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from fedcrm.privacy.errors import ConfigError
+
 PRIVATE_MODE = 0o600
 
 
@@ -80,3 +82,44 @@ def locked(path: Path) -> Iterator[None]:
         yield
     finally:
         os.close(fd)  # closing releases the lock
+
+
+def check_output_file(path: Path, *, what: str = "output file") -> Path:
+    """Refuse an output path that cannot be written, before any work (or budget) is spent."""
+    path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{what} {path} is a folder; give a file name, e.g. {path / 'out'}")
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise ConfigError(f"{what} {path}: folder {parent} does not exist; create it first")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"{what} {path}: folder {parent} is not writable")
+    if path.exists() and not os.access(path, os.W_OK):
+        raise ConfigError(f"{what} {path} exists and is not writable")
+    return path
+
+
+class StagedFile:
+    """A file written next to its destination and moved into place only by :meth:`publish`.
+
+    Used for results that cost privacy budget: the result is staged, the ledger commits, then it
+    is published; if the commit fails the staged file is discarded and the destination untouched.
+    """
+
+    def __init__(self, destination: Path) -> None:
+        self.destination = Path(destination)
+        fd, name = tempfile.mkstemp(
+            dir=self.destination.parent, prefix=f".{self.destination.name}.", suffix=".staged"
+        )
+        os.close(fd)
+        self.path = Path(name)
+
+    def publish(self) -> None:
+        with open(self.path, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(self.path, self.destination)
+        fsync_dir(self.destination.parent)
+
+    def discard(self) -> None:
+        with contextlib.suppress(OSError):
+            self.path.unlink()

@@ -60,10 +60,25 @@ class BudgetExhausted(FedcrmError):
         where = f" (ledger {ledger})" if ledger else ""
         super().__init__(
             f"privacy budget exhausted{where}: spent ε={epsilon_spent:.4f} of cap "
-            f"ε={epsilon_cap:.4f}; '{purpose}' would bring the total to "
-            f"ε={epsilon_requested:.4f}. Nothing was released. Raise the firm's "
-            f"epsilon budget in its config (a governance decision) or plan a smaller release."
+            f"ε={epsilon_cap:.4f} (remaining ε={max(epsilon_cap - epsilon_spent, 0.0):.4f}); "
+            f"'{purpose}' would bring the total to ε={epsilon_requested:.4f}. Nothing was "
+            "released. Ask for less, or raise the cap with `fedcrm budget raise` (a governance "
+            "decision, signed and logged)."
         )
+
+
+class LedgerTampered(FedcrmError):
+    """A firm's ledger, audit log or their record disagree, are missing or shrank: the budget
+    cannot be trusted, so nothing is released until it is restored or rebuilt."""
+
+    exit_code = 6
+
+
+class BudgetRaiseRequired(FedcrmError):
+    """The config asks for a larger cap than the firm's recorded one; raising it is an explicit,
+    signed command (``fedcrm budget raise``)."""
+
+    exit_code = 6
 
 
 class PlanDoesNotFit(FedcrmError):

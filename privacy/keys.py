@@ -202,6 +202,18 @@ class FirmKeys:
     def signing_key_id(self) -> str | None:
         return None if self.signing_key is None else public_key_id(self.signing_key.public_key())
 
+    def require_signing_key(self, keys_dir: Path) -> Ed25519PrivateKey:
+        """The firm's signing key; without it no firm command runs (every release and every
+        prepared store is recorded in the firm's signed audit log)."""
+        if self.signing_key is None:
+            raise KeyFileError(
+                f"firm '{self.firm}' has no signing key ({Path(keys_dir) / 'signing.key'}): "
+                "every release is recorded in a signed audit log, so nothing runs without it. "
+                "Restore signing.key from the key directory's backup (or create new keys with "
+                "`fedcrm keys init`, which is a new firm identity)"
+            )
+        return self.signing_key
+
 
 def _write_secret(path: Path, data: bytes, *, force: bool) -> None:
     if path.exists() and not force:

@@ -26,7 +26,7 @@ from typing import Any
 
 from fedcrm.privacy.accounting import DpEvent, FrozenMapping, compose_epsilon
 from fedcrm.privacy.durable import locked, remove_stale_temps, write_private
-from fedcrm.privacy.errors import BudgetExhausted, ConfigError
+from fedcrm.privacy.errors import BudgetExhausted, ConfigError, LedgerTampered
 
 EPSILON_TOLERANCE = 1e-9
 """Float slack when comparing composed ε with the cap (an exact fit is allowed)."""
@@ -149,24 +149,15 @@ class PrivacyLedger:
             file is unreadable.
     """
 
-    def __init__(self, path: Path | str, *, firm: str, budget: Budget | None = None) -> None:
+    def __init__(self, path: Path | str, *, firm: str) -> None:
         if not isinstance(firm, str) or not firm.strip():
             raise ValueError(f"firm must be a non-empty string, got {firm!r}")
         self._path = Path(path)
         self._firm = firm
         self._budget_path = self._path.with_name(self._path.name + _BUDGET_SUFFIX)
-        if budget is None:
-            recorded = self._read_budget_file()
-            if recorded is None:
-                raise ConfigError(
-                    f"no privacy budget recorded for ledger {self._path} "
-                    f"(expected {self._budget_path}); open it with the firm's budget "
-                    "(epsilon and delta from the [budget] section of its config)"
-                )
-            self._budget = recorded[0]
-        else:
-            self._budget = budget
-            self._record_budget(budget)
+        recorded = self._read_budget_file()
+        self._budget: Budget | None = None if recorded is None else recorded[0]
+        self._seen = 0  # events this object has seen: the ledger may only grow
 
     # -------------------------------------------------------------- properties
 
@@ -180,12 +171,40 @@ class PrivacyLedger:
 
     @property
     def budget(self) -> Budget:
+        """The recorded budget (ε cap, δ)."""
+        if self._budget is None:
+            raise ConfigError(
+                f"no privacy budget recorded for ledger {self._path} (expected "
+                f"{self._budget_path}); open the firm's node or run a firm command once with its "
+                "config, which records the [budget] section"
+            )
         return self._budget
 
     @property
+    def recorded_budget(self) -> Budget | None:
+        return self._budget
+
+    @property
+    def budget_history(self) -> list[dict[str, Any]]:
+        recorded = self._read_budget_file()
+        return [] if recorded is None else recorded[1]
+
+    def _read_events(self) -> tuple[list[str], list[DpEvent]]:
+        lines, events = _read(self._path, firm=self._firm)
+        if len(events) < self._seen:
+            raise LedgerTampered(
+                f"privacy ledger {self._path} now holds {len(events)} releases but held "
+                f"{self._seen} a moment ago: it was deleted, truncated or replaced while in use. "
+                "Nothing was released. Rebuild it from the firm's signed audit log with "
+                "`fedcrm budget rebuild --config FIRM.toml`"
+            )
+        self._seen = len(events)
+        return lines, events
+
+    @property
     def events(self) -> tuple[DpEvent, ...]:
-        """All committed events, re-read from disk."""
-        return tuple(_read(self._path, firm=self._firm)[1])
+        """All committed events, re-read from disk (never fewer than this object saw before)."""
+        return tuple(self._read_events()[1])
 
     # -------------------------------------------------------------- budget file
 
@@ -214,12 +233,17 @@ class PrivacyLedger:
             ) from None
         return budget, history
 
-    def _record_budget(self, budget: Budget) -> None:
-        """Write the budget file if it is missing or records a different budget."""
+    def record_budget(self, budget: Budget, *, reason: str) -> None:
+        """Record a new budget (with why) in the budget file's history; no-op if unchanged.
+
+        Only the firm's governance paths call this (``fedcrm.release.FirmPrivacy``): the first
+        budget, a lowered cap, an explicit ``fedcrm budget raise``, a rebuild from the audit log.
+        """
         self._path.parent.mkdir(parents=True, exist_ok=True)
         with locked(self._path):
             recorded = self._read_budget_file()
             if recorded is not None and recorded[0] == budget:
+                self._budget = budget
                 return
             history = [] if recorded is None else recorded[1]
             history.append(
@@ -227,6 +251,7 @@ class PrivacyLedger:
                     "epsilon": budget.epsilon,
                     "delta": budget.delta,
                     "timestamp": _now(),
+                    "reason": reason,
                     "previous": None
                     if recorded is None
                     else {"epsilon": recorded[0].epsilon, "delta": recorded[0].delta},
@@ -239,13 +264,29 @@ class PrivacyLedger:
                 "history": history,
             }
             write_private(self._budget_path, (json.dumps(document, indent=2) + "\n").encode())
+            self._budget = budget
+
+    def replace_events(self, events: Sequence[DpEvent]) -> None:
+        """Rewrite the ledger as ``events`` (rebuilding it from the signed audit log only)."""
+        with locked(self._path):
+            remove_stale_temps(self._path)
+            lines = []
+            for i, event in enumerate(events):
+                record = {
+                    **event.to_json(),
+                    "firm": self._firm,
+                    "cumulative_epsilon": self._compose(events[: i + 1]),
+                }
+                lines.append(json.dumps(record, sort_keys=True, ensure_ascii=False))
+            write_private(self._path, ("\n".join(lines) + "\n" if lines else "").encode())
+            self._seen = len(events)
 
     # -------------------------------------------------------------- locking
 
     # -------------------------------------------------------------- queries
 
     def _compose(self, events: Sequence[DpEvent]) -> float:
-        return compose_epsilon(events, delta=self._budget.delta)
+        return compose_epsilon(events, delta=self.budget.delta)
 
     def spent(self) -> float:
         """ε spent so far: every committed event RDP-composed at the budget's δ."""
@@ -253,7 +294,7 @@ class PrivacyLedger:
 
     def remaining(self) -> float:
         """ε left under the cap (never negative)."""
-        return max(0.0, self._budget.epsilon - self.spent())
+        return max(0.0, self.budget.epsilon - self.spent())
 
     def spent_by_purpose(self) -> dict[str, float]:
         """ε of each purpose's events composed on their own (these do not add up to the total)."""
@@ -266,7 +307,11 @@ class PrivacyLedger:
         return self._compose([*events, event])
 
     def _exceeds(self, total: float) -> bool:
-        return not total <= self._budget.epsilon + EPSILON_TOLERANCE
+        return not total <= self.budget.epsilon + EPSILON_TOLERANCE
+
+    def total_with(self, event: DpEvent) -> float:
+        """What ε spent would be if ``event`` were committed now."""
+        return self._total_with(self.events, event)
 
     def would_exceed(self, event: DpEvent) -> bool:
         """Whether committing ``event`` would bring the composed total above the cap."""
@@ -277,7 +322,7 @@ class PrivacyLedger:
         if self._exceeds(total):
             raise BudgetExhausted(
                 epsilon_spent=self._compose(events),
-                epsilon_cap=self._budget.epsilon,
+                epsilon_cap=self.budget.epsilon,
                 epsilon_requested=total,
                 purpose=event.purpose,
                 ledger=str(self._path),
@@ -308,7 +353,7 @@ class PrivacyLedger:
         """
         with locked(self._path):
             remove_stale_temps(self._path)
-            lines, events = _read(self._path, firm=self._firm)
+            lines, events = self._read_events()
             self._refuse_if_exceeds(events, event)
             total = self._total_with(events, event)
             record = {
@@ -318,6 +363,7 @@ class PrivacyLedger:
             }
             lines.append(json.dumps(record, sort_keys=True, ensure_ascii=False))
             write_private(self._path, ("\n".join(lines) + "\n").encode())
+            self._seen = len(events) + 1
         return total
 
     def status(self) -> LedgerStatus:
@@ -329,13 +375,72 @@ class PrivacyLedger:
             groups.setdefault(event.purpose, []).append(event)
         return LedgerStatus(
             firm=self._firm,
-            epsilon_cap=self._budget.epsilon,
-            delta=self._budget.delta,
+            epsilon_cap=self.budget.epsilon,
+            delta=self.budget.delta,
             spent=spent,
-            remaining=max(0.0, self._budget.epsilon - spent),
+            remaining=max(0.0, self.budget.epsilon - spent),
             by_purpose=FrozenMapping(
                 {purpose: self._compose(group) for purpose, group in groups.items()}
             ),
             n_events=len(events),
             last_timestamp=events[-1].timestamp if events else None,
         )
+
+
+# ------------------------------------------------------------------------------ where it lives
+
+ANCHOR_FILE = "budget.anchor.json"
+"""In the firm's key directory: where the firm's ledger and audit log are."""
+
+
+@dataclass(frozen=True)
+class BudgetFiles:
+    """A firm's budget files: the ledger and the signed audit log that must agree with it."""
+
+    ledger: Path
+    audit_log: Path
+
+
+def anchored_budget_files(
+    keys_dir: Path, *, firm: str, ledger: Path, audit_log: Path, explicit: bool
+) -> BudgetFiles:
+    """Where this firm's budget lives: recorded in its key directory at first use.
+
+    The budget belongs to the firm's keys, not to a path. When the firm's store moves (its
+    default ledger and log paths change), the recorded files are used and the budget continues.
+    When the config names other files explicitly (``budget.ledger``, ``firm.audit_log``), it is
+    refused: pointing a firm at a fresh ledger must not start a fresh budget.
+    """
+    anchor = Path(keys_dir) / ANCHOR_FILE
+    wanted = BudgetFiles(Path(ledger).resolve(), Path(audit_log).resolve())
+    try:
+        raw = json.loads(anchor.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        anchor.parent.mkdir(parents=True, exist_ok=True)
+        document = {"firm": firm, "ledger": str(wanted.ledger),
+                    "audit_log": str(wanted.audit_log), "created": _now()}
+        write_private(anchor, (json.dumps(document, indent=2) + "\n").encode())
+        return wanted
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise LedgerTampered(
+            f"{anchor} is unreadable ({exc}); it records where firm '{firm}''s budget lives. "
+            "Restore it from a backup of the key directory"
+        ) from None
+    try:
+        recorded = BudgetFiles(Path(raw["ledger"]), Path(raw["audit_log"]))
+        owner = str(raw["firm"])
+    except (KeyError, TypeError) as exc:
+        raise LedgerTampered(f"{anchor} is invalid ({exc}); restore it from a backup") from None
+    if owner != firm:
+        raise ConfigError(
+            f"{anchor} belongs to firm {owner!r}, not {firm!r}; point the config at the firm's "
+            "own key directory"
+        )
+    if recorded != wanted and explicit:
+        raise LedgerTampered(
+            f"firm '{firm}''s budget is recorded at {recorded.ledger} and {recorded.audit_log} "
+            f"({anchor}); the config names {wanted.ledger} and {wanted.audit_log}. A new ledger "
+            "would not start a new budget: point budget.ledger and firm.audit_log at the recorded "
+            "files (or remove them from the config to use the recorded ones)"
+        )
+    return recorded

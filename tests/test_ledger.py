@@ -16,8 +16,13 @@ from pathlib import Path
 import pytest
 
 from fedcrm.privacy.accounting import DpEvent, Mechanism, compose_epsilon, make_event
-from fedcrm.privacy.errors import BudgetExhausted, ConfigError
-from fedcrm.privacy.ledger import Budget, PrivacyLedger, read_ledger_events
+from fedcrm.privacy.errors import BudgetExhausted, ConfigError, LedgerTampered
+from fedcrm.privacy.ledger import (
+    Budget,
+    PrivacyLedger,
+    anchored_budget_files,
+    read_ledger_events,
+)
 
 DELTA = 1e-5
 NOW = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
@@ -41,7 +46,9 @@ def path(tmp_path: Path) -> Path:
 
 
 def open_ledger(path: Path, cap: float = 2.0) -> PrivacyLedger:
-    return PrivacyLedger(path, firm="acme", budget=Budget(epsilon=cap, delta=DELTA))
+    ledger = PrivacyLedger(path, firm="acme")
+    ledger.record_budget(Budget(epsilon=cap, delta=DELTA), reason="test budget")
+    return ledger
 
 
 # ------------------------------------------------------------------ spending
@@ -174,7 +181,7 @@ def test_lines_of_another_firm_are_refused(path: Path) -> None:
 
 def test_budget_is_required_once_and_changes_are_recorded(path: Path) -> None:
     with pytest.raises(ConfigError, match="no privacy budget recorded"):
-        PrivacyLedger(path, firm="acme")
+        _ = PrivacyLedger(path, firm="acme").budget
     open_ledger(path, cap=1.0)
     open_ledger(path, cap=1.0)  # unchanged: no new history entry
     raised = open_ledger(path, cap=3.0)
@@ -184,10 +191,41 @@ def test_budget_is_required_once_and_changes_are_recorded(path: Path) -> None:
     assert document["firm"] == "acme" and document["epsilon"] == 3.0
     assert [h["epsilon"] for h in document["history"]] == [1.0, 3.0]
     assert document["history"][1]["previous"] == {"epsilon": 1.0, "delta": DELTA}
+    assert document["history"][1]["reason"] == "test budget"
     assert all(datetime.fromisoformat(h["timestamp"]).tzinfo for h in document["history"])
     assert PrivacyLedger(path, firm="acme").budget.epsilon == 3.0
     with pytest.raises(ConfigError, match="belongs to firm 'acme'"):
         PrivacyLedger(path, firm="globex")
+
+
+def test_a_ledger_that_shrinks_while_open_is_refused(path: Path) -> None:
+    ledger = open_ledger(path, cap=5.0)
+    ledger.commit(gaussian(2.0))
+    ledger.commit(gaussian(2.0))
+    lines = path.read_text().splitlines()
+    path.write_text(lines[0] + "\n")  # the last release "forgotten"
+    with pytest.raises(LedgerTampered, match="held 2 a moment ago"):
+        ledger.spent()
+    path.unlink()  # or the whole file deleted
+    with pytest.raises(LedgerTampered, match="deleted, truncated or replaced"):
+        ledger.check(gaussian(100.0))
+
+
+def test_the_budget_files_are_anchored_in_the_key_directory(tmp_path: Path) -> None:
+    keys = tmp_path / "keys"
+    first = anchored_budget_files(keys, firm="acme", ledger=tmp_path / "s1" / "budget.jsonl",
+                                  audit_log=tmp_path / "s1" / "audit.jsonl", explicit=False)
+    # the store moved: the default paths changed, the recorded budget continues
+    moved = anchored_budget_files(keys, firm="acme", ledger=tmp_path / "s2" / "budget.jsonl",
+                                  audit_log=tmp_path / "s2" / "audit.jsonl", explicit=False)
+    assert moved == first
+    # a config naming other files explicitly is refused: it would start a fresh budget
+    with pytest.raises(LedgerTampered, match="would not start a new budget"):
+        anchored_budget_files(keys, firm="acme", ledger=tmp_path / "fresh.jsonl",
+                              audit_log=tmp_path / "fresh-audit.jsonl", explicit=True)
+    with pytest.raises(ConfigError, match="belongs to firm 'acme'"):
+        anchored_budget_files(keys, firm="globex", ledger=first.ledger,
+                              audit_log=first.audit_log, explicit=False)
 
 
 def test_lowering_the_cap_below_spending_leaves_nothing(path: Path) -> None:

@@ -74,8 +74,8 @@ def test_training_beyond_the_budget_is_refused_before_anything_is_released(
         app, ["train", "--config", str(cfg), "--out", str(tmp_path / "b.pt"), "--epsilon", "1"]
     )
     assert second.exit_code == 6, second.output
-    # the first release spent (almost) the whole cap: less than 5% of the ε asked is left
-    assert "cannot fund a useful release" in second.output
+    # a request above what remains is refused whole, never silently reduced
+    assert "privacy budget exhausted" in second.output and "remaining" in second.output
     assert not (tmp_path / "b.pt").exists()
     assert (cfg.parent / "store" / "budget.jsonl").read_text().splitlines() == lines
 

@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.text import Text
 
 from fedcrm.privacy.errors import FedcrmError
 
@@ -30,7 +31,9 @@ def user_errors(fn: F) -> F:
         try:
             return fn(*args, **kwargs)
         except FedcrmError as exc:
-            err.print(f"[bold red]error:[/] {exc}", highlight=False, markup=True, soft_wrap=True)
+            # User text (paths, column and firm names) is never read as markup.
+            err.print(Text.assemble(("error: ", "bold red"), str(exc)), highlight=False,
+                      soft_wrap=True)
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:
             err.print("[yellow]interrupted[/]")

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -185,39 +187,112 @@ budget_app = typer.Typer(help="The firm's privacy budget ledger.", no_args_is_he
 @budget_app.command("status")
 @user_errors
 def budget_status(
-    ledger: Annotated[Path, typer.Option(help="the firm's ledger (JSON Lines)")],
+    config: Annotated[
+        Path | None, typer.Option(help="the firm's config (finds its ledger through its keys)")
+    ] = None,
+    ledger: Annotated[
+        Path | None, typer.Option(help="a ledger file (JSON Lines), e.g. a copy to inspect")
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
 ) -> None:
     """ε spent and remaining, per purpose and in total (recomputed from every event)."""
     from fedcrm.privacy.errors import ConfigError
     from fedcrm.privacy.ledger import PrivacyLedger
 
-    sidecar = ledger.with_name(ledger.name + ".budget.json")
-    if not ledger.exists() and not sidecar.exists():
-        raise ConfigError(f"ledger {ledger} not found")
-    try:
-        firm = str(json.loads(sidecar.read_text()).get("firm", ""))
-    except (OSError, json.JSONDecodeError):
-        raise ConfigError(
-            f"{sidecar} (the ledger's budget file) is missing or unreadable"
-        ) from None
-    book = PrivacyLedger(ledger, firm=firm)
+    if (config is None) == (ledger is None):
+        raise ConfigError("give either --config FIRM.toml or --ledger LEDGER.jsonl")
+    if config is not None:
+        from fedcrm.data.contract import load_firm_config
+        from fedcrm.privacy.keys import load_keys
+        from fedcrm.release import FirmPrivacy
+
+        cfg = load_firm_config(config)
+        book = FirmPrivacy(cfg, load_keys(cfg.firm.keys_dir)).ledger
+    else:
+        assert ledger is not None
+        sidecar = ledger.with_name(ledger.name + ".budget.json")
+        if not ledger.exists() and not sidecar.exists():
+            raise ConfigError(f"ledger {ledger} not found")
+        try:
+            firm = str(json.loads(sidecar.read_text()).get("firm", ""))
+        except (OSError, json.JSONDecodeError):
+            raise ConfigError(
+                f"{sidecar} (the ledger's budget file) is missing or unreadable"
+            ) from None
+        book = PrivacyLedger(ledger, firm=firm)
     status = book.status()
     data = status.to_json()
     if as_json:
         sys.stdout.write(json.dumps(data, indent=2) + "\n")
         return
-    t = Table(title=f"privacy budget of {status.firm} ({ledger})")
+    t = Table(title=f"privacy budget of {status.firm} ({book.path})")
     t.add_column("purpose")
     t.add_column("ε spent", justify="right")
     for purpose, eps in sorted(status.by_purpose.items()):
-        t.add_row(purpose, f"{eps:.4f}")
+        t.add_row(escape(purpose), f"{eps:.4f}")
     t.add_row("[bold]total (composed)[/]", f"[bold]{status.spent:.4f}[/]")
     out.print(t)
     out.print(
         f"cap ε={status.epsilon_cap:g}, δ={status.delta:g}; remaining ε={status.remaining:.4f}; "
-        f"{status.n_events} releases, last {status.last_timestamp or '-'}"
+        f"{status.n_events} releases, last {status.last_timestamp or '-'}",
+        markup=False,
     )
+
+
+@budget_app.command("raise")
+@user_errors
+def budget_raise(
+    config: Annotated[Path, typer.Option(help="the firm's config")],
+    epsilon: Annotated[float, typer.Option(help="the new ε cap (finite, > 0)")],
+    reason: Annotated[str, typer.Option(help="why (recorded, signed, shown to auditors)")],
+    delta: Annotated[
+        float | None, typer.Option(help="a new δ (default: keep the recorded one)")
+    ] = None,
+) -> None:
+    """Change the firm's cap: an explicit, signed and logged governance decision."""
+    from fedcrm.data.contract import load_firm_config
+    from fedcrm.privacy.keys import load_keys
+    from fedcrm.release import FirmPrivacy
+
+    cfg = load_firm_config(config)
+    privacy = FirmPrivacy(cfg, load_keys(cfg.firm.keys_dir), govern=False)
+    old = privacy.ledger.budget
+    new = _budget_argument(epsilon, old.delta if delta is None else delta)
+    privacy.raise_cap(new, reason=reason)
+    out.print(
+        f"firm {cfg.firm.name}: cap ε={old.epsilon:g} -> {new.epsilon:g}, δ={new.delta:g} "
+        f"(signed in {privacy.files.audit_log}). Set budget.epsilon = {new.epsilon:g} in "
+        f"{config} to match.",
+        markup=False,
+    )
+
+
+@budget_app.command("rebuild")
+@user_errors
+def budget_rebuild(config: Annotated[Path, typer.Option(help="the firm's config")]) -> None:
+    """Rebuild the firm's ledger from its signed audit log (after it was lost or edited)."""
+    from fedcrm.data.contract import load_firm_config
+    from fedcrm.privacy.keys import load_keys
+    from fedcrm.release import rebuild_ledger
+
+    cfg = load_firm_config(config)
+    releases, budget = rebuild_ledger(cfg, load_keys(cfg.firm.keys_dir))
+    cap = "no budget recorded yet" if budget is None else f"cap ε={budget.epsilon:g}"
+    out.print(
+        f"rebuilt {cfg.budget_files().ledger} from the signed audit log: {releases} releases, "
+        f"{cap}",
+        markup=False,
+    )
+
+
+def _budget_argument(epsilon: float, delta: float) -> Any:
+    from fedcrm.privacy.errors import ConfigError
+    from fedcrm.privacy.ledger import Budget
+
+    try:
+        return Budget(epsilon=epsilon, delta=delta)
+    except ValueError as exc:
+        raise ConfigError(f"--epsilon/--delta: {exc}") from None
 
 
 @user_errors
@@ -233,6 +308,7 @@ def train(
     ] = None,
 ) -> None:
     """Centralized DP training on this firm's own prepared store, within its budget."""
+    started = time.perf_counter()
     from fedcrm.data.contract import load_firm_config
     from fedcrm.local_training import train_local
 
@@ -240,9 +316,11 @@ def train(
     r = train_local(cfg, out=out_path, epsilon=epsilon, task=task, model_kind=model)
     metrics = ", ".join(f"{k}={v:.4f}" for k, v in r.metrics.items())
     out.print(
-        f"trained {task.value} model -> {r.model_path} in {r.seconds:.1f}s; this release ε="
-        f"{r.epsilon_spent:.4f} (noise multiplier {r.noise_multiplier:.3f}); firm total "
-        f"ε={r.epsilon_total:.4f} of {r.epsilon_cap:g}; held-out {metrics}"
+        f"trained {task.value} model -> {r.model_path} in {time.perf_counter() - started:.1f}s; "
+        f"added ε={r.epsilon_added:.4f} to the firm's total (this release alone: "
+        f"ε={r.epsilon_release:.4f}, noise multiplier {r.noise_multiplier:.3f}); firm total "
+        f"ε={r.epsilon_total:.4f} of {r.epsilon_cap:g}; held-out {metrics}",
+        markup=False,
     )
 
 
@@ -254,11 +332,14 @@ def score(
 ) -> None:
     """Churn early-warning list for the firm's own customers (pseudonymous ids), by risk."""
     from fedcrm.data.contract import load_firm_config
+    from fedcrm.privacy.durable import check_output_file, write_private
     from fedcrm.scoring import score_customers
 
+    check_output_file(out_path, what="--out CSV")
     cfg = load_firm_config(config)
     risks = score_customers(cfg, model_path=model)
-    risks.to_csv(out_path, index=False)
+    # 0600: the list ranks the firm's own customers; it stays on the firm's machine
+    write_private(out_path, risks.to_csv(index=False).encode("utf-8"))
     counts = risks["risk_band"].value_counts().to_dict()
     out.print(
         f"scored {len(risks):,} customers -> {out_path} (high {counts.get('high', 0):,}, "

@@ -29,6 +29,7 @@ from fedcrm.learning.settings import (
     MaxGradNorm,
 )
 from fedcrm.privacy.errors import ConfigError
+from fedcrm.privacy.ledger import BudgetFiles, anchored_budget_files
 from fedcrm.privacy.policies import MaskingPolicy, PiiKind
 
 
@@ -274,6 +275,18 @@ class FirmConfig(BaseModel):
     @property
     def prepared_dir(self) -> Path:
         return self.firm.store_dir / "prepared"
+
+    def budget_files(self) -> BudgetFiles:
+        """Where this firm's ledger and signed audit log are: recorded in its key directory at
+        first use, so the budget follows the firm's keys (see
+        :func:`fedcrm.privacy.ledger.anchored_budget_files`)."""
+        return anchored_budget_files(
+            self.firm.keys_dir,
+            firm=self.firm.name,
+            ledger=self.ledger_path,
+            audit_log=self.audit_path,
+            explicit=self.budget.ledger is not None or self.firm.audit_log is not None,
+        )
 
 
 def _resolve(base: Path, p: Path | None) -> Path | None:

@@ -161,6 +161,9 @@ def prepare(
             f"keys in {cfg.firm.keys_dir} belong to firm '{keys.firm}', config says "
             f"'{cfg.firm.name}'"
         )
+    audit = AuditLog(
+        cfg.budget_files().audit_log, signing_key=keys.require_signing_key(cfg.firm.keys_dir)
+    )
     store = cfg.firm.store_dir
     store.mkdir(parents=True, exist_ok=True)
     os.chmod(store, 0o700)
@@ -324,10 +327,7 @@ def prepare(
             mode=0o644,
         )
         _swap_in(staging, cfg.prepared_dir)
-        if keys.signing_key is not None:
-            AuditLog(cfg.audit_path, signing_key=keys.signing_key).append(
-                EntryKind.DATA_PREPARED, data_prepared_payload(manifest)
-            )
+        audit.append(EntryKind.DATA_PREPARED, data_prepared_payload(manifest))
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
