@@ -75,7 +75,7 @@ class NodeStarter(Protocol):
 
 
 @dataclass(frozen=True)
-class FirmNode:
+class LocalFirm:
     """One firm's SuperNode in a local deployment.
 
     ``node_config`` carries the firm-local settings its ClientApp reads (store path, key
@@ -135,7 +135,7 @@ class DeploymentResult:
         return self.status.completed
 
 
-def _node_keys(firms: Sequence[FirmNode], keys_dir: Path) -> dict[str, NodeKeyFiles]:
+def _node_keys(firms: Sequence[LocalFirm], keys_dir: Path) -> dict[str, NodeKeyFiles]:
     names = [f.firm for f in firms]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
@@ -191,7 +191,7 @@ def _wait_nodes_online(
 
 def deploy_local(
     *,
-    firms: Sequence[FirmNode],
+    firms: Sequence[LocalFirm],
     workdir: Path,
     rounds: int,
     run_config: Mapping[str, FlowerConfigValue],

@@ -36,7 +36,7 @@ from fedcrm.coordinator.local_deployment import (
     AppSpec,
     DeployEvent,
     DeploymentResult,
-    FirmNode,
+    LocalFirm,
     deploy_local,
 )
 from fedcrm.coordinator.run_config import RunConfig
@@ -126,7 +126,7 @@ def run_local_deployment(
 
     sim_firms = build_firms(_simulation_config(cfg, n), run_dir, on_firm=on_firm)
     use_coordinator_key(run_dir / "coordinator" / "signing.key")
-    nodes = [FirmNode(f.name, firm_node_config(f.config)) for f in sim_firms]
+    nodes = [LocalFirm(f.name, firm_node_config(f.config)) for f in sim_firms]
     result = deploy_local(
         firms=nodes,
         workdir=run_dir / FEDERATION_DIR,

@@ -35,7 +35,7 @@ from fedcrm.coordinator.local_deployment import (
     AppSpec,
     DeployEvent,
     DeployEventKind,
-    FirmNode,
+    LocalFirm,
     NodeConfigValue,
     deploy_local,
 )
@@ -98,9 +98,9 @@ class StandInNodes:
         return process
 
 
-def _unregistered(names: tuple[str, ...] = ("alpha", "beta")) -> list[FirmNode]:
+def _unregistered(names: tuple[str, ...] = ("alpha", "beta")) -> list[LocalFirm]:
     """Firms whose keys are not registered: no ``flwr`` CLI call, and no node to wait for."""
-    return [FirmNode(name, {"firm": name}, register=False) for name in names]
+    return [LocalFirm(name, {"firm": name}, register=False) for name in names]
 
 
 # ---------------------------------------------------------------- fast: process management
