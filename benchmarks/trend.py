@@ -86,7 +86,7 @@ def _trend(tx: pd.DataFrame, X_pred: np.ndarray, *, seed: int, epsilon: float | 
            ) -> tuple[np.ndarray, float, dict[str, Any]]:
     start = time.perf_counter()
     data = trend_dataset(tx, calibration_end=CDNOW_CALIBRATION_END,
-                         rng=np.random.default_rng(seed))
+                         horizon_salt=f"fedcrm/trend-horizon/v1/seed-{seed}/".encode())
     X, Y = torch.from_numpy(data.X), torch.from_numpy(data.Y)
     model = build_trend_model()
     generator = torch.Generator().manual_seed(seed)

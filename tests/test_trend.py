@@ -49,8 +49,7 @@ def _poisson_firm(n: int, weekly_rate: float, *, weeks: int, seed: int) -> pd.Da
 
 def test_dataset_shapes_and_one_example_per_customer() -> None:
     tx = _poisson_firm(300, 0.3, weeks=52, seed=1)
-    data = trend_dataset(tx, calibration_end=CAL_END, train_horizon_weeks=(8, 13),
-                         rng=np.random.default_rng(0))
+    data = trend_dataset(tx, calibration_end=CAL_END, train_horizon_weeks=(8, 13))
     n = len(data.customer_ids)
     assert n == tx["customer_id"].nunique() and data.customer_ids.is_unique
     assert data.X.shape == (n, len(TREND_FEATURE_NAMES)) and data.X.dtype == np.float32
@@ -62,10 +61,24 @@ def test_dataset_shapes_and_one_example_per_customer() -> None:
     assert not np.isnan(data.Y[~short]).any()
 
 
+def test_removing_one_customer_changes_exactly_one_training_row() -> None:
+    """Add/remove neighbours: every other customer's example is unchanged (the horizon draw is
+    per customer, not a shared random sequence)."""
+    tx = _poisson_firm(297, 0.3, weeks=52, seed=4)
+    full = trend_dataset(tx, calibration_end=CAL_END)
+    assert len(set(full.cutoffs)) > 1  # several horizons are in play
+    gone = full.customer_ids[100]
+    without = trend_dataset(tx[tx["customer_id"] != gone], calibration_end=CAL_END)
+    assert list(without.customer_ids) == [c for c in full.customer_ids if c != gone]
+    keep = full.customer_ids != gone
+    np.testing.assert_array_equal(without.X, full.X[keep])
+    np.testing.assert_array_equal(without.Y, full.Y[keep])
+    np.testing.assert_array_equal(without.cutoffs, full.cutoffs[keep])
+
+
 def test_no_leakage_features_before_cutoff_targets_only_until_calibration_end() -> None:
     tx = _poisson_firm(200, 0.3, weeks=52, seed=2)
-    base = trend_dataset(tx, calibration_end=CAL_END, train_horizon_weeks=13,
-                         rng=np.random.default_rng(0))
+    base = trend_dataset(tx, calibration_end=CAL_END, train_horizon_weeks=13)
     t0 = CAL_END - pd.Timedelta(weeks=13)
     assert (base.cutoffs == t0).all()
     ids = list(base.customer_ids[:3])
@@ -74,11 +87,11 @@ def test_no_leakage_features_before_cutoff_targets_only_until_calibration_end() 
                           + [t0 + pd.Timedelta(days=1)] * 3,
                           "quantity": 1.0, "amount": 1.0})
     after_cal = trend_dataset(pd.concat([tx, extra.iloc[:3]]), calibration_end=CAL_END,
-                              train_horizon_weeks=13, rng=np.random.default_rng(0))
+                              train_horizon_weeks=13)
     np.testing.assert_array_equal(after_cal.X, base.X)
     np.testing.assert_array_equal(after_cal.Y, base.Y)
     after_t0 = trend_dataset(pd.concat([tx, extra.iloc[3:]]), calibration_end=CAL_END,
-                             train_horizon_weeks=13, rng=np.random.default_rng(0))
+                             train_horizon_weeks=13)
     np.testing.assert_array_equal(after_t0.X, base.X)  # features never see (T0, cal_end]
     diff = after_t0.Y - base.Y
     day1 = t0 + pd.Timedelta(days=1)
@@ -100,8 +113,7 @@ def test_no_leakage_features_before_cutoff_targets_only_until_calibration_end() 
 def test_dataset_refuses_horizon_longer_than_history() -> None:
     tx = _poisson_firm(20, 0.3, weeks=10, seed=3)
     with pytest.raises(ConfigError, match="train_horizon_weeks"):
-        trend_dataset(tx, calibration_end=START + pd.Timedelta(weeks=10), train_horizon_weeks=26,
-                      rng=np.random.default_rng(0))
+        trend_dataset(tx, calibration_end=START + pd.Timedelta(weeks=10), train_horizon_weeks=26)
 
 
 def test_loss_masks_padded_weeks_and_has_one_value_per_customer() -> None:
@@ -118,7 +130,7 @@ def test_loss_masks_padded_weeks_and_has_one_value_per_customer() -> None:
 def test_non_dp_training_recovers_a_known_weekly_rate() -> None:
     rate = 0.4
     tx = _poisson_firm(1500, rate, weeks=52, seed=4)
-    data = trend_dataset(tx, calibration_end=CAL_END, rng=np.random.default_rng(0))
+    data = trend_dataset(tx, calibration_end=CAL_END)
     model = build_trend_model()
     train_non_dp(model, torch.from_numpy(data.X), torch.from_numpy(data.Y),
                  per_sample_loss=trend_per_sample_loss, epochs=40, batch_size=256,
@@ -135,7 +147,7 @@ def test_non_dp_training_recovers_a_known_weekly_rate() -> None:
 
 def test_dp_engine_trains_the_trend_model() -> None:
     tx = _poisson_firm(400, 0.3, weeks=52, seed=5)
-    data = trend_dataset(tx, calibration_end=CAL_END, rng=np.random.default_rng(0))
+    data = trend_dataset(tx, calibration_end=CAL_END)
     plan = plan_for_budget(n_examples=len(data.customer_ids), target_epsilon=3.0, delta=1e-4,
                            epochs=2, batch_size=100, max_grad_norm=1.0, learning_rate=0.05)
     model = build_trend_model()

@@ -186,19 +186,41 @@ def trend_features(transactions: pd.DataFrame, *, as_of: pd.Timestamp,
     return _features_from_days(days, customers, as_of), customers
 
 
+HORIZON_SALT = b"fedcrm/trend-horizon/v1/"
+
+
+def customer_uniforms(customer_ids: pd.Index, *, salt: bytes) -> np.ndarray:
+    """One uniform number in [0, 1) per customer, from ``sha256(salt + pseudonym)``.
+
+    Anything random per customer is drawn this way: a customer's draw depends on the customer
+    alone, so adding or removing one customer changes no other customer's training row (the
+    neighbouring datasets DP reasons about differ in exactly one example). The pseudonyms are
+    keyed HMAC tokens, so the draws cannot be predicted without the firm's key.
+    """
+    return np.fromiter(
+        (
+            int.from_bytes(hashlib.sha256(salt + str(c).encode()).digest()[:8], "big") / 2.0**64
+            for c in customer_ids
+        ),
+        dtype=np.float64,
+        count=len(customer_ids),
+    )
+
+
 def trend_dataset(
     transactions: pd.DataFrame,
     *,
     calibration_end: pd.Timestamp,
     train_horizon_weeks: int | Sequence[int] = DEFAULT_TRAIN_HORIZONS,
-    rng: np.random.Generator,
+    horizon_salt: bytes = HORIZON_SALT,
 ) -> TrendData:
     """Time-shifted training data from the calibration period (see the module docstring).
 
-    Each customer gets one cutoff ``calibration_end − h`` weeks, ``h`` drawn uniformly with
-    ``rng`` from the horizons in ``train_horizon_weeks`` at which the customer had already made a
-    purchase; customers with no such horizon are left out. Only purchases on or before
-    ``calibration_end`` are read.
+    Each customer gets one cutoff ``calibration_end − h`` weeks, ``h`` drawn uniformly from the
+    horizons in ``train_horizon_weeks`` at which the customer had already made a purchase, by
+    :func:`customer_uniforms` (``horizon_salt`` varies the draw, e.g. per benchmark seed);
+    customers with no such horizon are left out. Only purchases on or before ``calibration_end``
+    are read.
     """
     if isinstance(train_horizon_weeks, int | np.integer):
         horizons = [int(train_horizon_weeks)]
@@ -223,7 +245,8 @@ def trend_dataset(
     ids = pd.Index(first.index, name="customer_id")
     eligible = np.stack([(first <= c).to_numpy() for c in cutoffs], axis=1)  # [n, m]
     n_ok = eligible.sum(1)
-    pick_rank = np.floor(rng.random(len(ids)) * np.maximum(n_ok, 1)).astype(np.int64)
+    draws = customer_uniforms(ids, salt=horizon_salt)
+    pick_rank = np.floor(draws * np.maximum(n_ok, 1)).astype(np.int64)
     # index of the (pick_rank)-th eligible horizon per customer
     choice = np.argmax(np.cumsum(eligible, axis=1) > pick_rank[:, None], axis=1)
     keep = n_ok > 0

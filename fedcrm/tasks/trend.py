@@ -9,7 +9,6 @@ per-customer errors: aggregates, never a customer's record.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 from collections.abc import Mapping, Sequence
@@ -111,10 +110,7 @@ def firm_trend_data(store: PreparedStore, cfg: FirmConfig) -> FirmTrendData:
     last = pd.Timestamp(tx["timestamp"].max()).normalize()
     holdout_weeks = max(1, int((last - calibration_end).days // 7))
     calibration = tx[tx["timestamp"] <= calibration_end]
-    seed = int.from_bytes(hashlib.sha256(cfg.firm.name.encode()).digest()[:4], "big")
-    data = trend_dataset(
-        calibration, calibration_end=calibration_end, rng=np.random.default_rng(seed)
-    )
+    data = trend_dataset(calibration, calibration_end=calibration_end)
     x_pred, customers = trend_features(calibration, as_of=calibration_end)
     actual = weekly_series(
         tx,
