@@ -82,8 +82,9 @@ class SecureRandom:
 
     # -- raw bits -------------------------------------------------------------------------------
 
-    def random_bytes(self, n: int) -> bytes:
-        """The next ``n`` bytes of the keystream (ChaCha20 applied to ``n`` zero bytes)."""
+    def _keystream(self, n: int) -> bytearray:
+        """The next ``n`` keystream bytes: ChaCha20 applied to ``n`` zero bytes, in place (OpenSSL's
+        EVP interface allows the output to be the input; no second buffer, no copy)."""
         if n < 0:
             raise ValueError(f"cannot draw a negative number of bytes ({n})")
         if os.getpid() != self._pid:
@@ -96,45 +97,86 @@ class SecureRandom:
                 "this SecureRandom has used up its 256 GiB ChaCha20 stream; create a fresh one"
             )
         self._used += n
-        return self._encryptor.update(bytes(n))
+        buffer = bytearray(n)
+        self._encryptor.update_into(buffer, buffer)
+        return buffer
+
+    def random_bytes(self, n: int) -> bytes:
+        """The next ``n`` bytes of the keystream."""
+        return bytes(self._keystream(n))
 
     def uint64(self, n: int) -> np.ndarray:
-        """``n`` independent uniform 64-bit unsigned integers."""
-        return np.frombuffer(self.random_bytes(8 * n), dtype=np.uint64)
+        """``n`` independent uniform 64-bit unsigned integers (a writable array)."""
+        return np.frombuffer(self._keystream(8 * n), dtype=np.uint64)
+
+    def _uniform53(self, n: int, *, offset: int) -> np.ndarray:
+        words = self.uint64(n)
+        words >>= np.uint64(11)
+        if offset:
+            words += np.uint64(offset)
+        out = words.view(np.int64).astype(np.float64)  # < 2**53: exact, and int64 converts faster
+        out *= _UNIFORM_SCALE
+        return out
 
     # -- continuous variates ---------------------------------------------------------------------
 
     def uniform(self, n: int) -> np.ndarray:
         """``n`` uniforms on [0, 1): the top 53 bits of each 64-bit word times 2**-53, so every
         multiple of 2**-53 in [0, 1) is equally likely (the float64 mantissa is filled)."""
-        return (self.uint64(n) >> np.uint64(11)).astype(np.float64) * _UNIFORM_SCALE
+        return self._uniform53(n, offset=0)
 
-    def normal(self, n: int) -> np.ndarray:
-        """``n`` independent standard normals, by the Box–Muller transform (float64).
+    def _open_uniform(self, n: int) -> np.ndarray:
+        """``n`` uniforms on (0, 1] (``1 - U`` in distribution, multiples of 2**-53): log-safe."""
+        return self._uniform53(n, offset=1)
 
-        Box–Muller (1958) maps two independent uniforms ``U1, U2`` to two independent standard
-        normals ``R cos Θ, R sin Θ`` with ``R = sqrt(-2 ln(1 - U1))``, ``Θ = 2π U2``: an exact
+    def normal(self, n: int, *, single: bool = False) -> np.ndarray:
+        """``n`` independent standard normals by the Box–Muller transform: float64, or float32
+        with ``single=True``.
+
+        Box–Muller (1958) maps two independent uniforms ``V ∈ (0, 1]``, ``W`` to two independent
+        standard normals ``R cos Θ, R sin Θ`` with ``R = sqrt(-2 ln V)``, ``Θ = 2π W``: an exact
         transform in real arithmetic, with no rejection step, so every call consumes exactly
         ``16 · ceil(n/2)`` keystream bytes whatever values come out (no data-dependent loop or
         timing) and vectorises in numpy. (Ziggurat and the polar method reject; the inverse CDF
         loses precision in the tails.) Limits: 53-bit uniforms cap ``|z|`` at
         ``sqrt(2·53·ln 2) ≈ 8.57`` (probability beyond ~1e-17), and the transform is rounded
-        to float64 — see the module docstring on Mironov (CCS 2012).
+        to floating point — see the module docstring on Mironov (CCS 2012).
+
+        ``single=True`` is for noise that is added to float32 parameters anyway (DP-SGD): ``R``
+        is still computed in float64 from 53 bits, so the tail still reaches 8.57, but ``Θ`` is
+        rounded to float32 before its cosine and sine (numpy's vectorised float32 trigonometry,
+        ~30× faster than float64 here). Rounding ``Θ ∈ (0, 2π]`` moves it by at most 2.4e-7, so a
+        float32 draw differs from the float64 transform by at most ``2.4e-7·R`` plus float32
+        rounding: below 3e-6 in absolute terms, since ``R ≤ 8.57``.
         """
+        dtype = np.float32 if single else np.float64
         if n == 0:
-            return np.empty(0, dtype=np.float64)
+            return np.empty(0, dtype=dtype)
         pairs = (n + 1) // 2
-        u = self.uniform(2 * pairs)
-        radius = np.sqrt(-2.0 * np.log1p(-u[:pairs]))  # 1 - U1 in (0, 1]: log never sees 0
-        theta = _TWO_PI * u[pairs:]
-        out = np.concatenate((radius * np.cos(theta), radius * np.sin(theta)))
-        return out[:n] if out.shape[0] != n else out
+        u = self._open_uniform(2 * pairs)
+        radius, theta = u[:pairs], u[pairs:]
+        np.log(radius, out=radius)  # in place, on views of one buffer: this runs per DP-SGD block
+        radius *= -2.0
+        np.sqrt(radius, out=radius)
+        theta *= _TWO_PI
+        angle = theta.astype(np.float32) if single else theta
+        scale = radius.astype(np.float32) if single else radius
+        out = np.empty(2 * pairs, dtype=dtype)
+        np.cos(angle, out=out[:pairs])
+        np.sin(angle, out=out[pairs:])
+        np.multiply(out[:pairs], scale, out=out[:pairs])
+        np.multiply(out[pairs:], scale, out=out[pairs:])
+        return out[:n] if 2 * pairs != n else out
 
     def exponential(self, n: int) -> np.ndarray:
-        """``n`` independent Exp(1) variates, ``-ln(1 - U)`` (inverse CDF, exact in real
-        arithmetic; 53-bit uniforms cap the value at ``53 ln 2 ≈ 36.7``, probability beyond
-        2**-53). The geometric-gap Bernoulli sampler of DP-SGD's Poisson sampling uses them."""
-        return -np.log1p(-self.uniform(n))
+        """``n`` independent Exp(1) variates, ``-ln V`` with ``V`` uniform on (0, 1] (inverse CDF,
+        exact in real arithmetic; 53-bit uniforms cap the value at ``53 ln 2 ≈ 36.7``, probability
+        beyond 2**-53). The geometric-gap Bernoulli sampler of DP-SGD's Poisson sampling uses
+        them."""
+        u = self._open_uniform(n)
+        np.log(u, out=u)
+        np.negative(u, out=u)
+        return u
 
 
 def gaussian(size: int, sigma: float, *, rng: SecureRandom | None = None) -> np.ndarray:

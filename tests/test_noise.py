@@ -141,11 +141,22 @@ def test_normal_passes_a_ks_test_that_a_five_percent_scale_error_fails() -> None
     assert stats.kstest(1.05 * z, "norm").pvalue < 1e-6  # the test has the power to fail
 
 
+def test_single_precision_normals_follow_the_float64_transform() -> None:
+    """float32 output (DP-SGD's): same keystream, same draws up to the float32 angle rounding."""
+    single = SecureRandom(key=KEY_A).normal(N + 1, single=True)
+    double = SecureRandom(key=KEY_A).normal(N + 1)
+    assert single.dtype == np.float32 and single.shape == (N + 1,)
+    assert float(np.abs(single - double).max()) < 3e-6
+    assert abs(single.var() - 1.0) < 5 * math.sqrt(2 / N)
+    assert stats.kstest(single, "norm").pvalue > 1e-4
+
+
 @settings(max_examples=40, deadline=None)
-@given(n=st.integers(0, 257))
-def test_normal_returns_exactly_n_finite_values(n: int) -> None:
-    z = SecureRandom(key=KEY_A).normal(n)
+@given(n=st.integers(0, 257), single=st.booleans())
+def test_normal_returns_exactly_n_finite_values(n: int, single: bool) -> None:
+    z = SecureRandom(key=KEY_A).normal(n, single=single)
     assert z.shape == (n,) and np.isfinite(z).all()
+    assert z.dtype == (np.float32 if single else np.float64)
 
 
 def test_exponential_matches_exp_1() -> None:

@@ -39,12 +39,13 @@ reproducible runs inject :class:`SeededNoise` (or a plain seeded ``torch.Generat
 Noise is drawn in blocks of several steps (one keystream call per block), not per step or element.
 
 Still NOT hardened: the Gaussian noise is floating-point. Normals come from the Box–Muller
-transform of 53-bit uniforms, rounded to float64 and then to the parameters' float32, and are
-added to float gradients. This is not a discretised or snapping mechanism, so the attacks of
-Mironov ("On Significance of the Least Significant Bits for Differential Privacy", CCS 2012) on
-the irregular set of floating-point outputs are not ruled out; the guarantee is that of the ideal
-Gaussian mechanism, to the extent that float rounding does not break it. (Integer releases such
-as counts should use :func:`fedcrm.privacy.noise.discrete_gaussian`, which is exact.)
+transform of 53-bit uniforms (radius in float64; angle and result in float32 for float32
+parameters) and are added to float gradients. This is not a discretised or snapping mechanism,
+so the attacks of Mironov ("On Significance of the Least Significant Bits for Differential
+Privacy", CCS 2012) on the irregular set of floating-point outputs are not ruled out: the
+guarantee is that of the ideal Gaussian mechanism, to the extent that float rounding does not
+break it. (Integer releases such as counts should use
+:func:`fedcrm.privacy.noise.discrete_gaussian`, which is exact.)
 """
 
 from __future__ import annotations
@@ -189,7 +190,8 @@ class SecureNoise:
         return f"SecureNoise({self._rng!r})"
 
     def normal(self, n: int, *, dtype: torch.dtype) -> Tensor:
-        return torch.from_numpy(self._rng.normal(n)).to(dtype)
+        single = dtype == torch.float32  # float32 parameters: float32 Box–Muller, 4× faster
+        return torch.from_numpy(self._rng.normal(n, single=single)).to(dtype)
 
     def exponential(self, n: int) -> Tensor:
         return torch.from_numpy(self._rng.exponential(n))
