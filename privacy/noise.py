@@ -11,15 +11,17 @@ Two sources, one per kind of noise:
   Canonne, Kamath & Steinke ("The Discrete Gaussian for Differential Privacy", NeurIPS 2020) as
   implemented by OpenDP (``opendp.measurements.make_gaussian`` over an integer vector domain),
   with OpenDP's own CSPRNG: the PyPI wheel is built with OpenDP's ``use-openssl`` feature, so its
-  ``fill_bytes`` calls OpenSSL's ``RAND_bytes``. OpenDP samples with exact rational arithmetic, so
+  ``fill_bytes`` calls OpenSSL's ``RAND_bytes`` (``tests/test_noise.py`` checks the shipped
+  library for that code path). OpenDP samples with exact rational arithmetic, so
   the integer noise is not subject to the floating-point attacks below.
 
 What is NOT hardened: the float Gaussian (:meth:`SecureRandom.normal`, :func:`gaussian`) is
-computed in IEEE-754 double precision. Its bits are unpredictable, but the set of representable
-outputs is irregular, which is the weakness Mironov ("On Significance of the Least Significant
-Bits for Differential Privacy", CCS 2012) exploits for the Laplace mechanism; this is not a
-discretised or snapping mechanism, and a released value computed with it can in principle reveal
-more than its nominal ε. Use :func:`discrete_gaussian` for released counts.
+computed in IEEE-754 floating point (double, or single for float32 model noise). Its bits are
+unpredictable, but the set of representable outputs is irregular, which is the weakness Mironov
+("On Significance of the Least Significant Bits for Differential Privacy", CCS 2012) exploits
+for the Laplace mechanism; this is not a discretised or snapping mechanism, and a released value
+computed with it can in principle reveal more than its nominal ε. Use :func:`discrete_gaussian`
+for released counts.
 
 A :class:`SecureRandom` is for one process and one thread: it refuses to draw after a ``fork``
 (the child would repeat the parent's stream) and its ``repr`` never shows the key.
