@@ -238,6 +238,8 @@ def _payload_problem(kind: EntryKind, payload: Mapping[str, Any]) -> str | None:
             return "dp_release needs steps >= 1 and noise_multiplier >= 0"
         if not 0.0 <= float(payload["delta"]) < 1.0:
             return "dp_release delta must be in [0, 1)"
+        if payload.get("neighbouring", "add_remove") != "add_remove":
+            return "dp_release neighbouring relation must be add_remove (the one fedcrm accounts)"
     if kind is EntryKind.UPDATE_SENT and not _HEX64.fullmatch(payload["release"]):
         return "update_sent release must be the 64-hex hash of a dp_release entry"
     if kind is EntryKind.KEY_ROTATED and not _KEY_ID.fullmatch(payload["new_key_id"]):

@@ -69,7 +69,12 @@ class RunConfig(BaseModel):
     max_update_norm: float = Field(
         default=100.0, gt=0, description="reject updates farther than this from the global model"
     )
-    evaluate: bool = True
+    evaluate: bool = Field(
+        default=True, description="ask firms for a DP evaluation (each firm decides to answer)"
+    )
+    evaluate_every: int = Field(
+        default=0, ge=0, description="evaluate every N rounds; 0 = only in the last round"
+    )
     seed: int = 0
 
     @model_validator(mode="after")
@@ -80,6 +85,13 @@ class RunConfig(BaseModel):
                 f"{2 * self.krum_malicious + 3}"
             )
         return self
+
+    def evaluation_rounds(self) -> tuple[int, ...]:
+        """The rounds in which firms are asked to evaluate the model they trained on."""
+        if not self.evaluate:
+            return ()
+        every = self.evaluate_every or self.rounds
+        return tuple(r for r in range(1, self.rounds + 1) if r % every == 0 or r == self.rounds)
 
     def run_spec(self, run_id: str) -> RunSpec:
         """What every firm receives about this run with each request."""
@@ -96,6 +108,7 @@ class RunConfig(BaseModel):
             optimizer=self.optimizer,
             proximal_mu=self.proximal_mu if self.strategy is StrategyKind.FEDPROX else 0.0,
             seed=self.seed,
+            evaluations=len(self.evaluation_rounds()),
         )
 
     def config_hash(self) -> str:

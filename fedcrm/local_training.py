@@ -86,7 +86,7 @@ def train_local(
     def stage(arrays: list[np.ndarray]) -> StagedFile:
         staged = StagedFile(out)
         try:
-            metrics.update(data.evaluate(arrays, model=kind).metrics)
+            metrics.update(data.local_metrics(arrays, model=kind))
             task_for(task).save_model(staged.path, arrays, {
                 "kind": kind.value if task is TaskKind.CHURN else "trend",
                 "task": task.value,

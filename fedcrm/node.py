@@ -3,19 +3,26 @@
 The firm's Flower ClientApp (:mod:`fedcrm.clients.client_app`) decodes a message into a typed
 request of :mod:`fedcrm.protocol`, calls :meth:`FirmNode.describe` / :meth:`FirmNode.train` /
 :meth:`FirmNode.evaluate` and encodes the typed reply. Everything a firm decides - its budget, its
-keys, its data - stays here, on the firm's machine.
+keys, its data, its policy - stays here, on the firm's machine.
 
-A training round is one DP release through :func:`fedcrm.release.release`. The run's DP plan is
-calibrated once, at the firm's first round of a run, for the whole run (rounds x local steps x
-sampling rate) from what the firm has already spent, and persisted in
-``<store>/runs/<run_id>.plan.json`` so restarts reuse it.
+**The run contract.** At its first round of a run the firm plans the whole run
+(:func:`fedcrm.release.plan_run`): DP-SGD for the run's rounds and the evaluations it will answer,
+calibrated together to fit ``min(cap, spent + the run's target ε)``, persisted next to its
+ledger with a fingerprint of the run's parameters. After that it refuses a round outside the
+plan, a round it already trained, a request whose run parameters changed, an evaluation beyond
+the plan, of a model it did not receive for training in that round, or a second one in a round.
+
+**What leaves.** A training round is one DP release (:func:`fedcrm.release.release`) of the
+updated model; an evaluation is one Gaussian release of the task's bounded-contribution
+statistics with discrete Gaussian noise on counts. Sizes leave only as the firm's declared
+public size (``[federation] public_size``): sampling rates, FedAvg weights and normalisation use
+it, never the exact count. Every reply field is listed in ``docs/privacy.md``.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
-import time
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -24,11 +31,12 @@ import torch
 from fedcrm.audit.log import EntryKind
 from fedcrm.data.contract import FirmConfig, load_firm_config
 from fedcrm.data.store import PreparedStore, load_store
-from fedcrm.learning.dp_engine import DpPlan, noise_generator, train_dp
+from fedcrm.learning.dp_engine import noise_generator, train_dp
 from fedcrm.learning.models import arrays_to_model, model_to_arrays
 from fedcrm.privacy.durable import write_private
 from fedcrm.privacy.errors import BudgetExhausted, ConfigError, PlanDoesNotFit
 from fedcrm.privacy.keys import FirmKeys, load_keys
+from fedcrm.privacy.noise import discrete_gaussian, gaussian
 from fedcrm.protocol import (
     DescribeReply,
     DescribeRequest,
@@ -41,11 +49,24 @@ from fedcrm.protocol import (
     TrainRequest,
     arrays_hash,
 )
-from fedcrm.release import FirmPrivacy, plan_dp_sgd, release
+from fedcrm.release import FirmPrivacy, RunPlan, plan_run, release
 from fedcrm.tasks import task_for
 from fedcrm.tasks.base import TaskData
 
 _NODES: dict[tuple[str, float], FirmNode] = {}
+
+
+class Declined(Exception):
+    """The firm's own policy or the run contract refuses a request (its reply says why)."""
+
+    def __init__(self, detail: str, state: ReplyState = ReplyState.DECLINED) -> None:
+        super().__init__(detail)
+        self.state = state
+
+
+def spec_fingerprint(spec: RunSpec) -> str:
+    """sha256 of the run's parameters as the firm received them at its first round."""
+    return hashlib.sha256(json.dumps(spec.to_config(), sort_keys=True).encode()).hexdigest()
 
 
 class FirmNode:
@@ -75,6 +96,17 @@ class FirmNode:
     def firm(self) -> str:
         return self.cfg.firm.name
 
+    @property
+    def public_size(self) -> int:
+        size = self.cfg.federation.public_size
+        if size is None:
+            raise ConfigError(
+                f"{self.cfg.config_path}: declare [federation] public_size, a public upper bound "
+                "on your number of customers: federated runs sample and weight by it so that "
+                "the exact count never leaves the firm"
+            )
+        return size
+
     def store(self) -> PreparedStore:
         return load_store(self.cfg.prepared_dir, keys=self.keys)
 
@@ -87,24 +119,81 @@ class FirmNode:
             self._data[kind] = cached
         return cached[1]
 
+    # ------------------------------------------------------------------ the run contract
+
+    def _plan_path(self, run_id: str) -> Path:
+        return self.privacy.files.ledger.parent / "runs" / f"{run_id}.plan.json"
+
+    def _run_plan(self, spec: RunSpec, *, create: bool) -> RunPlan:
+        """The run's plan: made at the firm's first round, then held to (see the module doc)."""
+        fingerprint = spec_fingerprint(spec)
+        path = self._plan_path(spec.run_id)
+        if path.exists():
+            plan = RunPlan.from_json(json.loads(path.read_text()))
+            if plan.spec_fingerprint != fingerprint:
+                raise Declined(
+                    f"run {spec.run_id}'s parameters changed after this firm planned it (rounds, "
+                    "target ε, training settings, evaluations or schema); the firm holds to the "
+                    "plan it made at its first round"
+                )
+            return plan
+        if not create:
+            raise Declined(f"this firm has not trained in run {spec.run_id}; nothing to evaluate")
+        policy = self.cfg.federation
+        evaluations = min(spec.evaluations, policy.max_evaluations) if policy.evaluate else 0
+        plan = plan_run(
+            self.privacy,
+            spec_fingerprint=fingerprint,
+            n_examples=self.public_size,
+            epsilon=spec.target_epsilon,
+            settings=spec.dp_sgd(),
+            rounds=spec.rounds,
+            evaluations=evaluations,
+            evaluation_share=policy.evaluation_share,
+        )
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_private(path, json.dumps(plan.to_json()).encode())
+        return plan
+
+    def _released(self, run_id: str, purpose: str) -> dict[int, dict[str, object]]:
+        """This run's releases of one purpose, by round (from the ledger, the source of truth)."""
+        return {
+            int(e.context["round"]): dict(e.context)
+            for e in self.privacy.ledger.events
+            if e.purpose == purpose and e.context.get("run_id") == run_id
+        }
+
     # ------------------------------------------------------------------ messages
 
     def describe(self, request: DescribeRequest) -> DescribeReply:
-        return self.task_data(request.task).describe(self.firm)
+        return self.task_data(request.task).describe(self.firm, public_size=self.public_size)
 
     def train(self, request: TrainRequest) -> TrainReply:
         """One federated training round on this firm's data: one DP release."""
-        started = time.perf_counter()
         torch.set_num_threads(1)
         spec = request.spec
-        problem = self.task_data(spec.task).training_problem(model=spec.model, seed=spec.seed)
-        model = arrays_to_model(problem.model, request.arrays)
         try:
-            plan = self._run_plan(spec, len(problem.y))
-            event = plan.round_event(
-                purpose=f"train:{spec.task.value}",
+            plan = self._run_plan(spec, create=True)
+            purpose = f"train:{spec.task.value}"
+            trained = self._released(spec.run_id, purpose)
+            if not 1 <= request.server_round <= plan.training.rounds:
+                raise Declined(
+                    f"round {request.server_round} is outside run {spec.run_id}'s plan of "
+                    f"{plan.training.rounds} rounds"
+                )
+            if request.server_round in trained or len(trained) >= plan.training.rounds:
+                raise Declined(
+                    f"round {request.server_round} of run {spec.run_id} was already trained "
+                    f"({len(trained)} of {plan.training.rounds} rounds done)"
+                )
+            problem = self.task_data(spec.task).training_problem(model=spec.model, seed=spec.seed)
+            model = arrays_to_model(problem.model, request.arrays)
+            received = arrays_hash(request.arrays)
+            event = plan.training.round_event(
+                purpose=purpose,
                 context={
-                    "run_id": spec.run_id, "round": request.server_round, "task": spec.task.value,
+                    "run_id": spec.run_id, "round": request.server_round,
+                    "task": spec.task.value, "global_hash": received,
                 },
             )
             global_params = [p.detach().clone() for p in model.parameters()]
@@ -116,7 +205,7 @@ class FirmNode:
                     torch.as_tensor(problem.x),
                     torch.as_tensor(problem.y),
                     per_sample_loss=problem.loss,
-                    plan=plan,
+                    plan=plan.training,
                     generator=noise_generator(),
                     optimizer=spec.optimizer,
                     proximal=proximal,
@@ -138,60 +227,106 @@ class FirmNode:
                 ),
             )
         except (PlanDoesNotFit, BudgetExhausted) as exc:
-            return self._declined(str(exc))
+            return self._declined_training(str(exc), ReplyState.BUDGET_EXHAUSTED)
+        except Declined as exc:
+            return self._declined_training(str(exc), exc.state)
         head = released.audit_head
         return TrainReply(
             firm=self.firm,
             state=ReplyState.OK,
             detail="",
             arrays=released.value,
-            num_examples=len(problem.y),
+            num_examples=self.public_size,
             epsilon_round=float(event.epsilon),
             epsilon_total=released.epsilon_total,
             epsilon_cap=self.privacy.cap,
             delta=self.privacy.delta,
-            train_seconds=time.perf_counter() - started,
-            audit_head_hash=head.hash if head else "",
-            audit_head_length=head.length if head else 0,
+            audit_head_hash=head.hash,
+            audit_head_length=head.length,
         )
 
-    def _declined(self, detail: str) -> TrainReply:
+    def _declined_training(self, detail: str, state: ReplyState) -> TrainReply:
+        head = self.privacy.head()
         return TrainReply(
             firm=self.firm,
-            state=ReplyState.BUDGET_EXHAUSTED,
+            state=state,
             detail=detail,
             arrays=None,
-            num_examples=0,
+            num_examples=self.public_size,
             epsilon_round=0.0,
             epsilon_total=self.privacy.spent(),
             epsilon_cap=self.privacy.cap,
             delta=self.privacy.delta,
-            train_seconds=0.0,
+            audit_head_hash=head.hash,
+            audit_head_length=head.length,
         )
-
-    def _run_plan(self, spec: RunSpec, n_examples: int) -> DpPlan:
-        """The run's DP plan: calibrated at the firm's first round of the run, then reused."""
-        path = self.cfg.firm.store_dir / "runs" / f"{spec.run_id}.plan.json"
-        if path.exists():
-            return DpPlan(**json.loads(path.read_text()))
-        plan = plan_dp_sgd(
-            self.privacy,
-            n_examples=n_examples,
-            epsilon=spec.target_epsilon,
-            settings=spec.dp_sgd(),
-            rounds=spec.rounds,
-        )
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_private(path, json.dumps(asdict(plan)).encode())
-        return plan
 
     def evaluate(self, request: EvaluateRequest) -> EvaluateReply:
+        """A DP evaluation of the model this firm trained on in this round, if its policy and
+        the run's plan allow one more."""
         torch.set_num_threads(1)
         spec = request.spec
-        outcome = self.task_data(spec.task).evaluate(request.arrays, model=spec.model)
+        purpose = f"evaluate:{spec.task.value}"
+        try:
+            if not self.cfg.federation.evaluate:
+                raise Declined(
+                    "this firm does not answer evaluations ([federation] evaluate = false)"
+                )
+            plan = self._run_plan(spec, create=False)
+            evaluated = self._released(spec.run_id, purpose)
+            model_hash = arrays_hash(request.arrays)
+            received = self._released(spec.run_id, f"train:{spec.task.value}").get(
+                request.server_round, {}
+            ).get("global_hash")
+            if received != model_hash:
+                raise Declined(
+                    "this firm evaluates only the global model it received for training in the "
+                    f"same round (round {request.server_round})"
+                )
+            if request.server_round in evaluated:
+                raise Declined(f"round {request.server_round} was already evaluated")
+            if len(evaluated) >= plan.evaluations:
+                raise Declined(
+                    f"this firm's plan for run {spec.run_id} has {plan.evaluations} evaluations, "
+                    "all answered"
+                )
+            statistics = self.task_data(spec.task).evaluation(request.arrays, model=spec.model)
+            noise_std = plan.evaluation_noise * statistics.l2_sensitivity
+            event = plan.evaluation_event(
+                delta=self.privacy.delta, purpose=purpose,
+                context={"run_id": spec.run_id, "round": request.server_round,
+                         "task": spec.task.value, "model_hash": model_hash},
+            )
+
+            def compute() -> dict[str, tuple[float, ...]]:
+                noisy = {}
+                for name, values in statistics.values.items():
+                    if statistics.integer:
+                        noise = discrete_gaussian(len(values), noise_std)
+                        noisy[name] = tuple(float(v) for v in np.rint(values) + noise)
+                    else:
+                        noisy[name] = tuple(
+                            float(v) for v in values + gaussian(len(values), noise_std)
+                        )
+                return noisy
+
+            released = release(self.privacy, event, compute)
+        except (PlanDoesNotFit, BudgetExhausted) as exc:
+            return self._declined_evaluation(str(exc), ReplyState.BUDGET_EXHAUSTED)
+        except Declined as exc:
+            return self._declined_evaluation(str(exc), exc.state)
         return EvaluateReply(
             firm=self.firm,
-            num_examples=outcome.num_examples,
-            metrics=dict(outcome.metrics),
-            vectors={k: tuple(float(x) for x in v) for k, v in outcome.vectors.items()},
+            state=ReplyState.OK,
+            detail="",
+            statistics=released.value,
+            noise_std=noise_std,
+            epsilon=float(event.epsilon),
+            epsilon_total=released.epsilon_total,
+        )
+
+    def _declined_evaluation(self, detail: str, state: ReplyState) -> EvaluateReply:
+        return EvaluateReply(
+            firm=self.firm, state=state, detail=detail, statistics={}, noise_std=0.0,
+            epsilon=0.0, epsilon_total=self.privacy.spent(),
         )

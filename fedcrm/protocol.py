@@ -58,6 +58,7 @@ class ReplyState(StrEnum):
 
     OK = "ok"
     BUDGET_EXHAUSTED = "budget_exhausted"
+    DECLINED = "declined"  # the firm's own policy says no (e.g. evaluation turned off)
     ERROR = "error"
 
 
@@ -141,6 +142,8 @@ class RunSpec:
     optimizer: DpOptimizer
     proximal_mu: float
     seed: int
+    evaluations: int = 0  # evaluation requests the coordinator will send in this run
+    schema: str = ""  # the run's public feature schema (JSON), "" when the task fixes the layout
 
     def to_config(self) -> dict[str, Scalar]:
         return flat_encode(asdict(self))
@@ -171,6 +174,8 @@ class RunSpec:
                 optimizer=DpOptimizer(_field(values, "optimizer", str, what)),
                 proximal_mu=_field(values, "proximal_mu", float, what),
                 seed=_field(values, "seed", int, what),
+                evaluations=_field(values, "evaluations", int, what),
+                schema=_field(values, "schema", str, what),
             )
             spec.dp_sgd()
         except ValidationError as exc:
@@ -180,9 +185,13 @@ class RunSpec:
             ) from None
         except ValueError as exc:  # an unknown enum value
             raise ProtocolError(f"malformed {what}: {exc}") from None
-        if spec.rounds < 1 or not spec.target_epsilon > 0 or spec.proximal_mu < 0:
+        if (
+            spec.rounds < 1 or not spec.target_epsilon > 0 or spec.proximal_mu < 0
+            or not 0 <= spec.evaluations <= spec.rounds
+        ):
             raise ProtocolError(
-                f"malformed {what}: rounds must be >= 1, target-epsilon > 0, proximal-mu >= 0"
+                f"malformed {what}: rounds must be >= 1, target-epsilon > 0, proximal-mu >= 0, "
+                "0 <= evaluations <= rounds"
             )
         return spec
 
@@ -194,27 +203,31 @@ class RunSpec:
 class DescribeRequest:
     kind: ClassVar[MessageKind] = MessageKind.DESCRIBE
     task: TaskKind
+    schema: str = ""
 
     def encode(self) -> Wire:
-        return Wire(config={"task": self.task.value})
+        return Wire(config={"task": self.task.value, "schema": self.schema})
 
     @classmethod
     def decode(cls, wire: Wire) -> Self:
+        what = "describe request"
         try:
-            return cls(task=TaskKind(_field(wire.config, "task", str, "describe request")))
+            return cls(task=TaskKind(_field(wire.config, "task", str, what)),
+                       schema=_field(wire.config, "schema", str, what))
         except ValueError as exc:
             raise ProtocolError(f"malformed describe request: {exc}") from None
 
 
 @dataclass(frozen=True)
 class DescribeReply:
-    """A firm's public description of its side of a task (layout and sizes)."""
+    """A firm's public description of its side of a task: the model layout it can train (fixed
+    by the run's public schema or the task), its declared public size and, for the trend task,
+    how many weeks its holdout spans (fixed by its declared calibration date)."""
 
     firm: str
     layout: str
     input_dim: int
-    num_train: int
-    num_test: int
+    public_size: int
     holdout_weeks: int = 0
 
     def encode(self) -> Wire:
@@ -227,9 +240,8 @@ class DescribeReply:
             firm=_field(c, "firm", str, what),
             layout=_field(c, "layout", str, what),
             input_dim=_field(c, "input_dim", int, what),
-            num_train=_field(c, "num_train", int, what),
-            num_test=_field(c, "num_test", int, what),
-            holdout_weeks=int(c.get("holdout_weeks", 0)),
+            public_size=_field(c, "public_size", int, what),
+            holdout_weeks=_field(c, "holdout_weeks", int, what),
         )
 
 
@@ -255,7 +267,11 @@ class TrainRequest:
 
 @dataclass(frozen=True)
 class TrainReply:
-    """A firm's answer to a training round: its DP update (when ``state`` is OK) and budget."""
+    """A firm's answer to a training round: its DP update (when ``state`` is OK) and budget.
+
+    ``num_examples`` is the firm's declared public size (what FedAvg weights by), never its
+    exact number of customers.
+    """
 
     firm: str
     state: ReplyState
@@ -266,7 +282,6 @@ class TrainReply:
     epsilon_total: float
     epsilon_cap: float
     delta: float
-    train_seconds: float
     audit_head_hash: str = ""
     audit_head_length: int = 0
 
@@ -274,7 +289,7 @@ class TrainReply:
         "firm", "detail", "audit_head_hash", "audit_head_length"
     )
     _METRICS: ClassVar[tuple[str, ...]] = (
-        "num_examples", "epsilon_round", "epsilon_total", "epsilon_cap", "delta", "train_seconds"
+        "num_examples", "epsilon_round", "epsilon_total", "epsilon_cap", "delta"
     )
 
     def encode(self) -> Wire:
@@ -305,7 +320,6 @@ class TrainReply:
             epsilon_total=_field(m, "epsilon_total", float, what),
             epsilon_cap=_field(m, "epsilon_cap", float, what),
             delta=_field(m, "delta", float, what),
-            train_seconds=_field(m, "train_seconds", float, what),
             audit_head_hash=_field(c, "audit_head_hash", str, what),
             audit_head_length=_field(c, "audit_head_length", int, what),
         )
@@ -333,36 +347,51 @@ class EvaluateRequest:
 
 @dataclass(frozen=True)
 class EvaluateReply:
-    """A firm's evaluation of the global model: scalar metrics and per-bin/per-week vectors."""
+    """A firm's DP evaluation of the model it trained on this round: noisy statistics only.
+
+    ``statistics`` are noisy counts or sums with each customer's contribution bounded (see the
+    task); ``noise_std`` is the noise's standard deviation per value (public: it follows from the
+    firm's plan), ``epsilon`` what this evaluation cost alone and ``epsilon_total`` the firm's
+    composed total after it. ``state`` is DECLINED when the firm's own policy says no.
+    """
 
     firm: str
-    num_examples: int
-    metrics: Mapping[str, float]
-    vectors: Mapping[str, Sequence[float]]
+    state: ReplyState
+    detail: str
+    statistics: Mapping[str, Sequence[float]]
+    noise_std: float
+    epsilon: float
+    epsilon_total: float
 
     def encode(self) -> Wire:
-        metrics: dict[str, MetricValue] = {"num-examples": self.num_examples}
-        metrics.update({k: float(v) for k, v in self.metrics.items()})
-        metrics.update({k: [float(x) for x in v] for k, v in self.vectors.items()})
-        return Wire(config={"state": ReplyState.OK.value, "firm": self.firm}, metrics=metrics)
+        metrics: dict[str, MetricValue] = {
+            "noise-std": self.noise_std, "epsilon": self.epsilon,
+            "epsilon-total": self.epsilon_total,
+        }
+        metrics.update({k: [float(x) for x in v] for k, v in self.statistics.items()})
+        return Wire(
+            config={"state": self.state.value, "firm": self.firm, "detail": self.detail},
+            metrics=metrics,
+        )
 
     @classmethod
     def decode(cls, wire: Wire) -> Self:
         what = "evaluate reply"
-        metrics: dict[str, float] = {}
-        vectors: dict[str, tuple[float, ...]] = {}
-        for key, value in wire.metrics.items():
-            if key == "num-examples":
-                continue
-            if isinstance(value, list):
-                vectors[key] = tuple(float(x) for x in value)
-            else:
-                metrics[key] = float(value)
+        try:
+            state = ReplyState(_field(wire.config, "state", str, what))
+        except ValueError as exc:
+            raise ProtocolError(f"malformed {what}: {exc}") from None
+        statistics = {
+            k: tuple(float(x) for x in v) for k, v in wire.metrics.items() if isinstance(v, list)
+        }
         return cls(
             firm=_field(wire.config, "firm", str, what),
-            num_examples=_field(wire.metrics, "num-examples", int, what),
-            metrics=metrics,
-            vectors=vectors,
+            state=state,
+            detail=_field(wire.config, "detail", str, what),
+            statistics=statistics,
+            noise_std=_field(wire.metrics, "noise-std", float, what),
+            epsilon=_field(wire.metrics, "epsilon", float, what),
+            epsilon_total=_field(wire.metrics, "epsilon-total", float, what),
         )
 
 
@@ -375,8 +404,7 @@ class ErrorReply:
 
     def encode(self) -> Wire:
         return Wire(
-            config={"state": ReplyState.ERROR.value, "firm": self.firm, "detail": self.detail},
-            metrics={"num-examples": 0},
+            config={"state": ReplyState.ERROR.value, "firm": self.firm, "detail": self.detail}
         )
 
     @classmethod

@@ -20,8 +20,8 @@ Callers never touch the ledger's ``check``/``commit`` themselves.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass
 from typing import Any, Generic, Protocol, TypeVar
 
 from fedcrm.audit.log import AuditEntry, AuditLog, EntryKind, LogHead
@@ -29,7 +29,7 @@ from fedcrm.audit.verify import verify_log
 from fedcrm.data.contract import FirmConfig
 from fedcrm.learning.dp_engine import DpPlan, plan_for_budget
 from fedcrm.learning.settings import DpSgdSettings
-from fedcrm.privacy.accounting import DpEvent
+from fedcrm.privacy.accounting import DpEvent, Mechanism, calibrate_noise, make_event
 from fedcrm.privacy.errors import (
     BudgetExhausted,
     BudgetRaiseRequired,
@@ -246,8 +246,12 @@ def plan_dp_sgd(
     settings: DpSgdSettings,
     rounds: int = 1,
     whole: bool = False,
+    also_planned: Sequence[DpEvent] = (),
 ) -> DpPlan:
     """Calibrate DP-SGD so that ``rounds`` rounds add at most ``epsilon`` to the firm's total.
+
+    ``also_planned``: releases the same plan will make besides training (e.g. a run's
+    evaluations); the training noise is calibrated so that everything fits together.
 
     ``whole=True`` (a firm's own request, e.g. ``fedcrm train --epsilon``): the ε asked for must
     fit in what remains, or the request is refused before any work - never silently reduced.
@@ -282,7 +286,94 @@ def plan_dp_sgd(
         max_grad_norm=settings.max_grad_norm,
         learning_rate=settings.learning_rate,
         rounds=rounds,
-        prior_events=privacy.ledger.events,
+        prior_events=(*privacy.ledger.events, *also_planned),
+    )
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """A firm's whole plan for one federated run, fixed at its first round and persisted.
+
+    The run contract: the firm trains at most ``training.rounds`` rounds, answers at most
+    ``evaluations`` evaluations, each at ``evaluation_noise`` (noise std / L2 sensitivity), and
+    only for the run spec it planned for (``spec_fingerprint``); together these compose to at
+    most ``min(cap, spent at planning + the run's target ε)``.
+    """
+
+    spec_fingerprint: str
+    training: DpPlan
+    evaluations: int
+    evaluation_noise: float
+
+    def evaluation_event(self, *, delta: float, purpose: str,
+                         context: Mapping[str, Any] | None = None) -> DpEvent:
+        return gaussian_query_event(
+            self.evaluation_noise, delta=delta, purpose=purpose, context=context
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {**asdict(self), "training": asdict(self.training)}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> RunPlan:
+        return cls(
+            spec_fingerprint=str(data["spec_fingerprint"]),
+            training=DpPlan(**data["training"]),
+            evaluations=int(data["evaluations"]),
+            evaluation_noise=float(data["evaluation_noise"]),
+        )
+
+
+def plan_run(
+    privacy: FirmPrivacy,
+    *,
+    spec_fingerprint: str,
+    n_examples: int,
+    epsilon: float,
+    settings: DpSgdSettings,
+    rounds: int,
+    evaluations: int,
+    evaluation_share: float,
+) -> RunPlan:
+    """Plan a federated run: ``evaluations`` Gaussian evaluations get about
+    ``evaluation_share`` of the run's ε, DP-SGD the rest (calibrated with them, so the whole
+    plan fits ``min(cap, spent + epsilon)``)."""
+    evaluation_noise = 0.0
+    planned: list[DpEvent] = []
+    if evaluations > 0:
+        available = max(min(epsilon, privacy.cap - privacy.spent()), 0.0)
+        if available <= 0:
+            raise PlanDoesNotFit(
+                f"firm '{privacy.firm}' has no ε left for a run (spent {privacy.spent():.4f} of "
+                f"{privacy.cap:g})"
+            )
+        evaluation_noise = calibrate_noise(
+            target_epsilon=evaluation_share * available, delta=privacy.delta, sample_rate=1.0,
+            steps=evaluations,
+        )
+        planned = [
+            gaussian_query_event(evaluation_noise, delta=privacy.delta, purpose="evaluate")
+            for _ in range(evaluations)
+        ]
+    training = plan_dp_sgd(
+        privacy, n_examples=n_examples, epsilon=epsilon, settings=settings, rounds=rounds,
+        also_planned=planned,
+    )
+    return RunPlan(spec_fingerprint, training, evaluations, evaluation_noise)
+
+
+def gaussian_query_event(
+    noise_multiplier: float, *, delta: float, purpose: str,
+    context: Mapping[str, Any] | None = None,
+) -> DpEvent:
+    """One Gaussian query over the firm's whole table (e.g. noisy evaluation counts).
+
+    Discrete Gaussian noise on counts is accounted as this continuous Gaussian: at the same
+    scale its Rényi divergence is no larger (Canonne, Kamath & Steinke 2020, Thm. 4).
+    """
+    return make_event(
+        mechanism=Mechanism.GAUSSIAN, noise_multiplier=noise_multiplier, sample_rate=1.0,
+        steps=1, delta=delta, purpose=purpose, context=context,
     )
 
 

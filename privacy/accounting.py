@@ -88,6 +88,14 @@ class Mechanism(StrEnum):
     GAUSSIAN = "gaussian"
 
 
+class NeighbouringRelation(StrEnum):
+    """Which datasets a release's ε compares: fedcrm's releases are all add/remove one customer
+    (``dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE``, its RDP accountant's default), which
+    is why no exact count leaves a firm."""
+
+    ADD_REMOVE = "add_remove"
+
+
 MAX_NOISE_MULTIPLIER = 1e4
 """:func:`calibrate_noise` gives up above this noise multiplier: the release would be useless."""
 
@@ -210,6 +218,7 @@ class DpEvent:
     purpose: str
     timestamp: str
     context: Mapping[str, ContextValue] = field(default_factory=FrozenMapping)
+    neighbouring: NeighbouringRelation = NeighbouringRelation.ADD_REMOVE
 
     def __post_init__(self) -> None:
         mech = _check_mechanism(self.mechanism)
@@ -226,6 +235,13 @@ class DpEvent:
             raise ValueError(f"purpose must be a non-empty string, got {self.purpose!r}")
         object.__setattr__(self, "timestamp", _check_timestamp(self.timestamp))
         object.__setattr__(self, "context", _check_context(self.context))
+        try:
+            object.__setattr__(self, "neighbouring", NeighbouringRelation(self.neighbouring))
+        except ValueError:
+            raise ValueError(
+                f"neighbouring relation {self.neighbouring!r} is not supported; fedcrm accounts "
+                "every release under add_remove"
+            ) from None
 
     def to_json(self) -> dict[str, Any]:
         """Plain JSON-serialisable dict (``mechanism`` as its string value)."""
@@ -239,6 +255,7 @@ class DpEvent:
             "purpose": self.purpose,
             "timestamp": self.timestamp,
             "context": dict(self.context),
+            "neighbouring": self.neighbouring.value,
         }
 
     @classmethod
@@ -268,6 +285,7 @@ class DpEvent:
             purpose=d["purpose"],
             timestamp=d["timestamp"],
             context=d.get("context") or {},
+            neighbouring=d.get("neighbouring", NeighbouringRelation.ADD_REMOVE),
         )
 
     def to_dp_accounting(self) -> dp_accounting.DpEvent:

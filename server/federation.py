@@ -151,6 +151,8 @@ def run_federation(grid: Grid, cfg: RunConfig, *, run_id: str, run_dir: Path) ->
     guard = GuardedStrategy(
         build_strategy(cfg),
         task=task,
+        spec=spec,
+        evaluation_rounds=cfg.evaluation_rounds(),
         firms=admission.firms,
         min_firms=cfg.min_firms,
         max_update_norm=cfg.max_update_norm,

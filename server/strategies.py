@@ -47,16 +47,19 @@ from fedcrm.coordinator.events import (
 from fedcrm.coordinator.run_config import RunConfig, StrategyKind
 from fedcrm.coordinator.run_state import FirmState, RoundRecord
 from fedcrm.coordinator.update_validation import validate_update
-from fedcrm.flower.records import CONFIG, wire_of
+from fedcrm.flower.records import CONFIG, to_records, wire_of
 from fedcrm.privacy.errors import FedcrmError
 from fedcrm.protocol import (
     ErrorReply,
     EvaluateReply,
+    EvaluateRequest,
+    MessageKind,
     ReplyState,
+    RunSpec,
     TrainReply,
     arrays_hash,
 )
-from fedcrm.tasks.base import Task
+from fedcrm.tasks.base import NoisyStatistics, Task
 
 BUDGET_EXHAUSTED = "privacy budget exhausted"
 
@@ -100,6 +103,8 @@ class GuardedStrategy(Strategy):
         inner: Strategy,
         *,
         task: Task,
+        spec: RunSpec,
+        evaluation_rounds: tuple[int, ...],
         firms: dict[int, FirmState],
         min_firms: int,
         max_update_norm: float,
@@ -107,6 +112,8 @@ class GuardedStrategy(Strategy):
     ) -> None:
         self.inner = inner
         self.task = task
+        self.spec = spec
+        self.evaluation_rounds = evaluation_rounds
         self.firms = firms
         self.min_firms = min_firms
         self.max_update_norm = max_update_norm
@@ -257,49 +264,65 @@ class GuardedStrategy(Strategy):
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
+        """Ask for a DP evaluation of the model the firms trained on in this round.
+
+        Firms evaluate only the global model they received for training in the same round (the
+        new aggregate ``arrays`` is evaluated in the next round, or not at all after the last).
+        """
+        if server_round not in self.evaluation_rounds or not self.global_arrays:
+            return []
         connected = set(grid.get_node_ids())
-        usable = {
-            n
-            for n, f in self.firms.items()
+        usable = sorted(
+            n for n, f in self.firms.items()
             if n in connected and (f.excluded is None or f.excluded == BUDGET_EXHAUSTED)
-        }
+        )
+        request = EvaluateRequest(
+            spec=self.spec, server_round=server_round, arrays=self.global_arrays
+        ).encode()
         return [
-            m
-            for m in self.inner.configure_evaluate(server_round, arrays, config, grid)
-            if m.metadata.dst_node_id in usable
+            Message(content=to_records(request), dst_node_id=n,
+                    message_type=MessageKind.EVALUATE)
+            for n in usable
         ]
 
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
         record = self.rounds.setdefault(server_round, RoundRecord(server_round))
-        evaluations: list[EvaluateReply] = []
+        statistics: dict[str, NoisyStatistics] = {}
+        per_firm: dict[str, dict[str, float]] = {}
         for msg in sorted(replies, key=lambda m: self._firm(m.metadata.src_node_id).firm):
+            firm = self._firm(msg.metadata.src_node_id).firm
             if msg.has_error():
                 continue
             try:
                 wire = wire_of(msg)
                 if ErrorReply.decode(wire) is not None:
                     continue
-                evaluation = EvaluateReply.decode(wire)
+                reply = EvaluateReply.decode(wire)
             except FedcrmError:
                 continue
-            evaluations.append(
-                EvaluateReply(
-                    firm=self._firm(msg.metadata.src_node_id).firm,
-                    num_examples=evaluation.num_examples,
-                    metrics=evaluation.metrics,
-                    vectors=evaluation.vectors,
+            state = self._firm(msg.metadata.src_node_id)
+            state.epsilon_total = max(state.epsilon_total, reply.epsilon_total)
+            if reply.state is not ReplyState.OK:
+                record.declined.append(
+                    {"firm": firm, "state": reply.state.value, "detail": reply.detail}
                 )
-            )
-        per_firm = {
-            e.firm: {**e.metrics, "num_examples": e.num_examples} for e in evaluations
+                continue
+            statistics[firm] = NoisyStatistics(reply.statistics, reply.noise_std)
+            per_firm[firm] = {
+                **self.task.pooled_metrics([statistics[firm]]),
+                "noise_std": reply.noise_std,
+                "epsilon": reply.epsilon,
+            }
+        pooled: dict[str, Any] = {
+            "evaluated_model_round": server_round - 1,
+            "firms_evaluated": len(statistics),
         }
-        pooled: dict[str, Any] = {"num_examples": sum(e.num_examples for e in evaluations)}
-        pooled.update(self.task.pooled_metrics(evaluations))
+        pooled.update(self.task.pooled_metrics(list(statistics.values())))
         record.metrics = {"pooled": pooled, "per_firm": per_firm}
         self.on_event(RoundEvaluated(round=server_round, pooled=pooled, per_firm=per_firm,
-                                     model_hash=record.model_hash))
+                                     model_hash=arrays_hash(self.global_arrays)))
         if not per_firm:
             return None
         return MetricRecord(

@@ -17,6 +17,7 @@ from fedcrm.simulations.datasets import load_cdnow, load_telco
 from fedcrm.simulations.partners import (
     cdnow_export,
     cdnow_firm_config,
+    public_size,
     telco_export,
     telco_firm_config,
     write_toml,
@@ -47,6 +48,8 @@ def export_datasets(
             store_dir=Path("stores/telco"),
             epsilon=epsilon,
             delta=delta,
+            public_size=public_size(len(telco)),
+            audit_log=None,  # each firm its own log, next to its store
         ),
     )
     cdnow = cdnow_export(load_cdnow())
@@ -61,6 +64,8 @@ def export_datasets(
             store_dir=Path("stores/cdnow"),
             epsilon=epsilon,
             delta=delta,
+            public_size=public_size(int(cdnow.iloc[:, 0].nunique())),
+            audit_log=None,
         ),
     )
     return [

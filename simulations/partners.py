@@ -17,6 +17,7 @@ import tomli_w
 
 from fedcrm.simulations.datasets import (
     CDNOW_CALIBRATION_END,
+    CDNOW_HOLDOUT_END,
     TELCO_BOOLEAN,
     TELCO_CATEGORICAL,
     TELCO_NUMERIC,
@@ -92,6 +93,30 @@ def telco_export(telco: pd.DataFrame, *, seed: int) -> pd.DataFrame:
     return pd.concat([export.iloc[:, :1], contacts, export.iloc[:, 1:]], axis=1)
 
 
+def public_size(customers: int) -> int:
+    """A firm's declared public size for ``customers``: rounded up to two significant digits
+    (a firm reveals roughly how big it is, never its exact count)."""
+    if customers < 1:
+        return 1
+    scale = 10 ** max(len(str(customers)) - 2, 0)
+    return -(-customers // scale) * scale
+
+
+def _firm_section(
+    firm: str, keys_dir: Path, store_dir: Path, audit_log: str | None
+) -> dict[str, Any]:
+    section: dict[str, Any] = {
+        "name": firm, "keys_dir": str(keys_dir), "store_dir": str(store_dir)
+    }
+    if audit_log is not None:
+        section["audit_log"] = audit_log
+    return section
+
+
+def _federation_section(size: int | None) -> dict[str, Any]:
+    return {} if size is None else {"federation": {"public_size": size}}
+
+
 def telco_firm_config(
     *,
     firm: str,
@@ -102,6 +127,8 @@ def telco_firm_config(
     delta: float,
     encoding: str = "utf-8",
     training: dict[str, Any] | None = None,
+    public_size: int | None = None,
+    audit_log: str | None = "audit.jsonl",
 ) -> dict[str, Any]:
     columns: dict[str, Any] = {
         "customer_id": {"role": "id"},
@@ -120,13 +147,9 @@ def telco_firm_config(
     for name, cats in TELCO_CATEGORICAL.items():
         columns[name] = {"role": "feature", "kind": "categorical", "categories": list(cats)}
     cfg: dict[str, Any] = {
-        "firm": {
-            "name": firm,
-            "keys_dir": str(keys_dir),
-            "store_dir": str(store_dir),
-            "audit_log": "audit.jsonl",
-        },
+        "firm": _firm_section(firm, keys_dir, store_dir, audit_log),
         "budget": {"epsilon": epsilon, "delta": delta},
+        **_federation_section(public_size),
         "validation": {"max_quarantine_fraction": 0.05},
         "tables": {
             "customers": {
@@ -149,17 +172,16 @@ def cdnow_firm_config(
     epsilon: float,
     delta: float,
     training: dict[str, Any] | None = None,
+    public_size: int | None = None,
+    audit_log: str | None = "audit.jsonl",
 ) -> dict[str, Any]:
     cfg: dict[str, Any] = {
-        "firm": {
-            "name": firm,
-            "keys_dir": str(keys_dir),
-            "store_dir": str(store_dir),
-            "audit_log": "audit.jsonl",
-        },
+        "firm": _firm_section(firm, keys_dir, store_dir, audit_log),
         "budget": {"epsilon": epsilon, "delta": delta},
+        **_federation_section(public_size),
         "features": {
             "as_of": CDNOW_CALIBRATION_END.date().isoformat(),
+            "holdout_end": CDNOW_HOLDOUT_END.date().isoformat(),
             "churn_cutoff": "1997-06-30",
             "churn_horizon_days": 90,
         },

@@ -42,6 +42,7 @@ from fedcrm.simulations.datasets import load_cdnow, load_telco
 from fedcrm.simulations.partners import (
     cdnow_export,
     cdnow_firm_config,
+    public_size,
     telco_export,
     telco_firm_config,
     write_toml,
@@ -166,6 +167,7 @@ def build_firms(
                 delta=sim.delta,
                 encoding=encoding,
                 training=training,
+                public_size=public_size(len(part)),
             )
         else:
             cdnow_export(part).to_csv(root / "transactions.csv", index=False)
@@ -177,6 +179,7 @@ def build_firms(
                 epsilon=cap,
                 delta=sim.delta,
                 training=training,
+                public_size=public_size(int(part["customer_id"].nunique())),
             )
         config = write_toml(root / "firm.toml", data)
         init_keys(root / "keys", firm=name)

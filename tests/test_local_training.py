@@ -26,7 +26,11 @@ RUNNER = CliRunner()
 
 
 def _prepared(write_firm: Callable[..., Path], n: int = 1500, epsilon: float = 2.0) -> Path:
-    cfg_path = write_firm(make_customers(n), extra={"budget": {"epsilon": epsilon, "delta": 1e-5}})
+    cfg_path = write_firm(
+        make_customers(n),
+        extra={"budget": {"epsilon": epsilon, "delta": 1e-5},
+               "federation": {"public_size": 1500}},
+    )
     prepare(load_firm_config(cfg_path))
     return cfg_path
 

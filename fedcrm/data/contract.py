@@ -208,6 +208,30 @@ class BudgetSection(BaseModel):
     ledger: Path | None = None
 
 
+class FederationSection(BaseModel):
+    """The firm's own policy for federated runs (the coordinator cannot change it)."""
+
+    model_config = _FROZEN
+
+    public_size: int | None = Field(
+        default=None,
+        ge=1,
+        le=1_000_000_000,
+        description="a public upper bound on the firm's number of customers: federated runs "
+        "sample and weight by it, so the exact count never leaves the firm",
+    )
+    evaluate: bool = Field(
+        default=True, description="answer the coordinator's DP evaluation of the global model"
+    )
+    evaluation_share: float = Field(
+        default=0.2, gt=0, lt=1, allow_inf_nan=False,
+        description="share of each run's ε spent on evaluating the global model",
+    )
+    max_evaluations: int = Field(
+        default=4, ge=1, le=1000, description="evaluations the firm answers per run at most"
+    )
+
+
 class ValidationSection(BaseModel):
     model_config = _FROZEN
 
@@ -218,6 +242,10 @@ class FeatureSection(BaseModel):
     model_config = _FROZEN
 
     as_of: date | None = Field(default=None, description="reference date for RFM and ages")
+    holdout_end: date | None = Field(
+        default=None,
+        description="trend task: the end of the holdout that follows as_of (declared, public)",
+    )
     churn_cutoff: date | None = None
     churn_horizon_days: int = Field(default=90, ge=1)
 
@@ -248,6 +276,7 @@ class FirmConfig(BaseModel):
 
     firm: FirmSection
     budget: BudgetSection
+    federation: FederationSection = FederationSection()
     validation: ValidationSection = ValidationSection()
     features: FeatureSection = FeatureSection()
     training: TrainingSection = TrainingSection()

@@ -112,6 +112,10 @@ class DpPlan:
     delta: float
     epochs: float
     rounds: int = 1
+    #: What the noisy gradient sum is divided by: ``n_examples · sample_rate`` for the size the
+    #: plan was made for (a federated firm's declared public size), so the released update's
+    #: scale never depends on the exact number of customers. ``None``: the data's own ``n · q``.
+    expected_batch: float | None = None
 
     @property
     def total_steps(self) -> int:
@@ -298,6 +302,7 @@ def plan_for_budget(
         delta=float(delta),
         epochs=float(epochs),
         rounds=int(rounds),
+        expected_batch=float(n_examples * sample_rate),
     )
 
 
@@ -750,7 +755,7 @@ def train_dp(
     start = time.perf_counter()
     n = X.shape[0]
     q = plan.sample_rate
-    expected_batch = n * q
+    expected_batch = plan.expected_batch if plan.expected_batch is not None else n * q
     noise_std = plan.noise_multiplier * plan.max_grad_norm
     params = trainable_parameters(model)
     sizes = [p.numel() for p in params]

@@ -1,10 +1,9 @@
 """Evaluation metrics that can be pooled across firms without pooling records.
 
-A firm reports, for its held-out customers, how many churners and non-churners fall in each of
-``SCORE_BINS`` equal-width score bins. Summing those histograms over firms gives the pooled
-ROC curve up to the bin width, so the coordinator gets a pooled AUC without any per-customer
-score or label leaving a firm. (The histograms are evaluation statistics, not DP releases; see
-docs/privacy.md.)
+A firm releases, for its held-out customers, noisy counts of churners and non-churners in each of
+a few equal-width score bins (:mod:`fedcrm.tasks.churn`). Summing those histograms over firms
+gives the pooled ROC curve up to the bin width and the noise, so the coordinator gets a pooled AUC
+without any per-customer score or label leaving a firm.
 """
 
 from __future__ import annotations
@@ -14,12 +13,14 @@ import numpy as np
 SCORE_BINS = 200
 
 
-def score_histograms(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Counts of positives and negatives per score bin (``SCORE_BINS`` bins over [0, 1])."""
-    bins = np.clip((np.asarray(scores) * SCORE_BINS).astype(int), 0, SCORE_BINS - 1)
+def score_histograms(
+    scores: np.ndarray, labels: np.ndarray, *, bins: int = SCORE_BINS
+) -> tuple[np.ndarray, np.ndarray]:
+    """Counts of positives and negatives per score bin (``bins`` equal-width bins over [0, 1])."""
+    index = np.clip((np.asarray(scores) * bins).astype(int), 0, bins - 1)
     labels = np.asarray(labels).astype(bool)
-    pos = np.bincount(bins[labels], minlength=SCORE_BINS).astype(np.float64)
-    neg = np.bincount(bins[~labels], minlength=SCORE_BINS).astype(np.float64)
+    pos = np.bincount(index[labels], minlength=bins).astype(np.float64)
+    neg = np.bincount(index[~labels], minlength=bins).astype(np.float64)
     return pos, neg
 
 

@@ -22,7 +22,7 @@ from torch import nn
 from fedcrm.data.contract import FirmConfig
 from fedcrm.data.store import PreparedStore
 from fedcrm.learning.settings import ChurnModelKind
-from fedcrm.protocol import DescribeReply, EvaluateReply, TaskKind
+from fedcrm.protocol import DescribeReply, TaskKind
 
 PerSampleLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -38,13 +38,26 @@ class TrainingProblem:
 
 
 @dataclass(frozen=True)
-class Evaluation:
-    """A firm's evaluation of a model on its held-out customers (what it may send is decided
-    by the node, not here)."""
+class EvaluationStatistics:
+    """What a firm may release about a model on its held-out customers, before noise.
 
-    num_examples: int
-    metrics: Mapping[str, float]
-    vectors: Mapping[str, np.ndarray]
+    Vectors of counts or sums in which each customer's contribution is bounded, and the L2
+    sensitivity that bound gives when one customer is added or removed. ``integer`` statistics
+    (counts) get discrete Gaussian noise, the others Gaussian noise. The exact values never
+    leave the firm; only their noisy version does (:meth:`fedcrm.node.FirmNode.evaluate`).
+    """
+
+    values: Mapping[str, np.ndarray]
+    l2_sensitivity: float
+    integer: bool
+
+
+@dataclass(frozen=True)
+class NoisyStatistics:
+    """One firm's released evaluation statistics and the standard deviation of their noise."""
+
+    values: Mapping[str, Sequence[float]]
+    noise_std: float
 
 
 class TaskData(Protocol):
@@ -57,11 +70,18 @@ class TaskData(Protocol):
     @property
     def input_dim(self) -> int: ...
 
-    def describe(self, firm: str) -> DescribeReply: ...
+    def describe(self, firm: str, *, public_size: int) -> DescribeReply: ...
 
     def training_problem(self, *, model: ChurnModelKind, seed: int) -> TrainingProblem: ...
 
-    def evaluate(self, arrays: Sequence[np.ndarray], *, model: ChurnModelKind) -> Evaluation: ...
+    def local_metrics(
+        self, arrays: Sequence[np.ndarray], *, model: ChurnModelKind
+    ) -> dict[str, float]:
+        """Exact held-out metrics for the firm itself (local training); never sent anywhere."""
+
+    def evaluation(
+        self, arrays: Sequence[np.ndarray], *, model: ChurnModelKind
+    ) -> EvaluationStatistics: ...
 
 
 class Task(Protocol):
@@ -75,7 +95,9 @@ class Task(Protocol):
         self, *, model: ChurnModelKind, input_dim: int, seed: int
     ) -> list[np.ndarray]: ...
 
-    def pooled_metrics(self, replies: Sequence[EvaluateReply]) -> dict[str, float]: ...
+    def pooled_metrics(self, statistics: Sequence[NoisyStatistics]) -> dict[str, float]:
+        """Federation-wide metrics from firms' noisy statistics (post-processing only), with
+        the noise's effect on them where it can be estimated."""
 
     def save_model(
         self, path: Path, arrays: Sequence[np.ndarray], provenance: Mapping[str, Any]

@@ -10,6 +10,7 @@ per-customer errors: aggregates, never a customer's record.
 from __future__ import annotations
 
 import io
+import itertools
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -38,11 +39,15 @@ from fedcrm.learning.trend_model import (
 )
 from fedcrm.privacy.durable import write_private
 from fedcrm.privacy.errors import ConfigError, SchemaError
-from fedcrm.protocol import DescribeReply, EvaluateReply, TaskKind
-from fedcrm.tasks.base import Evaluation, TrainingProblem
+from fedcrm.protocol import DescribeReply, TaskKind
+from fedcrm.tasks.base import EvaluationStatistics, NoisyStatistics, TrainingProblem
 
 TREND_MODEL_FORMAT = "fedcrm/trend-model/v1"
 SUM_FORECAST, SUM_ACTUAL = "sum-forecast", "sum-actual"
+#: Evaluation releases the holdout's forecast and actual purchase days summed over customers in
+#: this many equal periods, each customer's value clipped to [0, EVALUATION_CLIP] per period.
+EVALUATION_PERIODS = 3
+EVALUATION_CLIP = 4.0
 
 
 @dataclass(frozen=True)
@@ -63,13 +68,12 @@ class FirmTrendData:
     def input_dim(self) -> int:
         return len(TREND_FEATURE_NAMES)
 
-    def describe(self, firm: str) -> DescribeReply:
+    def describe(self, firm: str, *, public_size: int) -> DescribeReply:
         return DescribeReply(
             firm=firm,
             layout=self.fingerprint,
             input_dim=self.input_dim,
-            num_train=len(self.y_train),
-            num_test=len(self.x_pred),
+            public_size=public_size,
             holdout_weeks=self.holdout_weeks,
         )
 
@@ -81,19 +85,36 @@ class FirmTrendData:
             loss=trend_per_sample_loss,
         )
 
-    def evaluate(self, arrays: Sequence[np.ndarray], *, model: ChurnModelKind) -> Evaluation:
+    def _forecast(self, arrays: Sequence[np.ndarray]) -> np.ndarray:
         net = arrays_to_model(build_trend_model(), arrays)
-        weekly = forecast(net, self.x_pred, weeks=self.holdout_weeks)
-        own = evaluate_holdout(weekly, self.actual)
-        abs_err = float(np.abs(weekly.sum(axis=1) - self.actual.sum(axis=1)).sum())
-        return Evaluation(
-            num_examples=len(self.x_pred),
-            metrics={
-                "customer-abs-error-sum": abs_err,
-                "cumulative-error": own["cumulative_error"],
-                "customer-mae": own["customer_mae"],
-            },
-            vectors={SUM_FORECAST: weekly.sum(axis=0), SUM_ACTUAL: self.actual.sum(axis=0)},
+        return forecast(net, self.x_pred, weeks=self.holdout_weeks)
+
+    def local_metrics(
+        self, arrays: Sequence[np.ndarray], *, model: ChurnModelKind
+    ) -> dict[str, float]:
+        own = evaluate_holdout(self._forecast(arrays), self.actual)
+        return {"cumulative_error": own["cumulative_error"],
+                "customer_mae": own["customer_mae"]}
+
+    def evaluation(
+        self, arrays: Sequence[np.ndarray], *, model: ChurnModelKind
+    ) -> EvaluationStatistics:
+        """Per period: Σ over customers of min(forecast, C) and of min(actual, C).
+
+        One customer more or less changes each of the 2·K sums by at most C, so the L2
+        sensitivity is C·sqrt(2K). No per-customer value is released.
+        """
+        weekly = self._forecast(arrays)
+        edges = np.linspace(0, self.holdout_weeks, EVALUATION_PERIODS + 1).round().astype(int)
+
+        def per_period(values: np.ndarray) -> np.ndarray:
+            sums = [values[:, a:b].sum(axis=1) for a, b in itertools.pairwise(edges)]
+            return np.clip(np.stack(sums, axis=1), 0.0, EVALUATION_CLIP).sum(axis=0)
+
+        return EvaluationStatistics(
+            values={SUM_FORECAST: per_period(weekly), SUM_ACTUAL: per_period(self.actual)},
+            l2_sensitivity=EVALUATION_CLIP * float(np.sqrt(2 * EVALUATION_PERIODS)),
+            integer=False,
         )
 
 
@@ -106,9 +127,19 @@ def firm_trend_data(store: PreparedStore, cfg: FirmConfig) -> FirmTrendData:
             f"{cfg.config_path}: the trend task needs features.as_of (the end of the calibration "
             "period); transactions after it are the holdout"
         )
+    if cfg.features.holdout_end is None:
+        raise ConfigError(
+            f"{cfg.config_path}: the trend task needs features.holdout_end (the declared end of "
+            "the holdout after features.as_of); it is public, the date of a firm's last purchase "
+            "is not"
+        )
     calibration_end = pd.Timestamp(cfg.features.as_of)
-    last = pd.Timestamp(tx["timestamp"].max()).normalize()
-    holdout_weeks = max(1, int((last - calibration_end).days // 7))
+    holdout_weeks = int((pd.Timestamp(cfg.features.holdout_end) - calibration_end).days // 7)
+    if holdout_weeks < EVALUATION_PERIODS:
+        raise ConfigError(
+            f"{cfg.config_path}: features.holdout_end must be at least {EVALUATION_PERIODS} weeks "
+            "after features.as_of"
+        )
     calibration = tx[tx["timestamp"] <= calibration_end]
     data = trend_dataset(calibration, calibration_end=calibration_end)
     x_pred, customers = trend_features(calibration, as_of=calibration_end)
@@ -129,30 +160,25 @@ def firm_trend_data(store: PreparedStore, cfg: FirmConfig) -> FirmTrendData:
     )
 
 
-def pooled_trend_metrics(replies: Sequence[EvaluateReply]) -> dict[str, float]:
-    """Federation-wide trend errors from the firms' weekly sums (curves add up across firms).
-
-    A small firm's last purchase can fall in an earlier week, so its holdout is shorter: the
-    weeks every firm covers are pooled (as the simulation's BG/NBD baseline does).
-    """
-    with_sums = [r for r in replies if SUM_FORECAST in r.vectors and SUM_ACTUAL in r.vectors]
+def pooled_trend_metrics(statistics: Sequence[NoisyStatistics]) -> dict[str, float]:
+    """Federation-wide trend errors from the firms' noisy per-period sums (they add up across
+    firms; every firm's holdout covers the same declared weeks), and the noise's standard
+    deviation on each pooled period sum (``period_noise_sd``)."""
+    with_sums = [s for s in statistics if SUM_FORECAST in s.values and SUM_ACTUAL in s.values]
     if not with_sums:
         return {}
-    weeks = min(len(r.vectors[SUM_ACTUAL]) for r in with_sums)
-    f = np.sum([np.asarray(r.vectors[SUM_FORECAST][:weeks]) for r in with_sums], axis=0)
-    a = np.sum([np.asarray(r.vectors[SUM_ACTUAL][:weeks]) for r in with_sums], axis=0)
+    f = np.sum([np.asarray(s.values[SUM_FORECAST]) for s in with_sums], axis=0)
+    a = np.sum([np.asarray(s.values[SUM_ACTUAL]) for s in with_sums], axis=0)
     cum_f, cum_a = f.cumsum(), a.cumsum()
     mae = float(np.abs(cum_f - cum_a).mean())
-    total = float(cum_a[-1]) if len(cum_a) else float("nan")
-    n = sum(r.num_examples for r in replies)
-    abs_sum = sum(r.metrics.get("customer-abs-error-sum", 0.0) for r in replies)
+    total = float(cum_a[-1])
     return {
         "cumulative_error": mae,
-        "cumulative_relative_error": mae / total if total else float("nan"),
-        "end_relative_error": (float(cum_f[-1]) - total) / total if total else float("nan"),
-        "customer_mae": abs_sum / n if n else float("nan"),
-        "forecast_total": float(cum_f[-1]) if len(cum_f) else 0.0,
+        "cumulative_relative_error": mae / total if total > 0 else float("nan"),
+        "end_relative_error": (float(cum_f[-1]) - total) / total if total > 0 else float("nan"),
+        "forecast_total": float(cum_f[-1]),
         "actual_total": total,
+        "period_noise_sd": float(np.sqrt(sum(s.noise_std**2 for s in with_sums))),
     }
 
 
@@ -201,8 +227,8 @@ class TrendTask:
             )
         return model_to_arrays(build_trend_model(seed=seed))
 
-    def pooled_metrics(self, replies: Sequence[EvaluateReply]) -> dict[str, float]:
-        return pooled_trend_metrics(replies)
+    def pooled_metrics(self, statistics: Sequence[NoisyStatistics]) -> dict[str, float]:
+        return pooled_trend_metrics(statistics)
 
     def save_model(
         self, path: Path, arrays: Sequence[np.ndarray], provenance: Mapping[str, Any]
