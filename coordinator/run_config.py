@@ -13,9 +13,10 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, model_validator
 
-from fedcrm.config_file import validate
+from fedcrm.config_file import BASE_DIR, load_toml, validate
+from fedcrm.data.encoding import FeatureSchemaFile
 from fedcrm.learning.settings import (
     FEDERATED_ROUND,
     BatchSize,
@@ -25,6 +26,7 @@ from fedcrm.learning.settings import (
     LearningRate,
     MaxGradNorm,
 )
+from fedcrm.privacy.errors import ConfigError
 from fedcrm.protocol import RunSpec, TaskKind, flat_decode, flat_encode
 
 
@@ -76,6 +78,25 @@ class RunConfig(BaseModel):
         default=0, ge=0, description="evaluate every N rounds; 0 = only in the last round"
     )
     seed: int = 0
+    schema_file: Path | None = Field(
+        default=None,
+        description="churn: the run's public feature schema (TOML, e.g. configs/schemas/"
+        "telco.toml), relative to this config file",
+    )
+    feature_schema: str = Field(
+        default="", description="the loaded schema as it travels to firms (set from schema_file)"
+    )
+
+    @model_validator(mode="after")
+    def _load_schema(self, info: ValidationInfo) -> RunConfig:
+        if self.schema_file is None or self.feature_schema:
+            return self
+        base = Path((info.context or {}).get(BASE_DIR) or Path.cwd())
+        path = self.schema_file if self.schema_file.is_absolute() else base / self.schema_file
+        layout = load_toml(path, FeatureSchemaFile, what="feature schema").layout()
+        # set once while validating (the model is frozen afterwards)
+        object.__setattr__(self, "feature_schema", layout.canonical_json())
+        return self
 
     @model_validator(mode="after")
     def _check(self) -> RunConfig:
@@ -95,6 +116,12 @@ class RunConfig(BaseModel):
 
     def run_spec(self, run_id: str) -> RunSpec:
         """What every firm receives about this run with each request."""
+        if self.task is TaskKind.CHURN and not self.feature_schema:
+            raise ConfigError(
+                "a churn run needs its public feature schema: set [run] schema_file (e.g. "
+                "configs/schemas/telco.toml); every firm maps its columns onto it, so nothing "
+                "derived from one firm's data shapes the shared model"
+            )
         return RunSpec(
             run_id=run_id,
             task=self.task,
@@ -109,14 +136,18 @@ class RunConfig(BaseModel):
             proximal_mu=self.proximal_mu if self.strategy is StrategyKind.FEDPROX else 0.0,
             seed=self.seed,
             evaluations=len(self.evaluation_rounds()),
+            schema=self.feature_schema if self.task is TaskKind.CHURN else "",
         )
 
     def config_hash(self) -> str:
-        return hashlib.sha256(self.model_dump_json().encode()).hexdigest()
+        return hashlib.sha256(
+            self.model_dump_json(exclude={"schema_file"}).encode()
+        ).hexdigest()
 
     def to_flower(self, *, run_id: str, run_dir: Path) -> dict[str, str | int | float | bool]:
         """Flower's flat run config (``flwr run --run-config``): the protocol's flat codec."""
-        return flat_encode({**self.model_dump(), "run_id": run_id, "run_dir": str(run_dir)})
+        values = self.model_dump(exclude={"schema_file"})  # a path on the coordinator's disk
+        return flat_encode({**values, "run_id": run_id, "run_dir": str(run_dir)})
 
     @classmethod
     def from_flower(cls, flat: dict[str, Any]) -> tuple[RunConfig, str, Path]:

@@ -54,10 +54,18 @@ def validation_message(err: ValidationError, *, where: str, prefix: str = "") ->
     return f"{where}: {loc}: {msg}{more}"
 
 
-def validate(model: type[M], data: Mapping[str, Any], *, where: str, prefix: str = "") -> M:
-    """``data`` as ``model``, or one :class:`ConfigError` line."""
+#: Validation context key: the folder relative paths in a config are resolved against.
+BASE_DIR = "base_dir"
+
+
+def validate(
+    model: type[M], data: Mapping[str, Any], *, where: str, prefix: str = "",
+    base_dir: Path | None = None,
+) -> M:
+    """``data`` as ``model``, or one :class:`ConfigError` line. ``base_dir`` (the config file's
+    folder) is handed to validators that resolve relative paths."""
     try:
-        return model.model_validate(dict(data))
+        return model.model_validate(dict(data), context={BASE_DIR: base_dir or Path.cwd()})
     except ValidationError as err:
         raise ConfigError(validation_message(err, where=where, prefix=prefix)) from None
 
@@ -65,4 +73,4 @@ def validate(model: type[M], data: Mapping[str, Any], *, where: str, prefix: str
 def load_toml(path: Path, model: type[M], *, what: str) -> M:
     """Read a TOML file and validate the whole document as ``model``."""
     data, _ = read_toml(path, what=what)
-    return validate(model, data, where=str(path))
+    return validate(model, data, where=str(path), base_dir=Path(path).resolve().parent)

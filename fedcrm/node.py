@@ -34,7 +34,7 @@ from fedcrm.data.store import PreparedStore, load_store
 from fedcrm.learning.dp_engine import noise_generator, train_dp
 from fedcrm.learning.models import arrays_to_model, model_to_arrays
 from fedcrm.privacy.durable import write_private
-from fedcrm.privacy.errors import BudgetExhausted, ConfigError, PlanDoesNotFit
+from fedcrm.privacy.errors import BudgetExhausted, ConfigError, FedcrmError, PlanDoesNotFit
 from fedcrm.privacy.keys import FirmKeys, load_keys
 from fedcrm.privacy.noise import discrete_gaussian, gaussian
 from fedcrm.protocol import (
@@ -56,7 +56,7 @@ from fedcrm.tasks.base import TaskData
 _NODES: dict[tuple[str, float], FirmNode] = {}
 
 
-class Declined(Exception):
+class Declined(FedcrmError):
     """The firm's own policy or the run contract refuses a request (its reply says why)."""
 
     def __init__(self, detail: str, state: ReplyState = ReplyState.DECLINED) -> None:
@@ -76,7 +76,7 @@ class FirmNode:
         self.cfg = cfg
         self.keys = keys
         self.privacy = FirmPrivacy(cfg, keys)
-        self._data: dict[TaskKind, tuple[str, TaskData]] = {}
+        self._data: dict[tuple[TaskKind, str], tuple[str, TaskData]] = {}
 
     @classmethod
     def open(cls, firm_config: Path | str) -> FirmNode:
@@ -110,14 +110,23 @@ class FirmNode:
     def store(self) -> PreparedStore:
         return load_store(self.cfg.prepared_dir, keys=self.keys)
 
-    def task_data(self, kind: TaskKind) -> TaskData:
-        """This firm's examples for a task, rebuilt only when the prepared store changed."""
+    def task_data(self, kind: TaskKind, schema: str = "") -> TaskData:
+        """This firm's examples for a task (in a run's public ``schema``, or its own declared
+        layout for local work), rebuilt only when the prepared store changed."""
         store = self.store()
-        cached = self._data.get(kind)
+        cached = self._data.get((kind, schema))
         if cached is None or cached[0] != store.store_hash:
-            cached = (store.store_hash, task_for(kind).firm_data(self.cfg, store))
-            self._data[kind] = cached
+            cached = (store.store_hash, task_for(kind).firm_data(self.cfg, store, schema=schema))
+            self._data[(kind, schema)] = cached
         return cached[1]
+
+    def _federated_data(self, kind: TaskKind, schema: str) -> TaskData:
+        if kind is TaskKind.CHURN and not schema:
+            raise Declined(
+                "the coordinator sent no public feature schema for this churn run; this firm "
+                "trains a shared model only on a run's declared schema, never on its own ranges"
+            )
+        return self.task_data(kind, schema)
 
     # ------------------------------------------------------------------ the run contract
 
@@ -166,7 +175,9 @@ class FirmNode:
     # ------------------------------------------------------------------ messages
 
     def describe(self, request: DescribeRequest) -> DescribeReply:
-        return self.task_data(request.task).describe(self.firm, public_size=self.public_size)
+        return self._federated_data(request.task, request.schema).describe(
+            self.firm, public_size=self.public_size
+        )
 
     def train(self, request: TrainRequest) -> TrainReply:
         """One federated training round on this firm's data: one DP release."""
@@ -186,7 +197,9 @@ class FirmNode:
                     f"round {request.server_round} of run {spec.run_id} was already trained "
                     f"({len(trained)} of {plan.training.rounds} rounds done)"
                 )
-            problem = self.task_data(spec.task).training_problem(model=spec.model, seed=spec.seed)
+            problem = self._federated_data(spec.task, spec.schema).training_problem(
+                model=spec.model, seed=spec.seed
+            )
             model = arrays_to_model(problem.model, request.arrays)
             received = arrays_hash(request.arrays)
             event = plan.training.round_event(
@@ -290,7 +303,9 @@ class FirmNode:
                     f"this firm's plan for run {spec.run_id} has {plan.evaluations} evaluations, "
                     "all answered"
                 )
-            statistics = self.task_data(spec.task).evaluation(request.arrays, model=spec.model)
+            statistics = self._federated_data(spec.task, spec.schema).evaluation(
+                request.arrays, model=spec.model
+            )
             noise_std = plan.evaluation_noise * statistics.l2_sensitivity
             event = plan.evaluation_event(
                 delta=self.privacy.delta, purpose=purpose,

@@ -42,6 +42,7 @@ from fedcrm.protocol import (
     ErrorReply,
     MessageKind,
     ReplyState,
+    RunSpec,
     arrays_hash,
 )
 from fedcrm.server.strategies import FederationStopped, GuardedStrategy, build_strategy
@@ -90,9 +91,9 @@ def _tune_simulation_polling(grid: Grid, n_nodes: int) -> None:
 
 
 def _describe(
-    grid: Grid, nodes: list[int], cfg: RunConfig, events: EventLog
+    grid: Grid, nodes: list[int], cfg: RunConfig, spec: RunSpec, events: EventLog
 ) -> dict[int, DescribeReply]:
-    request = DescribeRequest(task=cfg.task).encode()
+    request = DescribeRequest(task=cfg.task, schema=spec.schema).encode()
     messages = [
         Message(content=to_records(request), dst_node_id=n, message_type=MessageKind.DESCRIBE)
         for n in nodes
@@ -122,6 +123,7 @@ def _describe(
 def run_federation(grid: Grid, cfg: RunConfig, *, run_id: str, run_dir: Path) -> dict[str, Any]:
     """Run the whole federation and write the summary; returns it."""
     started = time.time()
+    spec = cfg.run_spec(run_id)  # refuses a run that cannot be described to firms
     run_dir.mkdir(parents=True, exist_ok=True)
     audit = FederationAudit(run_dir)
     events = EventLog(run_dir / EVENTS, sinks=[audit.record])
@@ -129,7 +131,7 @@ def run_federation(grid: Grid, cfg: RunConfig, *, run_id: str, run_dir: Path) ->
                            rounds=cfg.rounds))
     nodes = _wait_for_nodes(grid, cfg, events)
     _tune_simulation_polling(grid, len(nodes))
-    admission = admit(_describe(grid, nodes, cfg, events))
+    admission = admit(_describe(grid, nodes, cfg, spec, events))
     for node, state in admission.firms.items():
         if state.excluded == LAYOUT_MISMATCH:
             events.emit(FirmStopped(round=0, firm=state.firm, node_id=node,
@@ -147,7 +149,6 @@ def run_federation(grid: Grid, cfg: RunConfig, *, run_id: str, run_dir: Path) ->
         },
     )
     task = task_for(cfg.task)
-    spec = cfg.run_spec(run_id)
     guard = GuardedStrategy(
         build_strategy(cfg),
         task=task,

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from fedcrm.data.encoding import FeatureLayout, layout_from_declared
 from fedcrm.privacy.errors import ConfigError
 
 TELCO_CATEGORICAL: dict[str, tuple[str, ...]] = {
@@ -49,6 +50,20 @@ TELCO_NUMERIC: dict[str, tuple[float, float]] = {
     "monthly_charges": (0.0, 120.0),
     "total_charges": (0.0, 9000.0),
 }
+#: The canonical names firms give these columns in their configs (partners.telco_firm_config).
+TELCO_CANONICAL: dict[str, str] = {"tenure": "tenure_months"}
+
+
+def telco_schema() -> FeatureLayout:
+    """The Telco federation's public feature schema (``configs/schemas/telco.toml``): the data
+    dictionary's kinds, ranges and categories, under the firms' canonical column names."""
+    return layout_from_declared(
+        TELCO_CATEGORICAL,
+        TELCO_BOOLEAN,
+        {TELCO_CANONICAL.get(name, name): bounds for name, bounds in TELCO_NUMERIC.items()},
+    )
+
+
 #: Fraction of Telco customers held out for testing.
 TELCO_TEST_FRACTION = 0.2
 

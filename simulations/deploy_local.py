@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from fedcrm.clients.node import firm_node_config, start_supernode
 from fedcrm.config_file import load_toml
@@ -43,7 +43,13 @@ from fedcrm.coordinator.run_config import RunConfig
 from fedcrm.coordinator.runs import SUMMARY, load_summary, new_run_id, write_summary
 from fedcrm.data.contract import load_firm_config
 from fedcrm.privacy.errors import ConfigError
-from fedcrm.simulations.run import PartnerScenario, SimulationConfig, SimulationSection, build_firms
+from fedcrm.simulations.run import (
+    PartnerScenario,
+    SimulationConfig,
+    SimulationSection,
+    build_firms,
+    with_public_schema,
+)
 
 FEDERATION_DIR = "federation"
 
@@ -61,6 +67,12 @@ class LocalDeployConfig(BaseModel):
 
     deploy: DeploySection = DeploySection()
     run: RunConfig = RunConfig()
+
+    @model_validator(mode="after")
+    def _public_schema(self) -> LocalDeployConfig:
+        # set once while validating (the model is frozen afterwards)
+        object.__setattr__(self, "run", with_public_schema(self.run, self.deploy))
+        return self
 
 
 def load_local_deploy_config(path: Path) -> LocalDeployConfig:

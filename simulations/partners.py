@@ -19,6 +19,7 @@ from fedcrm.simulations.datasets import (
     CDNOW_CALIBRATION_END,
     CDNOW_HOLDOUT_END,
     TELCO_BOOLEAN,
+    TELCO_CANONICAL,
     TELCO_CATEGORICAL,
     TELCO_NUMERIC,
 )
@@ -143,7 +144,8 @@ def telco_firm_config(
         columns[name] = {"role": "feature", "kind": "boolean"}
     for name, (low, high) in TELCO_NUMERIC.items():
         columns[name] = {"role": "feature", "kind": "numeric", "min": low, "max": high}
-    columns["tenure"]["name"] = "tenure_months"  # canonical name, used by CRM features
+    for name, canonical in TELCO_CANONICAL.items():  # canonical names, used by CRM features
+        columns[name]["name"] = canonical
     for name, cats in TELCO_CATEGORICAL.items():
         columns[name] = {"role": "feature", "kind": "categorical", "categories": list(cats)}
     cfg: dict[str, Any] = {

@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from fedcrm.config_file import load_toml
 from fedcrm.coordinator.run_config import RunConfig
@@ -38,7 +38,7 @@ from fedcrm.data.contract import FirmConfig, load_firm_config
 from fedcrm.data.prepare import prepare
 from fedcrm.privacy.keys import init_keys, write_signing_key
 from fedcrm.protocol import TaskKind
-from fedcrm.simulations.datasets import load_cdnow, load_telco
+from fedcrm.simulations.datasets import load_cdnow, load_telco, telco_schema
 from fedcrm.simulations.partners import (
     cdnow_export,
     cdnow_firm_config,
@@ -94,11 +94,24 @@ class SimulationSection(PartnerScenario):
     )
 
 
+def with_public_schema(run: RunConfig, scenario: PartnerScenario) -> RunConfig:
+    """A churn run on Telco without a declared schema gets the Telco data dictionary's."""
+    if run.task is TaskKind.CHURN and not run.feature_schema and scenario.dataset is Dataset.TELCO:
+        return run.model_copy(update={"feature_schema": telco_schema().canonical_json()})
+    return run
+
+
 class SimulationConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     simulation: SimulationSection = SimulationSection()
     run: RunConfig = RunConfig()
+
+    @model_validator(mode="after")
+    def _public_schema(self) -> SimulationConfig:
+        # set once while validating (the model is frozen afterwards)
+        object.__setattr__(self, "run", with_public_schema(self.run, self.simulation))
+        return self
 
 
 def load_simulation_config(path: Path) -> SimulationConfig:

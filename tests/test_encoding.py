@@ -182,3 +182,26 @@ def test_telco_encodes_with_the_declared_layout() -> None:
     assert X[:, other].sum() == 0  # every Telco category is declared
     blank = df["total_charges"].isna().to_numpy()
     assert blank.sum() == 11 and np.all(X[blank, layout.feature_names.index("total_charges")] == 0)
+
+
+def test_the_shipped_telco_schema_is_the_telco_data_dictionary() -> None:
+    from pathlib import Path
+
+    from fedcrm.config_file import load_toml
+    from fedcrm.data.encoding import FeatureSchemaFile
+    from fedcrm.simulations.datasets import telco_schema
+
+    path = Path(__file__).resolve().parents[1] / "configs" / "schemas" / "telco.toml"
+    shipped = load_toml(path, FeatureSchemaFile, what="schema").layout()
+    assert shipped == telco_schema()
+    assert FeatureLayout.from_json(shipped.canonical_json()) == shipped  # as firms receive it
+
+
+def test_a_churn_run_without_a_public_schema_is_refused() -> None:
+    import pytest
+
+    from fedcrm.coordinator.run_config import RunConfig
+    from fedcrm.privacy.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="public feature schema"):
+        RunConfig(task="churn").run_spec("r1")

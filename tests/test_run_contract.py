@@ -15,17 +15,21 @@ import pytest
 from conftest import make_customers
 
 from fedcrm.data.contract import load_firm_config
+from fedcrm.data.encoding import FeatureLayout, layout_from_declared
 from fedcrm.data.prepare import prepare
 from fedcrm.learning.settings import ChurnModelKind, DpOptimizer
 from fedcrm.node import FirmNode
+from fedcrm.privacy.accounting import calibrate_noise
 from fedcrm.privacy.keys import load_keys
 from fedcrm.protocol import (
+    DescribeRequest,
     EvaluateRequest,
     ReplyState,
     RunSpec,
     TaskKind,
     TrainRequest,
 )
+from fedcrm.release import gaussian_query_event, release
 from fedcrm.tasks import task_for
 from fedcrm.tasks.churn import HIST_NEGATIVE, HIST_POSITIVE
 
@@ -45,21 +49,41 @@ def _node(write_firm: Callable[..., Path], *, cap: float = 2.0, evaluate: bool =
     return FirmNode(cfg, load_keys(cfg.firm.keys_dir))
 
 
+#: The run's public schema: the firm's columns, with ranges that differ from the firm's own.
+SCHEMA = layout_from_declared(
+    {"plan": ("basic", "plus", "premium")}, [],
+    {"tenure_months": (0.0, 72.0), "monthly_charges": (0.0, 150.0)},
+).canonical_json()
+
+
 def _spec(run_id: str = "run-1", *, rounds: int = 2, evaluations: int = 1,
           target: float = 1.0) -> RunSpec:
     return RunSpec(
         run_id=run_id, task=TaskKind.CHURN, rounds=rounds, model=ChurnModelKind.LOGISTIC,
         target_epsilon=target, local_epochs=0.5, batch_size=128, learning_rate=0.5,
         max_grad_norm=1.0, optimizer=DpOptimizer.SGD, proximal_mu=0.0, seed=0,
-        evaluations=evaluations,
+        evaluations=evaluations, schema=SCHEMA,
     )
 
 
 def _start(node: FirmNode) -> list[np.ndarray]:
-    dim = node.task_data(TaskKind.CHURN).input_dim
+    dim = node.task_data(TaskKind.CHURN, SCHEMA).input_dim
     return task_for(TaskKind.CHURN).initial_arrays(
         model=ChurnModelKind.LOGISTIC, input_dim=dim, seed=0
     )
+
+
+def test_the_shared_model_uses_the_runs_public_schema_not_the_firms_own_ranges(
+    write_firm: Callable[..., Path],
+) -> None:
+    node = _node(write_firm)
+    described = node.describe(DescribeRequest(task=TaskKind.CHURN, schema=SCHEMA))
+    assert described.layout == FeatureLayout.from_json(SCHEMA).fingerprint()
+    own = node.task_data(TaskKind.CHURN)  # the firm's declared (local-only) layout
+    assert own.layout != described.layout
+    refused = node.train(TrainRequest(spec=replace(_spec(), schema=""), server_round=1,
+                                      arrays=_start(node)))
+    assert refused.state is ReplyState.DECLINED and "schema" in refused.detail
 
 
 def test_extra_rounds_and_repeated_rounds_are_refused_and_the_run_target_holds(
@@ -79,6 +103,29 @@ def test_extra_rounds_and_repeated_rounds_are_refused_and_the_run_target_holds(
         assert "outside" in reply.detail or "already trained" in reply.detail
     assert node.privacy.spent() == spent  # nothing more was spent
     assert len(node.privacy.ledger.events) == 2
+
+
+def test_a_round_is_refused_when_the_budget_was_spent_elsewhere_mid_run(
+    write_firm: Callable[..., Path],
+) -> None:
+    node = _node(write_firm, cap=1.0)
+    spec = _spec(rounds=3, evaluations=0, target=0.6)
+    first = node.train(TrainRequest(spec=spec, server_round=1, arrays=_start(node)))
+    assert first.state is ReplyState.OK and first.arrays is not None
+    assert first.epsilon_total <= 0.6 + 1e-9
+    # another analysis spends almost all of the rest of the budget between rounds
+    ledger = node.privacy.ledger
+    sigma = calibrate_noise(
+        target_epsilon=0.98, delta=1e-5, sample_rate=1.0, steps=1, prior_events=ledger.events
+    )
+    release(node.privacy, gaussian_query_event(sigma, delta=1e-5, purpose="analytics"),
+            lambda: None)
+    before = len(ledger.events)
+    second = node.train(TrainRequest(spec=spec, server_round=2, arrays=first.arrays))
+    assert second.state is ReplyState.BUDGET_EXHAUSTED
+    assert second.arrays is None and "budget exhausted" in second.detail
+    assert len(ledger.events) == before
+    assert ledger.spent() <= 1.0 and np.isfinite(second.epsilon_total)
 
 
 def test_changing_the_run_parameters_mid_run_is_refused(write_firm: Callable[..., Path]) -> None:
@@ -140,7 +187,7 @@ def test_crafted_models_recover_no_exact_count(
     (so the firm trains on it, then evaluates it). Every released count is off by noise of the
     planned spread, so the exact counts are not recovered."""
     node = _node(write_firm, cap=100.0, max_evaluations=1)
-    data = node.task_data(TaskKind.CHURN)
+    data = node.task_data(TaskKind.CHURN, SCHEMA)
     rng = np.random.default_rng(0)
     errors: list[float] = []
     noise: list[float] = []

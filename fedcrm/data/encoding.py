@@ -26,10 +26,11 @@ import hashlib
 import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
+from pydantic import BaseModel, ConfigDict, Field
 
 from fedcrm.privacy.errors import ConfigError, SchemaError
 
@@ -214,6 +215,30 @@ class FeatureLayout:
     def __repr__(self) -> str:
         return f"FeatureLayout(dim={self.dim}, fingerprint={self.fingerprint()[:12]}…)"
 
+    @classmethod
+    def from_json(cls, text: str) -> FeatureLayout:
+        """The layout of :meth:`canonical_json` (a run's public schema, as firms receive it)."""
+        try:
+            data = json.loads(text)
+            if data.get("version") != LAYOUT_VERSION:
+                raise ValueError(f"version is {data.get('version')!r}, not {LAYOUT_VERSION!r}")
+            specs: list[FeatureSpec] = []
+            for spec in data["specs"]:
+                kind = spec["kind"]
+                if kind == "numeric":
+                    specs.append(NumericSpec(spec["name"], float(spec["low"]),
+                                             float(spec["high"]),
+                                             missing_indicator=bool(spec["missing_indicator"])))
+                elif kind == "categorical":
+                    specs.append(CategoricalSpec(spec["name"], tuple(spec["categories"])))
+                elif kind == "boolean":
+                    specs.append(BooleanSpec(spec["name"]))
+                else:
+                    raise ValueError(f"unknown feature kind {kind!r}")
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise ConfigError(f"the run's feature schema is malformed ({exc})") from None
+        return cls(specs)
+
 
 def layout_from_declared(
     categorical: Mapping[str, Sequence[str]],
@@ -235,3 +260,42 @@ def layout_from_declared(
     specs += [BooleanSpec(name) for name in sorted(boolean)]
     specs += [CategoricalSpec(name, tuple(cats)) for name, cats in sorted(categorical.items())]
     return FeatureLayout(specs)
+
+
+class SchemaFeature(BaseModel):
+    """One feature of a public schema file (``configs/schemas/*.toml``)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str = Field(min_length=1, max_length=200)
+    kind: Literal["numeric", "categorical", "boolean"]
+    min: float | None = Field(default=None, allow_inf_nan=False)
+    max: float | None = Field(default=None, allow_inf_nan=False)
+    missing_indicator: bool = False
+    categories: list[str] | None = None
+
+    def spec(self) -> FeatureSpec:
+        if self.kind == "numeric":
+            if self.min is None or self.max is None:
+                raise ConfigError(f"schema feature '{self.name}': a numeric feature needs min "
+                                  "and max (its public, documented range)")
+            return NumericSpec(self.name, self.min, self.max,
+                               missing_indicator=self.missing_indicator)
+        if self.kind == "categorical":
+            return CategoricalSpec(self.name, tuple(self.categories or ()))
+        return BooleanSpec(self.name)
+
+
+class FeatureSchemaFile(BaseModel):
+    """A federation's public feature schema: every feature that shapes the shared model, with its
+    kind and its public range or categories. Firms map their own columns onto these names."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    features: list[SchemaFeature] = Field(min_length=1)
+
+    def layout(self) -> FeatureLayout:
+        """In canonical order (numeric, boolean, categorical; each by name), like a firm's."""
+        specs = [f.spec() for f in self.features]
+        order = {NumericSpec: 0, BooleanSpec: 1, CategoricalSpec: 2}
+        return FeatureLayout(sorted(specs, key=lambda s: (order[type(s)], s.name)))

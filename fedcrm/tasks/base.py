@@ -89,7 +89,9 @@ class Task(Protocol):
 
     kind: TaskKind
 
-    def firm_data(self, cfg: FirmConfig, store: PreparedStore) -> TaskData: ...
+    def firm_data(self, cfg: FirmConfig, store: PreparedStore, *, schema: str = "") -> TaskData:
+        """The firm's examples; ``schema`` is a federated run's public feature schema (the
+        layout the shared model uses), ``""`` for the firm's own declared layout (local)."""
 
     def initial_arrays(
         self, *, model: ChurnModelKind, input_dim: int, seed: int

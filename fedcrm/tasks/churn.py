@@ -172,8 +172,12 @@ class ChurnTask:
 
     kind = TaskKind.CHURN
 
-    def firm_data(self, cfg: FirmConfig, store: PreparedStore) -> ChurnData:
-        return churn_data(store, layout_from_config(cfg))
+    def firm_data(self, cfg: FirmConfig, store: PreparedStore, *, schema: str = "") -> ChurnData:
+        """With a run's ``schema`` the firm encodes its customers with the run's public feature
+        specs (matched by canonical column name); its own declared ranges and categories - which
+        a starter config may have derived from its data - then shape nothing it sends."""
+        layout = FeatureLayout.from_json(schema) if schema else layout_from_config(cfg)
+        return churn_data(store, layout)
 
     def initial_arrays(
         self, *, model: ChurnModelKind, input_dim: int, seed: int

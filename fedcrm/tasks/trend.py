@@ -214,7 +214,10 @@ class TrendTask:
 
     kind = TaskKind.TREND
 
-    def firm_data(self, cfg: FirmConfig, store: PreparedStore) -> FirmTrendData:
+    def firm_data(
+        self, cfg: FirmConfig, store: PreparedStore, *, schema: str = ""
+    ) -> FirmTrendData:
+        """The trend features are fixed and public (``TREND_FEATURE_SPECS``); no schema."""
         return firm_trend_data(store, cfg)
 
     def initial_arrays(
