@@ -153,6 +153,11 @@ def _firm_section(summary: FirmSummary) -> str:
     parts.append(f"<p>ε spent <b>{summary.epsilon_spent:.4g}</b> of cap <b>{_e(cap)}</b>"
                  f"{_e(delta)} over {len(summary.releases)} release(s).</p>")
     parts.append(_epsilon_figure(summary))
+    if summary.budget_changes:
+        parts.append("<h4>Budget changes (signed)</h4>")
+        parts.append(_table(["time", "ε cap", "δ", "reason"], [
+            (_e(c["time"]), _num(c["epsilon_cap"]), _e(f"{c['delta']:g}"), _e(c["reason"]))
+            for c in summary.budget_changes]))
     parts.append("<h4>Releases by purpose</h4>")
     parts.append(_table(["purpose", "releases", "Σ ε of releases (before composition)"], [
         (_e(p), _num(int(v["count"])), _num(v["epsilon"]))

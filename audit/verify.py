@@ -272,6 +272,7 @@ class FirmSummary:
     masking: Mapping[str, Mapping[str, str]]
     rows: Mapping[str, Mapping[str, int]]
     updates_sent: int
+    budget_changes: tuple[Mapping[str, Any], ...] = ()  # every cap change, signed, with why
 
     @property
     def epsilon_spent(self) -> float:
@@ -367,10 +368,17 @@ def _firm_summary(firm: str, scan: _Scan) -> FirmSummary:
         slot["epsilon"] += float(rel["epsilon"])
     masking: dict[str, dict[str, str]] = {}
     rows: dict[str, dict[str, int]] = {}
+    budget_changes: list[dict[str, Any]] = []
     updates = 0
     for _, entry in scan.valid:
-        if entry.kind is EntryKind.BUDGET_CHANGED and cap is None:
-            cap, delta = float(entry.payload["epsilon_cap"]), float(entry.payload["delta"])
+        if entry.kind is EntryKind.BUDGET_CHANGED:
+            budget_changes.append({
+                "time": entry.time, "epsilon_cap": float(entry.payload["epsilon_cap"]),
+                "delta": float(entry.payload["delta"]),
+                "reason": str(entry.payload.get("reason", "")),
+            })
+            if cap is None:
+                cap, delta = float(entry.payload["epsilon_cap"]), float(entry.payload["delta"])
         if entry.kind is EntryKind.UPDATE_SENT:
             updates += 1
         if entry.kind is not EntryKind.DATA_PREPARED:
@@ -392,6 +400,7 @@ def _firm_summary(firm: str, scan: _Scan) -> FirmSummary:
         signers=tuple(sorted({e.signer for _, e in scan.valid})),
         epsilon_cap=cap, delta=delta, releases=tuple(scan.releases),
         releases_by_purpose=by_purpose, masking=masking, rows=rows, updates_sent=updates,
+        budget_changes=tuple(budget_changes),
     )
 
 

@@ -145,7 +145,7 @@ def print_run_summary(console: Console, summary: dict[str, Any], run_dir: Path) 
         f"{summary.get('rounds_completed', '?')}/{summary['rounds']} rounds, "
         f"{summary.get('status')})"
     )
-    for col in ("firm", "ε spent", "ε budget", "δ", "customers (train)", "stopped"):
+    for col in ("firm", "ε spent", "ε budget", "δ", "declared size", "stopped"):
         t.add_column(col)
     for f in summary["firms"]:
         t.add_row(
