@@ -14,10 +14,20 @@ SCORE_BINS = 200
 
 
 def score_histograms(
-    scores: np.ndarray, labels: np.ndarray, *, bins: int = SCORE_BINS
+    scores: np.ndarray,
+    labels: np.ndarray,
+    *,
+    bins: int = SCORE_BINS,
+    edges: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Counts of positives and negatives per score bin (``bins`` equal-width bins over [0, 1])."""
-    index = np.clip((np.asarray(scores) * bins).astype(int), 0, bins - 1)
+    """Counts of positives and negatives per score bin: ``bins`` equal-width bins over [0, 1],
+    or the bins between ``edges`` (increasing, from 0 to 1)."""
+    scores = np.asarray(scores, dtype=np.float64)
+    if edges is None:
+        index = np.clip((scores * bins).astype(int), 0, bins - 1)
+    else:
+        bins = len(edges) - 1
+        index = np.clip(np.searchsorted(edges, scores, side="right") - 1, 0, bins - 1)
     labels = np.asarray(labels).astype(bool)
     pos = np.bincount(index[labels], minlength=bins).astype(np.float64)
     neg = np.bincount(index[~labels], minlength=bins).astype(np.float64)
