@@ -70,6 +70,7 @@ class EntryKind(StrEnum):
     UPDATE_SENT = "update_sent"
     KEY_ROTATED = "key_rotated"
     BUDGET_CHANGED = "budget_changed"
+    QUERY_ANSWERED = "query_answered"
     # coordinator side
     RUN_STARTED = "run_started"
     UPDATE_ACCEPTED = "update_accepted"
@@ -77,6 +78,8 @@ class EntryKind(StrEnum):
     GLOBAL_MODEL = "global_model"
     FIRM_HEADS = "firm_heads"
     RUN_FINISHED = "run_finished"
+    QUERY_STARTED = "query_started"
+    QUERY_RESULT = "query_result"
 
 
 _NUM = (int, float)
@@ -105,6 +108,18 @@ _REQUIRED: Mapping[EntryKind, Mapping[str, tuple[type, ...]]] = {
     EntryKind.GLOBAL_MODEL: {"round": (int,), "model_hash": (str,), "metrics": (dict,)},
     EntryKind.FIRM_HEADS: {"round": (int,), "heads": (dict,)},
     EntryKind.RUN_FINISHED: {},
+    EntryKind.QUERY_ANSWERED: {
+        "query_id": (str,), "query": (str,), "fingerprint": (str,), "answer_hash": (str,),
+        "length": (int,), "secure": (bool,), "release": (str,),
+    },
+    EntryKind.QUERY_STARTED: {
+        "query_id": (str,), "query": (str,), "fingerprint": (str,), "spec": (str,),
+        "firms": (list,),
+    },
+    EntryKind.QUERY_RESULT: {
+        "query_id": (str,), "status": (str,), "answers": (dict,), "sum_hash": (str,),
+        "result_hash": (str,),
+    },
 }
 
 
@@ -227,7 +242,7 @@ def _payload_problem(kind: EntryKind, payload: Mapping[str, Any]) -> str | None:
         if name not in payload:
             return f"{kind.value} payload lacks '{name}'"
         value = payload[name]
-        if isinstance(value, bool) or not isinstance(value, types):
+        if (isinstance(value, bool) and bool not in types) or not isinstance(value, types):
             return f"{kind.value} payload field '{name}' has the wrong type"
     if kind is EntryKind.DP_RELEASE:
         if payload["mechanism"] not in Mechanism.__members__.values():
@@ -242,6 +257,8 @@ def _payload_problem(kind: EntryKind, payload: Mapping[str, Any]) -> str | None:
             return "dp_release neighbouring relation must be add_remove (the one fedcrm accounts)"
     if kind is EntryKind.UPDATE_SENT and not _HEX64.fullmatch(payload["release"]):
         return "update_sent release must be the 64-hex hash of a dp_release entry"
+    if kind is EntryKind.QUERY_ANSWERED and not _HEX64.fullmatch(payload["release"]):
+        return "query_answered release must be the 64-hex hash of a dp_release entry"
     if kind is EntryKind.KEY_ROTATED and not _KEY_ID.fullmatch(payload["new_key_id"]):
         return "key_rotated new_key_id must look like 'ed25519:<16 hex>'"
     if kind is EntryKind.FIRM_HEADS:

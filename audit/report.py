@@ -147,7 +147,8 @@ def _firm_section(summary: FirmSummary) -> str:
     parts = [f'<div class="firm"><h3>{_e(summary.firm)}</h3>',
              f'<p class="muted">{summary.log_length} log entries, head {_short(summary.head)}, '
              f"signed by {_e(', '.join(summary.signers) or 'nobody')}; "
-             f"{summary.updates_sent} updates sent</p>"]
+             f"{summary.updates_sent} updates sent, {summary.queries_answered} "
+             "analytics queries answered</p>"]
     cap = "not logged" if summary.epsilon_cap is None else f"{summary.epsilon_cap:g}"
     delta = "" if summary.delta is None else f" at δ={summary.delta:g}"
     parts.append(f"<p>ε spent <b>{summary.epsilon_spent:.4g}</b> of cap <b>{_e(cap)}</b>"
@@ -196,6 +197,20 @@ def _rounds_section(report: VerificationReport) -> str:
     return _table(["round", "participants", "rejected updates", "global model", "metrics"], rows)
 
 
+def _queries_section(report: VerificationReport) -> str:
+    rows = []
+    for q in report.queries:
+        spec = q.get("spec", {})
+        asked = (f"{spec.get('kind', '?')}, ε={spec.get('epsilon', '?')} per firm, "
+                 f"min_firms={spec.get('min_firms', '?')}") if spec else ""
+        rows.append((_e(q.get("query_id", "")), _e(q.get("query", "")), _e(asked),
+                     _e(", ".join(q.get("offered_to", []))),
+                     _e(", ".join(q.get("answered_by", []))), _e(q.get("status", "unfinished")),
+                     _short(str(q.get("result_hash", "")))))
+    return _table(["query id", "query", "asked", "offered to", "answered by", "status",
+                   "result"], rows)
+
+
 def render_html(report: VerificationReport) -> str:
     """The report for an already computed verification (see :func:`render_report`)."""
     run = report.run
@@ -211,8 +226,9 @@ def render_html(report: VerificationReport) -> str:
         _verdict(report),
         "<h2>Firms</h2>",
         *(_firm_section(s) for _, s in sorted(report.firms.items())),
-        "<h2>Rounds</h2>",
-        _rounds_section(report),
+        *(["<h2>Analytics queries</h2>", _queries_section(report)] if report.queries else []),
+        *(["<h2>Rounds</h2>", _rounds_section(report)] if report.rounds or not report.queries
+          else []),
         "<h2>Global model</h2>",
         _metrics_figure(report),
         final if report.final_metrics else "<p class=muted>no global model recorded</p>",

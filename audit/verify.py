@@ -61,6 +61,8 @@ class FailureKind(StrEnum):
     HEAD_MISMATCH = "head_mismatch"  # firm log differs from the head the coordinator recorded
     UNCOVERED_UPDATE = "uncovered_update"  # update_sent not funded by an earlier dp_release
     UNMATCHED_UPDATE = "unmatched_update"  # update_accepted without a matching update_sent
+    UNCOVERED_ANSWER = "uncovered_answer"  # query_answered not funded by an earlier query release
+    UNMATCHED_ANSWER = "unmatched_answer"  # query_result uses an answer no firm log records
     MISSING_LOG = "missing_log"  # a log or public key the run layout requires is absent
 
 
@@ -237,6 +239,20 @@ def _check_semantics(scan: _Scan) -> None:
                 scan.fail(n, FailureKind.UNCOVERED_UPDATE,
                           f"round {p['round']} update reuses release line {target[0]}, which "
                           "already funded a different model")
+        elif entry.kind is EntryKind.QUERY_ANSWERED:
+            release = str(p["release"])
+            target = by_hash.get(release)
+            if (
+                target is None or target[0] >= n or target[1].kind is not EntryKind.DP_RELEASE
+                or str(target[1].payload["purpose"]) != f"query:{p['query']}"
+            ):
+                scan.fail(n, FailureKind.UNCOVERED_ANSWER,
+                          f"answer to query {str(p['query_id'])[:40]} references no earlier "
+                          f"query release (release={release[:16]}…)")
+            elif funded.setdefault(release, str(p["answer_hash"])) != str(p["answer_hash"]):
+                scan.fail(n, FailureKind.UNCOVERED_ANSWER,
+                          f"answer to query {str(p['query_id'])[:40]} reuses release line "
+                          f"{target[0]}, which already funded a different release")
     if prefix.releases:
         delta = float(scan.releases[-1]["delta"])
         both = cross_check(prefix.releases, delta=delta)
@@ -273,6 +289,7 @@ class FirmSummary:
     rows: Mapping[str, Mapping[str, int]]
     updates_sent: int
     budget_changes: tuple[Mapping[str, Any], ...] = ()  # every cap change, signed, with why
+    queries_answered: int = 0
 
     @property
     def epsilon_spent(self) -> float:
@@ -296,6 +313,7 @@ class VerificationReport:
     firms: Mapping[str, FirmSummary]
     rounds: tuple[RoundSummary, ...]
     final_metrics: Mapping[str, Any]
+    queries: tuple[Mapping[str, Any], ...] = ()
 
     @property
     def ok(self) -> bool:
@@ -369,7 +387,7 @@ def _firm_summary(firm: str, scan: _Scan) -> FirmSummary:
     masking: dict[str, dict[str, str]] = {}
     rows: dict[str, dict[str, int]] = {}
     budget_changes: list[dict[str, Any]] = []
-    updates = 0
+    updates = queries = 0
     for _, entry in scan.valid:
         if entry.kind is EntryKind.BUDGET_CHANGED:
             budget_changes.append({
@@ -381,6 +399,8 @@ def _firm_summary(firm: str, scan: _Scan) -> FirmSummary:
                 cap, delta = float(entry.payload["epsilon_cap"]), float(entry.payload["delta"])
         if entry.kind is EntryKind.UPDATE_SENT:
             updates += 1
+        if entry.kind is EntryKind.QUERY_ANSWERED:
+            queries += 1
         if entry.kind is not EntryKind.DATA_PREPARED:
             continue
         for table, spec in dict(entry.payload["tables"]).items():
@@ -400,7 +420,7 @@ def _firm_summary(firm: str, scan: _Scan) -> FirmSummary:
         signers=tuple(sorted({e.signer for _, e in scan.valid})),
         epsilon_cap=cap, delta=delta, releases=tuple(scan.releases),
         releases_by_purpose=by_purpose, masking=masking, rows=rows, updates_sent=updates,
-        budget_changes=tuple(budget_changes),
+        budget_changes=tuple(budget_changes), queries_answered=queries,
     )
 
 
@@ -448,6 +468,20 @@ def _cross_check(fed: _Scan, firm_scans: Mapping[str, _Scan],
                 add(Failure(fed.label, n, FailureKind.UNMATCHED_UPDATE,
                             f"round {rnd} update {uh[:16]}… accepted from {firm!r} has no "
                             "matching update_sent in that firm's log"))
+        elif entry.kind is EntryKind.QUERY_RESULT:
+            qid = str(p["query_id"])
+            for firm, want in dict(p["answers"]).items():
+                scan = firm_scans.get(str(firm))
+                # a secure answer is recorded without a hash: the coordinator never saw it alone
+                match = scan is not None and any(
+                    e.kind is EntryKind.QUERY_ANSWERED and e.payload["query_id"] == qid
+                    and (not want or e.payload["answer_hash"] == want)
+                    for _, e in scan.valid
+                )
+                if not match:
+                    add(Failure(fed.label, n, FailureKind.UNMATCHED_ANSWER,
+                                f"query {qid[:40]} used an answer from {str(firm)!r} that has no "
+                                "matching query_answered in that firm's log"))
 
 
 def _rounds(fed: _Scan) -> tuple[dict[str, Any], tuple[RoundSummary, ...], dict[str, Any]]:
@@ -486,6 +520,33 @@ def _rounds(fed: _Scan) -> tuple[dict[str, Any], tuple[RoundSummary, ...], dict[
     return run, summaries, final
 
 
+def _spec_of(text: str) -> dict[str, Any]:
+    try:
+        spec = json.loads(text)
+    except json.JSONDecodeError:
+        return {}
+    return spec if isinstance(spec, dict) else {}
+
+
+def _queries(fed: _Scan) -> tuple[dict[str, Any], ...]:
+    """The analytics queries of the federation log: what was asked, of whom, and the result."""
+    queries: dict[str, dict[str, Any]] = {}
+    for _, entry in fed.valid:
+        p = entry.payload
+        if entry.kind is EntryKind.QUERY_STARTED:
+            queries[str(p["query_id"])] = {
+                "query_id": str(p["query_id"]), "query": str(p["query"]),
+                "fingerprint": str(p["fingerprint"]), "spec": _spec_of(str(p["spec"])),
+                "offered_to": list(p["firms"]), "started": entry.time,
+            }
+        elif entry.kind is EntryKind.QUERY_RESULT:
+            slot = queries.setdefault(str(p["query_id"]), {"query_id": str(p["query_id"])})
+            slot.update({"status": str(p["status"]), "answered_by": sorted(dict(p["answers"])),
+                         "sum_hash": str(p["sum_hash"]), "result_hash": str(p["result_hash"]),
+                         "finished": entry.time})
+    return tuple(queries.values())
+
+
 def verify_run(run_dir: Path) -> VerificationReport:
     """Verify every log of a run directory and cross-check them.
 
@@ -512,6 +573,7 @@ def verify_run(run_dir: Path) -> VerificationReport:
     _cross_check(fed, firm_scans, failures)
     run, rounds, final = _rounds(fed)
     return VerificationReport(
+        queries=_queries(fed),
         run_dir=str(root),
         failures=tuple(failures),
         run=run,

@@ -25,6 +25,10 @@ from fedcrm.protocol import (
     EvaluateReply,
     EvaluateRequest,
     MessageKind,
+    QueryAnswer,
+    QueryAnswerRequest,
+    QueryOffer,
+    QueryOfferReply,
     TrainReply,
     TrainRequest,
 )
@@ -33,7 +37,7 @@ NODE_CONFIG_KEY = "firm-config"
 
 torch.set_num_threads(1)
 
-Reply = DescribeReply | TrainReply | EvaluateReply
+Reply = DescribeReply | TrainReply | EvaluateReply | QueryOfferReply | QueryAnswer
 Handler = Callable[[FirmNode, Message], Reply]
 
 
@@ -57,6 +61,14 @@ def _train(node: FirmNode, msg: Message) -> Reply:
 
 def _evaluate(node: FirmNode, msg: Message) -> Reply:
     return node.evaluate(EvaluateRequest.decode(wire_of(msg)))
+
+
+def _offer(node: FirmNode, msg: Message) -> Reply:
+    return node.offer_query(QueryOffer.decode(wire_of(msg)))
+
+
+def _answer(node: FirmNode, msg: Message) -> Reply:
+    return node.answer_query(QueryAnswerRequest.decode(wire_of(msg)))
 
 
 def make_client_app(
@@ -90,6 +102,8 @@ def make_client_app(
         return run
 
     app.query(MessageKind.DESCRIBE.value.split(".")[1])(serve(_describe))
+    app.query(MessageKind.QUERY_OFFER.value.split(".")[1])(serve(_offer))
+    app.query(MessageKind.QUERY_ANSWER.value.split(".")[1])(serve(_answer))
     app.train()(serve(_train))
     app.evaluate()(serve(_evaluate))
     return app

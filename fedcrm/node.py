@@ -28,13 +28,22 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fedcrm.analytics.spec import QuerySpec
+from fedcrm.analytics.statistics import firm_statistics
+from fedcrm.answering import AnswerPlan, QueryDeclined, answer, plan_answer
 from fedcrm.audit.log import EntryKind
 from fedcrm.data.contract import FirmConfig, load_firm_config
 from fedcrm.data.store import PreparedStore, load_store
 from fedcrm.learning.dp_engine import noise_generator, train_dp
 from fedcrm.learning.models import arrays_to_model, model_to_arrays
 from fedcrm.privacy.durable import write_private
-from fedcrm.privacy.errors import BudgetExhausted, ConfigError, FedcrmError, PlanDoesNotFit
+from fedcrm.privacy.errors import (
+    BudgetExhausted,
+    ConfigError,
+    FedcrmError,
+    PlanDoesNotFit,
+    SchemaError,
+)
 from fedcrm.privacy.keys import FirmKeys, load_keys
 from fedcrm.privacy.noise import discrete_gaussian, gaussian
 from fedcrm.protocol import (
@@ -42,6 +51,10 @@ from fedcrm.protocol import (
     DescribeRequest,
     EvaluateReply,
     EvaluateRequest,
+    QueryAnswer,
+    QueryAnswerRequest,
+    QueryOffer,
+    QueryOfferReply,
     ReplyState,
     RunSpec,
     TaskKind,
@@ -345,3 +358,57 @@ class FirmNode:
             firm=self.firm, state=state, detail=detail, statistics={}, noise_std=0.0,
             epsilon=0.0, epsilon_total=self.privacy.spent(),
         )
+
+    # ------------------------------------------------------------------ analytics queries
+
+    def _query_plan(
+        self, request: QueryOffer | QueryAnswerRequest
+    ) -> tuple[QuerySpec, AnswerPlan]:
+        spec = QuerySpec.from_json(request.spec)
+        plan = plan_answer(self.privacy, self.cfg, spec, query_id=request.query_id,
+                           secure=request.secure)
+        return spec, plan
+
+    def offer_query(self, request: QueryOffer) -> QueryOfferReply:
+        """Whether this firm will answer a query: policy, columns, data and budget are checked;
+        nothing is spent and nothing about the data leaves but yes or no (and why not)."""
+        try:
+            spec, _plan = self._query_plan(request)
+            firm_statistics(spec, self.store())  # the data can answer it (nothing leaves)
+        except QueryDeclined as exc:
+            state = ReplyState.BUDGET_EXHAUSTED if exc.budget else ReplyState.DECLINED
+            return self._query_offer_reply(state, str(exc))
+        except (SchemaError, ConfigError) as exc:
+            return self._query_offer_reply(ReplyState.DECLINED, str(exc))
+        return self._query_offer_reply(ReplyState.OK, "")
+
+    def _query_offer_reply(self, state: ReplyState, detail: str) -> QueryOfferReply:
+        return QueryOfferReply(firm=self.firm, state=state, detail=detail,
+                               epsilon_total=self.privacy.spent(), epsilon_cap=self.privacy.cap)
+
+    def answer_query(self, request: QueryAnswerRequest) -> QueryAnswer:
+        """This firm's DP answer (plain mode), released through :func:`fedcrm.answering.answer`."""
+        try:
+            if request.secure:
+                raise QueryDeclined(
+                    "a query offered for the secure sum is answered only inside the secure sum, "
+                    "never alone"
+                )
+            _spec, plan = self._query_plan(request)
+            released = answer(self.privacy, self.store(), plan)
+        except BudgetExhausted as exc:
+            return self._declined_answer(ReplyState.BUDGET_EXHAUSTED, str(exc))
+        except QueryDeclined as exc:
+            state = ReplyState.BUDGET_EXHAUSTED if exc.budget else ReplyState.DECLINED
+            return self._declined_answer(state, str(exc))
+        except (SchemaError, ConfigError) as exc:
+            return self._declined_answer(ReplyState.DECLINED, str(exc))
+        return QueryAnswer(
+            firm=self.firm, state=ReplyState.OK, detail="",
+            values=[int(v) for v in released.value], noise_std=plan.noise_std,
+            epsilon=float(plan.event.epsilon), epsilon_total=released.epsilon_total,
+        )
+
+    def _declined_answer(self, state: ReplyState, detail: str) -> QueryAnswer:
+        return QueryAnswer(firm=self.firm, state=state, detail=detail, values=(), noise_std=0.0,
+                           epsilon=0.0, epsilon_total=self.privacy.spent())

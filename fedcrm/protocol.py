@@ -12,6 +12,8 @@ hyphenated (Flower's convention; ``num-examples`` is what Flower's strategies we
 | ``query.describe`` | :class:`DescribeRequest` | :class:`DescribeReply` |
 | ``train`` | :class:`TrainRequest` | :class:`TrainReply` |
 | ``evaluate`` | :class:`EvaluateRequest` | :class:`EvaluateReply` |
+| ``query.offer`` | :class:`QueryOffer` | :class:`QueryOfferReply` |
+| ``query.answer`` | :class:`QueryAnswerRequest` | :class:`QueryAnswer` |
 | any, on a firm-side failure | - | :class:`ErrorReply` |
 
 The run's parameters that every firm receives travel as a :class:`RunSpec`, encoded flat by
@@ -44,6 +46,8 @@ class MessageKind(StrEnum):
     DESCRIBE = "query.describe"
     TRAIN = "train"
     EVALUATE = "evaluate"
+    QUERY_OFFER = "query.offer"
+    QUERY_ANSWER = "query.answer"
 
 
 class TaskKind(StrEnum):
@@ -413,6 +417,130 @@ class ErrorReply:
         if wire.config.get("state") != ReplyState.ERROR.value:
             return None
         return cls(firm=str(wire.config.get("firm", "")), detail=str(wire.config.get("detail", "")))
+
+
+@dataclass(frozen=True)
+class QueryOffer:
+    """A federated DP query offered to a firm: it says whether it will answer, spending nothing.
+
+    ``spec`` is the query's canonical JSON (:class:`fedcrm.analytics.spec.QuerySpec`);
+    ``secure`` says whether the answers will be summed by the secure sum (then each firm adds
+    only its share of the noise, see ``docs/analytics.md``).
+    """
+
+    kind: ClassVar[MessageKind] = MessageKind.QUERY_OFFER
+    query_id: str
+    spec: str
+    secure: bool
+
+    def encode(self) -> Wire:
+        return Wire(config=flat_encode(
+            {"query_id": self.query_id, "spec": self.spec, "secure": self.secure}
+        ))
+
+    @classmethod
+    def decode(cls, wire: Wire) -> Self:
+        c, what = flat_decode(wire.config), "query offer"
+        return cls(query_id=_field(c, "query_id", str, what), spec=_field(c, "spec", str, what),
+                   secure=_field(c, "secure", bool, what))
+
+
+@dataclass(frozen=True)
+class QueryOfferReply:
+    """Whether a firm will answer a query (``state`` OK) or why not; its budget, no data."""
+
+    firm: str
+    state: ReplyState
+    detail: str
+    epsilon_total: float
+    epsilon_cap: float
+
+    def encode(self) -> Wire:
+        return Wire(
+            config={"state": self.state.value, "firm": self.firm, "detail": self.detail},
+            metrics={"epsilon-total": self.epsilon_total, "epsilon-cap": self.epsilon_cap},
+        )
+
+    @classmethod
+    def decode(cls, wire: Wire) -> Self:
+        what = "query offer reply"
+        try:
+            state = ReplyState(_field(wire.config, "state", str, what))
+        except ValueError as exc:
+            raise ProtocolError(f"malformed {what}: {exc}") from None
+        return cls(
+            firm=_field(wire.config, "firm", str, what), state=state,
+            detail=_field(wire.config, "detail", str, what),
+            epsilon_total=_field(wire.metrics, "epsilon-total", float, what),
+            epsilon_cap=_field(wire.metrics, "epsilon-cap", float, what),
+        )
+
+
+@dataclass(frozen=True)
+class QueryAnswerRequest:
+    """Answer the query now (plain mode: the coordinator sees each firm's noisy vector)."""
+
+    kind: ClassVar[MessageKind] = MessageKind.QUERY_ANSWER
+    query_id: str
+    spec: str
+    secure: bool
+
+    def encode(self) -> Wire:
+        return QueryOffer(self.query_id, self.spec, self.secure).encode()
+
+    @classmethod
+    def decode(cls, wire: Wire) -> Self:
+        offer = QueryOffer.decode(wire)
+        return cls(query_id=offer.query_id, spec=offer.spec, secure=offer.secure)
+
+
+@dataclass(frozen=True)
+class QueryAnswer:
+    """A firm's DP answer: its noisy integer vector in the query's public layout.
+
+    ``values`` are integers on the query's grid (:func:`fedcrm.analytics.statistics.layout`) with
+    discrete Gaussian noise of standard deviation ``noise_std`` (grid units) added; ``epsilon`` is
+    what the answer cost at the firm's δ, ``epsilon_total`` its composed total after it.
+    """
+
+    firm: str
+    state: ReplyState
+    detail: str
+    values: Sequence[int]
+    noise_std: float
+    epsilon: float
+    epsilon_total: float
+
+    def encode(self) -> Wire:
+        return Wire(
+            config={"state": self.state.value, "firm": self.firm, "detail": self.detail},
+            metrics={"noise-std": self.noise_std, "epsilon": self.epsilon,
+                     "epsilon-total": self.epsilon_total},
+            arrays=[np.asarray(self.values, dtype=np.int64)] if self.values else None,
+        )
+
+    @classmethod
+    def decode(cls, wire: Wire) -> Self:
+        what = "query answer"
+        try:
+            state = ReplyState(_field(wire.config, "state", str, what))
+        except ValueError as exc:
+            raise ProtocolError(f"malformed {what}: {exc}") from None
+        values: tuple[int, ...] = ()
+        if wire.arrays:
+            array = np.asarray(wire.arrays[0])
+            if len(wire.arrays) != 1 or array.dtype != np.int64 or array.ndim != 1:
+                raise ProtocolError(f"{what} must carry one int64 vector")
+            values = tuple(int(v) for v in array)
+        if state is ReplyState.OK and not values:
+            raise ProtocolError(f"{what} has no values")
+        return cls(
+            firm=_field(wire.config, "firm", str, what), state=state,
+            detail=_field(wire.config, "detail", str, what), values=values,
+            noise_std=_field(wire.metrics, "noise-std", float, what),
+            epsilon=_field(wire.metrics, "epsilon", float, what),
+            epsilon_total=_field(wire.metrics, "epsilon-total", float, what),
+        )
 
 
 def _arrays(wire: Wire, what: str) -> list[np.ndarray]:

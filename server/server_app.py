@@ -1,16 +1,19 @@
-"""The coordinator's Flower ServerApp: decode the run config, call the coordinator, done."""
+"""The coordinator's Flower ServerApp: decode the run config (a training run or an analytics
+query), call the coordinator, done."""
 
 from __future__ import annotations
 
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
+from fedcrm.coordinator.query_run import QueryRunConfig
 from fedcrm.coordinator.run_config import RunConfig
+from fedcrm.server.analytics import run_query
 from fedcrm.server.federation import run_federation
 
 
 def make_server_app(
-    cfg: RunConfig | None = None, *, run_id: str = "", run_dir: str = ""
+    cfg: RunConfig | QueryRunConfig | None = None, *, run_id: str = "", run_dir: str = ""
 ) -> ServerApp:
     """A ServerApp; in simulation the harness passes the parsed config directly."""
     app = ServerApp()
@@ -19,10 +22,18 @@ def make_server_app(
     def main(grid: Grid, context: Context) -> None:
         from pathlib import Path
 
+        if isinstance(cfg, QueryRunConfig):
+            run_query(grid, cfg, run_id=run_id, run_dir=Path(run_dir))
+            return
         if cfg is not None:
             run_federation(grid, cfg, run_id=run_id, run_dir=Path(run_dir))
             return
-        parsed, rid, rdir = RunConfig.from_flower(dict(context.run_config))
+        flat = dict(context.run_config)
+        if QueryRunConfig.is_query(flat):
+            query, qid, qdir = QueryRunConfig.from_flower(flat)
+            run_query(grid, query, run_id=qid, run_dir=qdir)
+            return
+        parsed, rid, rdir = RunConfig.from_flower(flat)
         run_federation(grid, parsed, run_id=rid, run_dir=rdir)
 
     return app

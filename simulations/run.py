@@ -291,8 +291,13 @@ def run_flower_simulation(
     run_id: str,
     run_dir: Path,
     client_mods: list[Any] | None = None,
+    server_config: Any = None,
 ) -> None:
-    """Run the ServerApp and one ClientApp per firm in Flower's simulation engine."""
+    """Run the ServerApp and one ClientApp per firm in Flower's simulation engine.
+
+    ``server_config`` replaces the ServerApp's config (an analytics query's
+    :class:`~fedcrm.coordinator.query_run.QueryRunConfig`); by default it runs ``cfg.run``.
+    """
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
@@ -309,7 +314,7 @@ def run_flower_simulation(
     os.environ[COORDINATOR_KEY_ENV] = str(coordinator_key)
     run_simulation(
         server_app=make_server_app(
-            cfg.run.model_copy(update={"expected_firms": len(firms)}),
+            server_config or cfg.run.model_copy(update={"expected_firms": len(firms)}),
             run_id=run_id,
             run_dir=str(run_dir.resolve()),
         ),

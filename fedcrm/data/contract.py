@@ -230,6 +230,14 @@ class FederationSection(BaseModel):
     max_evaluations: int = Field(
         default=4, ge=1, le=1000, description="evaluations the firm answers per run at most"
     )
+    answer_queries: bool = Field(
+        default=True, description="answer the coordinator's federated DP analytics queries"
+    )
+    max_query_epsilon: float = Field(
+        default=1.0, gt=0, le=10, allow_inf_nan=False,
+        description="the most ε one analytics query may spend (each query also counts against "
+        "the firm's total cap)",
+    )
 
 
 class ValidationSection(BaseModel):

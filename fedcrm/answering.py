@@ -1,0 +1,181 @@
+"""A firm's answers to federated DP analytics queries, through the one release path.
+
+A query reaches a firm twice: as an **offer** (:func:`plan_answer` checks everything - the firm's
+policy, the columns, the budget - and spends nothing) and as a **request to answer**
+(:func:`answer`: the release of :mod:`fedcrm.release`, so the ledger is checked before any noise is
+drawn, committed, and signed into the firm's audit log with the answer's hash before the answer
+may leave).
+
+What the firm releases is its bounded-contribution statistics
+(:func:`fedcrm.analytics.statistics.firm_statistics`) on the query's integer grid plus discrete
+Gaussian noise of standard deviation ``σ = m · Δ₂ · √f`` grid units, where ``m`` is the noise
+multiplier that makes the query alone ``(ε, δ)``-DP (calibrated by ``dp_accounting``), ``Δ₂`` the
+layout's sensitivity and ``f`` the firm's share of the noise:
+
+* **plain** (the coordinator sees each firm's vector): ``f = 1``; each firm's answer is
+  ``(ε, δ)``-DP on its own;
+* **secure** (the answers are only ever seen summed, :mod:`fedcrm.privacy.secure_sum`): ``f =
+  1 / min_firms``. The sum opens only when at least ``min_firms`` firms' inputs are in it, so the
+  total carries at least the full noise ``m · Δ₂``. The ledger records that worst case the firm
+  accepted (ε of multiplier ``m``); a coordinator colluding with other firms can subtract their
+  shares, leaving the firm protected by its own share only (``docs/analytics.md``).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from fedcrm.analytics.spec import QuerySpec, Table
+from fedcrm.analytics.statistics import Layout, firm_statistics, layout
+from fedcrm.audit.log import EntryKind
+from fedcrm.data.contract import FirmConfig, TableName
+from fedcrm.data.store import PreparedStore
+from fedcrm.privacy.accounting import DpEvent, calibrate_noise
+from fedcrm.privacy.errors import FedcrmError
+from fedcrm.privacy.noise import discrete_gaussian
+from fedcrm.release import FirmPrivacy, Released, gaussian_query_event, release
+
+#: Purpose prefix of every query release in a firm's ledger.
+QUERY_PURPOSE = "query:"
+
+
+class QueryDeclined(FedcrmError):
+    """The firm's policy, data or budget says no to a query (one line, no data values)."""
+
+    def __init__(self, detail: str, *, budget: bool = False) -> None:
+        super().__init__(detail)
+        self.budget = budget
+
+
+@functools.lru_cache(maxsize=256)
+def noise_multiplier(epsilon: float, delta: float) -> float:
+    """The Gaussian noise multiplier that makes one query ``(epsilon, delta)``-DP on its own."""
+    return calibrate_noise(target_epsilon=epsilon, delta=delta, sample_rate=1.0, steps=1)
+
+
+def noise_fraction(spec: QuerySpec, *, secure: bool) -> float:
+    """The share of the query's noise variance each firm adds (see the module docstring)."""
+    return 1.0 / spec.min_firms if secure else 1.0
+
+
+@dataclass(frozen=True)
+class AnswerPlan:
+    """What answering a query will release and cost at one firm (decided before any noise)."""
+
+    query_id: str
+    spec: QuerySpec
+    layout: Layout
+    secure: bool
+    noise_std: float  # grid units, this firm's share
+    event: DpEvent
+
+
+def _columns_read(spec: QuerySpec) -> list[str]:
+    return [c for c in (
+        spec.group_by.column if spec.group_by else None,
+        spec.value.column if spec.value else None,
+    ) if c]
+
+
+def _check_columns(cfg: FirmConfig, spec: QuerySpec) -> None:
+    """Queries group by and sum only non-personal columns the firm declares."""
+    table = TableName(spec.table.value)
+    declared = cfg.tables.get(table)
+    if declared is None:
+        raise QueryDeclined(f"this firm has no {spec.table.value} table")
+    by_name = {col.name or source: col for source, col in declared.columns.items()}
+    for column in _columns_read(spec):
+        col = by_name.get(column)
+        if col is None:
+            raise QueryDeclined(
+                f"this firm declares no column '{column}' in its {spec.table.value} table"
+            )
+        if col.pii is not None or col.policy is not None:
+            raise QueryDeclined(
+                f"column '{column}' is personal data in this firm's contract; queries may group "
+                "by or add up only non-personal columns"
+            )
+
+
+def answered(privacy: FirmPrivacy, query_id: str) -> bool:
+    """Whether this firm already released an answer to ``query_id`` (from its ledger)."""
+    return any(
+        e.purpose.startswith(QUERY_PURPOSE) and e.context.get("query_id") == query_id
+        for e in privacy.ledger.events
+    )
+
+
+def plan_answer(
+    privacy: FirmPrivacy, cfg: FirmConfig, spec: QuerySpec, *, query_id: str, secure: bool
+) -> AnswerPlan:
+    """Everything the firm checks before it answers; raises :class:`QueryDeclined`.
+
+    Checks the firm's ``[federation]`` policy (``answer_queries``, ``max_query_epsilon``), that
+    the query reads only declared, non-personal columns, that it has not answered this query id
+    before (one answer per query: a repeated request would be a second release), and that its
+    budget covers the query - all before any noise is drawn.
+    """
+    policy = cfg.federation
+    if not policy.answer_queries:
+        raise QueryDeclined("this firm does not answer analytics queries "
+                            "([federation] answer_queries = false)")
+    if spec.epsilon > policy.max_query_epsilon + 1e-12:
+        raise QueryDeclined(
+            f"the query asks ε={spec.epsilon:g}; this firm answers queries of at most "
+            f"ε={policy.max_query_epsilon:g} ([federation] max_query_epsilon)"
+        )
+    if spec.table is Table.TRANSACTIONS and cfg.tables.get(TableName.TRANSACTIONS) is None:
+        raise QueryDeclined("this firm has no transactions table")
+    _check_columns(cfg, spec)
+    if answered(privacy, query_id):
+        raise QueryDeclined(f"this firm already answered query {query_id}")
+    shape = layout(spec)
+    multiplier = noise_multiplier(spec.epsilon, spec.delta)
+    fraction = noise_fraction(spec, secure=secure)
+    event = gaussian_query_event(
+        multiplier, delta=privacy.delta, purpose=f"{QUERY_PURPOSE}{spec.name}",
+        context={"query_id": query_id, "fingerprint": spec.fingerprint(),
+                 "secure": secure, "min_firms": spec.min_firms, "noise_fraction": fraction},
+    )
+    if privacy.ledger.would_exceed(event):
+        raise QueryDeclined(
+            f"the query would bring this firm's ε to {privacy.ledger.total_with(event):.4f}, "
+            f"above its cap {privacy.cap:g} (spent {privacy.spent():.4f})", budget=True,
+        )
+    return AnswerPlan(
+        query_id=query_id, spec=spec, layout=shape, secure=secure,
+        noise_std=multiplier * shape.l2_sensitivity * math.sqrt(fraction), event=event,
+    )
+
+
+def answer_hash(values: np.ndarray) -> str:
+    """sha256 of the answer's int64 bytes (logged by the firm; matched by the auditor)."""
+    return hashlib.sha256(np.ascontiguousarray(values, dtype=np.int64).tobytes()).hexdigest()
+
+
+def answer(privacy: FirmPrivacy, store: PreparedStore, plan: AnswerPlan) -> Released[np.ndarray]:
+    """Release the firm's noisy answer: check, draw, commit, audit (:func:`fedcrm.release.release`).
+
+    The exact statistics are computed before the release (an error in the data refuses the query
+    without spending anything); the noise is drawn only after the ledger's check.
+    """
+    exact = firm_statistics(plan.spec, store).vector()
+    if len(exact) != plan.layout.length:  # pragma: no cover - layout and statistics agree
+        raise FedcrmError("internal error: the firm's statistics do not fit the query's layout")
+
+    def compute() -> np.ndarray:
+        return exact + discrete_gaussian(len(exact), plan.noise_std)
+
+    return release(
+        privacy, plan.event, compute,
+        funded=lambda values: (EntryKind.QUERY_ANSWERED, {
+            "query_id": plan.query_id, "query": plan.spec.name,
+            "fingerprint": plan.spec.fingerprint(), "answer_hash": answer_hash(values),
+            "length": len(values), "secure": plan.secure,
+        }),
+    )
