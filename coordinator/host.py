@@ -31,6 +31,7 @@ from fedcrm.coordinator.flower_cli import (
 )
 from fedcrm.coordinator.local_deployment import AppSpec
 from fedcrm.coordinator.processes import DeploymentError, ManagedProcess, ProcessGroup, port_open
+from fedcrm.coordinator.query_run import QueryRunConfig
 from fedcrm.coordinator.run_config import RunConfig
 from fedcrm.coordinator.runs import SUMMARY
 from fedcrm.privacy.certs import ServerCertFiles
@@ -138,14 +139,18 @@ def register_firm(cfg: CoordinatorConfig, *, firm: str, public_key: Path) -> int
     )
 
 
-def default_run_timeout(run: RunConfig) -> float:
-    """Seconds to wait for a run: waiting for firms, describe, train + evaluate per round."""
+def default_run_timeout(run: RunConfig | QueryRunConfig) -> float:
+    """Seconds to wait for a run: waiting for firms, describe, train + evaluate per round (a
+    query: waiting for firms, offer and answer)."""
+    if isinstance(run, QueryRunConfig):
+        c = run.coordinator
+        return c.wait_for_firms + 2 * c.timeout + 300.0
     return run.wait_for_firms + run.round_timeout * (1 + 2 * run.rounds) + 300.0
 
 
 def submit_run(
     cfg: CoordinatorConfig,
-    run: RunConfig,
+    run: RunConfig | QueryRunConfig,
     *,
     run_id: str,
     timeout_s: float | None = None,

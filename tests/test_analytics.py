@@ -249,6 +249,7 @@ def test_an_answer_is_a_ledgered_signed_release_with_noise_of_the_stated_size(
     log = node.privacy.audit.path
     kinds = [e.kind for e in node.privacy.audit.entries()]
     assert kinds[-2:] == [EntryKind.DP_RELEASE, EntryKind.QUERY_ANSWERED]
+    assert node.keys.signing_key is not None
     key = node.keys.signing_key.public_key()
     assert verify_log(log, trusted_keys={public_key_id(key): key}) == []
 

@@ -4,6 +4,7 @@
   ``score``;
 * :mod:`fedcrm.cli.node` - partner firm in a deployment: ``node start``;
 * :mod:`fedcrm.cli.coordinator` - coordinator: ``certs``, ``link``, ``run``, ``runs``;
+* :mod:`fedcrm.cli.analytics` - coordinator / analyst: ``query``;
 * :mod:`fedcrm.cli.simulations` - coordinator demos: ``datasets``, ``simulate``, ``deploy local``;
 * :mod:`fedcrm.cli.audit` - auditor (read-only): ``audit verify``, ``report``, ``export``.
 
@@ -16,7 +17,7 @@ from __future__ import annotations
 
 import typer
 
-from fedcrm.cli import audit, coordinator, firm, node, simulations
+from fedcrm.cli import analytics, audit, coordinator, firm, node, simulations
 
 app = typer.Typer(
     help="fedcrm: privacy-preserving federated analytics for customer data.",
@@ -24,7 +25,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-for _role in (firm, node, coordinator, simulations, audit):
+for _role in (firm, node, coordinator, analytics, simulations, audit):
     _role.register(app)
 
 

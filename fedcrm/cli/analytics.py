@@ -1,0 +1,107 @@
+"""``fedcrm query``: a federated DP analytics query, in a simulation or on a running federation."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+from rich.text import Text
+
+from fedcrm.cli.console import err, out, user_errors
+
+COORDINATOR_HELP = "the coordinator's deployment config (for a query without [simulation])"
+
+
+def _print_result(result: dict[str, Any], run_dir: Path) -> None:
+    status = str(result.get("status", "unknown"))
+    answered = result.get("answered_by", [])
+    out.print(Text(f"query {result.get('query_id')}: {status}; answered by {len(answered)} "
+                   f"firm(s): {', '.join(answered) or 'none'}"), highlight=False)
+    for firm, why in dict(result.get("declined", {})).items():
+        out.print(Text(f"  {firm} declined: {why}"), highlight=False)
+    if result.get("stop_reason"):
+        out.print(Text(f"  {result['stop_reason']}"), highlight=False)
+    estimates = result.get("estimates", [])
+    if estimates:
+        table = Table(title="estimates (intervals cover the DP noise only)", title_justify="left")
+        for column in ("group", "statistic", "estimate", "noise sd", "95% interval"):
+            table.add_column(column, justify="left" if column in ("group", "statistic")
+                             else "right")
+
+        def fmt(v: Any) -> str:
+            return "-" if v is None else f"{float(v):.4g}"
+
+        for e in estimates:
+            interval = ("suppressed" if e.get("suppressed") else
+                        f"[{fmt(e.get('ci_low'))}, {fmt(e.get('ci_high'))}]")
+            table.add_row(Text(str(e["group"])), Text(str(e["statistic"])),
+                          fmt(e.get("estimate")), fmt(e.get("noise_std")), interval)
+        out.print(table)
+    spent = dict(result.get("epsilon", {}))
+    if spent:
+        out.print(Text("ε spent by this query per firm: " + ", ".join(
+            f"{firm} {eps:.3g} (total {result['epsilon_total'][firm]:.3g})"
+            for firm, eps in sorted(spent.items()))), highlight=False)
+    files = dict(result.get("files", {}))
+    out.print(Text(f"results in {run_dir}: " + ", ".join(Path(f).name for f in files.values())),
+              highlight=False)
+
+
+@user_errors
+def query(
+    config: Annotated[Path, typer.Option(
+        help="the query file: [query], and [simulation] to run it on simulated firms "
+        "(e.g. configs/queries/telco_churn_by_contract.toml)")],
+    coordinator: Annotated[Path, typer.Option(help=COORDINATOR_HELP)] = Path("coordinator.toml"),
+    run_id: Annotated[str | None, typer.Option(help="query id (default: generated)")] = None,
+    timeout: Annotated[float | None, typer.Option(
+        help="seconds to wait for the query on a federation (default: from the file)")] = None,
+) -> None:
+    """Ask the federation one DP query; each firm answers from its own budget (or declines)."""
+    from fedcrm.coordinator.query_run import RESULT_JSON, load_query_file
+    from fedcrm.coordinator.runs import new_run_id
+
+    file_cfg = load_query_file(config)
+    spec = file_cfg.query
+    rid = run_id or new_run_id(spec.name.replace("_", "-"))
+    out.print(Text(f"query {spec.name}: {spec.kind.value}, ε {spec.epsilon:g} (δ {spec.delta:g}) "
+                   f"per firm, at least {spec.min_firms} firm(s)"), highlight=False)
+    if file_cfg.simulation is not None:
+        import logging
+
+        from fedcrm.simulations.query import simulate_query
+
+        for name in ("flwr", "ray"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+
+        def on_firm(name: str, rows: int) -> None:
+            err.print(Text(f"  prepared {name}: {rows:,} source rows (validated, masked, "
+                           "encrypted)"), highlight=False)
+
+        run_dir, result = simulate_query(file_cfg, run_id=rid, on_firm=on_firm)
+        _print_result(result, run_dir)
+    else:
+        from fedcrm.coordinator.deploy_config import load_coordinator_config
+        from fedcrm.coordinator.host import require_running_link, submit_run
+        from fedcrm.coordinator.processes import DeploymentError
+
+        cfg = load_coordinator_config(coordinator)
+        require_running_link(cfg)
+        outcome = submit_run(cfg, file_cfg.run_config(), run_id=rid, timeout_s=timeout)
+        path = outcome.run_dir / RESULT_JSON
+        if not outcome.completed or not path.exists():
+            raise DeploymentError(
+                f"query {rid} (Flower run {outcome.flower_run_id}) ended "
+                f"{outcome.status.status_text} without {RESULT_JSON}; see {outcome.log_path}"
+            )
+        run_dir, result = outcome.run_dir, json.loads(path.read_text())
+        _print_result(result, run_dir)
+    if result.get("status") != "completed":
+        raise typer.Exit(1)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("query")(query)
