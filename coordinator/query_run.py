@@ -160,12 +160,21 @@ def write_figures(run_dir: Path, spec: QuerySpec, estimates: list[Estimate]) -> 
     ax = fig.add_subplot()
     if spec.kind in (QueryKind.RETENTION, QueryKind.WEEKLY_TREND):
         name = "retention" if spec.kind is QueryKind.RETENTION else "weekly_trend"
-        weeks = [int(e.group.split()[-1]) for e in shown]
-        values = [float(e.estimate or 0.0) for e in shown]
-        low = [e.ci_low if e.ci_low is not None else np.nan for e in shown]
-        high = [e.ci_high if e.ci_high is not None else np.nan for e in shown]
-        ax.fill_between(weeks, low, high, alpha=0.25, color="#1f5fbf", label="95% interval")
-        ax.plot(weeks, values, marker="o", markersize=3, color="#1f5fbf", label="estimate")
+        curves: dict[str, list[Estimate]] = {}
+        for e in shown:
+            cohort, _, _week = e.group.rpartition("week ")
+            curves.setdefault(cohort.rstrip(", "), []).append(e)
+        colors = ["#1f5fbf", "#c0392b", "#27ae60", "#8e44ad", "#d35400", "#16a085"]
+        for i, (label, points) in enumerate(curves.items()):
+            color = colors[i % len(colors)]
+            weeks = [int(e.group.rpartition("week ")[2]) for e in points]
+            ax.fill_between(weeks, [e.ci_low if e.ci_low is not None else np.nan for e in points],
+                            [e.ci_high if e.ci_high is not None else np.nan for e in points],
+                            alpha=0.2, color=color)
+            ax.plot(weeks, [float(e.estimate or 0.0) for e in points], marker="o",
+                    markersize=2, color=color, label=label or "estimate (band: 95% interval)")
+        if len(curves) > 1 or next(iter(curves)):
+            ax.legend(fontsize=7)
         ax.set_xlabel("week of customer lifetime" if name == "retention" else "week")
         ax.set_ylabel("share still active" if name == "retention" else "purchase days")
         if name == "retention":

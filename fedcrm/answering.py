@@ -134,7 +134,7 @@ def plan_answer(
     _check_columns(cfg, spec)
     if answered(privacy, query_id):
         raise QueryDeclined(f"this firm already answered query {query_id}")
-    shape = layout(spec)
+    shape = layout(spec, secure=secure)
     multiplier = noise_multiplier(spec.epsilon, spec.delta)
     fraction = noise_fraction(spec, secure=secure)
     event = gaussian_query_event(
@@ -164,7 +164,7 @@ def answer(privacy: FirmPrivacy, store: PreparedStore, plan: AnswerPlan) -> Rele
     The exact statistics are computed before the release (an error in the data refuses the query
     without spending anything); the noise is drawn only after the ledger's check.
     """
-    exact = firm_statistics(plan.spec, store).vector()
+    exact = firm_statistics(plan.spec, store, secure=plan.secure).vector()
     if len(exact) != plan.layout.length:  # pragma: no cover - layout and statistics agree
         raise FedcrmError("internal error: the firm's statistics do not fit the query's layout")
 

@@ -120,7 +120,7 @@ def run_query(grid: Grid, cfg: QueryRunConfig, *, run_id: str, run_dir: Path) ->
     if cfg.coordinator.secure_sum:
         raise FedcrmError("secure_sum queries need the secure-sum protocol, which this "
                           "coordinator does not have yet; set [coordinator] secure_sum = false")
-    shape = layout(spec)
+    shape = layout(spec, secure=cfg.coordinator.secure_sum)
     run_dir.mkdir(parents=True, exist_ok=True)
     audit = FederationAudit(run_dir)
     events = EventLog(run_dir / EVENTS, sinks=[audit.record])
@@ -182,7 +182,8 @@ def run_query(grid: Grid, cfg: QueryRunConfig, *, run_id: str, run_dir: Path) ->
         total = np.asarray(np.sum(vectors, axis=0, dtype=np.int64))
         total_hash = hashlib.sha256(total.tobytes()).hexdigest()
         variance = float(sum(a.noise_std ** 2 for a in answers.values()))
-        estimates = estimate(spec, Totals.from_sum(spec, total, variance),
+        estimates = estimate(spec, Totals.from_sum(spec, total, variance,
+                                                   secure=cfg.coordinator.secure_sum),
                              seed=cfg.coordinator.seed)
         answer_hashes = {
             a.firm: hashlib.sha256(np.asarray(a.values, dtype=np.int64).tobytes()).hexdigest()

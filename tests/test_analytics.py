@@ -105,6 +105,7 @@ TX = {"table": "transactions", "group_by": None, "as_of": "2020-09-01"}
 TRANSACTION_QUERIES = [
     {**TX, "kind": "segment_sizes"},
     {**TX, "kind": "retention", "weeks": 20, "inactive_days": 60},
+    {**TX, "kind": "retention", "weeks": 10, "cohorts": ["2020-01-01", "2020-02-15"]},
     {**TX, "kind": "weekly_trend", "start": "2020-01-01", "weeks": 30, "max_purchase_days": 2},
     {**TX, "kind": "sum", "value": {"column": "amount", "lower": 0, "upper": 500},
      "group_by": {"column": "category", "keys": ["books", "music", "film"], "max_groups": 2}},
@@ -113,24 +114,25 @@ TRANSACTION_QUERIES = [
 ]
 
 
+@pytest.mark.parametrize("secure", [False, True], ids=["plain", "secure"])
 @pytest.mark.parametrize("query", CUSTOMER_QUERIES + TRANSACTION_QUERIES,
                          ids=lambda q: f"{q.get('table', 'customers')}-{q['kind']}")
 def test_removing_any_one_customer_moves_the_answer_by_at_most_its_declared_sensitivity(
-    query: dict[str, object],
+    query: dict[str, object], secure: bool,
 ) -> None:
     """The attack a DP bound must survive: one customer, added or removed, with extreme values
     (negative, above the clip, many transactions in many groups)."""
     spec = _spec(**{k: v for k, v in query.items()})
-    shape = layout(spec)
+    shape = layout(spec, secure=secure)
     customers, tx = _customers(60), _transactions(40)
-    full = firm_statistics(spec, _store(customers, tx)).vector()
+    full = firm_statistics(spec, _store(customers, tx), secure=secure).vector()
     assert len(full) == shape.length and full.dtype == np.int64
     ids = [f"c{i}" for i in range(40)]
     worst = 0.0
     for cid in ids:
         without = firm_statistics(spec, _store(
             customers[customers.customer_id != cid], tx[tx.customer_id != cid]
-        )).vector()
+        ), secure=secure).vector()
         worst = max(worst, float(np.linalg.norm((full - without).astype(np.float64))))
     assert 0 < worst <= shape.l2_sensitivity + 1e-9
 

@@ -58,9 +58,10 @@ class Totals:
     noise_std: Mapping[str, float]
 
     @classmethod
-    def from_sum(cls, spec: QuerySpec, total: np.ndarray, noise_variance: float) -> Totals:
+    def from_sum(cls, spec: QuerySpec, total: np.ndarray, noise_variance: float, *,
+                 secure: bool = False) -> Totals:
         """From the summed integer vector and the summed noise variance (grid units²)."""
-        shape: Layout = layout(spec)
+        shape: Layout = layout(spec, secure=secure)
         parts = shape.split(np.asarray(total, dtype=np.float64))
         units = {s.name: s.unit for s in shape.statistics}
         sd = float(np.sqrt(noise_variance))
@@ -187,13 +188,16 @@ def kaplan_meier(churned: np.ndarray, censored: np.ndarray) -> np.ndarray:
 
 def _retention(spec: QuerySpec, v: Mapping[str, np.ndarray], boot: Mapping[str, np.ndarray],
                below: float) -> list[Estimate]:
-    weeks = spec.weeks
-    point = kaplan_meier(v["churned"], v["censored"])[:weeks]
-    draws = kaplan_meier(boot["churned"], boot["censored"])[:, :weeks]
-    at_risk = np.cumsum((v["churned"] + v["censored"])[::-1])[::-1]
+    weeks, width = spec.weeks, spec.weeks + 1
     out = []
-    for w in range(weeks):
-        hidden = bool(at_risk[w] < below)
-        out.append(_bootstrapped(f"week {w + 1}", "retention", point[w], draws[:, w], hidden))
+    for i, group in enumerate(spec.groups):
+        cells = slice(i * width, (i + 1) * width)
+        point = kaplan_meier(v["churned"][cells], v["censored"][cells])[:weeks]
+        draws = kaplan_meier(boot["churned"][:, cells], boot["censored"][:, cells])[:, :weeks]
+        at_risk = np.cumsum((v["churned"][cells] + v["censored"][cells])[::-1])[::-1]
+        label = "" if group == "all" else f"{group}, "
+        for w in range(weeks):
+            hidden = bool(at_risk[w] < below)
+            out.append(_bootstrapped(f"{label}week {w + 1}", "retention", point[w],
+                                     draws[:, w], hidden))
     return out
-

@@ -145,6 +145,11 @@ class QuerySpec(BaseModel):
     inactive_days: int = Field(
         default=90, ge=1, description="retention: no purchase for this long means churned"
     )
+    cohorts: list[date] | None = Field(
+        default=None, min_length=1, max_length=104,
+        description="retention: public cohort start dates; a customer belongs to the cohort "
+        "in which their first purchase falls (before the first date: in no cohort)",
+    )
 
     @model_validator(mode="after")
     def _fits_kind(self) -> Self:
@@ -170,6 +175,11 @@ class QuerySpec(BaseModel):
                 raise ValueError(f"a {kind.value} query reads the transactions table")
             if self.as_of is None:
                 raise ValueError(f"a {kind.value} query needs as_of (a public date)")
+        if self.cohorts is not None:
+            if kind is not QueryKind.RETENTION:
+                raise ValueError("cohorts belong to a retention query")
+            if any(b <= a for a, b in itertools.pairwise(self.cohorts)):
+                raise ValueError("cohorts must be strictly increasing dates")
         if kind is QueryKind.WEEKLY_TREND and self.start is None:
             raise ValueError("a weekly_trend query needs start (the first week's start date)")
         if self.group_by is not None and kind in (
@@ -180,7 +190,10 @@ class QuerySpec(BaseModel):
 
     @property
     def groups(self) -> tuple[str, ...]:
-        """The public group keys ("all" when the query is not grouped)."""
+        """The public group keys ("all" when the query is not grouped; the cohorts' start
+        dates for a retention query with cohorts)."""
+        if self.kind is QueryKind.RETENTION and self.cohorts:
+            return tuple(f"cohort {c.isoformat()}" for c in self.cohorts)
         return tuple(self.group_by.keys) if self.group_by else ("all",)
 
     def canonical_json(self) -> str:

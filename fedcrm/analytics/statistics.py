@@ -89,39 +89,45 @@ class Layout:
         return out
 
 
-def layout(spec: QuerySpec) -> Layout:
-    """The release layout of ``spec`` (see :class:`Layout`)."""
+def _shape(spec: QuerySpec) -> tuple[list[tuple[str, int, float]], float, bool]:
+    """(name, length, scale) of each statistic, the normalised L2 sensitivity, and whether the
+    query adds up values (not only counts). A statistic's scale is one customer's largest
+    contribution in its own units (1 for a count, the clipping bound for a sum)."""
     kind, groups = spec.kind, len(spec.groups)
     k = spec.group_by.max_groups if spec.group_by is not None else 1
     if kind is QueryKind.COUNT:
-        return Layout((Statistic("count", groups, 1.0),), 1, float(np.sqrt(k)))
+        return [("count", groups, 1.0)], float(np.sqrt(k)), False
     if kind in (QueryKind.SUM, QueryKind.MEAN):
         assert spec.value is not None
-        r = RESOLUTION
-        return Layout(
-            (Statistic("count", groups, 1.0 / r), Statistic("sum", groups, spec.value.bound / r)),
-            r, float(r * np.sqrt(2.0 * k)),
-        )
+        return ([("count", groups, 1.0), ("sum", groups, spec.value.bound)],
+                float(np.sqrt(2.0 * k)), True)
     if kind is QueryKind.CHURN_RATE:
         # a customer is either a churner or not: one of the two counts moves, by one
-        return Layout(
-            (Statistic("stayed", groups, 1.0), Statistic("churners", groups, 1.0)), 1, 1.0
-        )
+        return [("stayed", groups, 1.0), ("churners", groups, 1.0)], 1.0, False
     if kind in (QueryKind.HISTOGRAM, QueryKind.QUANTILES):
         assert spec.bins is not None
-        return Layout(
-            (Statistic("count", groups * (len(spec.bins) - 1), 1.0),), 1, float(np.sqrt(k))
-        )
+        return [("count", groups * (len(spec.bins) - 1), 1.0)], float(np.sqrt(k)), False
     if kind is QueryKind.SEGMENT_SIZES:
-        return Layout((Statistic("count", len(SEGMENTS), 1.0),), 1, 1.0)
+        return [("count", len(SEGMENTS), 1.0)], 1.0, False
     if kind is QueryKind.RETENTION:
-        weeks = spec.weeks + 1
-        return Layout(
-            (Statistic("churned", weeks, 1.0), Statistic("censored", weeks, 1.0)), 1, 1.0
-        )
-    r = RESOLUTION
+        cells = groups * (spec.weeks + 1)  # per cohort, weeks 0..weeks (the last: censored)
+        return [("churned", cells, 1.0), ("censored", cells, 1.0)], 1.0, False
+    return [("purchase_days", spec.weeks, spec.max_purchase_days)], 1.0, True
+
+
+def layout(spec: QuerySpec, *, secure: bool = False) -> Layout:
+    """The release layout of ``spec`` (see :class:`Layout`).
+
+    The grid is :data:`RESOLUTION` per customer's largest contribution when the query adds up
+    values, or when the answers go into a secure sum (each firm then adds only a share of the
+    noise, which must stay large in grid units for the sum of the firms' discrete Gaussians to
+    be as private as one: ``docs/analytics.md``); plain count queries use a grid of 1.
+    """
+    statistics, sensitivity, sums = _shape(spec)
+    r = RESOLUTION if (sums or secure) else 1
     return Layout(
-        (Statistic("purchase_days", spec.weeks, spec.max_purchase_days / r),), r, float(r)
+        tuple(Statistic(name, length, scale / r) for name, length, scale in statistics),
+        r, float(sensitivity * r),
     )
 
 
@@ -219,15 +225,17 @@ def _counts(index: np.ndarray, size: int, weight: int = 1) -> np.ndarray:
     return np.bincount(counted, minlength=size).astype(np.int64) * weight
 
 
-def firm_statistics(spec: QuerySpec, store: PreparedStore) -> BoundedStatistics:
-    """The query's exact, contribution-bounded statistics on one firm's store, on the grid."""
-    shape = layout(spec)
+def firm_statistics(spec: QuerySpec, store: PreparedStore, *,
+                    secure: bool = False) -> BoundedStatistics:
+    """The query's exact, contribution-bounded statistics on one firm's store, on the grid of
+    ``layout(spec, secure=secure)``."""
+    shape = layout(spec, secure=secure)
     r = shape.resolution
     kind = spec.kind
     groups = len(spec.groups)
     if kind is QueryKind.COUNT:
         rows = _customer_rows(spec, store, None)
-        return BoundedStatistics({"count": _counts(rows.group, groups)}, shape)
+        return BoundedStatistics({"count": _counts(rows.group, groups, r)}, shape)
     if kind in (QueryKind.SUM, QueryKind.MEAN):
         assert spec.value is not None
         rows = _customer_rows(spec, store, spec.value.column)
@@ -244,8 +252,9 @@ def firm_statistics(spec: QuerySpec, store: PreparedStore) -> BoundedStatistics:
         rows = _customer_rows(spec, store, "churn")
         known = (rows.group >= 0) & np.isfinite(rows.value)
         return BoundedStatistics(
-            {"stayed": _counts(np.where(known & (rows.value <= 0.5), rows.group, -1), groups),
-             "churners": _counts(np.where(known & (rows.value > 0.5), rows.group, -1), groups)},
+            {"stayed": _counts(np.where(known & (rows.value <= 0.5), rows.group, -1), groups, r),
+             "churners": _counts(np.where(known & (rows.value > 0.5), rows.group, -1), groups,
+                                 r)},
             shape,
         )
     if kind in (QueryKind.HISTOGRAM, QueryKind.QUANTILES):
@@ -256,7 +265,7 @@ def firm_statistics(spec: QuerySpec, store: PreparedStore) -> BoundedStatistics:
         clipped = np.clip(rows.value, spec.value.lower, spec.value.upper)
         bins = np.clip(np.searchsorted(edges, clipped, side="right") - 1, 0, len(edges) - 2)
         cell = np.where(present, rows.group * (len(edges) - 1) + bins, -1)
-        return BoundedStatistics({"count": _counts(cell, groups * (len(edges) - 1))}, shape)
+        return BoundedStatistics({"count": _counts(cell, groups * (len(edges) - 1), r)}, shape)
     tx = _require(store.transactions, ("customer_id", "timestamp"), store.firm, spec.table)
     assert spec.as_of is not None
     as_of = pd.Timestamp(spec.as_of)
@@ -266,7 +275,7 @@ def firm_statistics(spec: QuerySpec, store: PreparedStore) -> BoundedStatistics:
         base = rfm(tx, as_of=as_of)
         segment = _segments(base, spec.rfm or RfmThresholds())
         index = np.asarray([SEGMENTS.index(s) for s in segment], dtype=np.int64)
-        return BoundedStatistics({"count": _counts(index, len(SEGMENTS))}, shape)
+        return BoundedStatistics({"count": _counts(index, len(SEGMENTS), r)}, shape)
     if kind is QueryKind.RETENTION:
         return _retention(spec, tx, as_of, shape)
     return _weekly_trend(spec, tx, as_of, shape)
@@ -284,11 +293,12 @@ def _segments(base: pd.DataFrame, thresholds: RfmThresholds) -> np.ndarray:
 
 def _retention(spec: QuerySpec, tx: pd.DataFrame, as_of: pd.Timestamp,
                shape: Layout) -> BoundedStatistics:
-    """Churned / censored customers per week of lifetime (first to last purchase day).
+    """Churned / censored customers per cohort and week of lifetime (first to last purchase).
 
     A customer who has not bought in the ``inactive_days`` before ``as_of`` churned at their last
     purchase; the others are censored at ``as_of``. Lifetimes of ``weeks`` weeks or more are
-    censored at ``weeks``. Each customer lands in exactly one cell.
+    censored at ``weeks``. With ``cohorts``, a customer's cohort is the last cohort start on or
+    before their first purchase. Each customer lands in at most one cell.
     """
     days = pd.to_datetime(tx["timestamp"]).dt.normalize()
     frame = pd.DataFrame({"customer_id": tx["customer_id"].to_numpy(), "day": days.to_numpy()})
@@ -301,9 +311,16 @@ def _retention(spec: QuerySpec, tx: pd.DataFrame, as_of: pd.Timestamp,
     horizon = spec.weeks
     event = churned.to_numpy() & (weeks < horizon)
     week = np.minimum(weeks, horizon).astype(np.int64)
+    if spec.cohorts:
+        starts = pd.DatetimeIndex([pd.Timestamp(c) for c in spec.cohorts]).to_numpy()
+        cohort = np.searchsorted(starts, first.to_numpy(), side="right") - 1
+    else:
+        cohort = np.zeros(len(week), dtype=np.int64)
+    cells = len(spec.groups) * (horizon + 1)
+    cell = np.where(cohort >= 0, cohort * (horizon + 1) + week, -1)
     return BoundedStatistics(
-        {"churned": _counts(np.where(event, week, -1), horizon + 1),
-         "censored": _counts(np.where(~event, week, -1), horizon + 1)},
+        {"churned": _counts(np.where(event, cell, -1), cells, shape.resolution),
+         "censored": _counts(np.where(~event, cell, -1), cells, shape.resolution)},
         shape,
     )
 
