@@ -484,3 +484,15 @@ def test_label_vocabulary_has_no_word_on_both_sides_and_defaults_read_chinese() 
     assert "是" in DEFAULT_TRUE and "否" in DEFAULT_FALSE and not set(DEFAULT_TRUE) & set(
         DEFAULT_FALSE)
     assert label_values(["是", "否", "也许"]) is None  # one unknown value: not a label pair
+
+
+def test_a_decode_failure_past_the_detected_part_names_its_line(tmp_path: Path) -> None:
+    path = tmp_path / "export.csv"
+    rows = ["客户编号,是否流失,套餐", *(f"C{i},是,黄金会员" for i in range(60_000))]
+    # UTF-8 for more than the MiB that detection reads, then one row in GB18030
+    path.write_bytes(("\n".join(rows) + "\n").encode("utf-8") + "C9,否,基础版\n".encode("gb18030"))
+    r = RUNNER.invoke(app, ["scan", str(path), "--sample-rows", "100000"])
+    assert r.exit_code != 0 and "Traceback" not in r.output
+    assert "undecodable bytes on line 60,002" in r.output
+    assert "mixes encodings or is damaged" in r.output and "--encoding" in r.output
+    assert "基础版" not in r.output

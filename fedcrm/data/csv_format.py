@@ -150,8 +150,8 @@ def detect_encoding(path: Path) -> FormatChoice:
             continue
     if not readings:
         raise SchemaError(
-            f"{path}: no known encoding reads its non-ASCII bytes; pass its encoding with "
-            "--encoding (e.g. --encoding gb18030)"
+            f"{path}: no known encoding reads its non-ASCII bytes (a damaged export, or one "
+            "that mixes encodings?); pass its encoding with --encoding (e.g. --encoding gb18030)"
         )
     best = next(iter(readings))
     plausible = [c for c, (chaos, _) in readings.items()

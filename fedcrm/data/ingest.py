@@ -25,6 +25,25 @@ from fedcrm.privacy.errors import ConfigError, SchemaError
 
 Chunk = tuple[int, pd.DataFrame]
 
+def _first_undecodable(path: Path, encoding: str) -> str:
+    """Where ``path`` first fails to decode, as a line number and byte offset (pandas reports an
+    offset inside its read buffer, not in the file)."""
+    decoder = codecs.getincrementaldecoder(encoding)(errors="strict")
+    offset, line = 0, 1
+    with path.open("rb") as fh:
+        while block := fh.read(1 << 20):
+            try:
+                decoder.decode(block)
+            except UnicodeDecodeError as exc:
+                # exc.start counts from the bytes the decoder still held from the last block
+                bad = max(0, offset + exc.start - (len(exc.object) - len(block)))
+                fh.seek(0)
+                line = 1 + fh.read(bad).count(b"\n")
+                return f"undecodable bytes on line {line:,}, byte offset {bad:,}"
+            offset += len(block)
+    return "undecodable bytes"
+
+
 def _decode_hint(spec: SourceSpec, *, flags: bool) -> str:
     """The fix for an undecodable file: the detected encoding, as a flag or a config line."""
     assert spec.path is not None
@@ -38,9 +57,11 @@ def _decode_hint(spec: SourceSpec, *, flags: bool) -> str:
             else f'set encoding = "{found.value}" in its source section'
         )
         return f"{fix} (detected{'' if found.sure else ', unsure'}: {found.evidence})"
-    if flags:
-        return "pass its encoding with --encoding (e.g. --encoding gb18030)"
-    return "set its encoding in the source section (e.g. encoding = \"gb18030\")"
+    how = "with --encoding" if flags else "in its source section"
+    if found is not None:  # read as detected up to there: the rest is in another encoding
+        return (f"its first part reads as {found.value}, so the export mixes encodings or is "
+                f"damaged: re-export it in one encoding, or give the right one {how}")
+    return f"give its encoding {how} (e.g. gb18030, big5, utf-8)"
 
 
 def _source_file(spec: SourceSpec) -> Path:
@@ -87,9 +108,9 @@ def _csv_chunks(spec: SourceSpec, expected: int, *, flags: bool) -> Iterator[Chu
             start += len(chunk)
         if first:
             raise SchemaError(f"source file {path} has no rows")
-    except UnicodeDecodeError as exc:
+    except UnicodeDecodeError:
         raise SchemaError(
-            f"{path} is not valid {spec.encoding} (undecodable byte at offset {exc.start}); "
+            f"{path} is not valid {spec.encoding} ({_first_undecodable(path, spec.encoding)}); "
             f"{_decode_hint(spec, flags=flags)}"
         ) from None
     except pd.errors.EmptyDataError:
