@@ -428,13 +428,17 @@ def test_a_valid_national_id_column_is_proposed_and_a_decoy_with_one_duplicate_i
     assert "no customer id column was recognised" not in text
 
 
-def test_a_unique_customer_number_is_proposed_before_a_national_id(tmp_path: Path) -> None:
-    frame = pd.DataFrame({"身份证号": _ids(np.random.default_rng(2)),
+def test_verified_national_ids_come_before_a_unique_number_and_a_number_before_codes(
+    tmp_path: Path,
+) -> None:
+    frame = pd.DataFrame({"ref": [f"AC{i:04d}" for i in range(N)],
                           "档案号": [f"{500_000 + i}" for i in range(N)],
+                          "身份证号": _ids(np.random.default_rng(2)),
                           "套餐": BASE["套餐"]})
-    text, columns = _render(tmp_path, frame)
-    assert columns["档案号"] == {"role": "id"}
-    assert columns["身份证号"]["role"] == "pii"
+    _, columns = _render(tmp_path, frame)
+    assert columns["身份证号"] == {"role": "id"}
+    text, columns = _render(tmp_path, frame.drop(columns=["身份证号"]))
+    assert columns["档案号"] == {"role": "id"} and columns["ref"]["role"] == "drop"
     assert "a customer number; unique and non-null in all 40 sampled rows" in text
 
 

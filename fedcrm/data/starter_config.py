@@ -118,10 +118,10 @@ def _proposed_id(
 ) -> tuple[str, str] | None:
     """A column that can serve as the customer id although no header names one, and why.
 
-    Only a column whose every sampled value is present and unique: a customer number (codes of
-    letters and digits, or digits under an id-like name such as 档案号 / member_no) or PRC
-    resident ids, every one with a valid checksum and birth date. A column with one duplicate
-    or one blank is never proposed: as the id it would send rows to quarantine.
+    Only a column whose every sampled value is present and unique, in this order: PRC resident
+    ids, every one with a valid checksum and birth date; digits under an id-like name (档案号,
+    member_no); codes of letters and digits. A column with one duplicate or one blank is never
+    proposed: as the id it would send rows to quarantine.
     """
     named_codes: list[str] = []
     national_ids: list[str] = []
@@ -144,9 +144,11 @@ def _proposed_id(
             elif IDENTIFIER_NAME_RE.search(column) and text.str.fullmatch(r"\d+").all():
                 named_codes.append(column)
     rows = f"{len(sample):,} sampled rows"
+    # Checksum-verified resident ids identify a person; a unique number under an id-like name
+    # (合同编号 could be a contract's) or a unique code is weaker evidence of a *customer*.
     for found, what in (
-        (named_codes, "a customer number"),
         (national_ids, "PRC resident ids, checksums verified"),
+        (named_codes, "a customer number"),
         (codes, "codes of letters and digits"),
     ):
         if found:
