@@ -64,6 +64,7 @@ def train_local(
     settings = cfg.training
     kind = ChurnModelKind(model_kind or settings.model)
     data = node.task_data(task)
+    data.check_local_training()  # before any plan or noise: a refusal spends nothing
     problem = data.training_problem(model=kind, seed=settings.seed)
     plan = plan_dp_sgd(
         node.privacy, n_examples=len(problem.y), epsilon=epsilon, settings=settings.dp_sgd,

@@ -42,7 +42,7 @@ from fedcrm.privacy.pii_vocabulary import (
 )
 from fedcrm.privacy.policies import SUGGESTED_POLICY, MaskingPolicy, PiiKind
 
-__all__ = ["DETECTION_THRESHOLD", "ColumnFinding", "scan_frame"]
+__all__ = ["DETECTION_THRESHOLD", "ColumnFinding", "is_prc_resident_id", "scan_frame"]
 
 DETECTION_THRESHOLD = 0.5
 """A column is reported as PII of a kind when that kind scores at least this much."""
@@ -178,7 +178,7 @@ def _parse_phone(text: str, *, region: str | None) -> phonenumbers.PhoneNumber |
         return None
 
 
-def _is_prc_id(text: str) -> bool:
+def is_prc_resident_id(text: str) -> bool:
     """PRC resident identity number: province, valid birth date, GB 11643-1999 check character.
 
     ``stdnum.cn.ric`` computes the check character and reads the birth date. Its full
@@ -368,7 +368,7 @@ def _score_column(column: str, sample: _Sample) -> list[_Score]:
     phone_what = max(set(matched), key=matched.count) + " pattern" if matched else "a phone pattern"
     scores.append(_score_strong(PiiKind.PHONE, hints[PiiKind.PHONE], phone_rate, sample,
                                 phone_what))
-    id_rate = _rate(sample, _is_prc_id)
+    id_rate = _rate(sample, is_prc_resident_id)
     scores.append(_score_strong(PiiKind.NATIONAL_ID, hints[PiiKind.NATIONAL_ID], id_rate, sample,
                                 "PRC resident ID (checksum and birth date verified)"))
     card_rate = _rate(sample, _is_bank_card)

@@ -74,3 +74,30 @@ def test_training_beyond_the_budget_is_refused_before_anything_is_released(
     assert "privacy budget exhausted" in second.output and "remaining" in second.output
     assert not (tmp_path / "b.pt").exists()
     assert (cfg.parent / "store" / "budget.jsonl").read_text().splitlines() == lines
+
+
+def test_a_held_out_set_with_one_class_is_refused_before_any_epsilon_is_spent(
+    write_firm: Callable[..., Path], tmp_path: Path
+) -> None:
+    from fedcrm.privacy.keys import load_keys
+    from fedcrm.privacy.masking import pseudonymize
+    from fedcrm.tasks.churn import holdout_mask
+
+    frame = make_customers(400)
+    cfg_path = write_firm(frame)  # creates the keys, which decide who is held out
+    keys = load_keys(cfg_path.parent / "keys")
+    held_out = holdout_mask(pseudonymize(frame["cust_id"], key=keys.pseudonym_key(),
+                                         key_id=keys.pseudonym_key_id))
+    # Every churner is a training customer: the held-out AUC would be undefined (it was nan).
+    frame["churned"] = "No"
+    frame.loc[~held_out & (frame.index % 3 == 0), "churned"] = "Yes"
+    cfg_path = write_firm(frame)
+    prepare(load_firm_config(cfg_path))
+    r = RUNNER.invoke(app, ["train", "--config", str(cfg_path), "--out",
+                            str(tmp_path / "m.pt"), "--epsilon", "1"])
+    assert r.exit_code != 0
+    assert "held-out customers have a single churn class (none churned)" in r.output
+    assert "nothing was spent" in r.output and "nan" not in r.output
+    assert not (tmp_path / "m.pt").exists()
+    ledger = cfg_path.parent / "store" / "budget.jsonl"
+    assert not ledger.exists() or not ledger.read_text().strip()

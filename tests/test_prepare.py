@@ -11,7 +11,7 @@ from conftest import customers_columns, make_customers
 from fedcrm.data.contract import load_firm_config
 from fedcrm.data.prepare import prepare
 from fedcrm.data.store import load_store
-from fedcrm.privacy.errors import QuarantineThresholdExceeded
+from fedcrm.privacy.errors import QuarantineThresholdExceeded, SchemaError
 from fedcrm.privacy.keys import load_keys
 
 
@@ -192,3 +192,79 @@ def test_pseudonyms_are_stable_across_runs_and_change_after_rotation(
     ids3 = load_store(cfg.prepared_dir, keys=load_keys(cfg.firm.keys_dir), use_cache=False)
     assert ids3.customers is not None
     assert set(ids3.customers["customer_id"]).isdisjoint(set(ids1.customers["customer_id"]))
+
+
+def _store_files(store: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(store)): p.read_bytes() for p in sorted(store.rglob("*"))
+            if p.is_file()}
+
+
+def _refused_without_change(
+    write_firm: Callable[..., Path], frame: pd.DataFrame, columns: dict[str, object]
+) -> str:
+    """Prepare a good store, then ``frame`` with ``columns``: refused, the old store intact."""
+    cfg_path = write_firm(make_customers(200))
+    prepare(load_firm_config(cfg_path))
+    store = cfg_path.parent / "store"
+    before = _store_files(store)
+    cfg_path = write_firm(frame, columns=columns)
+    with pytest.raises(SchemaError) as refused:
+        prepare(load_firm_config(cfg_path))
+    after = _store_files(store)
+    after.pop("audit.jsonl", None), before.pop("audit.jsonl", None)  # appended only on success
+    assert after == before
+    return str(refused.value)
+
+
+def test_a_label_with_a_single_class_is_refused_and_the_old_store_kept(
+    write_firm: Callable[..., Path],
+) -> None:
+    frame = make_customers(200).assign(churned="No")
+    message = _refused_without_change(write_firm, frame, customers_columns())
+    assert "label column 'churned' has a single class" in message
+    assert "all 200 labelled rows are not churned (false_values)" in message
+    assert "Nothing was written" in message
+
+
+def test_a_label_listing_both_answers_as_not_churned_is_refused(
+    write_firm: Callable[..., Path],
+) -> None:
+    # What the old starter config wrote for 是否流失: every customer's label became 0.
+    columns = customers_columns()
+    columns["churned"] = {"role": "label", "true_values": ["Y"], "false_values": ["Yes", "No"]}
+    frame = make_customers(200)
+    message = _refused_without_change(write_firm, frame, columns)
+    assert "single class" in message and "false_values = ['Yes', 'No']" in message
+
+
+def test_label_values_outside_the_lists_are_refused_naming_only_label_words(
+    write_firm: Callable[..., Path],
+) -> None:
+    frame = make_customers(200)
+    frame.loc[:4, "churned"] = "是"  # a label word the config does not list
+    frame.loc[5:6, "churned"] = "Anna Meyer, 139-0000-1234"  # a stray cell: never echoed
+    message = _refused_without_change(write_firm, frame, customers_columns())
+    assert "label column 'churned' has 7 values in neither true_values nor false_values" in message
+    assert "'是'" in message
+    assert "Anna" not in message and "139" not in message
+
+
+def test_label_refusal_is_one_line_from_the_cli(write_firm: Callable[..., Path]) -> None:
+    from typer.testing import CliRunner
+
+    from fedcrm.cli import app
+
+    cfg_path = write_firm(make_customers(100).assign(churned="No"))
+    r = CliRunner().invoke(app, ["prepare", "--config", str(cfg_path)])
+    assert r.exit_code == SchemaError.exit_code
+    assert "Traceback" not in r.output and "single class" in r.output
+    assert not (cfg_path.parent / "store" / "prepared").exists()
+
+
+def test_an_empty_label_list_is_a_config_error(write_firm: Callable[..., Path]) -> None:
+    from fedcrm.privacy.errors import ConfigError
+
+    columns = customers_columns()
+    columns["churned"] = {"role": "label", "true_values": [], "false_values": ["No", "Yes"]}
+    with pytest.raises(ConfigError, match="a label needs true_values"):
+        load_firm_config(write_firm(columns=columns))

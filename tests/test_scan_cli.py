@@ -24,7 +24,13 @@ def test_scan_json_lists_every_column_with_kind_confidence_and_policy(tmp_path: 
     frame.to_csv(path, index=False)
     r = RUNNER.invoke(app, ["scan", str(path), "--json"])
     assert r.exit_code == 0, r.output
-    findings = json.loads(r.output)
+    document = json.loads(r.stdout)
+    assert document["rows_sampled"] == 400
+    assert document["source"]["encoding"] == {
+        "value": "utf-8", "provenance": "detected", "sure": True, "evidence": "plain ASCII"
+    }
+    assert document["source"]["delimiter"]["value"] == ","
+    findings = document["columns"]
     assert [f["column"] for f in findings] == list(frame.columns)
     for f in findings:
         assert set(f) == {"column", "kind", "confidence", "suggested_policy"}

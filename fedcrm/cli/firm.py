@@ -74,57 +74,75 @@ def scan(
     write_config: Annotated[
         Path | None, typer.Option(help="write a starter partner config with a policy per column")
     ] = None,
-    encoding: Annotated[str, typer.Option(help="CSV encoding, e.g. utf-8 or gb18030")] = "utf-8",
+    encoding: Annotated[
+        str | None, typer.Option(help="CSV encoding, e.g. gb18030 (detected if omitted)")
+    ] = None,
     delimiter: Annotated[
-        str | None, typer.Option(help="CSV delimiter (sniffed if omitted)")
+        str | None, typer.Option(help="CSV delimiter (detected if omitted)")
     ] = None,
     firm: Annotated[str, typer.Option(help="firm name for --write-config")] = "my-firm",
     table: Annotated[str, typer.Option(help="customers or transactions")] = "customers",
     sample_rows: Annotated[int, typer.Option(help="rows to sample")] = 5000,
 ) -> None:
-    """Detect PII columns by name hints and by values; suggest a masking policy for each."""
+    """Detect the CSV encoding and delimiter and the PII columns (by name hints and by values);
+    suggest a masking policy for each column, and with --write-config a role."""
     from fedcrm.data.ingest import read_sample, source_for_file
     from fedcrm.data.starter_config import render_starter_config
     from fedcrm.privacy.detection import scan_frame
     from fedcrm.privacy.errors import ConfigError
 
-    spec = source_for_file(file, encoding=encoding, delimiter=delimiter)
-    sample = read_sample(spec, rows=sample_rows)
-    findings = scan_frame(sample)
-    if as_json:
-        sys.stdout.write(json.dumps([f.to_json() for f in findings], ensure_ascii=False, indent=2))
-        sys.stdout.write("\n")
-    else:
-        t = Table(title=f"PII scan of {file} ({len(sample):,} rows sampled)")
-        for col in ("column", "kind", "confidence", "suggested policy", "evidence"):
-            t.add_column(col)
-        for f in findings:
-            t.add_row(
-                f.column,
-                f.kind.value if f.kind else "-",
-                f"{f.confidence:.2f}",
-                f.suggested_policy.value if f.suggested_policy else "-",
-                f.evidence,
-            )
-        out.print(t)
     if write_config is not None:
         if table not in ("customers", "transactions"):
             raise ConfigError(f"--table must be customers or transactions, not {table!r}")
         if write_config.exists():
             raise ConfigError(f"{write_config} exists; refusing to overwrite it")
+    source = source_for_file(file, encoding=encoding, delimiter=delimiter)
+    sample = read_sample(source, rows=sample_rows)
+    findings = scan_frame(sample)
+    report = err if as_json else out
+    if as_json:
+        document = {
+            "source": source.to_json(),
+            "rows_sampled": len(sample),
+            "columns": [f.to_json() for f in findings],
+        }
+        sys.stdout.write(json.dumps(document, ensure_ascii=False, indent=2))
+        sys.stdout.write("\n")
+    else:
+        t = Table(
+            title=escape(f"PII scan of {file} ({len(sample):,} rows sampled; {source.describe()})")
+        )
+        for col in ("column", "kind", "confidence", "suggested policy", "evidence"):
+            t.add_column(col)
+        for f in findings:
+            t.add_row(
+                escape(f.column),
+                f.kind.value if f.kind else "-",
+                f"{f.confidence:.2f}",
+                f.suggested_policy.value if f.suggested_policy else "-",
+                escape(f.evidence),
+            )
+        out.print(t)
+    if not source.sure:
+        report.print(
+            "REVIEW: the encoding or delimiter detection is unsure; check that the column names "
+            "read correctly, else pass --encoding / --delimiter",
+            markup=False,
+        )
+    if write_config is not None:
         text = render_starter_config(
             source=file,
             sample=sample,
             findings=findings,
             firm=firm,
             table=table,
-            encoding=spec.encoding,
-            delimiter=spec.delimiter,
+            encoding=source.encoding,
+            delimiter=source.delimiter,
         )
         from fedcrm.privacy.durable import write_atomic
 
         write_atomic(write_config, text.encode("utf-8"), mode=0o644)
-        (err if as_json else out).print(f"wrote starter config {write_config}: review it")
+        report.print(f"wrote starter config {write_config}: review it", markup=False)
 
 
 # --------------------------------------------------------------------------- prepare

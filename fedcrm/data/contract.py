@@ -18,6 +18,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from fedcrm.config_file import read_toml, validate
+from fedcrm.data.crm_vocabulary import BOOLEAN_FALSE, BOOLEAN_TRUE
 from fedcrm.learning.settings import (
     LOCAL_TRAINING,
     BatchSize,
@@ -71,8 +72,10 @@ class TableName(StrEnum):
 
 _FROZEN = ConfigDict(frozen=True, extra="forbid", use_enum_values=False)
 
-DEFAULT_TRUE = ("1", "true", "yes", "y", "t")
-DEFAULT_FALSE = ("0", "false", "no", "n", "f")
+# A boolean column (or a label) that lists no values reads the generic yes/no words, English and
+# Chinese (是/否, 有/无, ...): fedcrm.data.crm_vocabulary.
+DEFAULT_TRUE = BOOLEAN_TRUE
+DEFAULT_FALSE = BOOLEAN_FALSE
 
 
 class ColumnSpec(BaseModel):
@@ -117,6 +120,16 @@ class ColumnSpec(BaseModel):
                 )
             if self.kind is FeatureKind.CATEGORICAL and not self.categories:
                 raise ValueError("a categorical feature needs its list of categories")
+        if self.role is ColumnRole.LABEL and not (self.true_values and self.false_values):
+            raise ValueError(
+                "a label needs true_values (the churned side, e.g. [\"是\"]) and false_values "
+                "(the other side, e.g. [\"否\"]), neither empty"
+            )
+        both = {v.strip().lower() for v in self.true_values} & {
+            v.strip().lower() for v in self.false_values
+        }
+        if both:
+            raise ValueError(f"true_values and false_values both hold {sorted(both)}")
         if self.min is not None and self.max is not None and self.min > self.max:
             raise ValueError(f"min ({self.min}) is greater than max ({self.max})")
         return self

@@ -14,8 +14,9 @@ Encoding rules (decided here, once):
   A non-blank value that is not a number is a :class:`~privacy.errors.SchemaError`.
 * **categorical** ``CategoricalSpec(name, categories)``: one-hot over the declared categories plus
   a final ``<name>=__other__`` slot that takes unknown AND missing values.
-* **boolean** ``BooleanSpec(name)``: 1/0 from ``1/0``, ``true/false``, ``yes/no``, ``y/n``, ``t/f``
-  (case-insensitive) or bools; missing encodes as 0; anything else is a SchemaError.
+* **boolean** ``BooleanSpec(name)``: 1/0 from the yes/no words of
+  :data:`fedcrm.data.crm_vocabulary.YES_NO_PAIRS` (``1/0``, ``true/false``, ``yes/no``, ``是/否``
+  ..., case-insensitive) or bools; missing encodes as 0; anything else is a SchemaError.
 
 Errors name the column and a count, never the offending value (it could be PII).
 """
@@ -32,12 +33,13 @@ import numpy as np
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field
 
+from fedcrm.data.crm_vocabulary import BOOLEAN_FALSE, BOOLEAN_TRUE
 from fedcrm.privacy.errors import ConfigError, SchemaError
 
 LAYOUT_VERSION = "fedcrm/feature-layout/v1"
 OTHER = "__other__"
-_TRUE = frozenset({"1", "1.0", "true", "yes", "y", "t"})
-_FALSE = frozenset({"0", "0.0", "false", "no", "n", "f"})
+_TRUE = frozenset(BOOLEAN_TRUE)
+_FALSE = frozenset(BOOLEAN_FALSE)
 
 
 @dataclass(frozen=True)
@@ -131,8 +133,8 @@ class BooleanSpec:
         bad = int((present & ~true & ~false).sum())
         if bad:
             raise SchemaError(
-                f"column '{self.name}': {bad} value(s) are not boolean (expected 0/1, true/false "
-                "or yes/no); fix them in the export or declare the column as categorical"
+                f"column '{self.name}': {bad} value(s) are not boolean (expected 0/1, true/false, "
+                "yes/no or 是/否); fix them in the export or declare the column as categorical"
             )
         return true.astype(np.float64)[:, None]
 

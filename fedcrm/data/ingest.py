@@ -1,39 +1,67 @@
-"""Reading a firm's source tables in chunks: CSV (UTF-8, GB18030/GBK), Parquet, SQL.
+"""Reading a firm's source tables in chunks: CSV (UTF-8, GB18030/GBK, Big5), Parquet, SQL.
 
 Every reader yields ``(first_row_number, DataFrame)`` chunks of at most ``chunk_rows`` rows, so a
 10-million-row source never needs 10 million rows in memory. CSV cells are read as text (nothing
 is coerced here; validation parses and quarantines). Failures become one-line
 :class:`~privacy.errors.SchemaError` / :class:`~privacy.errors.ConfigError` messages that name the
 file and the fix and never quote a data value.
+
+For a bare file (``fedcrm scan``) the CSV encoding and delimiter are detected
+(`fedcrm.data.csv_format`) unless given, and :func:`source_for_file` says how each was chosen.
 """
 
 from __future__ import annotations
 
-import csv
+import codecs
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 
 from fedcrm.data.contract import SourceKind, SourceSpec
+from fedcrm.data.csv_format import FormatChoice, Provenance, detect_delimiter, detect_encoding
 from fedcrm.privacy.errors import ConfigError, SchemaError
 
 Chunk = tuple[int, pd.DataFrame]
 
+def _first_undecodable(path: Path, encoding: str) -> str:
+    """Where ``path`` first fails to decode, as a line number and byte offset (pandas reports an
+    offset inside its read buffer, not in the file)."""
+    decoder = codecs.getincrementaldecoder(encoding)(errors="strict")
+    offset, line = 0, 1
+    with path.open("rb") as fh:
+        while block := fh.read(1 << 20):
+            try:
+                decoder.decode(block)
+            except UnicodeDecodeError as exc:
+                # exc.start counts from the bytes the decoder still held from the last block
+                bad = max(0, offset + exc.start - (len(exc.object) - len(block)))
+                fh.seek(0)
+                line = 1 + fh.read(bad).count(b"\n")
+                return f"undecodable bytes on line {line:,}, byte offset {bad:,}"
+            offset += len(block)
+    return "undecodable bytes"
 
-def _sniff_delimiter(path: Path, encoding: str) -> str | None:
+
+def _decode_hint(spec: SourceSpec, *, flags: bool) -> str:
+    """The fix for an undecodable file: the detected encoding, as a flag or a config line."""
+    assert spec.path is not None
     try:
-        with path.open("r", encoding=encoding, errors="replace", newline="") as fh:
-            head = fh.readline()
-        return csv.Sniffer().sniff(head, delimiters=",;\t|").delimiter
-    except (csv.Error, OSError):
-        return None
-
-
-def _decode_hint(spec: SourceSpec) -> str:
-    if spec.encoding.lower().replace("-", "") in ("utf8", "utf8sig"):
-        return 'if it is a Chinese (GBK) export, set encoding = "gb18030" in its source section'
-    return "check the file's encoding and set 'encoding' in its source section (e.g. \"utf-8\")"
+        found: FormatChoice | None = detect_encoding(spec.path)
+    except (SchemaError, OSError):
+        found = None
+    if found is not None and found.value != spec.encoding:
+        fix = (
+            f"pass --encoding {found.value}" if flags
+            else f'set encoding = "{found.value}" in its source section'
+        )
+        return f"{fix} (detected{'' if found.sure else ', unsure'}: {found.evidence})"
+    how = "with --encoding" if flags else "in its source section"
+    if found is not None:  # read as detected up to there: the rest is in another encoding
+        return (f"its first part reads as {found.value}, so the export mixes encodings or is "
+                f"damaged: re-export it in one encoding, or give the right one {how}")
+    return f"give its encoding {how} (e.g. gb18030, big5, utf-8)"
 
 
 def _source_file(spec: SourceSpec) -> Path:
@@ -47,7 +75,7 @@ def _source_file(spec: SourceSpec) -> Path:
     return path
 
 
-def _csv_chunks(spec: SourceSpec, expected: int) -> Iterator[Chunk]:
+def _csv_chunks(spec: SourceSpec, expected: int, *, flags: bool) -> Iterator[Chunk]:
     path = _source_file(spec)
     try:
         reader = pd.read_csv(
@@ -66,10 +94,10 @@ def _csv_chunks(spec: SourceSpec, expected: int) -> Iterator[Chunk]:
             if first:
                 first = False
                 if len(chunk.columns) == 1 and expected > 1:
-                    found = _sniff_delimiter(path, spec.encoding)
+                    found = detect_delimiter(path, spec.encoding).value
                     hint = (
                         f"it looks {found!r}-delimited: set delimiter = {found!r}"
-                        if found and found != spec.delimiter
+                        if found != spec.delimiter
                         else f"check 'delimiter' (now {spec.delimiter!r})"
                     )
                     raise SchemaError(
@@ -80,10 +108,10 @@ def _csv_chunks(spec: SourceSpec, expected: int) -> Iterator[Chunk]:
             start += len(chunk)
         if first:
             raise SchemaError(f"source file {path} has no rows")
-    except UnicodeDecodeError as exc:
+    except UnicodeDecodeError:
         raise SchemaError(
-            f"{path} is not valid {spec.encoding} (undecodable byte at offset {exc.start}); "
-            f"{_decode_hint(spec)}"
+            f"{path} is not valid {spec.encoding} ({_first_undecodable(path, spec.encoding)}); "
+            f"{_decode_hint(spec, flags=flags)}"
         ) from None
     except pd.errors.EmptyDataError:
         raise SchemaError(f"source file {path} is empty (no header row)") from None
@@ -162,33 +190,88 @@ def _sql_chunks(spec: SourceSpec) -> Iterator[Chunk]:
         engine.dispose()
 
 
-def iter_chunks(spec: SourceSpec, *, expected_columns: int) -> Iterator[Chunk]:
-    """Yield ``(first_row_number, frame)`` chunks from any supported source (rows from 1)."""
+def iter_chunks(
+    spec: SourceSpec, *, expected_columns: int, flags: bool = False
+) -> Iterator[Chunk]:
+    """Yield ``(first_row_number, frame)`` chunks from any supported source (rows from 1).
+
+    ``flags``: name a fix as the command-line flag (``--encoding``) rather than the config's
+    source section, for a source that came from the command line (``fedcrm scan``).
+    """
     if spec.kind is SourceKind.CSV:
-        yield from _csv_chunks(spec, expected_columns)
+        yield from _csv_chunks(spec, expected_columns, flags=flags)
     elif spec.kind is SourceKind.PARQUET:
         yield from _parquet_chunks(spec)
     else:
         yield from _sql_chunks(spec)
 
 
-def read_sample(spec: SourceSpec, *, rows: int = 5000) -> pd.DataFrame:
-    """The first ``rows`` rows of a source (for ``fedcrm scan``)."""
-    small = spec.model_copy(update={"chunk_rows": max(1000, rows)})
-    for _, frame in iter_chunks(small, expected_columns=0):
+@dataclass(frozen=True)
+class FileSource:
+    """A bare file as a source, with how its CSV settings were chosen (``None`` for Parquet)."""
+
+    spec: SourceSpec
+    encoding: FormatChoice | None = None
+    delimiter: FormatChoice | None = None
+
+    @property
+    def sure(self) -> bool:
+        return all(c is None or c.sure for c in (self.encoding, self.delimiter))
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "path": str(self.spec.path),
+            "kind": self.spec.kind.value,
+            "encoding": None if self.encoding is None else self.encoding.to_json(),
+            "delimiter": None if self.delimiter is None else self.delimiter.to_json(),
+        }
+
+    def describe(self) -> str:
+        if self.encoding is None or self.delimiter is None:
+            return self.spec.kind.value
+        return f"encoding {self.encoding.describe()}; delimiter {self.delimiter.describe()}"
+
+
+def read_sample(source: FileSource, *, rows: int = 5000) -> pd.DataFrame:
+    """The first ``rows`` rows of a file given on the command line (for ``fedcrm scan``)."""
+    small = source.spec.model_copy(update={"chunk_rows": max(1000, rows)})
+    for _, frame in iter_chunks(small, expected_columns=0, flags=True):
         return frame.head(rows)
-    raise SchemaError(f"{spec.describe()} has no rows")
+    raise SchemaError(f"{small.describe()} has no rows")
 
 
 def source_for_file(
-    path: Path, *, encoding: str = "utf-8", delimiter: str | None = None
-) -> SourceSpec:
-    """A SourceSpec for a bare file path (CSV or Parquet by extension)."""
+    path: Path, *, encoding: str | None = None, delimiter: str | None = None
+) -> FileSource:
+    """A bare CSV or Parquet file (by extension) as a source; a CSV's encoding and delimiter
+    are detected unless given, and the result says how each was chosen."""
     suffix = path.suffix.lower()
     if suffix in (".parquet", ".pq"):
-        return SourceSpec(kind=SourceKind.PARQUET, path=path)
+        return FileSource(SourceSpec(kind=SourceKind.PARQUET, path=path))
     if suffix not in (".csv", ".txt", ".tsv"):
         raise SchemaError(f"{path}: unsupported file type {suffix!r}; use .csv or .parquet")
-    if delimiter is None:
-        delimiter = "\t" if suffix == ".tsv" else (_sniff_delimiter(path, encoding) or ",")
-    return SourceSpec(kind=SourceKind.CSV, path=path, encoding=encoding, delimiter=delimiter)
+    if not path.is_file():
+        raise SchemaError(f"source file {path} not found")
+    if path.stat().st_size == 0:
+        raise SchemaError(f"source file {path} is empty")
+    if encoding is not None:
+        try:
+            codecs.lookup(encoding)
+        except LookupError:
+            raise ConfigError(
+                f"--encoding {encoding!r} is not an encoding Python knows (try utf-8, gb18030 "
+                "or big5)"
+            ) from None
+        enc = FormatChoice(encoding, Provenance.GIVEN, True, "--encoding")
+    else:
+        enc = detect_encoding(path)
+    if delimiter is not None:
+        if len(delimiter) != 1:
+            raise ConfigError(f"--delimiter must be one character, not {delimiter!r}")
+        sep = FormatChoice(delimiter, Provenance.GIVEN, True, "--delimiter")
+    elif suffix == ".tsv":
+        sep = FormatChoice("\t", Provenance.DETECTED, True, "the .tsv extension")
+    else:
+        sep = detect_delimiter(path, enc.value)
+    spec = SourceSpec(kind=SourceKind.CSV, path=path, encoding=enc.value, delimiter=sep.value)
+    return FileSource(spec, enc, sep)

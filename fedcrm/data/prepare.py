@@ -29,7 +29,7 @@ from fedcrm.audit.log import AuditLog, EntryKind, data_prepared_payload
 from fedcrm.data import features as crm_features
 from fedcrm.data.contract import ColumnRole, FirmConfig, TableName
 from fedcrm.data.ingest import iter_chunks
-from fedcrm.data.validation import IdRegistry, check_columns, validate_chunk
+from fedcrm.data.validation import IdRegistry, LabelTally, check_columns, validate_chunk
 from fedcrm.privacy.durable import fsync_dir, write_atomic
 from fedcrm.privacy.encryption import EncryptedTableWriter
 from fedcrm.privacy.errors import KeyFileError, QuarantineThresholdExceeded
@@ -172,6 +172,9 @@ def prepare(
     staging.mkdir(mode=0o700)
     config_name = str(cfg.config_path or "the firm config")
     quarantine_path = store / QUARANTINE
+    # Written beside the old one and swapped in only with a new store (or with the details of
+    # a run the quarantine threshold stopped): a refused run leaves the previous files as they were.
+    quarantine_partial = store / (QUARANTINE + ".partial")
     reports: list[TableReport] = []
     tables_manifest: dict[str, Any] = {}
     kept: dict[TableName, pd.DataFrame] = {}
@@ -180,8 +183,8 @@ def prepare(
         pd.Timestamp(cfg.features.as_of) if cfg.features.as_of else None
     )
     try:
-        with quarantine_path.open("w", newline="", encoding="utf-8") as qfh:
-            os.chmod(quarantine_path, 0o600)
+        with quarantine_partial.open("w", newline="", encoding="utf-8") as qfh:
+            os.chmod(quarantine_partial, 0o600)
             qwriter = csv.writer(qfh)
             qwriter.writerow(["table", "row", "column", "reason", "customer"])
             for table in TABLE_ORDER:
@@ -195,6 +198,11 @@ def prepare(
                     if table is TableName.TRANSACTIONS and TableName.CUSTOMERS in cfg.tables
                     else None
                 )
+                label_tallies = {
+                    column: LabelTally(column, cspec)
+                    for column, cspec in spec.columns.items()
+                    if cspec.role is ColumnRole.LABEL
+                }
                 rows_read = 0
                 bad_rows = 0
                 reasons: Counter[str] = Counter()
@@ -222,6 +230,7 @@ def prepare(
                             ids=registry,
                             known_customers=known,
                             today=today,
+                            labels=label_tallies,
                         )
                         rows_read += result.rows_read
                         bad_rows += result.rows_read - len(result.frame)
@@ -243,6 +252,8 @@ def prepare(
                     chunks = writer.chunks
                     # close() returns the sha256 of the bytes it wrote: no second read of the file
                     file_hash = writer.close()
+                for tally in label_tallies.values():
+                    tally.check(where=where, config=config_name)
                 report = TableReport(
                     table.value,
                     rows_read,
@@ -265,6 +276,7 @@ def prepare(
         threshold = cfg.validation.max_quarantine_fraction
         for report in reports:
             if report.quarantine_fraction > threshold:
+                os.replace(quarantine_partial, quarantine_path)
                 top = "; ".join(f"{r} ({n})" for r, n in list(report.reasons.items())[:3])
                 raise QuarantineThresholdExceeded(
                     f"{report.table}: {report.rows_quarantined:,} of {report.rows_read:,} rows "
@@ -327,9 +339,11 @@ def prepare(
             mode=0o644,
         )
         _swap_in(staging, cfg.prepared_dir)
+        os.replace(quarantine_partial, quarantine_path)
         audit.append(EntryKind.DATA_PREPARED, data_prepared_payload(manifest))
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
+        quarantine_partial.unlink(missing_ok=True)
         raise
     return PrepareResult(
         store_dir=cfg.prepared_dir,

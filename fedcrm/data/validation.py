@@ -8,6 +8,7 @@ they name the column and the rule (the declared range, the expected format).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -22,10 +23,12 @@ from fedcrm.data.contract import (
     TableSpec,
     UnknownCategory,
 )
+from fedcrm.data.crm_vocabulary import is_label_word
 from fedcrm.privacy.errors import SchemaError, UnmaskedColumn
 
 EARLIEST = pd.Timestamp("1900-01-01")
 OTHER = "__other__"
+_SHOWN_LABEL_WORDS = 5  # a refused label names at most this many of its unknown label words
 
 
 @dataclass
@@ -57,6 +60,58 @@ class IdRegistry:
         """Add hashes that are not yet present (callers pass only new, distinct ones)."""
         new = np.sort(np.asarray(hashes, dtype=np.uint64))
         self.hashes = np.insert(self.hashes, np.searchsorted(self.hashes, new), new)
+
+
+@dataclass
+class LabelTally:
+    """A label column's values over a whole table, for refusing a label no model can learn from.
+
+    Counts the churned and not-churned values and the values in neither declared list. Of the
+    latter it keeps only the distinct ones that are label words (`fedcrm.data.crm_vocabulary`:
+    categories such as 是 or 流失, safe to name), never any other raw value: a stray cell in a
+    label column could be personal data.
+    """
+
+    column: str
+    spec: ColumnSpec
+    churned: int = 0
+    not_churned: int = 0
+    outside: int = 0
+    outside_words: set[str] = field(default_factory=set)
+
+    def observe(self, raw: pd.Series, values: pd.Series) -> None:
+        """Count one chunk: ``raw`` cells and their parsed 1.0 / 0.0 / NaN ``values``."""
+        self.churned += int((values == 1.0).sum())
+        self.not_churned += int((values == 0.0).sum())
+        outside = (values.isna() & ~_blank(raw)).to_numpy(dtype=bool)
+        self.outside += int(outside.sum())
+        if outside.any() and len(self.outside_words) < _SHOWN_LABEL_WORDS:
+            for word in _text(raw)[outside].unique():
+                if len(self.outside_words) < _SHOWN_LABEL_WORDS and is_label_word(str(word)):
+                    self.outside_words.add(str(word))
+
+    def check(self, *, where: str, config: str) -> None:
+        """Raise :class:`SchemaError` for values outside the declared lists or a single class."""
+        lists = (f"true_values = {list(self.spec.true_values)}, "
+                 f"false_values = {list(self.spec.false_values)}")
+        if self.outside:
+            words = ", ".join(repr(w) for w in sorted(self.outside_words))
+            among = f", among them {words}" if words else ""
+            raise SchemaError(
+                f"{where}: label column {self.column!r} has {self.outside:,} values in neither "
+                f"true_values nor false_values{among}; add each value to its side in {config} "
+                f"(true_values = churned; now {lists}). Nothing was written"
+            )
+        labelled = self.churned + self.not_churned
+        if labelled and (self.churned == 0 or self.not_churned == 0):
+            side = "churned (true_values)" if self.not_churned == 0 else (
+                "not churned (false_values)"
+            )
+            raise SchemaError(
+                f"{where}: label column {self.column!r} has a single class: all {labelled:,} "
+                f"labelled rows are {side}, and a churn model needs both. Check its lists in "
+                f"{config} ({lists}). Nothing was written"
+            )
 
 
 @dataclass(frozen=True)
@@ -185,8 +240,12 @@ def validate_chunk(
     ids: IdRegistry,
     known_customers: IdRegistry | None = None,
     today: pd.Timestamp | None = None,
+    labels: Mapping[str, LabelTally] | None = None,
 ) -> ValidatedChunk:
-    """Validate one chunk: the good rows (canonical names) and one issue per failed check."""
+    """Validate one chunk: the good rows (canonical names) and one issue per failed check.
+
+    ``labels`` (by source column) count the chunk's label values.
+    """
     today = today if today is not None else pd.Timestamp.now().normalize()
     n = len(frame)
     rows = np.arange(first_row, first_row + n)
@@ -232,6 +291,8 @@ def validate_chunk(
             out[canonical] = values
         elif cspec.role is ColumnRole.LABEL:
             values, problems = _parse_boolean(s, cspec, what="label")
+            if labels is not None and column in labels:
+                labels[column].observe(s, values)
             out[canonical] = values
         elif cspec.role is ColumnRole.TIMESTAMP:
             values, problems = _parse_timestamp(s, cspec, today=today)

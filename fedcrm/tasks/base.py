@@ -74,6 +74,11 @@ class TaskData(Protocol):
 
     def training_problem(self, *, model: ChurnModelKind, seed: int) -> TrainingProblem: ...
 
+    def check_local_training(self) -> None:
+        """Refuse (a :class:`~fedcrm.privacy.errors.FedcrmError`), before any ε is spent, a
+        local training whose model could not be fitted or whose held-out metrics would be
+        undefined; federated rounds do not call it (other firms hold what this one lacks)."""
+
     def local_metrics(
         self, arrays: Sequence[np.ndarray], *, model: ChurnModelKind
     ) -> dict[str, float]:

@@ -138,6 +138,26 @@ class ChurnData:
             loss=churn_per_sample_loss,
         )
 
+    def check_local_training(self) -> None:
+        """Refuse a training or held-out set with a single churn class: the model would learn
+        nothing, or its held-out AUC would be undefined (it was printed as ``auc=nan``)."""
+        churners = int(self.y_train.sum() + self.y_test.sum())
+        customers = len(self.y_train) + len(self.y_test)
+        for what, y, cannot in (
+            ("training", self.y_train, "learn churn"),
+            ("held-out", self.y_test, "be measured (held-out AUC)"),
+        ):
+            if 0 < int(y.sum()) < len(y):
+                continue
+            side = "none" if int(y.sum()) == 0 else "all"
+            raise SchemaError(
+                f"the {len(y):,} {what} customers have a single churn class ({side} churned), "
+                f"so the model could not {cannot}; nothing was spent. The prepared store has "
+                f"{churners:,} churners among {customers:,} customers (held out: "
+                f"{HOLDOUT_FRACTION:.0%}, chosen by a hash of each pseudonym); check the label's "
+                "true_values / false_values, or train on more customers"
+            )
+
     def _scores(self, arrays: Sequence[np.ndarray], model: ChurnModelKind) -> np.ndarray:
         net = arrays_to_model(build_churn_model(model, self.input_dim), arrays)
         return predict_proba(net, self.x_test)

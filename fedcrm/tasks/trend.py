@@ -85,6 +85,10 @@ class FirmTrendData:
             loss=trend_per_sample_loss,
         )
 
+    def check_local_training(self) -> None:
+        """Nothing to refuse: the holdout is declared (``features.holdout_end``) and its error
+        is defined for any customers."""
+
     def _forecast(self, arrays: Sequence[np.ndarray]) -> np.ndarray:
         net = arrays_to_model(build_trend_model(), arrays)
         return forecast(net, self.x_pred, weeks=self.holdout_weeks)
