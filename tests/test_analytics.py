@@ -12,7 +12,7 @@ import pytest
 from conftest import make_customers
 
 from fedcrm.analytics.estimates import Totals, estimate, kaplan_meier, quantiles_from_histogram
-from fedcrm.analytics.spec import QuerySpec
+from fedcrm.analytics.spec import QueryKind, QuerySpec
 from fedcrm.analytics.statistics import RESOLUTION, firm_statistics, layout
 from fedcrm.answering import noise_multiplier
 from fedcrm.audit.log import EntryKind
@@ -307,3 +307,19 @@ def test_a_query_offered_for_the_secure_sum_is_never_answered_alone(
     refused = _ask(node, _spec(min_firms=4), secure=True)
     assert refused.state is ReplyState.DECLINED and "secure sum" in refused.detail
     assert node.privacy.spent() == 0.0
+
+
+def test_every_built_in_query_file_parses_and_declares_a_simulation() -> None:
+    from fedcrm.coordinator.query_run import load_query_file
+    from fedcrm.simulations.query import simulation_of
+
+    root = Path(__file__).resolve().parents[1] / "configs" / "queries"
+    files = sorted(root.glob("*.toml"))
+    kinds = set()
+    for path in files:
+        cfg = load_query_file(path)
+        kinds.add(cfg.query.kind)
+        assert simulation_of(cfg).simulation.firms >= cfg.query.min_firms, path.name
+        assert cfg.query.epsilon <= 1.0, path.name  # within a firm's default max_query_epsilon
+    assert {QueryKind.CHURN_RATE, QueryKind.SEGMENT_SIZES, QueryKind.RETENTION,
+            QueryKind.WEEKLY_TREND, QueryKind.HISTOGRAM, QueryKind.QUANTILES} <= kinds

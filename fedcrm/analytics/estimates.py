@@ -101,10 +101,12 @@ def _ratio(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:
     return numerator / np.maximum(denominator, 1.0)
 
 
-def estimate(spec: QuerySpec, totals: Totals, *, seed: int | None = None) -> list[Estimate]:
-    """Every estimate of the query (see the module docstring)."""
+def estimate(spec: QuerySpec, totals: Totals, *, seed: int | None = None,
+             bootstrap: int = BOOTSTRAP) -> list[Estimate]:
+    """Every estimate of the query (see the module docstring); ``bootstrap=0`` skips the
+    intervals of nonlinear estimates (a benchmark's redraws need only the point estimates)."""
     rng = np.random.default_rng(seed)
-    boot = totals.redraw(rng, BOOTSTRAP)
+    boot = totals.redraw(rng, bootstrap)
     v, sd = totals.values, totals.noise_std
     groups = spec.groups
     below = spec.suppress_below
@@ -137,7 +139,7 @@ def estimate(spec: QuerySpec, totals: Totals, *, seed: int | None = None) -> lis
         assert spec.bins is not None
         bins = len(spec.bins) - 1
         counts = v["count"].reshape(len(groups), bins)
-        draws_all = boot["count"].reshape(BOOTSTRAP, len(groups), bins)
+        draws_all = boot["count"].reshape(bootstrap, len(groups), bins)
         for i, g in enumerate(groups):
             hidden = bool(counts[i].sum() < below)
             if kind is QueryKind.HISTOGRAM:
@@ -147,10 +149,12 @@ def estimate(spec: QuerySpec, totals: Totals, *, seed: int | None = None) -> lis
                 continue
             assert spec.quantiles is not None
             point = quantiles_from_histogram(counts[i], spec.bins, spec.quantiles)
-            draws = np.stack([quantiles_from_histogram(d, spec.bins, spec.quantiles)
-                              for d in draws_all[:, i, :]])
+            draws = np.asarray([quantiles_from_histogram(d, spec.bins, spec.quantiles)
+                                for d in draws_all[:, i, :]]).reshape(
+                                    bootstrap, len(spec.quantiles))
             for j, q in enumerate(spec.quantiles):
-                out.append(_bootstrapped(g, f"q{q:g}", point[j], draws[:, j], hidden))
+                column = draws[:, j] if bootstrap else np.empty(0)
+                out.append(_bootstrapped(g, f"q{q:g}", point[j], column, hidden))
     elif kind is QueryKind.SEGMENT_SIZES:
         for i, segment in enumerate(SEGMENTS):
             out.append(_linear(segment, "customers", v["count"][i], sd["count"],
