@@ -12,6 +12,7 @@ from rich.text import Text
 
 from fedcrm.cli.console import err, out, user_errors
 
+MAX_ROWS = 30
 COORDINATOR_HELP = "the coordinator's deployment config (for a query without [simulation])"
 
 
@@ -25,6 +26,11 @@ def _print_result(result: dict[str, Any], run_dir: Path) -> None:
     if result.get("stop_reason"):
         out.print(Text(f"  {result['stop_reason']}"), highlight=False)
     estimates = result.get("estimates", [])
+    if len(estimates) > MAX_ROWS:  # long curves: every k-th row here, all of them in result.md
+        step = -(-len(estimates) // MAX_ROWS)
+        estimates = estimates[::step]
+        out.print(Text(f"(every {step}th of {len(result['estimates'])} estimates; all in "
+                       f"{run_dir / 'result.md'})"), highlight=False)
     if estimates:
         table = Table(title="estimates (intervals cover the DP noise only)", title_justify="left")
         for column in ("group", "statistic", "estimate", "noise sd", "95% interval"):
