@@ -36,7 +36,7 @@ from fedcrm.audit.log import EntryKind
 from fedcrm.data.contract import FirmConfig, TableName
 from fedcrm.data.store import PreparedStore
 from fedcrm.privacy.accounting import DpEvent, calibrate_noise
-from fedcrm.privacy.errors import FedcrmError
+from fedcrm.privacy.errors import FedcrmError, PlanDoesNotFit
 from fedcrm.privacy.noise import discrete_gaussian
 from fedcrm.release import FirmPrivacy, Released, gaussian_query_event, release
 
@@ -115,7 +115,8 @@ def plan_answer(
 ) -> AnswerPlan:
     """Everything the firm checks before it answers; raises :class:`QueryDeclined`.
 
-    Checks the firm's ``[federation]`` policy (``answer_queries``, ``max_query_epsilon``), that
+    Checks the firm's ``[federation]`` policy (``answer_queries``; ``max_query_epsilon`` against
+    what the query costs at the firm's own δ), that
     the query reads only declared, non-personal columns, that it has not answered this query id
     before (one answer per query: a repeated request would be a second release), and that its
     budget covers the query - all before any noise is drawn.
@@ -124,24 +125,30 @@ def plan_answer(
     if not policy.answer_queries:
         raise QueryDeclined("this firm does not answer analytics queries "
                             "([federation] answer_queries = false)")
-    if spec.epsilon > policy.max_query_epsilon + 1e-12:
-        raise QueryDeclined(
-            f"the query asks ε={spec.epsilon:g}; this firm answers queries of at most "
-            f"ε={policy.max_query_epsilon:g} ([federation] max_query_epsilon)"
-        )
     if spec.table is Table.TRANSACTIONS and cfg.tables.get(TableName.TRANSACTIONS) is None:
         raise QueryDeclined("this firm has no transactions table")
     _check_columns(cfg, spec)
     if answered(privacy, query_id):
         raise QueryDeclined(f"this firm already answered query {query_id}")
     shape = layout(spec, secure=secure)
-    multiplier = noise_multiplier(spec.epsilon, spec.delta)
+    try:
+        multiplier = noise_multiplier(spec.epsilon, spec.delta)
+    except PlanDoesNotFit as exc:
+        raise QueryDeclined(f"the query's ε={spec.epsilon:g} needs more noise than any useful "
+                            f"answer carries ({exc})") from None
     fraction = noise_fraction(spec, secure=secure)
     event = gaussian_query_event(
         multiplier, delta=privacy.delta, purpose=f"{QUERY_PURPOSE}{spec.name}",
         context={"query_id": query_id, "fingerprint": spec.fingerprint(),
                  "secure": secure, "min_firms": spec.min_firms, "noise_fraction": fraction},
     )
+    # the ε the query costs at the firm's own δ (a query's larger δ would cost more here)
+    if event.epsilon > policy.max_query_epsilon + 1e-9:
+        raise QueryDeclined(
+            f"the query would spend ε={event.epsilon:.4g} (at this firm's δ={privacy.delta:g}); "
+            f"this firm answers queries of at most ε={policy.max_query_epsilon:g} "
+            "([federation] max_query_epsilon)"
+        )
     if privacy.ledger.would_exceed(event):
         raise QueryDeclined(
             f"the query would bring this firm's ε to {privacy.ledger.total_with(event):.4f}, "

@@ -323,3 +323,15 @@ def test_every_built_in_query_file_parses_and_declares_a_simulation() -> None:
         assert cfg.query.epsilon <= 1.0, path.name  # within a firm's default max_query_epsilon
     assert {QueryKind.CHURN_RATE, QueryKind.SEGMENT_SIZES, QueryKind.RETENTION,
             QueryKind.WEEKLY_TREND, QueryKind.HISTOGRAM, QueryKind.QUANTILES} <= kinds
+
+
+def test_a_query_whose_large_delta_would_cost_more_than_the_firm_allows_is_declined(
+    write_firm: Callable[..., Path],
+) -> None:
+    """max_query_epsilon bounds what the query SPENDS at the firm's δ, not the ε it names."""
+    node = _node(write_firm, federation={"max_query_epsilon": 1.0})
+    spec = _spec(epsilon=1.0, delta=1e-3)  # cheap at δ=1e-3, more than ε=1 at δ=1e-5
+    offer = node.offer_query(QueryOffer("q-1", spec.canonical_json(), False))
+    assert offer.state is ReplyState.DECLINED and "max_query_epsilon" in offer.detail
+    tiny = node.offer_query(QueryOffer("q-2", _spec(epsilon=1e-9).canonical_json(), False))
+    assert tiny.state is ReplyState.DECLINED and "noise" in tiny.detail
