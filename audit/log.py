@@ -70,6 +70,7 @@ class EntryKind(StrEnum):
     UPDATE_SENT = "update_sent"
     KEY_ROTATED = "key_rotated"
     BUDGET_CHANGED = "budget_changed"
+    SECURE_SUM = "secure_sum"  # a firm's step in a secure sum (what it sent, to whom)
     # coordinator side
     RUN_STARTED = "run_started"
     UPDATE_ACCEPTED = "update_accepted"
@@ -77,6 +78,7 @@ class EntryKind(StrEnum):
     GLOBAL_MODEL = "global_model"
     FIRM_HEADS = "firm_heads"
     RUN_FINISHED = "run_finished"
+    SECURE_SUM_RESULT = "secure_sum_result"  # a secure sum's survivors and the hash of its total
 
 
 _NUM = (int, float)
@@ -105,6 +107,14 @@ _REQUIRED: Mapping[EntryKind, Mapping[str, tuple[type, ...]]] = {
     EntryKind.GLOBAL_MODEL: {"round": (int,), "model_hash": (str,), "metrics": (dict,)},
     EntryKind.FIRM_HEADS: {"round": (int,), "heads": (dict,)},
     EntryKind.RUN_FINISHED: {},
+    EntryKind.SECURE_SUM: {
+        "run_id": (str,), "round": (int,), "query": (str,), "step": (str,), "spec_hash": (str,),
+        "length": (int,), "range": (list,), "scale": (int,), "peers": (list,),
+    },
+    EntryKind.SECURE_SUM_RESULT: {
+        "run_id": (str,), "round": (int,), "query": (str,), "spec_hash": (str,),
+        "firms": (list,), "dropped": (list,), "sum_hash": (str,),
+    },
 }
 
 

@@ -25,6 +25,14 @@ from fedcrm.protocol import (
     EvaluateReply,
     EvaluateRequest,
     MessageKind,
+    SecureSumKeysReply,
+    SecureSumKeysRequest,
+    SecureSumMaskReply,
+    SecureSumMaskRequest,
+    SecureSumShareReply,
+    SecureSumShareRequest,
+    SecureSumUnmaskReply,
+    SecureSumUnmaskRequest,
     TrainReply,
     TrainRequest,
 )
@@ -33,7 +41,10 @@ NODE_CONFIG_KEY = "firm-config"
 
 torch.set_num_threads(1)
 
-Reply = DescribeReply | TrainReply | EvaluateReply
+Reply = (
+    DescribeReply | TrainReply | EvaluateReply | SecureSumKeysReply | SecureSumShareReply
+    | SecureSumMaskReply | SecureSumUnmaskReply
+)
 Handler = Callable[[FirmNode, Message], Reply]
 
 
@@ -57,6 +68,22 @@ def _train(node: FirmNode, msg: Message) -> Reply:
 
 def _evaluate(node: FirmNode, msg: Message) -> Reply:
     return node.evaluate(EvaluateRequest.decode(wire_of(msg)))
+
+
+def _secure_sum_keys(node: FirmNode, msg: Message) -> Reply:
+    return node.secure_sum_keys(SecureSumKeysRequest.decode(wire_of(msg)))
+
+
+def _secure_sum_share(node: FirmNode, msg: Message) -> Reply:
+    return node.secure_sum_share(SecureSumShareRequest.decode(wire_of(msg)))
+
+
+def _secure_sum_mask(node: FirmNode, msg: Message) -> Reply:
+    return node.secure_sum_mask(SecureSumMaskRequest.decode(wire_of(msg)))
+
+
+def _secure_sum_unmask(node: FirmNode, msg: Message) -> Reply:
+    return node.secure_sum_unmask(SecureSumUnmaskRequest.decode(wire_of(msg)))
 
 
 def make_client_app(
@@ -92,6 +119,13 @@ def make_client_app(
     app.query(MessageKind.DESCRIBE.value.split(".")[1])(serve(_describe))
     app.train()(serve(_train))
     app.evaluate()(serve(_evaluate))
+    for kind, handler in (
+        (MessageKind.SECURE_SUM_KEYS, _secure_sum_keys),
+        (MessageKind.SECURE_SUM_SHARE, _secure_sum_share),
+        (MessageKind.SECURE_SUM_MASK, _secure_sum_mask),
+        (MessageKind.SECURE_SUM_UNMASK, _secure_sum_unmask),
+    ):
+        app.query(kind.value.split(".")[1])(serve(handler))
     return app
 
 
