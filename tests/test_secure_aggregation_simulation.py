@@ -151,5 +151,5 @@ def test_secure_aggregation_through_flower_sums_exactly_and_survives_a_dropout(
     ]
     federation = (run_dir / "federation" / "audit.jsonl").read_text()
     assert federation.count('"secure_sum_result"') == 2
-    firm1 = (run_dir / "firms" / "firm1" / "store" / "audit.jsonl").read_text()
-    assert firm1.count('"secure_sum"') == 4 and '"secure_sum":true' in firm1
+    firm1 = (run_dir / "firms" / "firm1" / "audit.jsonl").read_text()
+    assert firm1.count('"kind":"secure_sum"') == 4 and '"secure_sum":true' in firm1
