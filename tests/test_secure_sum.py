@@ -592,3 +592,50 @@ def test_secure_sum_messages_survive_flower_records() -> None:
     decoded_reply = _through_flower(only_keys)
     assert decoded_reply.revealed.key_shares == {"firm2": 5}
     assert decoded_reply.revealed.mask_shares == {}
+
+
+# ------------------------------------------------------------------------------ keys and config
+
+
+def test_the_secure_sum_key_is_a_0600_file_of_the_firms_key_directory(tmp_path: Path) -> None:
+    from fedcrm.privacy.errors import KeyFileError
+    from fedcrm.privacy.keys import add_agreement_key, init_keys, load_keys
+
+    keys = init_keys(tmp_path / "k", firm="acme")
+    assert (tmp_path / "k" / "agreement.key").stat().st_mode & 0o777 == 0o600
+    assert load_keys(tmp_path / "k").agreement_public_key() == keys.agreement_public_key()
+    with pytest.raises(KeyFileError, match="already exists"):
+        add_agreement_key(tmp_path / "k")
+    (tmp_path / "k" / "agreement.key").unlink()
+    without = load_keys(tmp_path / "k")
+    with pytest.raises(KeyFileError, match="fedcrm keys agreement"):
+        without.agreement_public_key()
+    assert add_agreement_key(tmp_path / "k") == load_keys(tmp_path / "k").agreement_public_key()
+
+
+def test_every_secure_sum_key_use_is_domain_separated() -> None:
+    from fedcrm.privacy.keys import SecureSumKey, derive_secure_sum_key
+
+    secret = secrets.token_bytes(32)
+    derived = {derive_secure_sum_key(secret, use=use, context=b"[run,1,q]/a/b")
+               for use in SecureSumKey}
+    assert len(derived) == len(SecureSumKey)
+    assert derive_secure_sum_key(secret, use=SecureSumKey.SHARE, context=b"[run,1,q]/a/b") != (
+        derive_secure_sum_key(secret, use=SecureSumKey.SHARE, context=b"[run,1,q]/b/a")
+    )
+
+
+@pytest.mark.parametrize("strategy", ["fedmedian", "trimmed_mean", "krum", "fedadam"])
+def test_strategies_that_need_each_update_are_refused_with_secure_aggregation(
+    strategy: str,
+) -> None:
+    from fedcrm.coordinator.run_config import parse_run_config
+
+    with pytest.raises(ConfigError, match="secure_aggregation") as info:
+        parse_run_config({"strategy": strategy, "secure_aggregation": True, "min_firms": 5},
+                         where="run.toml")
+    assert "fedavg" in str(info.value)
+    for ok in ("fedavg", "fedprox"):
+        cfg = parse_run_config({"task": "trend", "strategy": ok, "secure_aggregation": True},
+                               where="run.toml")
+        assert cfg.run_spec("r").secure_aggregation
