@@ -50,7 +50,7 @@ def _mods(dump: Path) -> list[Any]:
     def mod(msg: Any, context: Any, call_next: Any) -> Any:
         part = int(context.node_config["partition-id"])
         kind = msg.metadata.message_type
-        config = msg.content["config"] if "config" in msg.content else {}
+        config = msg.content["config"] if "config" in msg.content else {}  # noqa: SIM401
         if kind == "train" and part == 0:  # the global model the firms train on
             arrays = msg.content["arrays"].to_numpy_ndarrays()
             np.savez(dump / f"global-{config['server-round']}.npz", *arrays)
