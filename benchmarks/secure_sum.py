@@ -469,6 +469,8 @@ def main() -> None:
     parser.add_argument("--lengths", type=int, nargs="+", default=[100, 10_000])
     parser.add_argument("--neighbours", type=int, default=20,
                         help="fedcrm at 100 firms: the k-regular graph's degree")
+    parser.add_argument("--fedcrm-full-max-firms", type=int, default=100,
+                        help="largest federation fedcrm also runs with every firm sharing")
     parser.add_argument("--secaggplus-shares", type=int, default=21)
     parser.add_argument("--secaggplus-max-full", type=int, default=50,
                         help="largest federation SecAgg+ runs with every firm sharing")
@@ -496,7 +498,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="secure-sum-bench-") as tmp:
         for firms in args.firms:
             if args.only != "secaggplus":
-                neighbours = [0] if firms < 100 else [args.neighbours, 0]
+                neighbours = [0] if firms < 100 else [args.neighbours]
+                if firms >= 100 and firms <= args.fedcrm_full_max_firms:
+                    neighbours.append(0)
                 print(f"fedcrm, {firms} firms", flush=True)
                 rows += run_fedcrm(firms, args.lengths, neighbours,
                                    Path(tmp) / f"fedcrm-{firms}")
@@ -524,7 +528,12 @@ def _write(path: Path, rows: list[dict[str, Any]], ran: list[str]) -> None:
     import flwr
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    kept = json.loads(path.read_text()).get("utility") if path.exists() else None
+    old = json.loads(path.read_text()) if path.exists() else {}
+    kept = old.get("utility")
+    # rows of other firm counts from earlier runs stay (each row says what it measured)
+    measured = {(r["system"], r["firms"]) for r in rows}
+    rows = [r for r in old.get("rows", []) if (r["system"], r["firms"]) not in measured] + rows
+    ran = [x for x in old.get("setup", {}).get("ran", []) if x not in ran] + ran
     path.write_text(json.dumps({
         **({"utility": kept} if kept else {}),
         "benchmark": "secure sum: fedcrm vs Flower SecAgg+ (Flower simulation, Ray backend)",

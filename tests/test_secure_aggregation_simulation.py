@@ -100,7 +100,8 @@ def test_secure_aggregation_through_flower_sums_exactly_and_survives_a_dropout(
             name="secure", dataset="telco", firms=4, seed=2, workdir=tmp_path / "runs",
             gbk_firms=0, baseline=False,
         ),
-        run=RunConfig(task="churn", rounds=2, min_firms=2, round_timeout=60,
+        run=RunConfig(task="churn", rounds=2, min_firms=2, round_timeout=600,
+                      wait_for_firms=600,
                       target_epsilon=1.0, batch_size=128, secure_aggregation=True),
     )
     run_dir, summary = simulate(cfg, run_id="secure-run", client_mods=_mods(dump))
