@@ -33,8 +33,11 @@ with a tolerance).
 Utility (``--utility``): ``configs/simulations/telco_5firms.toml`` (5 firms, 20 rounds) trained
 twice, without and with ``secure_aggregation``, same seed; DP noise is drawn in both runs from a
 torch generator seeded by (firm, round) - a benchmark-only client mod replaces the node's
-ChaCha20 noise source - so the two runs differ only by the secure sum. Reported: each run's exact
-AUC of the final model on the pooled held-out customers and the gap (target <= 0.002).
+ChaCha20 noise source. Reported: each run's exact AUC of the final model on the pooled held-out
+customers and the gap (target <= 0.002). Caveat, seen in the first run: each simulation makes
+fresh firm keys and the held-out customers follow the keyed pseudonyms, so the two runs train
+and test on different customers (compare their ``centralized_auc``); a proper comparison must
+reuse one set of prepared firms for both runs (not done yet).
 
 Run: ``python benchmarks/secure_sum.py [--firms 5 20 50 100] [--lengths 100 10000]
 [--secaggplus-max-full 50] [--only fedcrm|secaggplus] [--utility]``; writes
