@@ -71,6 +71,7 @@ class EntryKind(StrEnum):
     KEY_ROTATED = "key_rotated"
     BUDGET_CHANGED = "budget_changed"
     QUERY_ANSWERED = "query_answered"
+    SECURE_SUM = "secure_sum"  # a firm's step in a secure sum (what it sent, to whom)
     # coordinator side
     RUN_STARTED = "run_started"
     UPDATE_ACCEPTED = "update_accepted"
@@ -80,6 +81,7 @@ class EntryKind(StrEnum):
     RUN_FINISHED = "run_finished"
     QUERY_STARTED = "query_started"
     QUERY_RESULT = "query_result"
+    SECURE_SUM_RESULT = "secure_sum_result"  # a secure sum's survivors and the hash of its total
 
 
 _NUM = (int, float)
@@ -119,6 +121,14 @@ _REQUIRED: Mapping[EntryKind, Mapping[str, tuple[type, ...]]] = {
     EntryKind.QUERY_RESULT: {
         "query_id": (str,), "status": (str,), "answers": (dict,), "sum_hash": (str,),
         "result_hash": (str,),
+    },
+    EntryKind.SECURE_SUM: {
+        "run_id": (str,), "round": (int,), "query": (str,), "step": (str,), "spec_hash": (str,),
+        "length": (int,), "range": (list,), "scale": (int,), "peers": (list,),
+    },
+    EntryKind.SECURE_SUM_RESULT: {
+        "run_id": (str,), "round": (int,), "query": (str,), "spec_hash": (str,),
+        "firms": (list,), "dropped": (list,), "sum_hash": (str,),
     },
 }
 

@@ -46,6 +46,7 @@ from fedcrm.audit.log import (
 )
 from fedcrm.privacy.errors import KeyFileError
 from fedcrm.privacy.keys import public_key_id
+from fedcrm.privacy.secure_sum import TRAINING_SUM_QUERY
 
 
 class FailureKind(StrEnum):
@@ -482,6 +483,20 @@ def _cross_check(fed: _Scan, firm_scans: Mapping[str, _Scan],
                     add(Failure(fed.label, n, FailureKind.UNMATCHED_ANSWER,
                                 f"query {qid[:40]} used an answer from {str(firm)!r} that has no "
                                 "matching query_answered in that firm's log"))
+        elif entry.kind is EntryKind.SECURE_SUM_RESULT:
+            # Every firm counted in a secure sum logged (signed) that it sent its masked input
+            # for exactly that sum.
+            for firm in p["firms"]:
+                scan = firm_scans.get(str(firm))
+                match = scan is not None and any(
+                    e.kind is EntryKind.SECURE_SUM and e.payload["step"] == "mask"
+                    and e.payload["spec_hash"] == p["spec_hash"]
+                    for _, e in scan.valid
+                )
+                if not match:
+                    add(Failure(fed.label, n, FailureKind.UNMATCHED_UPDATE,
+                                f"secure sum {p['query']!r} of round {p['round']} counts "
+                                f"{firm!r}, whose log has no masked input for it"))
 
 
 def _rounds(fed: _Scan) -> tuple[dict[str, Any], tuple[RoundSummary, ...], dict[str, Any]]:
@@ -504,6 +519,8 @@ def _rounds(fed: _Scan) -> tuple[dict[str, Any], tuple[RoundSummary, ...], dict[
             run["finish"] = dict(p)
         elif entry.kind is EntryKind.UPDATE_ACCEPTED:
             slot(int(p["round"]))["participants"].append(str(p["firm"]))
+        elif entry.kind is EntryKind.SECURE_SUM_RESULT and p["query"] == TRAINING_SUM_QUERY:
+            slot(int(p["round"]))["participants"].extend(str(f) for f in p["firms"])
         elif entry.kind is EntryKind.UPDATE_REJECTED:
             slot(int(p["round"]))["rejected"].append(
                 {"firm": str(p["firm"]), "node_id": str(p["node_id"]), "reason": str(p["reason"])})

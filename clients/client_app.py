@@ -29,6 +29,14 @@ from fedcrm.protocol import (
     QueryAnswerRequest,
     QueryOffer,
     QueryOfferReply,
+    SecureSumKeysReply,
+    SecureSumKeysRequest,
+    SecureSumMaskReply,
+    SecureSumMaskRequest,
+    SecureSumShareReply,
+    SecureSumShareRequest,
+    SecureSumUnmaskReply,
+    SecureSumUnmaskRequest,
     TrainReply,
     TrainRequest,
 )
@@ -37,7 +45,10 @@ NODE_CONFIG_KEY = "firm-config"
 
 torch.set_num_threads(1)
 
-Reply = DescribeReply | TrainReply | EvaluateReply | QueryOfferReply | QueryAnswer
+Reply = (
+    DescribeReply | TrainReply | EvaluateReply | QueryOfferReply | QueryAnswer
+    | SecureSumKeysReply | SecureSumShareReply | SecureSumMaskReply | SecureSumUnmaskReply
+)
 Handler = Callable[[FirmNode, Message], Reply]
 
 
@@ -69,6 +80,20 @@ def _offer(node: FirmNode, msg: Message) -> Reply:
 
 def _answer(node: FirmNode, msg: Message) -> Reply:
     return node.answer_query(QueryAnswerRequest.decode(wire_of(msg)))
+def _secure_sum_keys(node: FirmNode, msg: Message) -> Reply:
+    return node.secure_sum_keys(SecureSumKeysRequest.decode(wire_of(msg)))
+
+
+def _secure_sum_share(node: FirmNode, msg: Message) -> Reply:
+    return node.secure_sum_share(SecureSumShareRequest.decode(wire_of(msg)))
+
+
+def _secure_sum_mask(node: FirmNode, msg: Message) -> Reply:
+    return node.secure_sum_mask(SecureSumMaskRequest.decode(wire_of(msg)))
+
+
+def _secure_sum_unmask(node: FirmNode, msg: Message) -> Reply:
+    return node.secure_sum_unmask(SecureSumUnmaskRequest.decode(wire_of(msg)))
 
 
 def make_client_app(
@@ -106,6 +131,13 @@ def make_client_app(
     app.query(MessageKind.QUERY_ANSWER.value.split(".")[1])(serve(_answer))
     app.train()(serve(_train))
     app.evaluate()(serve(_evaluate))
+    for kind, handler in (
+        (MessageKind.SECURE_SUM_KEYS, _secure_sum_keys),
+        (MessageKind.SECURE_SUM_SHARE, _secure_sum_share),
+        (MessageKind.SECURE_SUM_MASK, _secure_sum_mask),
+        (MessageKind.SECURE_SUM_UNMASK, _secure_sum_unmask),
+    ):
+        app.query(kind.value.split(".")[1])(serve(handler))
     return app
 
 

@@ -37,6 +37,7 @@ class EventKind(StrEnum):
     FIRM_HEADS = "firm_heads"
     ROUND_EVALUATED = "round_evaluated"
     RUN_FINISHED = "run_finished"
+    SECURE_SUM = "secure_sum"
 
 
 @dataclass(frozen=True)
@@ -146,9 +147,24 @@ class RunFinished:
     model: str | None
 
 
+@dataclass(frozen=True)
+class SecureSumCompleted:
+    """A secure sum finished: the firms it adds up, those that dropped, the hash of its total."""
+
+    kind: ClassVar[EventKind] = EventKind.SECURE_SUM
+    round: int
+    query: str
+    run_id: str
+    spec_hash: str
+    firms: tuple[str, ...]
+    dropped: tuple[str, ...]
+    sum_hash: str
+
+
 RunEvent = (
     RunStarted | NodesConnected | FirmsAdmitted | RoundStarted | FirmDropped | FirmStopped
     | UpdateRejected | UpdateAccepted | RoundTrained | FirmHeads | RoundEvaluated | RunFinished
+    | SecureSumCompleted
 )
 EventSink = Callable[[RunEvent], None]
 
@@ -157,6 +173,7 @@ _TYPES: dict[EventKind, type[Any]] = {
     for cls in (
         RunStarted, NodesConnected, FirmsAdmitted, RoundStarted, FirmDropped, FirmStopped,
         UpdateRejected, UpdateAccepted, RoundTrained, FirmHeads, RoundEvaluated, RunFinished,
+        SecureSumCompleted,
     )
 }
 

@@ -22,6 +22,7 @@ from fedcrm.coordinator.events import (
     FirmHeads,
     RoundEvaluated,
     RunEvent,
+    SecureSumCompleted,
     UpdateAccepted,
     UpdateRejected,
 )
@@ -106,6 +107,12 @@ class FederationAudit:
                 }
                 self.append(EntryKind.GLOBAL_MODEL, {
                     "round": event.round, "model_hash": event.model_hash, "metrics": metrics,
+                })
+            case SecureSumCompleted():
+                self.append(EntryKind.SECURE_SUM_RESULT, {
+                    "run_id": event.run_id, "round": event.round, "query": event.query,
+                    "spec_hash": event.spec_hash, "firms": list(event.firms),
+                    "dropped": list(event.dropped), "sum_hash": event.sum_hash,
                 })
             case _:
                 pass

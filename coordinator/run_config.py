@@ -39,6 +39,11 @@ class StrategyKind(StrEnum):
     KRUM = "krum"
 
 
+SECURE_STRATEGIES = frozenset({StrategyKind.FEDAVG, StrategyKind.FEDPROX})
+"""Strategies that need only the (weighted) sum of the updates, so secure aggregation can run
+them; robust aggregators need each firm's update, and FedAdam is not wired to it."""
+
+
 class RunConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -86,6 +91,16 @@ class RunConfig(BaseModel):
     feature_schema: str = Field(
         default="", description="the loaded schema as it travels to firms (set from schema_file)"
     )
+    secure_aggregation: bool = Field(
+        default=False,
+        description="firms add their weighted updates through the secure sum: the coordinator "
+        "sees only the sum of the updates and of the weights (fedavg and fedprox only)",
+    )
+    secure_sum_neighbours: int = Field(
+        default=0, ge=0,
+        description="secure aggregation: peers each firm shares its seeds with (0 = every other "
+        "firm; e.g. 20 for large federations: a k-regular graph as in SecAgg+)",
+    )
 
     @model_validator(mode="after")
     def _load_schema(self, info: ValidationInfo) -> RunConfig:
@@ -96,6 +111,17 @@ class RunConfig(BaseModel):
         layout = load_toml(path, FeatureSchemaFile, what="feature schema").layout()
         # set once while validating (the model is frozen afterwards)
         object.__setattr__(self, "feature_schema", layout.canonical_json())
+        return self
+
+    @model_validator(mode="after")
+    def _secure_strategy(self) -> RunConfig:
+        if self.secure_aggregation and self.strategy not in SECURE_STRATEGIES:
+            raise ValueError(
+                f"secure_aggregation = true cannot run strategy '{self.strategy.value}': it needs "
+                "each firm's update (a median, a trimmed mean or Krum's distances), which the "
+                "secure sum hides by design; use strategy = \"fedavg\" or \"fedprox\", or set "
+                "secure_aggregation = false"
+            )
         return self
 
     @model_validator(mode="after")
@@ -137,6 +163,7 @@ class RunConfig(BaseModel):
             seed=self.seed,
             evaluations=len(self.evaluation_rounds()),
             schema=self.feature_schema if self.task is TaskKind.CHURN else "",
+            secure_aggregation=self.secure_aggregation,
         )
 
     def config_hash(self) -> str:

@@ -44,6 +44,7 @@ class RoundRecord:
     metrics: dict[str, Any] = field(default_factory=dict)
     heads: dict[str, dict[str, Any]] = field(default_factory=dict)
     model_hash: str = ""
+    secure_sum: dict[str, Any] = field(default_factory=dict)  # survivors, dropped, sum hash
 
 
 LAYOUT_MISMATCH = "feature layout differs from the federation's"

@@ -17,16 +17,25 @@ updated model; an evaluation is one Gaussian release of the task's bounded-contr
 statistics with discrete Gaussian noise on counts. Sizes leave only as the firm's declared
 public size (``[federation] public_size``): sampling rates, FedAvg weights and normalisation use
 it, never the exact count. Every reply field is listed in ``docs/privacy.md``.
+
+**Secure aggregation.** In a run with ``secure_aggregation`` the round's DP update (charged and
+logged exactly as above, its ``update_sent`` entry marked ``secure_sum``) stays on the firm: the
+reply carries no arrays, and the firm adds ``public_size / weight_norm`` times its update (and
+that weight) to the round's secure sum (:mod:`fedcrm.secure_sum_party`), so the coordinator sees
+only the sum over the firms.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from fedcrm.analytics.spec import QuerySpec
 from fedcrm.analytics.statistics import firm_statistics
@@ -41,10 +50,12 @@ from fedcrm.privacy.errors import (
     BudgetExhausted,
     ConfigError,
     FedcrmError,
+    KeyFileError,
     PlanDoesNotFit,
     SchemaError,
+    SecureSumError,
 )
-from fedcrm.privacy.keys import FirmKeys, load_keys
+from fedcrm.privacy.keys import FirmKeys, load_keys, load_peer_signing_keys
 from fedcrm.privacy.noise import discrete_gaussian, gaussian
 from fedcrm.protocol import (
     DescribeReply,
@@ -57,12 +68,23 @@ from fedcrm.protocol import (
     QueryOfferReply,
     ReplyState,
     RunSpec,
+    SecureSumKeysReply,
+    SecureSumKeysRequest,
+    SecureSumMaskReply,
+    SecureSumMaskRequest,
+    SecureSumQuery,
+    SecureSumShareReply,
+    SecureSumShareRequest,
+    SecureSumUnmaskReply,
+    SecureSumUnmaskRequest,
+    SumInput,
     TaskKind,
     TrainReply,
     TrainRequest,
     arrays_hash,
 )
 from fedcrm.release import FirmPrivacy, RunPlan, plan_run, release
+from fedcrm.secure_sum_party import SecureSumParty
 from fedcrm.tasks import task_for
 from fedcrm.tasks.base import TaskData
 
@@ -90,6 +112,11 @@ class FirmNode:
         self.keys = keys
         self.privacy = FirmPrivacy(cfg, keys)
         self._data: dict[tuple[TaskKind, str], tuple[str, TaskData]] = {}
+        self._peer_keys: dict[str, Ed25519PublicKey] | None = None
+        self.secure_sum = SecureSumParty(
+            keys, trusted=self._trusted_peers, audit=self.privacy.audit,
+            state_dir=self.privacy.files.ledger.parent,
+        )
 
     @classmethod
     def open(cls, firm_config: Path | str) -> FirmNode:
@@ -249,9 +276,13 @@ class FirmNode:
                         "round": request.server_round,
                         "task": spec.task.value,
                         "model_hash": arrays_hash(arrays),
+                        **({"secure_sum": True} if spec.secure_aggregation else {}),
                     },
                 ),
             )
+            if spec.secure_aggregation:
+                self._hold_update(spec.run_id, request.server_round, request.arrays,
+                                  released.value)
         except (PlanDoesNotFit, BudgetExhausted) as exc:
             return self._declined_training(str(exc), ReplyState.BUDGET_EXHAUSTED)
         except Declined as exc:
@@ -261,7 +292,7 @@ class FirmNode:
             firm=self.firm,
             state=ReplyState.OK,
             detail="",
-            arrays=released.value,
+            arrays=None if spec.secure_aggregation else released.value,
             num_examples=self.public_size,
             epsilon_round=float(event.epsilon),
             epsilon_total=released.epsilon_total,
@@ -269,6 +300,7 @@ class FirmNode:
             delta=self.privacy.delta,
             audit_head_hash=head.hash,
             audit_head_length=head.length,
+            secure_sum=spec.secure_aggregation,
         )
 
     def _declined_training(self, detail: str, state: ReplyState) -> TrainReply:
@@ -412,3 +444,62 @@ class FirmNode:
     def _declined_answer(self, state: ReplyState, detail: str) -> QueryAnswer:
         return QueryAnswer(firm=self.firm, state=state, detail=detail, values=(), noise_std=0.0,
                            epsilon=0.0, epsilon_total=self.privacy.spent())
+
+    # ------------------------------------------------------------------ secure sums
+
+    def _trusted_peers(self) -> Mapping[str, Ed25519PublicKey]:
+        if self._peer_keys is None:
+            folder = self.cfg.federation.peer_keys_dir
+            if folder is None:
+                raise KeyFileError(
+                    f"{self.cfg.config_path}: this firm holds no peers' signing keys, so it "
+                    "cannot check their secure-sum keys; set [federation] peer_keys_dir to a "
+                    "folder of <firm>.pub files (each peer's signing.pub, exchanged out of band)"
+                )
+            self._peer_keys = load_peer_signing_keys(folder)
+        return self._peer_keys
+
+    def _held_update_path(self, run_id: str, server_round: int) -> Path:
+        return self._plan_path(run_id).with_name(f"{run_id}.round-{server_round}.update.npz")
+
+    def _hold_update(self, run_id: str, server_round: int, global_arrays: Sequence[np.ndarray],
+                     trained: Sequence[np.ndarray]) -> None:
+        """Keep the round's released update (trained minus global) for the secure sum."""
+        buffer = io.BytesIO()
+        np.savez(buffer, *[np.asarray(t, dtype=np.float64) - np.asarray(g, dtype=np.float64)
+                           for t, g in zip(trained, global_arrays, strict=True)])
+        write_private(self._held_update_path(run_id, server_round), buffer.getvalue())
+
+    def _sum_input(self, query: SecureSumQuery) -> np.ndarray:
+        """The firm's vector for a sum: for training, its weighted update and its weight."""
+        sum_id = query.spec.sum_id
+        if query.source is not SumInput.TRAINING_UPDATE:
+            raise SecureSumError(f"this firm cannot add '{query.source.value}' to a secure sum")
+        path = self._held_update_path(sum_id.run_id, sum_id.round)
+        if not path.exists():
+            raise SecureSumError(
+                f"this firm holds no update of round {sum_id.round} of run {sum_id.run_id} for a "
+                "secure sum (it did not train that round with secure aggregation)"
+            )
+        if query.weight_norm < self.public_size:
+            raise SecureSumError(
+                f"secure sum {sum_id.label()}: the weights' normaliser {query.weight_norm} is "
+                f"below this firm's public size {self.public_size}"
+            )
+        weight = self.public_size / query.weight_norm
+        with np.load(path) as held:
+            update = [held[f"arr_{i}"].ravel() for i in range(len(held.files))]
+        return np.concatenate([*(u * weight for u in update), [weight]])
+
+    def secure_sum_keys(self, request: SecureSumKeysRequest) -> SecureSumKeysReply:
+        return self.secure_sum.register(request)
+
+    def secure_sum_share(self, request: SecureSumShareRequest) -> SecureSumShareReply:
+        self._sum_input(request.query)  # refuse early a sum this firm has nothing for
+        return self.secure_sum.share(request)
+
+    def secure_sum_mask(self, request: SecureSumMaskRequest) -> SecureSumMaskReply:
+        return self.secure_sum.mask(request, self._sum_input(request.query))
+
+    def secure_sum_unmask(self, request: SecureSumUnmaskRequest) -> SecureSumUnmaskReply:
+        return self.secure_sum.unmask(request)

@@ -14,6 +14,10 @@ hyphenated (Flower's convention; ``num-examples`` is what Flower's strategies we
 | ``evaluate`` | :class:`EvaluateRequest` | :class:`EvaluateReply` |
 | ``query.offer`` | :class:`QueryOffer` | :class:`QueryOfferReply` |
 | ``query.answer`` | :class:`QueryAnswerRequest` | :class:`QueryAnswer` |
+| ``query.secure_sum_keys`` | :class:`SecureSumKeysRequest` | :class:`SecureSumKeysReply` |
+| ``query.secure_sum_share`` | :class:`SecureSumShareRequest` | :class:`SecureSumShareReply` |
+| ``query.secure_sum_mask`` | :class:`SecureSumMaskRequest` | :class:`SecureSumMaskReply` |
+| ``query.secure_sum_unmask`` | :class:`SecureSumUnmaskRequest` | :class:`SecureSumUnmaskReply` |
 | any, on a firm-side failure | - | :class:`ErrorReply` |
 
 The run's parameters that every firm receives travel as a :class:`RunSpec`, encoded flat by
@@ -35,6 +39,20 @@ from pydantic import ValidationError
 
 from fedcrm.learning.settings import ChurnModelKind, DpOptimizer, DpSgdSettings
 from fedcrm.privacy.errors import ConfigError
+from fedcrm.privacy.secure_sum import (
+    CIPHERTEXT_BYTES,
+    COMMITMENT_BYTES,
+    PUBLIC_KEY_BYTES,
+    SHARE_BYTES,
+    SIGNATURE_BYTES,
+    AgreementKey,
+    EphemeralKey,
+    FixedPoint,
+    Revealed,
+    SharesOut,
+    SumId,
+    SumSpec,
+)
 
 Scalar = str | int | float | bool
 MetricValue = int | float | list[int] | list[float]
@@ -48,6 +66,10 @@ class MessageKind(StrEnum):
     EVALUATE = "evaluate"
     QUERY_OFFER = "query.offer"
     QUERY_ANSWER = "query.answer"
+    SECURE_SUM_KEYS = "query.secure_sum_keys"
+    SECURE_SUM_SHARE = "query.secure_sum_share"
+    SECURE_SUM_MASK = "query.secure_sum_mask"
+    SECURE_SUM_UNMASK = "query.secure_sum_unmask"
 
 
 class TaskKind(StrEnum):
@@ -148,6 +170,7 @@ class RunSpec:
     seed: int
     evaluations: int = 0  # evaluation requests the coordinator will send in this run
     schema: str = ""  # the run's public feature schema (JSON), "" when the task fixes the layout
+    secure_aggregation: bool = False  # updates are summed by the secure sum, never sent alone
 
     def to_config(self) -> dict[str, Scalar]:
         return flat_encode(asdict(self))
@@ -180,6 +203,7 @@ class RunSpec:
                 seed=_field(values, "seed", int, what),
                 evaluations=_field(values, "evaluations", int, what),
                 schema=_field(values, "schema", str, what),
+                secure_aggregation=_field(values, "secure_aggregation", bool, what),
             )
             spec.dp_sgd()
         except ValidationError as exc:
@@ -274,7 +298,8 @@ class TrainReply:
     """A firm's answer to a training round: its DP update (when ``state`` is OK) and budget.
 
     ``num_examples`` is the firm's declared public size (what FedAvg weights by), never its
-    exact number of customers.
+    exact number of customers. With secure aggregation (``secure_sum``) the update stays on the
+    firm, which adds it to the round's secure sum; the reply then carries no arrays.
     """
 
     firm: str
@@ -288,9 +313,10 @@ class TrainReply:
     delta: float
     audit_head_hash: str = ""
     audit_head_length: int = 0
+    secure_sum: bool = False
 
     _CONFIG: ClassVar[tuple[str, ...]] = (
-        "firm", "detail", "audit_head_hash", "audit_head_length"
+        "firm", "detail", "audit_head_hash", "audit_head_length", "secure_sum"
     )
     _METRICS: ClassVar[tuple[str, ...]] = (
         "num_examples", "epsilon_round", "epsilon_total", "epsilon_cap", "delta"
@@ -312,7 +338,8 @@ class TrainReply:
             state = ReplyState(_field(c, "state", str, what))
         except ValueError as exc:
             raise ProtocolError(f"malformed {what}: {exc}") from None
-        if state is ReplyState.OK and wire.arrays is None:
+        secure_sum = _field(c, "secure_sum", bool, what)
+        if state is ReplyState.OK and wire.arrays is None and not secure_sum:
             raise ProtocolError("train reply has no model arrays")
         return cls(
             firm=_field(c, "firm", str, what),
@@ -326,6 +353,7 @@ class TrainReply:
             delta=_field(m, "delta", float, what),
             audit_head_hash=_field(c, "audit_head_hash", str, what),
             audit_head_length=_field(c, "audit_head_length", int, what),
+            secure_sum=secure_sum,
         )
 
 
@@ -547,3 +575,304 @@ def _arrays(wire: Wire, what: str) -> list[np.ndarray]:
     if wire.arrays is None:
         raise ProtocolError(f"{what} has no model arrays")
     return list(wire.arrays)
+
+
+
+# ------------------------------------------------------------------------------ secure sums
+
+
+class SumInput(StrEnum):
+    """What a firm adds to a secure sum (the firm decides the values, never the coordinator)."""
+
+    TRAINING_UPDATE = "training_update"  # its round's DP update, weighted by its public size
+
+
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(n for n in text.split(",") if n)
+
+
+def _rows(blobs: Sequence[bytes], width: int) -> np.ndarray:
+    return np.frombuffer(b"".join(blobs), dtype=np.uint8).reshape(len(blobs), width)
+
+
+def _blobs(wire: Wire, index: int, width: int, count: int, what: str) -> list[bytes]:
+    if wire.arrays is None or len(wire.arrays) <= index:
+        raise ProtocolError(f"{what} lacks array {index}")
+    a = np.asarray(wire.arrays[index])
+    if a.dtype != np.uint8 or a.shape != (count, width):
+        raise ProtocolError(f"{what} array {index} must be {count} x {width} bytes")
+    return [bytes(row) for row in a]
+
+
+def _hex(record: Mapping[str, Any], key: str, size: int, what: str) -> bytes:
+    try:
+        value = bytes.fromhex(_field(record, key, str, what))
+    except ValueError:
+        raise ProtocolError(f"{what} field '{key}' must be hex") from None
+    if len(value) != size:
+        raise ProtocolError(f"{what} field '{key}' must be {size} bytes")
+    return value
+
+
+@dataclass(frozen=True)
+class SecureSumQuery:
+    """What every request of a secure sum carries: the sum's public spec and what to add.
+
+    ``weight_norm`` (training): the sum of the parties' public sizes; a firm adds its update times
+    ``public_size / weight_norm`` and that weight, so the total holds the weighted sum and the sum
+    of the weights.
+    """
+
+    spec: SumSpec
+    source: SumInput
+    weight_norm: int = 0
+
+    def to_config(self) -> dict[str, Scalar]:
+        s, fp = self.spec, self.spec.fixed_point
+        return {
+            "sum-run": s.sum_id.run_id, "sum-round": s.sum_id.round, "sum-query": s.sum_id.query,
+            "parties": ",".join(s.parties), "length": s.length, "lower": fp.lower,
+            "upper": fp.upper, "scale": fp.scale, "neighbours": s.neighbours,
+            "source": self.source.value, "weight-norm": self.weight_norm,
+        }
+
+    @classmethod
+    def from_config(cls, c: Mapping[str, Any]) -> SecureSumQuery:
+        what = "secure-sum request"
+        try:
+            spec = SumSpec(
+                sum_id=SumId(_field(c, "sum-run", str, what), _field(c, "sum-round", int, what),
+                             _field(c, "sum-query", str, what)),
+                parties=_names(_field(c, "parties", str, what)),
+                length=_field(c, "length", int, what),
+                fixed_point=FixedPoint(_field(c, "lower", float, what),
+                                       _field(c, "upper", float, what),
+                                       _field(c, "scale", int, what)),
+                neighbours=_field(c, "neighbours", int, what),
+            )
+            return cls(spec, SumInput(_field(c, "source", str, what)),
+                       _field(c, "weight-norm", int, what))
+        except ValueError as exc:
+            raise ProtocolError(f"malformed {what}: {exc}") from None
+        except ConfigError as exc:
+            raise ProtocolError(f"malformed {what}: {exc}") from None
+
+
+def _ok(firm: str) -> dict[str, Scalar]:
+    return {"state": ReplyState.OK.value, "firm": firm}
+
+
+@dataclass(frozen=True)
+class SecureSumKeysRequest:
+    """Register the firms' long-term secure-sum keys for a run."""
+
+    kind: ClassVar[MessageKind] = MessageKind.SECURE_SUM_KEYS
+    run_id: str
+
+    def encode(self) -> Wire:
+        return Wire(config={"run-id": self.run_id})
+
+    @classmethod
+    def decode(cls, wire: Wire) -> Self:
+        return cls(run_id=_field(wire.config, "run-id", str, "secure-sum keys request"))
+
+
+@dataclass(frozen=True)
+class SecureSumKeysReply:
+    """A firm's long-term X25519 public key, signed with its Ed25519 audit key."""
+
+    key: AgreementKey
+
+    def encode(self) -> Wire:
+        return Wire(config={**_ok(self.key.firm), "public-key": self.key.public_key.hex(),
+                            "signature": self.key.signature.hex()})
+
+    @classmethod
+    def decode(cls, wire: Wire) -> Self:
+        c, what = wire.config, "secure-sum keys reply"
+        return cls(AgreementKey(
+            firm=_field(c, "firm", str, what),
+            public_key=_hex(c, "public-key", PUBLIC_KEY_BYTES, what),
+            signature=_hex(c, "signature", SIGNATURE_BYTES, what),
+        ))
+
+
+@dataclass(frozen=True)
+class SecureSumShareRequest:
+    """Step 1: the sum, and the signed long-term keys of the recipient's neighbours."""
+
+    kind: ClassVar[MessageKind] = MessageKind.SECURE_SUM_SHARE
+    query: SecureSumQuery
+    peer_keys: Mapping[str, AgreementKey]
+
+    def encode(self) -> Wire:
+        firms = sorted(self.peer_keys)
+        keys = [self.peer_keys[f] for f in firms]
+        return Wire(
+            config={**self.query.to_config(), "key-firms": ",".join(firms)},
+            arrays=[_rows([k.public_key for k in keys], PUBLIC_KEY_BYTES),
+                    _rows([k.signature for k in keys], SIGNATURE_BYTES)],
+        )
+
+    @classmethod
+    def decode(cls, wire: Wire) -> Self:
+        what = "secure-sum share request"
+        firms = _names(_field(wire.config, "key-firms", str, what))
+        publics = _blobs(wire, 0, PUBLIC_KEY_BYTES, len(firms), what)
+        signatures = _blobs(wire, 1, SIGNATURE_BYTES, len(firms), what)
+        return cls(
+            SecureSumQuery.from_config(wire.config),
+            {f: AgreementKey(f, p, s) for f, p, s in zip(firms, publics, signatures, strict=True)},
+        )
+
+
+@dataclass(frozen=True)
+class SecureSumShareReply:
+    """Step 1's answer: the firm's signed per-sum key and its encrypted shares, one per
+    neighbour."""
+
+    shares: SharesOut
+
+    def encode(self) -> Wire:
+        e = self.shares.ephemeral
+        return Wire(
+            config={**_ok(e.firm), "public-key": e.public_key.hex(),
+                    "commitment": e.commitment.hex(), "signature": e.signature.hex()},
+            arrays=[_rows(list(self.shares.ciphertexts), CIPHERTEXT_BYTES)],
+        )
+
+    @classmethod
+    def decode(cls, wire: Wire) -> Self:
+        c, what = wire.config, "secure-sum share reply"
+        if wire.arrays is None or len(wire.arrays) != 1:
+            raise ProtocolError(f"{what} must hold one array of ciphertexts")
+        count = int(np.asarray(wire.arrays[0]).shape[0])
+        return cls(SharesOut(
+            EphemeralKey(
+                firm=_field(c, "firm", str, what),
+                public_key=_hex(c, "public-key", PUBLIC_KEY_BYTES, what),
+                commitment=_hex(c, "commitment", COMMITMENT_BYTES, what),
+                signature=_hex(c, "signature", SIGNATURE_BYTES, what),
+            ),
+            tuple(_blobs(wire, 0, CIPHERTEXT_BYTES, count, what)),
+        ))
+
+
+@dataclass(frozen=True)
+class SecureSumMaskRequest:
+    """Step 2: who shared (``U1``) and the signed per-sum keys of the recipient's neighbours
+    among them."""
+
+    kind: ClassVar[MessageKind] = MessageKind.SECURE_SUM_MASK
+    query: SecureSumQuery
+    shared: tuple[str, ...]
+    ephemerals: Mapping[str, EphemeralKey]
+
+    def encode(self) -> Wire:
+        firms = sorted(self.ephemerals)
+        keys = [self.ephemerals[f] for f in firms]
+        return Wire(
+            config={**self.query.to_config(), "shared": ",".join(self.shared),
+                    "key-firms": ",".join(firms)},
+            arrays=[_rows([k.public_key for k in keys], PUBLIC_KEY_BYTES),
+                    _rows([k.commitment for k in keys], COMMITMENT_BYTES),
+                    _rows([k.signature for k in keys], SIGNATURE_BYTES)],
+        )
+
+    @classmethod
+    def decode(cls, wire: Wire) -> Self:
+        what = "secure-sum mask request"
+        firms = _names(_field(wire.config, "key-firms", str, what))
+        publics = _blobs(wire, 0, PUBLIC_KEY_BYTES, len(firms), what)
+        commitments = _blobs(wire, 1, COMMITMENT_BYTES, len(firms), what)
+        signatures = _blobs(wire, 2, SIGNATURE_BYTES, len(firms), what)
+        return cls(
+            SecureSumQuery.from_config(wire.config),
+            _names(_field(wire.config, "shared", str, what)),
+            {f: EphemeralKey(f, p, c, s)
+             for f, p, c, s in zip(firms, publics, commitments, signatures, strict=True)},
+        )
+
+
+@dataclass(frozen=True)
+class SecureSumMaskReply:
+    """Step 2's answer: the firm's masked vector (uniform modulo 2^64 to the coordinator)."""
+
+    firm: str
+    masked: np.ndarray
+
+    def encode(self) -> Wire:
+        return Wire(config=_ok(self.firm), arrays=[np.asarray(self.masked, dtype=np.uint64)])
+
+    @classmethod
+    def decode(cls, wire: Wire) -> Self:
+        what = "secure-sum mask reply"
+        if wire.arrays is None or len(wire.arrays) != 1:
+            raise ProtocolError(f"{what} must hold one masked vector")
+        masked = np.asarray(wire.arrays[0])
+        if masked.dtype != np.uint64 or masked.ndim != 1:
+            raise ProtocolError(f"{what}: the masked vector must be uint64")
+        return cls(_field(wire.config, "firm", str, what), masked)
+
+
+@dataclass(frozen=True)
+class SecureSumUnmaskRequest:
+    """Step 3: who shared (``U1``), who survived (``U2``), and the shares the recipient's
+    neighbours encrypted for it."""
+
+    kind: ClassVar[MessageKind] = MessageKind.SECURE_SUM_UNMASK
+    query: SecureSumQuery
+    shared: tuple[str, ...]
+    survivors: tuple[str, ...]
+    ciphertexts: Mapping[str, bytes]
+
+    def encode(self) -> Wire:
+        senders = sorted(self.ciphertexts)
+        return Wire(
+            config={**self.query.to_config(), "shared": ",".join(self.shared),
+                    "survivors": ",".join(self.survivors), "share-senders": ",".join(senders)},
+            arrays=[_rows([self.ciphertexts[f] for f in senders], CIPHERTEXT_BYTES)],
+        )
+
+    @classmethod
+    def decode(cls, wire: Wire) -> Self:
+        what = "secure-sum unmask request"
+        senders = _names(_field(wire.config, "share-senders", str, what))
+        blobs = _blobs(wire, 0, CIPHERTEXT_BYTES, len(senders), what)
+        return cls(
+            SecureSumQuery.from_config(wire.config),
+            _names(_field(wire.config, "shared", str, what)),
+            _names(_field(wire.config, "survivors", str, what)),
+            dict(zip(senders, blobs, strict=True)),
+        )
+
+
+@dataclass(frozen=True)
+class SecureSumUnmaskReply:
+    """Step 3's answer: Shamir shares of survivors' mask seeds and of dropped firms' per-sum
+    key seeds (each share alone is a uniform field element)."""
+
+    firm: str
+    revealed: Revealed
+
+    def encode(self) -> Wire:
+        m, k = self.revealed.mask_shares, self.revealed.key_shares
+        mask_owners, key_owners = sorted(m), sorted(k)
+        return Wire(
+            config={**_ok(self.firm), "mask-share-owners": ",".join(mask_owners),
+                    "key-share-owners": ",".join(key_owners)},
+            arrays=[_rows([m[f].to_bytes(SHARE_BYTES, "big") for f in mask_owners], SHARE_BYTES),
+                    _rows([k[f].to_bytes(SHARE_BYTES, "big") for f in key_owners], SHARE_BYTES)],
+        )
+
+    @classmethod
+    def decode(cls, wire: Wire) -> Self:
+        c, what = wire.config, "secure-sum unmask reply"
+        mask_owners = _names(_field(c, "mask-share-owners", str, what))
+        key_owners = _names(_field(c, "key-share-owners", str, what))
+        mask = _blobs(wire, 0, SHARE_BYTES, len(mask_owners), what)
+        key = _blobs(wire, 1, SHARE_BYTES, len(key_owners), what)
+        return cls(_field(c, "firm", str, what), Revealed(
+            {f: int.from_bytes(b, "big") for f, b in zip(mask_owners, mask, strict=True)},
+            {f: int.from_bytes(b, "big") for f, b in zip(key_owners, key, strict=True)},
+        ))

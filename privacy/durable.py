@@ -56,6 +56,28 @@ def write_atomic(path: Path, data: bytes, *, mode: int = PRIVATE_MODE) -> None:
     fsync_dir(path.parent)
 
 
+def create_exclusive(path: Path, data: bytes) -> bool:
+    """Create ``path`` (0600) holding ``data`` only if it does not exist yet, durably; returns
+    False when it already existed. The one-time claim of a step that must never run twice
+    (``O_CREAT | O_EXCL``: of two processes racing, exactly one creates it)."""
+    path = Path(path)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, PRIVATE_MODE)
+    except FileExistsError:
+        return False
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+    except BaseException:
+        with contextlib.suppress(OSError):
+            path.unlink()
+        raise
+    fsync_dir(path.parent)
+    return True
+
+
 def write_private(path: Path, data: bytes) -> None:
     """Write a secret or private file: atomically, mode 0600 (even if it existed as 0644)."""
     write_atomic(path, data, mode=PRIVATE_MODE)

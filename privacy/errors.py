@@ -91,3 +91,24 @@ class AuditError(FedcrmError):
     """An audit log failed verification or could not be written."""
 
     exit_code = 7
+
+
+class SecureSumError(FedcrmError):
+    """A secure sum cannot go on: a value outside its declared range, a peer key that does not
+    verify, a request that breaks the protocol, or too few firms left to finish it."""
+
+    exit_code = 9
+
+
+class ValueOutOfRange(SecureSumError):
+    """A value to be summed lies outside the sum's declared range (never clipped)."""
+
+
+class PeerKeyRefused(SecureSumError):
+    """A peer's secure-sum key is unsigned, signed by a key the firm does not trust, or
+    tampered with."""
+
+
+class SumAborted(SecureSumError):
+    """Too few firms are left (or a recovered secret does not match its commitment) to finish
+    a secure sum; nothing about any firm's input is revealed."""

@@ -5,6 +5,9 @@ A firm's key directory holds
 * ``pseudonym-v{N}.key`` - 32 random bytes (hex), master secret for pseudonymization,
 * ``data-v{N}.key`` - 32 random bytes (hex), the data-encryption key for the prepared store,
 * ``signing.key`` / ``signing.pub`` - Ed25519 key pair (PEM) that signs the firm's audit log,
+* ``agreement.key`` / ``agreement.pub`` - the firm's long-term X25519 key pair (PEM) for secure
+  sums: it is registered with the coordinator signed by the Ed25519 key, and its pairwise
+  Diffie-Hellman secrets key the encryption of the firm's secret shares to each peer,
 * ``keys.json`` - non-secret metadata: firm name and the current version of each key.
 
 Secret files are created with mode 0600 and refused when group/other can read them. The
@@ -15,9 +18,10 @@ whose ``repr`` never shows key material. Nothing here logs or serializes a secre
 This module owns every key derived from a firm's secrets, each domain-separated by its HKDF
 ``info`` (``b"fedcrm/<use>/v1/..."``) so that keys for different uses, firms and versions never
 coincide: the pseudonym (HMAC) key per firm and key version (`derive_pseudonym_key`) and the key
-of each encrypted store file (`FirmKeys.store_file_key`). Key length, key versions and the firm
-name are checked once, when a :class:`FirmKeys` is created or loaded (`check_firm_name` is the
-one rule for firm names, shared with ``privacy.certs``).
+of each encrypted store file (`FirmKeys.store_file_key`), and every key of a secure sum
+(`derive_secure_sum_key`: pair masks, share encryption, self-masks, per-sum seeds). Key length,
+key versions and the firm name are checked once, when a :class:`FirmKeys` is created or loaded
+(`check_firm_name` is the one rule for firm names, shared with ``privacy.certs``).
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.hashes import SHA256
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
@@ -46,6 +51,10 @@ PSEUDONYM_INFO_PREFIX = b"fedcrm/pseudonym/v1/"
 """HKDF ``info`` prefix for pseudonym keys; the firm and key version follow it."""
 STORE_INFO_PREFIX = b"fedcrm/store/v1/"
 """HKDF ``info`` prefix for store file keys; the firm and table follow it."""
+SECURE_SUM_INFO_PREFIX = b"fedcrm/secure-sum/v1/"
+"""HKDF ``info`` prefix for secure-sum keys; the use and the sum's context follow it."""
+AGREEMENT_KEY_FILE = "agreement.key"
+AGREEMENT_PUB_FILE = "agreement.pub"
 META_FILE = "keys.json"
 ENV_PSEUDONYM = "FEDCRM_PSEUDONYM_KEY"
 ENV_DATA = "FEDCRM_DATA_KEY"
@@ -147,6 +156,101 @@ def derive_pseudonym_key(master: bytes, *, firm: str, version: int) -> bytes:
     return _hkdf(master, info=_pseudonym_info(check_firm_name(firm), version))
 
 
+class SecureSumKey(StrEnum):
+    """The uses of secure-sum keys, each its own HKDF ``info``."""
+
+    PAIR_MASK = "pair-mask"  # the ChaCha20 key of one pairwise mask
+    SHARE = "share"  # the AES-GCM key of one firm's shares for one peer
+    SELF_MASK = "self-mask"  # the ChaCha20 key of a firm's own mask, from its shared seed
+    EPHEMERAL = "ephemeral"  # a firm's per-sum X25519 key, from its shared seed
+    SEED = "seed"  # a firm's per-sum secret seeds, from its master
+
+
+def derive_secure_sum_key(secret: bytes, *, use: SecureSumKey, context: bytes) -> bytes:
+    """A 32-byte key for one use in one secure sum: HKDF-SHA256 of ``secret`` with
+    ``info = b"fedcrm/secure-sum/v1/" + use + b"/" + context`` (``context`` names the sum - run,
+    round and query - and the firms the key is for), so no two uses, sums or pairs share a key.
+    """
+    if len(secret) != KEY_BYTES:
+        raise KeyFileError(f"a secure-sum secret must be {KEY_BYTES} bytes, got {len(secret)}")
+    return _hkdf(secret, info=SECURE_SUM_INFO_PREFIX + use.value.encode() + b"/" + context)
+
+
+def agreement_key_id(public_key: bytes) -> str:
+    """Public identifier of a firm's X25519 key (its raw bytes' SHA-256, shortened)."""
+    return "x25519:" + hashlib.sha256(public_key).hexdigest()[:16]
+
+
+def raw_agreement_key(public_key: X25519PublicKey) -> bytes:
+    return public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+
+
+def agreement_statement(firm: str, public_key: bytes) -> bytes:
+    """What a firm's Ed25519 signature over its X25519 public key covers."""
+    return SECURE_SUM_INFO_PREFIX + b"agreement-key/" + check_firm_name(firm).encode() + b"/" + (
+        public_key
+    )
+
+
+def x25519_exchange(private_key: X25519PrivateKey, peer: bytes) -> bytes:
+    """X25519 with a peer's raw public key; refuses malformed and low-order keys (whose shared
+    secret would be all zeros, i.e. known to anyone)."""
+    try:
+        shared = private_key.exchange(X25519PublicKey.from_public_bytes(peer))
+    except ValueError:
+        raise KeyFileError("a peer's secure-sum public key is malformed or of low order") from None
+    if not any(shared):
+        raise KeyFileError("a peer's secure-sum public key is of low order")
+    return shared
+
+
+def _write_agreement_key(keys_dir: Path, key: X25519PrivateKey, *, force: bool) -> None:
+    _write_secret(
+        keys_dir / AGREEMENT_KEY_FILE,
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        ),
+        force=force,
+    )
+    write_atomic(
+        keys_dir / AGREEMENT_PUB_FILE,
+        key.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        ),
+        mode=_PUBLIC_MODE,
+    )
+
+
+def _load_agreement_key(keys_dir: Path) -> X25519PrivateKey | None:
+    path = keys_dir / AGREEMENT_KEY_FILE
+    if not path.exists():
+        return None
+    try:
+        loaded = serialization.load_pem_private_key(_read_secret(path), password=None)
+    except ValueError:
+        raise KeyFileError(f"{path} is not a PEM private key") from None
+    if not isinstance(loaded, X25519PrivateKey):
+        raise KeyFileError(f"{path} is not an X25519 key")
+    return loaded
+
+
+def add_agreement_key(keys_dir: Path) -> bytes:
+    """Give an existing key directory its secure-sum key (once); returns the raw public key.
+
+    Refuses to replace one: peers and the coordinator know the firm by it within a run.
+    """
+    keys_dir = Path(keys_dir)
+    _meta(keys_dir)  # a fedcrm key directory
+    if (keys_dir / AGREEMENT_KEY_FILE).exists():
+        raise KeyFileError(
+            f"{keys_dir / AGREEMENT_KEY_FILE} already exists; a firm keeps one secure-sum key"
+        )
+    key = X25519PrivateKey.generate()
+    _write_agreement_key(keys_dir, key, force=False)
+    return raw_agreement_key(key.public_key())
+
+
 @dataclass(frozen=True)
 class FirmKeys:
     """The secrets of one firm, checked once on creation. ``repr`` hides the key material.
@@ -162,6 +266,7 @@ class FirmKeys:
     data_version: int
     data_key: bytes = field(repr=False)
     signing_key: Ed25519PrivateKey | None = field(default=None, repr=False)
+    agreement_key: X25519PrivateKey | None = field(default=None, repr=False)
     # Derived once here: prepare asks for it for every chunk it masks.
     _pseudonym_key: bytes = field(init=False, repr=False, compare=False)
 
@@ -201,6 +306,57 @@ class FirmKeys:
 
     def signing_key_id(self) -> str | None:
         return None if self.signing_key is None else public_key_id(self.signing_key.public_key())
+
+    # ---------------------------------------------------------------- secure sums
+
+    def require_agreement_key(self) -> X25519PrivateKey:
+        """The firm's long-term X25519 key; without it the firm cannot take part in a secure
+        sum."""
+        if self.agreement_key is None:
+            raise KeyFileError(
+                f"firm '{self.firm}' has no secure-sum key ({AGREEMENT_KEY_FILE} in its key "
+                "directory); create it with `fedcrm keys agreement --dir KEYS_DIR`"
+            )
+        return self.agreement_key
+
+    def agreement_public_key(self) -> bytes:
+        """The raw 32 bytes of the firm's X25519 public key."""
+        return raw_agreement_key(self.require_agreement_key().public_key())
+
+    def sign_agreement_key(self) -> bytes:
+        """The firm's Ed25519 signature over its X25519 public key (`agreement_statement`):
+        what peers check, against the firm's signing key they hold, before they trust it."""
+        signing = self.signing_key
+        if signing is None:
+            raise KeyFileError(
+                f"firm '{self.firm}' has no signing key: its secure-sum key cannot be signed. "
+                "Restore signing.key from the key directory's backup"
+            )
+        return signing.sign(agreement_statement(self.firm, self.agreement_public_key()))
+
+    def sign_secure_sum(self, statement: bytes) -> bytes:
+        """Sign a secure-sum statement (a per-sum public key and commitment) with the firm's
+        Ed25519 key. ``statement`` must start with the secure-sum prefix, so this key never
+        signs anything else through here."""
+        if not statement.startswith(SECURE_SUM_INFO_PREFIX) or self.signing_key is None:
+            raise KeyFileError(
+                f"firm '{self.firm}' signs only secure-sum statements here, with its signing key"
+            )
+        return self.signing_key.sign(statement)
+
+    def pair_secret(self, peer: bytes) -> bytes:
+        """The X25519 shared secret with a peer's raw public key (never used as a key itself:
+        `derive_secure_sum_key` derives each use from it)."""
+        return x25519_exchange(self.require_agreement_key(), peer)
+
+    def secure_sum_master(self) -> bytes:
+        """The firm's secret from which its per-sum seeds are derived (HKDF of its X25519 key
+        with a use of its own; revealing a per-sum seed reveals neither this nor the key)."""
+        raw = self.require_agreement_key().private_bytes(
+            serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
+            serialization.NoEncryption(),
+        )
+        return _hkdf(raw, info=SECURE_SUM_INFO_PREFIX + b"master/" + self.firm.encode())
 
     def require_signing_key(self, keys_dir: Path) -> Ed25519PrivateKey:
         """The firm's signing key; without it no firm command runs (every release and every
@@ -283,6 +439,7 @@ def init_keys(keys_dir: Path, *, firm: str, force: bool = False) -> FirmKeys:
     pseudonym = secrets.token_bytes(KEY_BYTES)
     data = secrets.token_bytes(KEY_BYTES)
     signing = Ed25519PrivateKey.generate()
+    agreement = X25519PrivateKey.generate()
     # Built (and so checked, firm name included) before anything touches the disk.
     keys = FirmKeys(
         firm=firm,
@@ -314,6 +471,7 @@ def init_keys(keys_dir: Path, *, firm: str, force: bool = False) -> FirmKeys:
         ),
         mode=_PUBLIC_MODE,
     )
+    _write_agreement_key(keys_dir, agreement, force=force)
     keys = FirmKeys(
         firm=firm,
         pseudonym_version=1,
@@ -321,6 +479,7 @@ def init_keys(keys_dir: Path, *, firm: str, force: bool = False) -> FirmKeys:
         data_version=1,
         data_key=data,
         signing_key=signing,
+        agreement_key=agreement,
     )
     _write_meta(
         keys_dir,
@@ -333,6 +492,7 @@ def init_keys(keys_dir: Path, *, firm: str, force: bool = False) -> FirmKeys:
                 "pseudonym": [keys.pseudonym_key_id],
                 "data": [keys.data_key_id],
                 "signing": keys.signing_key_id(),
+                "agreement": agreement_key_id(keys.agreement_public_key()),
             },
         },
     )
@@ -374,6 +534,7 @@ def load_keys(keys_dir: Path, *, data_version: int | None = None) -> FirmKeys:
         data_version=d_ver,
         data_key=data,
         signing_key=signing,
+        agreement_key=_load_agreement_key(keys_dir),
     )
 
 
@@ -454,3 +615,18 @@ def load_public_key(path: Path) -> Ed25519PublicKey:
     if not isinstance(loaded, Ed25519PublicKey):
         raise KeyFileError(f"{path} is not an Ed25519 public key")
     return loaded
+
+
+def load_peer_signing_keys(peer_keys_dir: Path) -> dict[str, Ed25519PublicKey]:
+    """The peers' Ed25519 signing keys a firm holds: ``<firm>.pub`` files (PEM, as each firm's
+    ``signing.pub``), exchanged out of band. Only these can vouch for a peer's secure-sum key."""
+    folder = Path(peer_keys_dir)
+    if not folder.is_dir():
+        raise KeyFileError(
+            f"peer_keys_dir {folder} is not a folder; put each peer firm's signing.pub there as "
+            "<firm>.pub (received out of band, e.g. with its fingerprint checked by phone)"
+        )
+    keys = {}
+    for path in sorted(folder.glob("*.pub")):
+        keys[check_firm_name(path.stem)] = load_public_key(path)
+    return keys

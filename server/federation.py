@@ -32,7 +32,13 @@ from fedcrm.coordinator.events import (
 )
 from fedcrm.coordinator.federation_log import FederationAudit
 from fedcrm.coordinator.run_config import RunConfig
-from fedcrm.coordinator.run_state import LAYOUT_MISMATCH, admit, provenance, summary
+from fedcrm.coordinator.run_state import (
+    LAYOUT_MISMATCH,
+    FirmState,
+    admit,
+    provenance,
+    summary,
+)
 from fedcrm.coordinator.runs import save_global_model, write_summary
 from fedcrm.flower.records import config_record, to_records, wire_of
 from fedcrm.privacy.errors import FedcrmError
@@ -45,6 +51,7 @@ from fedcrm.protocol import (
     RunSpec,
     arrays_hash,
 )
+from fedcrm.server.secure_sum import SecureTraining, register_keys
 from fedcrm.server.strategies import FederationStopped, GuardedStrategy, build_strategy
 from fedcrm.tasks import task_for
 
@@ -120,6 +127,23 @@ def _describe(
     return described
 
 
+def _secure_training(
+    grid: Grid, cfg: RunConfig, run_id: str, firms: dict[int, FirmState], events: EventLog
+) -> SecureTraining:
+    """Collect the admitted firms' signed secure-sum keys; a firm without one stops here."""
+    nodes = {f.firm: n for n, f in firms.items() if f.excluded is None}
+    keys, failed = register_keys(grid, nodes, run_id=run_id, timeout=cfg.round_timeout)
+    for firm, reason in sorted(failed.items()):
+        state = firms[nodes[firm]]
+        state.excluded = f"no secure-sum key: {reason}"
+        events.emit(FirmStopped(round=0, firm=firm, node_id=nodes[firm],
+                                state=ReplyState.ERROR.value, detail=state.excluded))
+    return SecureTraining(
+        run_id=run_id, nodes=nodes, keys=keys, bound=cfg.max_update_norm,
+        timeout=cfg.round_timeout, neighbours=cfg.secure_sum_neighbours,
+    )
+
+
 def run_federation(grid: Grid, cfg: RunConfig, *, run_id: str, run_dir: Path) -> dict[str, Any]:
     """Run the whole federation and write the summary; returns it."""
     started = time.time()
@@ -149,6 +173,9 @@ def run_federation(grid: Grid, cfg: RunConfig, *, run_id: str, run_dir: Path) ->
         },
     )
     task = task_for(cfg.task)
+    secure = _secure_training(grid, cfg, run_id, admission.firms, events) if (
+        cfg.secure_aggregation
+    ) else None
     guard = GuardedStrategy(
         build_strategy(cfg),
         task=task,
@@ -158,6 +185,7 @@ def run_federation(grid: Grid, cfg: RunConfig, *, run_id: str, run_dir: Path) ->
         min_firms=cfg.min_firms,
         max_update_norm=cfg.max_update_norm,
         on_event=events.emit,
+        secure=secure,
     )
     initial: list[np.ndarray] = (
         task.initial_arrays(model=cfg.model, input_dim=admission.input_dim, seed=cfg.seed)

@@ -11,6 +11,12 @@ the protocol's typed reply and
 
 and stops the run cleanly (:class:`FederationStopped`) when fewer than ``min_firms`` can train.
 Every decision is reported as a typed event (:mod:`fedcrm.coordinator.events`).
+
+With secure aggregation (:class:`~fedcrm.server.secure_sum.SecureTraining`) firms keep their
+updates: the guard takes the firms that trained into the round's secure sum and computes the
+FedAvg/FedProx weighted mean from the sum of the weighted updates and the sum of the weights; it
+never sees a firm's update, so it cannot check one (each firm checks its own against the sum's
+declared range instead).
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ from fedcrm.coordinator.events import (
     RoundEvaluated,
     RoundStarted,
     RoundTrained,
+    SecureSumCompleted,
     UpdateAccepted,
     UpdateRejected,
 )
@@ -48,7 +55,7 @@ from fedcrm.coordinator.run_config import RunConfig, StrategyKind
 from fedcrm.coordinator.run_state import FirmState, RoundRecord
 from fedcrm.coordinator.update_validation import validate_update
 from fedcrm.flower.records import CONFIG, to_records, wire_of
-from fedcrm.privacy.errors import FedcrmError
+from fedcrm.privacy.errors import FedcrmError, SecureSumError
 from fedcrm.protocol import (
     ErrorReply,
     EvaluateReply,
@@ -59,6 +66,7 @@ from fedcrm.protocol import (
     TrainReply,
     arrays_hash,
 )
+from fedcrm.server.secure_sum import SecureTraining
 from fedcrm.tasks.base import NoisyStatistics, Task
 
 BUDGET_EXHAUSTED = "privacy budget exhausted"
@@ -109,8 +117,11 @@ class GuardedStrategy(Strategy):
         min_firms: int,
         max_update_norm: float,
         on_event: EventSink,
+        secure: SecureTraining | None = None,
     ) -> None:
         self.inner = inner
+        self.secure = secure
+        self._grid: Grid | None = None
         self.task = task
         self.spec = spec
         self.evaluation_rounds = evaluation_rounds
@@ -150,6 +161,7 @@ class GuardedStrategy(Strategy):
                 f"fewer than min_firms={self.min_firms}"
             )
         self.global_arrays = arrays.to_numpy_ndarrays()
+        self._grid = grid
         messages = [
             m
             for m in self.inner.configure_train(server_round, arrays, config, grid)
@@ -180,6 +192,7 @@ class GuardedStrategy(Strategy):
         record = self.rounds.setdefault(server_round, RoundRecord(server_round))
         answered = set()
         valid: list[Message] = []
+        held: dict[str, int] = {}  # secure aggregation: firm -> public size
         for msg in replies:
             node = msg.metadata.src_node_id
             answered.add(node)
@@ -212,6 +225,17 @@ class GuardedStrategy(Strategy):
                 log(WARNING, "firm %s (node %d) stops participating: %s", firm.firm, node,
                     reply.detail)
                 continue
+            if (self.secure is not None) != reply.secure_sum:
+                reason = ("sent its update in the clear in a secure-aggregation run"
+                          if self.secure is not None else
+                          "kept its update for a secure sum in a run without secure aggregation")
+                record.rejected.append({"firm": firm.firm, "node_id": str(node), "reason": reason})
+                self.on_event(UpdateRejected(round=server_round, firm=firm.firm, node_id=node,
+                                             reason=reason))
+                continue
+            if self.secure is not None:
+                held[firm.firm] = reply.num_examples
+                continue
             update = [np.asarray(a) for a in reply.arrays or []]
             problem = validate_update(
                 self.global_arrays, update, max_update_norm=self.max_update_norm
@@ -232,6 +256,8 @@ class GuardedStrategy(Strategy):
             self.on_event(UpdateAccepted(round=server_round, firm=firm.firm, node_id=node,
                                          update_hash=update_hash))
             valid.append(msg)
+        if held:
+            secure_result = self._secure_aggregate(server_round, record, held)
         for name in record.participants:
             silent = next((n for n, f in self.firms.items() if f.firm == name), None)
             if silent is not None and silent not in answered:
@@ -248,6 +274,8 @@ class GuardedStrategy(Strategy):
         ))
         if record.heads:
             self.on_event(FirmHeads(round=server_round, heads=dict(record.heads)))
+        if held:
+            return secure_result
         if not valid:
             return None, None
         # Strip the protocol's config record so the inner strategy sees exactly arrays + metrics.
@@ -258,6 +286,48 @@ class GuardedStrategy(Strategy):
         if arrays is not None:
             record.model_hash = arrays_hash(arrays.to_numpy_ndarrays())
         return arrays, aggregated
+
+    def _secure_aggregate(
+        self, server_round: int, record: RoundRecord, held: dict[str, int]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """The round's weighted mean through the secure sum of the firms that trained."""
+        assert self.secure is not None and self._grid is not None
+        node_of = {f.firm: n for n, f in self.firms.items()}
+
+        def on_drop(firm: str, node: int, reason: str) -> None:
+            record.dropped.append(firm)
+            self.on_event(FirmDropped(round=server_round, firm=firm, node_id=node,
+                                      reason=reason))
+
+        try:
+            outcome = self.secure.weighted_mean(
+                self._grid, server_round, self.global_arrays, held, on_drop=on_drop
+            )
+        except SecureSumError as exc:
+            log(WARNING, "round %d: secure sum failed: %s", server_round, exc)
+            record.secure_sum = {"error": str(exc)}
+            return None, None
+        result = outcome.result
+        for name in result.survivors:
+            firm = self.firms[node_of[name]]
+            firm.num_examples = held[name]
+            firm.rounds_trained += 1
+            record.accepted.append(name)
+            self.updates.append({"round": server_round, "firm": name, "node_id": node_of[name],
+                                 "secure_sum": result.sum_hash})
+        record.secure_sum = {
+            "firms": list(result.survivors), "dropped": list(result.dropped),
+            "sum_hash": result.sum_hash, "spec_hash": outcome.spec_hash,
+            "seconds": {k: round(v, 4) for k, v in outcome.trace.seconds.items()},
+        }
+        self.on_event(SecureSumCompleted(
+            round=server_round, query=result.sum_id.query, run_id=result.sum_id.run_id,
+            spec_hash=outcome.spec_hash, firms=result.survivors, dropped=result.dropped,
+            sum_hash=result.sum_hash,
+        ))
+        record.model_hash = arrays_hash(outcome.arrays)
+        firms = len(result.survivors)
+        return ArrayRecord(outcome.arrays), MetricRecord({"secure-sum-firms": firms})
 
     # ------------------------------------------------------------------ evaluation
 

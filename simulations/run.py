@@ -119,6 +119,11 @@ def load_simulation_config(path: Path) -> SimulationConfig:
     return load_toml(Path(path), SimulationConfig, what="simulation config")
 
 
+PEER_KEYS_DIR = "peer-keys"
+"""In a run directory: every simulated firm's signing.pub as <firm>.pub (each firm's
+``peer_keys_dir``)."""
+
+
 @dataclass(frozen=True)
 class SimFirm:
     name: str
@@ -194,9 +199,14 @@ def build_firms(
                 training=training,
                 public_size=public_size(int(part["customer_id"].nunique())),
             )
+        # The firms' signing keys, as each firm would receive its peers' out of band: a peer's
+        # secure-sum key counts only if the key held here signed it.
+        data.setdefault("federation", {})["peer_keys_dir"] = f"../../{PEER_KEYS_DIR}"
         config = write_toml(root / "firm.toml", data)
         init_keys(root / "keys", firm=name)
         shutil.copy(root / "keys" / "signing.pub", root / "signing.pub")  # for auditors
+        (run_dir / PEER_KEYS_DIR).mkdir(exist_ok=True)
+        shutil.copy(root / "keys" / "signing.pub", run_dir / PEER_KEYS_DIR / f"{name}.pub")
         firm_cfg = load_firm_config(config)
         prepare(firm_cfg)
         if i < sim.exhausted_firms:

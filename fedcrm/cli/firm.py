@@ -64,6 +64,19 @@ def keys_rotate(
     out.print(f"new {kind} key: {new_id}. Run `fedcrm prepare --config FIRM.toml` to re-tokenize.")
 
 
+@keys_app.command("agreement")
+@user_errors
+def keys_agreement(
+    keys_dir: Annotated[Path, typer.Option("--dir", help="the firm's key directory")],
+) -> None:
+    """Add the firm's secure-sum key (X25519, 0600) to a key directory made before it existed."""
+    from fedcrm.privacy.keys import add_agreement_key, agreement_key_id
+
+    public = add_agreement_key(keys_dir)
+    out.print(f"secure-sum key {agreement_key_id(public)} created in {keys_dir} "
+              f"(public key: {keys_dir / 'agreement.pub'})")
+
+
 # --------------------------------------------------------------------------- scan
 
 

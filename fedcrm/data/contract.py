@@ -251,6 +251,12 @@ class FederationSection(BaseModel):
         description="the most ε one analytics query may spend (each query also counts against "
         "the firm's total cap)",
     )
+    peer_keys_dir: Path | None = Field(
+        default=None,
+        description="secure sums: a folder of the peer firms' Ed25519 signing keys "
+        "(<firm>.pub, exchanged out of band); a peer's secure-sum key counts only if the key "
+        "held here signed it, so the coordinator cannot substitute one",
+    )
 
 
 class ValidationSection(BaseModel):
@@ -358,6 +364,9 @@ def parse_firm_config(data: dict[str, Any], *, path: Path) -> FirmConfig:
         }
     )
     budget = cfg.budget.model_copy(update={"ledger": _resolve(base, cfg.budget.ledger)})
+    federation = cfg.federation.model_copy(
+        update={"peer_keys_dir": _resolve(base, cfg.federation.peer_keys_dir)}
+    )
     tables = {
         name: spec.model_copy(
             update={
@@ -367,7 +376,8 @@ def parse_firm_config(data: dict[str, Any], *, path: Path) -> FirmConfig:
         for name, spec in cfg.tables.items()
     }
     return cfg.model_copy(
-        update={"firm": firm, "budget": budget, "tables": tables, "config_path": path}
+        update={"firm": firm, "budget": budget, "federation": federation, "tables": tables,
+                "config_path": path}
     )
 
 
