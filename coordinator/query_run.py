@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from fedcrm.analytics.estimates import Estimate
 from fedcrm.analytics.spec import QueryKind, QuerySpec
@@ -48,6 +48,10 @@ class QueryCoordination(BaseModel):
         description="sum the firms' answers with the secure sum (each firm adds its share of "
         "the noise; the coordinator sees only the total)",
     )
+    secure_sum_neighbours: int = Field(
+        default=0, ge=0, description="secure sum: peers each firm masks against (0: all; e.g. "
+        "20 for 100+ firms)",
+    )
     seed: int | None = Field(default=None, description="seed of the bootstrap intervals")
 
     @property
@@ -62,6 +66,13 @@ class QueryRunConfig(BaseModel):
 
     query: QuerySpec
     coordinator: QueryCoordination = QueryCoordination()
+
+    @model_validator(mode="after")
+    def _secure_needs_two(self) -> QueryRunConfig:
+        if self.coordinator.secure_sum and self.query.min_firms < 2:
+            raise ValueError("a secure-sum query needs min_firms >= 2 (the sum of one firm is "
+                             "its answer)")
+        return self
 
     def to_flower(self, *, run_id: str, run_dir: Path) -> dict[str, str | int | float | bool]:
         values: dict[str, Any] = {
@@ -94,6 +105,11 @@ class QueryFileConfig(BaseModel):
     query: QuerySpec
     coordinator: QueryCoordination = QueryCoordination()
     simulation: dict[str, Any] | None = None  # parsed by the simulation harness
+
+    @model_validator(mode="after")
+    def _secure_needs_two(self) -> QueryFileConfig:
+        self.run_config()
+        return self
 
     def run_config(self) -> QueryRunConfig:
         return QueryRunConfig(query=self.query, coordinator=self.coordinator)

@@ -160,6 +160,22 @@ def plan_answer(
     )
 
 
+#: The ``query`` part of the secure sum of an analytics query (its run id is the query id).
+QUERY_SUM = "query"
+
+#: A secure sum's range covers each firm's exact statistics plus this many noise standard
+#: deviations (a draw beyond it has probability below 1e-800).
+NOISE_TAIL = 64.0
+
+
+def answer_bound(plan: AnswerPlan, public_size: int) -> float:
+    """The largest |value| of a firm's answer: on the grid, no coordinate of the exact statistics
+    exceeds ``resolution x customers`` (each customer adds at most one resolution to it), plus
+    :data:`NOISE_TAIL` noise deviations. A firm sizes it by its declared public size, a public
+    upper bound on its customers."""
+    return float(plan.layout.resolution * public_size + NOISE_TAIL * plan.noise_std)
+
+
 def answer_hash(values: np.ndarray) -> str:
     """sha256 of the answer's int64 bytes (logged by the firm; matched by the auditor)."""
     return hashlib.sha256(np.ascontiguousarray(values, dtype=np.int64).tobytes()).hexdigest()

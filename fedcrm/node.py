@@ -39,7 +39,14 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from fedcrm.analytics.spec import QuerySpec
 from fedcrm.analytics.statistics import firm_statistics
-from fedcrm.answering import AnswerPlan, QueryDeclined, answer, plan_answer
+from fedcrm.answering import (
+    QUERY_SUM,
+    AnswerPlan,
+    QueryDeclined,
+    answer,
+    answer_bound,
+    plan_answer,
+)
 from fedcrm.audit.log import EntryKind
 from fedcrm.data.contract import FirmConfig, load_firm_config
 from fedcrm.data.store import PreparedStore, load_store
@@ -406,6 +413,8 @@ class FirmNode:
         nothing is spent and nothing about the data leaves but yes or no (and why not)."""
         try:
             spec, _plan = self._query_plan(request)
+            if request.secure:
+                self.public_size  # noqa: B018 - a secure sum is sized by it: refuse without one
             firm_statistics(spec, self.store())  # the data can answer it (nothing leaves)
         except QueryDeclined as exc:
             state = ReplyState.BUDGET_EXHAUSTED if exc.budget else ReplyState.DECLINED
@@ -415,8 +424,10 @@ class FirmNode:
         return self._query_offer_reply(ReplyState.OK, "")
 
     def _query_offer_reply(self, state: ReplyState, detail: str) -> QueryOfferReply:
+        size = self.cfg.federation.public_size or 0
         return QueryOfferReply(firm=self.firm, state=state, detail=detail,
-                               epsilon_total=self.privacy.spent(), epsilon_cap=self.privacy.cap)
+                               epsilon_total=self.privacy.spent(), epsilon_cap=self.privacy.cap,
+                               public_size=size)
 
     def answer_query(self, request: QueryAnswerRequest) -> QueryAnswer:
         """This firm's DP answer (plain mode), released through :func:`fedcrm.answering.answer`."""
@@ -470,9 +481,43 @@ class FirmNode:
                            for t, g in zip(trained, global_arrays, strict=True)])
         write_private(self._held_update_path(run_id, server_round), buffer.getvalue())
 
-    def _sum_input(self, query: SecureSumQuery) -> np.ndarray:
-        """The firm's vector for a sum: for training, its weighted update and its weight."""
+    def _query_sum_input(self, query: SecureSumQuery, *, release_now: bool) -> np.ndarray:
+        """An analytics query's answer for a secure sum: everything is checked at the share
+        step (nothing spent); the answer is released - charged, signed - only at the mask step,
+        and then leaves only masked."""
+        sum_spec = query.spec
+        query_id = sum_spec.sum_id.run_id
+        if sum_spec.sum_id.query != QUERY_SUM or sum_spec.sum_id.round != 0:
+            raise SecureSumError(f"secure sum {sum_spec.sum_id.label()} is not a query's sum")
+        spec = QuerySpec.from_json(query.query_spec)
+        if spec.min_firms < 2 or len(sum_spec.parties) < spec.min_firms:
+            raise SecureSumError(
+                f"query {query_id}: a secure sum of {len(sum_spec.parties)} firm(s) cannot carry "
+                f"the noise of min_firms={spec.min_firms} (at least 2)"
+            )
+        plan = plan_answer(self.privacy, self.cfg, spec, query_id=query_id, secure=True)
+        need = answer_bound(plan, self.public_size)
+        fp = sum_spec.fixed_point
+        if sum_spec.length != plan.layout.length or fp.scale != 1 or not (
+            fp.lower <= -need and fp.upper >= need
+        ):
+            raise SecureSumError(
+                f"query {query_id}: the secure sum's length {sum_spec.length}, range "
+                f"[{fp.lower:g}, {fp.upper:g}] or scale {fp.scale} do not fit this firm's answer "
+                f"({plan.layout.length} integers within ±{need:g}, scale 1)"
+            )
+        if not release_now:
+            return np.empty(0)
+        self.secure_sum._claimed(sum_spec, "share")
+        released = answer(self.privacy, self.store(), plan)
+        return np.asarray(released.value, dtype=np.float64)
+
+    def _sum_input(self, query: SecureSumQuery, *, release_now: bool = True) -> np.ndarray:
+        """The firm's vector for a sum: for training, its weighted update and its weight; for
+        a query, its DP answer with its share of the noise."""
         sum_id = query.spec.sum_id
+        if query.source is SumInput.QUERY_ANSWER:
+            return self._query_sum_input(query, release_now=release_now)
         if query.source is not SumInput.TRAINING_UPDATE:
             raise SecureSumError(f"this firm cannot add '{query.source.value}' to a secure sum")
         path = self._held_update_path(sum_id.run_id, sum_id.round)
@@ -495,11 +540,22 @@ class FirmNode:
         return self.secure_sum.register(request)
 
     def secure_sum_share(self, request: SecureSumShareRequest) -> SecureSumShareReply:
-        self._sum_input(request.query)  # refuse early a sum this firm has nothing for
+        # refuse early a sum this firm has nothing for (a query: checked, nothing spent)
+        self._sum_input(request.query, release_now=False)
         return self.secure_sum.share(request)
 
     def secure_sum_mask(self, request: SecureSumMaskRequest) -> SecureSumMaskReply:
         return self.secure_sum.mask(request, self._sum_input(request.query))
 
     def secure_sum_unmask(self, request: SecureSumUnmaskRequest) -> SecureSumUnmaskReply:
+        query = request.query
+        if query.source is SumInput.QUERY_ANSWER:
+            spec = QuerySpec.from_json(query.query_spec)
+            if len(request.survivors) < spec.min_firms:
+                # each firm added 1/min_firms of the noise: fewer answers would carry less
+                raise SecureSumError(
+                    f"query {query.spec.sum_id.run_id}: {len(request.survivors)} firm(s) are in "
+                    f"the sum, fewer than min_firms={spec.min_firms}; this firm reveals nothing "
+                    "that would open it"
+                )
         return self.secure_sum.unmask(request)

@@ -482,11 +482,13 @@ class QueryOfferReply:
     detail: str
     epsilon_total: float
     epsilon_cap: float
+    public_size: int = 0  # the firm's declared public size (secure sums size their range by it)
 
     def encode(self) -> Wire:
         return Wire(
             config={"state": self.state.value, "firm": self.firm, "detail": self.detail},
-            metrics={"epsilon-total": self.epsilon_total, "epsilon-cap": self.epsilon_cap},
+            metrics={"epsilon-total": self.epsilon_total, "epsilon-cap": self.epsilon_cap,
+                     "public-size": self.public_size},
         )
 
     @classmethod
@@ -501,6 +503,7 @@ class QueryOfferReply:
             detail=_field(wire.config, "detail", str, what),
             epsilon_total=_field(wire.metrics, "epsilon-total", float, what),
             epsilon_cap=_field(wire.metrics, "epsilon-cap", float, what),
+            public_size=_field(wire.metrics, "public-size", int, what),
         )
 
 
@@ -585,6 +588,7 @@ class SumInput(StrEnum):
     """What a firm adds to a secure sum (the firm decides the values, never the coordinator)."""
 
     TRAINING_UPDATE = "training_update"  # its round's DP update, weighted by its public size
+    QUERY_ANSWER = "query_answer"  # its DP answer to an analytics query, with its noise share
 
 
 def _names(text: str) -> tuple[str, ...]:
@@ -620,12 +624,14 @@ class SecureSumQuery:
 
     ``weight_norm`` (training): the sum of the parties' public sizes; a firm adds its update times
     ``public_size / weight_norm`` and that weight, so the total holds the weighted sum and the sum
-    of the weights.
+    of the weights. ``query_spec`` (analytics): the query's canonical JSON; the sum's run id is
+    the query id.
     """
 
     spec: SumSpec
     source: SumInput
     weight_norm: int = 0
+    query_spec: str = ""
 
     def to_config(self) -> dict[str, Scalar]:
         s, fp = self.spec, self.spec.fixed_point
@@ -634,6 +640,7 @@ class SecureSumQuery:
             "parties": ",".join(s.parties), "length": s.length, "lower": fp.lower,
             "upper": fp.upper, "scale": fp.scale, "neighbours": s.neighbours,
             "source": self.source.value, "weight-norm": self.weight_norm,
+            "query-spec": self.query_spec,
         }
 
     @classmethod
@@ -651,7 +658,7 @@ class SecureSumQuery:
                 neighbours=_field(c, "neighbours", int, what),
             )
             return cls(spec, SumInput(_field(c, "source", str, what)),
-                       _field(c, "weight-norm", int, what))
+                       _field(c, "weight-norm", int, what), str(c.get("query-spec", "")))
         except ValueError as exc:
             raise ProtocolError(f"malformed {what}: {exc}") from None
         except ConfigError as exc:

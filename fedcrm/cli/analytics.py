@@ -48,8 +48,9 @@ def _print_result(result: dict[str, Any], run_dir: Path) -> None:
         out.print(table)
     spent = dict(result.get("epsilon", {}))
     if spent:
+        totals = dict(result.get("epsilon_total", {}))
         out.print(Text("ε spent by this query per firm: " + ", ".join(
-            f"{firm} {eps:.3g} (total {result['epsilon_total'][firm]:.3g})"
+            f"{firm} {eps:.3g}" + (f" (total {totals[firm]:.3g})" if firm in totals else "")
             for firm, eps in sorted(spent.items()))), highlight=False)
     files = dict(result.get("files", {}))
     out.print(Text(f"results in {run_dir}: " + ", ".join(Path(f).name for f in files.values())),
