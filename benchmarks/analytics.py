@@ -190,20 +190,28 @@ def bench_query(path: Path, setup: Setup, stores: list[Any], trials: int,
     return row
 
 
-def real_run(path: Path, firms: list[Any], workdir: Path) -> dict[str, Any]:
+def real_run(path: Path, firms: list[Any], workdir: Path, *, secure: bool) -> dict[str, Any]:
     """One real query through Flower's simulation engine on the already built firms."""
     from fedcrm.coordinator.query_run import load_query_file
     from fedcrm.simulations.query import simulate_query
 
     file_cfg = load_query_file(path)
-    file_cfg = file_cfg.model_copy(update={"simulation": {
+    n = len(firms)
+    min_firms = n if n <= 5 else math.ceil(0.8 * n)
+    query = file_cfg.query.model_copy(update={"min_firms": min_firms if secure else 3})
+    coordinator = file_cfg.coordinator.model_copy(update={
+        "secure_sum": secure, "secure_sum_neighbours": 0 if n <= 20 else 20, "timeout": 600.0,
+    })
+    file_cfg = file_cfg.model_copy(update={"query": query, "coordinator": coordinator,
+                                           "simulation": {
         "dataset": "cdnow" if path.name.startswith("cdnow") else "telco",
-        "firms": len(firms), "baseline": False, "workdir": str(workdir),
+        "firms": n, "baseline": False, "workdir": str(workdir),
     }})
     started = time.perf_counter()
     run_dir, result = simulate_query(file_cfg, firms=firms, workdir=workdir)
     return {
-        "query": file_cfg.query.name, "status": result["status"],
+        "query": file_cfg.query.name, "mode": "secure" if secure else "plain",
+        "min_firms": query.min_firms, "status": result["status"],
         "answered_by": len(result["answered_by"]),
         "query_seconds_in_serverapp": result["seconds"],
         "wall_seconds_with_engine_start": round(time.perf_counter() - started, 3),
@@ -239,7 +247,8 @@ def main() -> None:
             entry: dict[str, Any] = {"prepare_seconds": round(built, 1), "queries": rows}
             if not args.no_real:
                 first = sorted(QUERIES.glob(f"{setup.prefix}*.toml"))[0]
-                entry["real_run"] = real_run(first, firms, Path(tmp) / "runs")
+                entry["real_runs"] = [real_run(first, firms, Path(tmp) / "runs", secure=secure)
+                                      for secure in (False, True)]
             out["setups"][setup.name] = entry
             _print(setup, entry)
     out["targets_met"] = _targets(out)
@@ -259,9 +268,9 @@ def _print(setup: Setup, entry: dict[str, Any]) -> None:
               f"{r['secure']['ratio_to_central']:6.2f} {r['plain']['rmse']:11.4g} "
               f"{r['plain']['ratio_to_central']:6.2f} {r['firm_seconds_mean']:7.3f} "
               f"{r['coordinator_seconds']:8.3f}")
-    if "real_run" in entry:
-        rr = entry["real_run"]
-        print(f"real Flower run of {rr['query']}: {rr['status']}, {rr['answered_by']} firms, "
+    for rr in entry.get("real_runs", []):
+        print(f"real Flower run of {rr['query']} ({rr['mode']}, min_firms {rr['min_firms']}): "
+              f"{rr['status']}, {rr['answered_by']} firms, "
               f"{rr['query_seconds_in_serverapp']:.1f} s in the ServerApp, "
               f"{rr['wall_seconds_with_engine_start']:.1f} s with the engine's start")
 
@@ -278,10 +287,10 @@ def _targets(out: dict[str, Any]) -> dict[str, bool]:
                     r["secure"]["worst_abs_p95"] <= TARGETS["churn_by_contract_pp_max"])
                 met["telco_churn_by_contract_within_1pp_plain"] = (
                     r["plain"]["worst_abs_p95"] <= TARGETS["churn_by_contract_pp_max"])
-    big = out["setups"].get("cdnow_100firms", {}).get("real_run")
-    if big:
-        met["query_over_100_firms_within_10s"] = (
-            big["query_seconds_in_serverapp"] <= TARGETS["firms_100_seconds_max"])
+    for run in out["setups"].get("cdnow_100firms", {}).get("real_runs", []):
+        met[f"query_over_100_firms_within_10s_{run['mode']}"] = (
+            run["status"] == "completed"
+            and run["query_seconds_in_serverapp"] <= TARGETS["firms_100_seconds_max"])
     return met
 
 

@@ -1,4 +1,5 @@
-"""TrendModel: time-shifted training data, loss, DP-trainability, forecast, roll-up, evaluation."""
+"""TrendModel: time-shifted training data, features, loss, DP-trainability, forecast, roll-up,
+evaluation (curve and ranking), and the firm's DP evaluation statistics."""
 
 from __future__ import annotations
 
@@ -8,19 +9,33 @@ import pytest
 import torch
 
 from fedcrm.learning.dp_engine import DpOptimizer, plan_for_budget, train_dp, train_non_dp
+from fedcrm.learning.metrics import auc
+from fedcrm.learning.models import model_to_arrays
 from fedcrm.learning.trend_model import (
     FIRM_TOTAL,
     TREND_FEATURE_NAMES,
+    TREND_FEATURE_SPECS,
     build_trend_model,
+    capture_from_histograms,
     evaluate_holdout,
     forecast,
     rollup,
+    top_share_capture,
     trend_dataset,
     trend_features,
     trend_fingerprint,
     trend_per_sample_loss,
 )
 from fedcrm.privacy.errors import ConfigError
+from fedcrm.tasks.base import NoisyStatistics
+from fedcrm.tasks.trend import (
+    EVALUATION_CLIP,
+    EVALUATION_QUANTA,
+    RANK_PURCHASE_CLIP,
+    FirmTrendData,
+    pooled_trend_metrics,
+    rank_bins,
+)
 
 torch.set_num_threads(1)
 
@@ -185,6 +200,7 @@ def test_evaluate_holdout_on_a_known_forecast() -> None:
     assert got["end_relative_error"] == pytest.approx(-0.25)
     assert got["customer_mae"] == pytest.approx((0.5 + 0.5) / 2)
     assert got["forecast_total"] == 3.0 and got["actual_total"] == 4.0
+    assert np.isnan(got["repeat_buyer_auc"])  # everyone bought: no ranking to judge
     perfect = evaluate_holdout(actual, actual)
     assert perfect["cumulative_error"] == 0.0 and perfect["customer_mae"] == 0.0
     with pytest.raises(ValueError):
@@ -202,3 +218,134 @@ def test_fingerprint_changes_with_any_declared_feature_range(
     wider["repeat_purchases"] = ("log1p", 200.0)
     monkeypatch.setattr(trend_model, "TREND_FEATURE_SPECS", wider)
     assert trend_fingerprint() != fp  # firms with another layout would be told apart
+
+
+def test_features_on_a_hand_made_history() -> None:
+    """Purchases (distinct days) 70, 42 and 14 days before the cutoff, spending 10, 20 and 60:
+    the recency, inter-purchase and monetary features follow their declared scaling."""
+    days = [CAL_END - pd.Timedelta(days=d) for d in (70, 42, 14)]
+    tx = pd.DataFrame({"customer_id": "C1", "timestamp": days, "quantity": 1.0,
+                       "amount": [10.0, 20.0, 60.0]})
+    X, ids = trend_features(tx, as_of=CAL_END)
+    got = dict(zip(TREND_FEATURE_NAMES, X[0].tolist(), strict=True))
+
+    def scaled(name: str, raw: float) -> float:
+        transform, upper = TREND_FEATURE_SPECS[name]
+        return float(np.log1p(raw) / np.log1p(upper)) if transform == "log1p" else raw / upper
+
+    assert list(ids) == ["C1"]
+    assert got["recency_weeks"] == pytest.approx(scaled("recency_weeks", 2.0))
+    assert got["mean_gap_weeks"] == pytest.approx(scaled("mean_gap_weeks", 4.0))  # 8 weeks / 2
+    assert got["overdue"] == pytest.approx(scaled("overdue", 0.5))
+    assert got["mean_spend"] == pytest.approx(scaled("mean_spend", 30.0))
+    assert got["recency_share"] == pytest.approx(0.2)
+    one_timer = trend_features(tx.iloc[:1], as_of=CAL_END)[0][0]
+    named = dict(zip(TREND_FEATURE_NAMES, one_timer.tolist(), strict=True))
+    assert named["mean_gap_weeks"] == 0.0 and named["overdue"] == 0.0 and named["no_repeat"] == 1
+
+
+def test_capture_counts_the_top_fifth_and_splits_ties_in_proportion() -> None:
+    scores = np.arange(10.0)
+    purchases = np.arange(10.0)  # the top two customers made 9 + 8 of 45 purchases
+    assert top_share_capture(scores, purchases) == pytest.approx(17 / 45)
+    # four customers tied at the top: two of them are in the top 20%, i.e. half of their 16
+    tied = np.array([0, 0, 0, 0, 0, 0, 1, 1, 1, 1.0])
+    bought = np.array([1, 1, 1, 1, 1, 1, 4, 4, 4, 4.0])
+    assert top_share_capture(tied, bought) == pytest.approx(8 / 22)
+    # the same from a histogram of two bins
+    assert capture_from_histograms(np.array([6, 4.0]), np.array([6, 16.0])) == pytest.approx(8 / 22)
+    rng = np.random.default_rng(3)
+    s, p = rng.random(500), rng.poisson(1.0, 500).astype(float)
+    order = np.argsort(-s)
+    assert top_share_capture(s, p) == pytest.approx(p[order[:100]].sum() / p.sum())
+
+
+def test_evaluate_holdout_ranks_customers_by_their_forecast_total() -> None:
+    rng = np.random.default_rng(0)
+    actual = rng.poisson(0.3, size=(400, 6)).astype(float)
+    perfect = evaluate_holdout(actual, actual)
+    assert perfect["repeat_buyer_auc"] == pytest.approx(1.0)
+    flat = evaluate_holdout(np.full_like(actual, 0.3), actual)
+    assert flat["repeat_buyer_auc"] == pytest.approx(0.5)
+    assert flat["top20_capture"] == pytest.approx(0.2)  # ties: a fifth of the purchases
+    reversed_ = evaluate_holdout(-actual + actual.max(), actual)
+    assert reversed_["repeat_buyer_auc"] < 0.5 and reversed_["top20_capture"] < 0.2
+
+
+def _firm(n: int, *, seed: int, holdout_weeks: int = 12) -> tuple[FirmTrendData, list[np.ndarray]]:
+    """A firm's trend data with heavy and light buyers and a model that forecasts spread out."""
+    rng = np.random.default_rng(seed)
+    d = len(TREND_FEATURE_NAMES)
+    x = rng.random((n, d)).astype(np.float32)
+    rate = np.exp(rng.normal(-2.5, 1.5, n))
+    actual = rng.poisson(rate[:, None], size=(n, holdout_weeks)).astype(np.float64)
+    actual[:3] = 20.0  # far above every clip
+    model = build_trend_model()
+    with torch.no_grad():
+        model.weight[0] = torch.from_numpy(rng.normal(0, 3, d).astype(np.float32))
+    data = FirmTrendData(
+        x_train=x, y_train=np.zeros((n, 4), np.float32), x_pred=x, actual=actual,
+        calibration_end=CAL_END, holdout_weeks=holdout_weeks, fingerprint=trend_fingerprint(),
+    )
+    return data, model_to_arrays(model)
+
+
+def _without(data: FirmTrendData, row: int) -> FirmTrendData:
+    keep = np.arange(len(data.actual)) != row
+    return FirmTrendData(
+        x_train=data.x_train[keep], y_train=data.y_train[keep], x_pred=data.x_pred[keep],
+        actual=data.actual[keep], calibration_end=data.calibration_end,
+        holdout_weeks=data.holdout_weeks, fingerprint=data.fingerprint,
+    )
+
+
+def test_one_customer_moves_the_evaluation_statistics_by_at_most_their_sensitivity() -> None:
+    data, arrays = _firm(300, seed=1)
+    full = data.evaluation(arrays, model=None)  # type: ignore[arg-type]
+    assert full.integer
+    for values in full.values.values():
+        np.testing.assert_array_equal(values, np.rint(values))
+    flat = np.concatenate([np.asarray(v) for v in full.values.values()])
+    norms = []
+    for row in [0, 1, 2, *range(3, 300, 7)]:  # the heavy buyers and a spread of the rest
+        less = _without(data, row).evaluation(arrays, model=None)  # type: ignore[arg-type]
+        assert less.l2_sensitivity == full.l2_sensitivity
+        diff = flat - np.concatenate([np.asarray(v) for v in less.values.values()])
+        norms.append(float(np.linalg.norm(diff)))
+    assert max(norms) <= full.l2_sensitivity + 1e-6
+    assert max(norms) > 0.8 * full.l2_sensitivity  # a heavy buyer uses most of the bound
+
+
+def test_pooled_ranking_without_noise_is_the_binned_ranking_of_all_firms() -> None:
+    firms = [_firm(400, seed=s) for s in (1, 2, 3)]
+    arrays = firms[0][1]
+    released = [NoisyStatistics(values={k: tuple(v) for k, v in d.evaluation(
+        arrays, model=None).values.items()}, noise_std=0.0)  # type: ignore[arg-type]
+        for d, _ in firms]
+    pooled = pooled_trend_metrics(released)
+    score = np.concatenate([d._forecast(arrays).sum(axis=1) for d, _ in firms])
+    bought = np.concatenate([d.actual.sum(axis=1) for d, _ in firms])
+    binned = rank_bins(score / firms[0][0].holdout_weeks)
+    assert len(np.unique(binned)) >= 4  # the forecasts spread over several bins
+    assert pooled["repeat_buyer_auc"] == pytest.approx(auc(binned, bought > 0))
+    assert pooled["top20_capture"] == pytest.approx(
+        top_share_capture(binned.astype(float), np.minimum(bought, RANK_PURCHASE_CLIP)))
+    assert pooled["repeat_buyer_auc_noise_sd"] == 0.0
+    clipped = np.concatenate([
+        np.minimum(d.actual.reshape(len(d.actual), 3, -1).sum(axis=2), EVALUATION_CLIP).sum(0)
+        for d, _ in firms]).reshape(3, 3).sum(0)
+    assert pooled["actual_total"] == pytest.approx(clipped.sum(), abs=3 / EVALUATION_QUANTA)
+    noisy = pooled_trend_metrics([NoisyStatistics(values=r.values, noise_std=2e5)
+                                  for r in released])
+    assert noisy["repeat_buyer_auc_noise_sd"] > 0 and noisy["top20_capture_noise_sd"] > 0
+
+
+def test_every_trend_evaluation_statistic_is_in_the_privacy_tables_reply_fields() -> None:
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "privacy.md").read_text()
+    rows = {tuple(c.strip() for c in line.strip("|").split("|")[:3])
+            for line in text.splitlines() if line.startswith("| evaluate |")}
+    data, arrays = _firm(50, seed=4)
+    names = data.evaluation(arrays, model=None).values  # type: ignore[arg-type]
+    assert {("evaluate", "metrics", name) for name in names} <= rows

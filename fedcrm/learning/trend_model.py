@@ -32,7 +32,19 @@ itself is a plain ``nn.Linear`` / ``Sequential``, :mod:`fedcrm.dp_engine` clips 
 
 *Features* (:data:`TREND_FEATURE_NAMES`) are scaled by DECLARED ranges (:data:`TREND_FEATURE_SPECS`)
 and clipped to [0, 1] — nothing is fitted on a firm's data, so every firm produces the same layout
-(compare :func:`trend_fingerprint`).
+(compare :func:`trend_fingerprint`). Besides frequency and recency ratios they hold the
+inter-purchase time (mean gap between purchases, and how overdue the next purchase is) and the
+monetary value (mean spend per purchase day), which rank customers: ``benchmarks/trend.py
+--validate`` chose them on a validation window inside CDNOW's calibration period (calibration
+end 13 weeks earlier, the last 13 calibration weeks as holdout), never on the classic holdout.
+A two-part decoder (P(active) times a Poisson rate, as in BG/NBD) was tried there too and ranked
+no better while tracking the firm's curve worse, so the decoder stays one rate curve.
+
+*Ranking.* :func:`evaluate_holdout` reports, besides the firm-level curve, how well the forecast
+total ranks customers: the repeat-buyer AUC (does the customer buy in the holdout at all) and the
+top-20% capture (share of holdout purchases made by the fifth of customers with the highest
+forecast). Per-customer absolute error is not a ranking measure and favours predicting the
+median (zero), so it is reported but not used to choose models.
 """
 
 from __future__ import annotations
@@ -49,9 +61,10 @@ import torch
 from torch import Tensor, nn
 
 from fedcrm.data.features import WEEK, _purchase_days, rfm, rfm_scores
+from fedcrm.learning.metrics import auc
 from fedcrm.privacy.errors import ConfigError
 
-TREND_FORMAT = "fedcrm/trend-features/v1"
+TREND_FORMAT = "fedcrm/trend-features/v2"
 #: Time scale (weeks) of the per-customer decay term.
 TREND_DECAY_WEEKS = 13.0
 #: Default training horizons (weeks before calibration end at which training cutoffs sit).
@@ -63,10 +76,13 @@ TREND_INITIAL_WEEKLY_RATE = 0.05
 
 #: name → (transform, declared upper bound of the raw quantity); every feature lands in [0, 1].
 #: ``log1p``: log1p(v) / log1p(upper); ``linear``: v / upper; ``flag``: 0/1.
-#: Absolute durations (customer age, weeks since the last purchase) are deliberately NOT features:
-#: forecast-time customers are always older than any training-time customer, so those features
-#: would lie outside their training range exactly when the forecast is made. They enter only
-#: through ratios and fixed recent windows, whose ranges the staggered cutoffs do cover.
+#: Customer age is deliberately NOT a feature: forecast-time customers are always older than any
+#: training-time customer, so it would lie outside its training range exactly when the forecast
+#: is made. Weeks since the last purchase are (on a log scale, so that the stretch beyond the
+#: training range is short); without them every one-time buyer would get the same forecast and
+#: the ranking would tie more than half of a typical firm's customers.
+#: ``mean_spend`` is in the unit of the transactions' ``amount`` column, which must be the same
+#: currency unit at every firm of a federation.
 TREND_FEATURE_SPECS: dict[str, tuple[str, float]] = {
     "repeat_purchases": ("log1p", 100.0),  # purchase days after the first (trial) one
     "no_repeat": ("flag", 1.0),  # only the trial purchase so far
@@ -74,6 +90,10 @@ TREND_FEATURE_SPECS: dict[str, tuple[str, float]] = {
     "purchases_last_13w": ("log1p", 91.0),  # purchase days in the last 13 weeks
     "annual_repeat_rate": ("log1p", 365.0),  # 52 · repeat_purchases / max(age_weeks, 1)
     "recency_share": ("linear", 1.0),  # weeks since last purchase / max(age_weeks, 1)
+    "recency_weeks": ("log1p", 104.0),  # weeks since the last purchase
+    "mean_gap_weeks": ("log1p", 52.0),  # (last − first purchase) / repeat purchases; 0 if none
+    "overdue": ("log1p", 52.0),  # recency_weeks / max(mean_gap_weeks, 1); 0 without a repeat
+    "mean_spend": ("log1p", 1000.0),  # mean spend per purchase day (amount units)
 }
 TREND_FEATURE_NAMES: tuple[str, ...] = tuple(TREND_FEATURE_SPECS)
 
@@ -126,10 +146,12 @@ def _features_from_days(days: pd.DataFrame, index: pd.Index, as_of: pd.Timestamp
     np.minimum.at(last, codes, age_days)  # newest purchase: smallest age
     last4 = np.bincount(codes[age_days < 28], minlength=n).astype(np.float64)
     last13 = np.bincount(codes[age_days < 91], minlength=n).astype(np.float64)
+    spend = np.bincount(codes, weights=past["amount"].to_numpy(np.float64)[keep], minlength=n)
     has = count > 0
     age_w = np.where(has, first, 0) / 7.0
     rec_w = np.where(has, last, 0) / 7.0
     repeat = np.maximum(count - 1.0, 0.0)
+    mean_gap = np.where(repeat > 0, (age_w - rec_w) / np.maximum(repeat, 1.0), 0.0)
     raw = {
         "repeat_purchases": repeat,
         "no_repeat": (has & (repeat == 0)).astype(np.float64),
@@ -137,6 +159,10 @@ def _features_from_days(days: pd.DataFrame, index: pd.Index, as_of: pd.Timestamp
         "purchases_last_13w": last13,
         "annual_repeat_rate": 52.0 * repeat / np.maximum(age_w, 1.0),
         "recency_share": rec_w / np.maximum(age_w, 1.0),
+        "recency_weeks": rec_w,
+        "mean_gap_weeks": mean_gap,
+        "overdue": np.where(repeat > 0, rec_w / np.maximum(mean_gap, 1.0), 0.0),
+        "mean_spend": spend / np.maximum(count, 1.0),
     }
     X = _scale(raw)
     X[~has] = 0.0
@@ -364,16 +390,63 @@ def rollup(forecast_weekly: np.ndarray,
     return out
 
 
+#: Share of customers (those with the highest forecast) whose holdout purchases the capture counts.
+TOP_SHARE = 0.2
+
+
+def top_share_capture(scores: np.ndarray, purchases: np.ndarray, *,
+                      share: float = TOP_SHARE) -> float:
+    """Share of all ``purchases`` made by the ``share`` of customers with the highest ``scores``.
+
+    Customers tied at the cut count in proportion (the expected capture when ties are broken at
+    random), so a model that forecasts the same value for many customers gets no credit for an
+    arbitrary order among them. NaN when there are no purchases.
+    """
+    s = np.asarray(scores, dtype=np.float64)
+    p = np.asarray(purchases, dtype=np.float64)
+    if s.shape != p.shape or s.ndim != 1:
+        raise ValueError(f"scores {s.shape} and purchases {p.shape} must be one value per customer")
+    values, inverse = np.unique(-s, return_inverse=True)  # descending score groups
+    counts = np.bincount(inverse, minlength=len(values)).astype(np.float64)
+    sums = np.bincount(inverse, weights=p, minlength=len(values))
+    return capture_from_histograms(counts[::-1], sums[::-1], share=share)
+
+
+def capture_from_histograms(counts: np.ndarray, purchases: np.ndarray, *,
+                            share: float = TOP_SHARE) -> float:
+    """:func:`top_share_capture` from customers and purchases per score bin, bins in ASCENDING
+    score order; the bin at the cut counts in proportion, as ties do."""
+    c = np.asarray(counts, dtype=np.float64)[::-1]
+    p = np.asarray(purchases, dtype=np.float64)[::-1]
+    total = float(p.sum())
+    if total <= 0 or c.sum() <= 0:
+        return float("nan")
+    before = np.concatenate([[0.0], np.cumsum(c)[:-1]])  # customers in higher bins
+    taken = np.clip(share * c.sum() - before, 0.0, c)
+    fraction = np.divide(taken, c, out=np.zeros_like(c), where=c > 0)
+    return float((fraction * p).sum() / total)
+
+
 def evaluate_holdout(forecast_weekly: np.ndarray | pd.DataFrame,
                      actual_weekly: np.ndarray | pd.DataFrame) -> dict[str, float]:
     """Compare a forecast with the holdout, both ``[customers × weeks]`` in the same row order.
+
+    The firm-level curve:
 
     * ``cumulative_error``: mean over holdout weeks of |forecast − actual| of the firm's
       cumulative (repeat-)purchase curve, in purchases;
     * ``cumulative_relative_error``: that, divided by the actual total at the end of the holdout;
     * ``end_relative_error``: signed (forecast − actual) / actual of the end-of-holdout total;
-    * ``customer_mae``: mean over customers of |forecast − actual| total holdout purchases;
     * ``forecast_total`` / ``actual_total``: the end-of-holdout totals.
+
+    Ranking customers by their forecast total over the holdout:
+
+    * ``repeat_buyer_auc``: ROC AUC of that score for "buys at least once in the holdout";
+    * ``top20_capture``: share of holdout purchases made by the 20% of customers with the highest
+      score (:func:`top_share_capture`).
+
+    And ``customer_mae``: mean over customers of |forecast − actual| total holdout purchases (it
+    favours forecasting the median, zero for most customers, so it is no ranking measure).
     """
     F = np.asarray(forecast_weekly, dtype=np.float64)
     A = np.asarray(actual_weekly, dtype=np.float64)
@@ -385,11 +458,14 @@ def evaluate_holdout(forecast_weekly: np.ndarray | pd.DataFrame,
     actual_total = float(cum_a[-1])
     forecast_total = float(cum_f[-1])
     scale = actual_total if actual_total > 0 else float("nan")
+    score, bought = F.sum(axis=1), A.sum(axis=1)
     return {
         "cumulative_error": mae,
         "cumulative_relative_error": mae / scale,
         "end_relative_error": (forecast_total - actual_total) / scale,
-        "customer_mae": float(np.abs(F.sum(axis=1) - A.sum(axis=1)).mean()),
+        "repeat_buyer_auc": auc(score, bought > 0),
+        "top20_capture": top_share_capture(score, bought),
+        "customer_mae": float(np.abs(score - bought).mean()),
         "forecast_total": forecast_total,
         "actual_total": actual_total,
     }
