@@ -191,13 +191,14 @@ def gaussian(size: int, sigma: float, *, rng: SecureRandom | None = None) -> np.
 
 @functools.lru_cache(maxsize=64)
 def _opendp_integer_gaussian(sigma: float) -> Any:
-    # OpenDP takes ~1.5 s to import: only processes that release counts pay for it.
-    import opendp.prelude as dp
+    # Only the modules needed: ``opendp.prelude`` also imports its scikit-learn extras (seconds).
+    from opendp.domains import atom_domain, vector_domain
+    from opendp.measurements import make_gaussian
+    from opendp.metrics import l2_distance
+    from opendp.mod import enable_features
 
-    dp.enable_features("contrib")  # OpenDP's documented opt-in for make_gaussian
-    return dp.m.make_gaussian(
-        dp.vector_domain(dp.atom_domain(T="i64")), dp.l2_distance(T="i64"), scale=sigma
-    )
+    enable_features("contrib")  # OpenDP's documented opt-in for make_gaussian
+    return make_gaussian(vector_domain(atom_domain(T="i64")), l2_distance(T="i64"), scale=sigma)
 
 
 def discrete_gaussian(size: int, sigma: float) -> np.ndarray:

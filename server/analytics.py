@@ -256,6 +256,7 @@ def run_query(grid: Grid, cfg: QueryRunConfig, *, run_id: str, run_dir: Path) ->
                            rounds=1))
     nodes = _wait_for_nodes(grid, cfg, events)
     _tune_simulation_polling(grid, len(nodes))
+    timings = {"wait_for_firms": time.time() - started}
     timeout = cfg.coordinator.timeout
     offer = QueryOffer(query_id=run_id, spec=spec.canonical_json(),
                        secure=cfg.coordinator.secure_sum)
@@ -273,6 +274,7 @@ def run_query(grid: Grid, cfg: QueryRunConfig, *, run_id: str, run_dir: Path) ->
             declined[r.firm] = r.detail
             events.emit(FirmStopped(round=OFFER, firm=r.firm, node_id=node,
                                     state=r.state.value, detail=r.detail))
+    timings["offer"] = time.time() - started - sum(timings.values())
     audit.append(EntryKind.QUERY_STARTED, {
         "query_id": run_id, "query": spec.name, "fingerprint": spec.fingerprint(),
         "spec": spec.canonical_json(), "firms": sorted(accepted.values()),
@@ -290,6 +292,7 @@ def run_query(grid: Grid, cfg: QueryRunConfig, *, run_id: str, run_dir: Path) ->
         else:
             outcome = _plain_answers(grid, cfg, run_id=run_id, accepted=accepted, events=events)
         status, reason = outcome.status, outcome.reason
+    timings["answer"] = time.time() - started - sum(timings.values())
     estimates = []
     if status == "completed":
         assert outcome is not None and outcome.total is not None
@@ -308,6 +311,7 @@ def run_query(grid: Grid, cfg: QueryRunConfig, *, run_id: str, run_dir: Path) ->
         "estimates": [e.to_json() for e in estimates],
         "result_hash": result_hash(estimates) if estimates else "",
         "seconds": round(time.time() - started, 3),
+        "timings": {k: round(v, 3) for k, v in timings.items()},
     }
     files = write_result(run_dir, result, spec, estimates)
     result["files"] = files
