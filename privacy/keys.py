@@ -46,6 +46,9 @@ PSEUDONYM_INFO_PREFIX = b"fedcrm/pseudonym/v1/"
 """HKDF ``info`` prefix for pseudonym keys; the firm and key version follow it."""
 STORE_INFO_PREFIX = b"fedcrm/store/v1/"
 """HKDF ``info`` prefix for store file keys; the firm and table follow it."""
+OVERLAP_STATE_INFO_PREFIX = b"fedcrm/overlap-state/v1/"
+"""HKDF ``info`` prefix for the key that seals a firm's state between two steps of an overlap;
+the firm and the overlap id follow it."""
 META_FILE = "keys.json"
 ENV_PSEUDONYM = "FEDCRM_PSEUDONYM_KEY"
 ENV_DATA = "FEDCRM_DATA_KEY"
@@ -198,6 +201,13 @@ class FirmKeys:
         """
         info = STORE_INFO_PREFIX + f"{self.firm}/{table}".encode()
         return _hkdf(self.data_key, info=info, salt=salt)
+
+    def overlap_state_key(self, *, overlap_id: str) -> bytes:
+        """The AES-256 key that seals this firm's secret state of one customer-overlap count
+        between its two steps: ``HKDF-SHA256(data_key, info=b"fedcrm/overlap-state/v1/<firm>/
+        <overlap id>")``."""
+        info = OVERLAP_STATE_INFO_PREFIX + f"{self.firm}/{overlap_id}".encode()
+        return _hkdf(self.data_key, info=info)
 
     def signing_key_id(self) -> str | None:
         return None if self.signing_key is None else public_key_id(self.signing_key.public_key())
