@@ -71,6 +71,8 @@ class EntryKind(StrEnum):
     KEY_ROTATED = "key_rotated"
     BUDGET_CHANGED = "budget_changed"
     QUERY_ANSWERED = "query_answered"
+    OVERLAP_BLINDED = "overlap_blinded"
+    OVERLAP_REBLINDED = "overlap_reblinded"
     # coordinator side
     RUN_STARTED = "run_started"
     UPDATE_ACCEPTED = "update_accepted"
@@ -80,6 +82,8 @@ class EntryKind(StrEnum):
     RUN_FINISHED = "run_finished"
     QUERY_STARTED = "query_started"
     QUERY_RESULT = "query_result"
+    OVERLAP_STARTED = "overlap_started"
+    OVERLAP_RESULT = "overlap_result"
 
 
 _NUM = (int, float)
@@ -119,6 +123,22 @@ _REQUIRED: Mapping[EntryKind, Mapping[str, tuple[type, ...]]] = {
     EntryKind.QUERY_RESULT: {
         "query_id": (str,), "status": (str,), "answers": (dict,), "sum_hash": (str,),
         "result_hash": (str,),
+    },
+    EntryKind.OVERLAP_BLINDED: {
+        "overlap_id": (str,), "overlap": (str,), "fingerprint": (str,), "peer": (str,),
+        "padded_length": (int,), "sent_hash": (str,), "release": (str,),
+    },
+    EntryKind.OVERLAP_REBLINDED: {
+        "overlap_id": (str,), "overlap": (str,), "peer": (str,), "received_hash": (str,),
+        "length": (int,), "sent_hash": (str,),
+    },
+    EntryKind.OVERLAP_STARTED: {
+        "overlap_id": (str,), "overlap": (str,), "fingerprint": (str,), "spec": (str,),
+        "firms": (list,),
+    },
+    EntryKind.OVERLAP_RESULT: {
+        "overlap_id": (str,), "status": (str,), "estimate": (int, float, type(None)),
+        "sets": (dict,), "matches": (dict,),
     },
 }
 
@@ -259,6 +279,8 @@ def _payload_problem(kind: EntryKind, payload: Mapping[str, Any]) -> str | None:
         return "update_sent release must be the 64-hex hash of a dp_release entry"
     if kind is EntryKind.QUERY_ANSWERED and not _HEX64.fullmatch(payload["release"]):
         return "query_answered release must be the 64-hex hash of a dp_release entry"
+    if kind is EntryKind.OVERLAP_BLINDED and not _HEX64.fullmatch(payload["release"]):
+        return "overlap_blinded release must be the 64-hex hash of a dp_release entry"
     if kind is EntryKind.KEY_ROTATED and not _KEY_ID.fullmatch(payload["new_key_id"]):
         return "key_rotated new_key_id must look like 'ed25519:<16 hex>'"
     if kind is EntryKind.FIRM_HEADS:
