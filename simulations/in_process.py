@@ -65,7 +65,7 @@ class InProcessGrid:
 
     ``drop(node, message_type)`` loses a reply; ``tamper(message)`` replaces a request before the
     firm sees it (a misbehaving coordinator). ``sent`` and ``received`` keep every request and
-    reply; ``costs`` what each node spent.
+    reply; ``costs`` what each node spent, ``step_costs`` the same per (node, message type).
     """
 
     def __init__(
@@ -90,6 +90,7 @@ class InProcessGrid:
         self.sent: list[Any] = []
         self.received: list[Any] = []
         self.costs: dict[int, PartyCost] = {node: PartyCost() for node in self.contexts}
+        self.step_costs: dict[tuple[int, str], PartyCost] = {}
 
     def get_node_ids(self) -> Iterable[int]:
         return list(self.contexts)
@@ -102,14 +103,16 @@ class InProcessGrid:
                 message = self.tamper(message)
             node = message.metadata.dst_node_id
             self.sent.append(message)
-            cost = self.costs[node]
+            kind = message.metadata.message_type
             wall, cpu = time.perf_counter(), time.thread_time()
             reply = self.app(message, self.contexts[node])
-            cost.cpu_seconds += time.thread_time() - cpu
-            cost.wall_seconds += time.perf_counter() - wall
-            cost.bytes_in += payload_bytes(message)
-            cost.bytes_out += payload_bytes(reply)
-            cost.messages += 1
+            cpu, wall = time.thread_time() - cpu, time.perf_counter() - wall
+            for cost in (self.costs[node], self.step_costs.setdefault((node, kind), PartyCost())):
+                cost.cpu_seconds += cpu
+                cost.wall_seconds += wall
+                cost.bytes_in += payload_bytes(message)
+                cost.bytes_out += payload_bytes(reply)
+                cost.messages += 1
             if not self.drop(node, message.metadata.message_type):
                 replies.append(reply)
                 self.received.append(reply)
