@@ -153,6 +153,7 @@ def run_overlap(grid: Grid, cfg: OverlapRunConfig, *, run_id: str, run_dir: Path
     noise_std = math.sqrt(2.0) * noise.noise_std
     result: dict[str, Any] = {
         "overlap_id": run_id, "run_id": run_id, "status": status, "stop_reason": reason,
+        "task": f"overlap:{spec.key.value}", "strategy": "psi",
         "overlap": spec.model_dump(mode="json"), "firms": list(spec.firms),
         "declined": declined, "padded_lengths": lengths,
         "estimate": estimate, "noise_std": noise_std,

