@@ -59,6 +59,7 @@ from fedcrm.privacy.blinding import (
     shuffled,
     unpack,
 )
+from fedcrm.privacy.durable import write_private
 from fedcrm.privacy.encryption import seal, unseal
 from fedcrm.privacy.errors import FedcrmError, KeyFileError
 from fedcrm.privacy.keys import FirmKeys, load_public_key
@@ -236,8 +237,6 @@ def _aad(firm: str, overlap_id: str) -> bytes:
 
 
 def _write_state(privacy: FirmPrivacy, keys: FirmKeys, overlap_id: str, state: _State) -> None:
-    from fedcrm.privacy.durable import write_private
-
     path = _state_path(privacy, overlap_id)
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     blob = seal(keys.overlap_state_key(overlap_id=overlap_id), state.to_bytes(),
