@@ -4,6 +4,7 @@ ClientApp and coordinator code (in-process Grid), a misbehaving coordinator, the
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import re
 import shutil
@@ -419,3 +420,26 @@ def test_fedcrm_overlap_counts_two_simulated_telco_firms_in_flowers_simulation_e
     report = verify_run(run_dir)
     assert report.ok, [str(f) for f in report.failures]
     assert [o["status"] for o in report.overlaps] == ["completed"]
+
+
+def test_the_serverapp_runs_an_overlap_from_its_flower_run_config(
+    overlap_firms: Callable[..., list[Path]], tmp_path: Path, coordinator_key: Path,
+) -> None:
+    """What a deployment's app bundle carries (``OverlapRunConfig.to_flower``) is decoded by the
+    ServerApp itself and runs the count (here over the in-process Grid)."""
+    from flwr.app import Context, RecordDict
+
+    from fedcrm.server.server_app import make_server_app
+
+    configs = overlap_firms()
+    cfg = OverlapRunConfig.model_validate({
+        "overlap": SPEC, "coordinator": OverlapCoordination(wait_for_firms=0).model_dump(),
+    })
+    run_dir = tmp_path / "runs" / "ov-dep"
+    flat = cfg.to_flower(run_id="ov-dep", run_dir=run_dir)
+    assert OverlapRunConfig.from_flower(flat)[0] == cfg
+    context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(),
+                      run_config=dict(flat))
+    make_server_app()(InProcessGrid(configs), context)  # type: ignore[arg-type]
+    result = json.loads((run_dir / "result.json").read_text())
+    assert result["status"] == "completed" and result["overlap_id"] == "ov-dep"
