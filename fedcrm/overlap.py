@@ -259,6 +259,14 @@ def _read_state(privacy: FirmPrivacy, keys: FirmKeys, overlap_id: str) -> _State
 # ------------------------------------------------------------------------------ step 2: blind
 
 
+def dummy_count(noise: OverlapNoise) -> int:
+    """``offset + Z``, ``Z`` a discrete Gaussian of the plan's σ clamped to ``[-offset, offset]``
+    (so the count fits the public allowance; :mod:`fedcrm.analytics.overlap` accounts the clamp).
+    Drawn only inside the release, after the ledger's check."""
+    z = int(discrete_gaussian(1, noise.noise_std)[0])
+    return min(max(noise.offset + z, 0), noise.allowance)
+
+
 @dataclass(frozen=True)
 class _Blinded:
     sent: BlindedSet
@@ -283,8 +291,7 @@ def blind(
 
     def compute() -> _Blinded:
         rng = SecureRandom()
-        z = int(discrete_gaussian(1, noise.noise_std)[0])
-        k = min(max(noise.offset + z, 0), noise.allowance)
+        k = dummy_count(noise)
         alpha = BlindingKey.generate()
         publics = {g: alpha.public(g) for g in GroupClass}
         rhos = [BlindingKey.generate() for _ in range(k)]

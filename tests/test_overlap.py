@@ -443,3 +443,19 @@ def test_the_serverapp_runs_an_overlap_from_its_flower_run_config(
     make_server_app()(InProcessGrid(configs), context)  # type: ignore[arg-type]
     result = json.loads((run_dir / "result.json").read_text())
     assert result["status"] == "completed" and result["overlap_id"] == "ov-dep"
+
+
+def test_the_dummy_count_is_offset_plus_a_discrete_gaussian_clamped_to_the_allowance(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import fedcrm.overlap as overlap
+
+    noise = overlap_noise(1.0, 1e-6)
+    draws = np.array([overlap.dummy_count(noise) for _ in range(3000)])
+    assert draws.min() >= 0 and draws.max() <= noise.allowance
+    assert abs(draws.mean() - noise.offset) < 4 * noise.noise_std / math.sqrt(len(draws))
+    assert draws.std() == pytest.approx(noise.noise_std, rel=0.1)
+    for extreme, clamped in ((-10**6, 0), (10**6, noise.allowance)):
+        monkeypatch.setattr(overlap, "discrete_gaussian",
+                            lambda size, sigma, e=extreme: np.full(size, e, dtype=np.int64))
+        assert overlap.dummy_count(noise) == clamped
