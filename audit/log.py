@@ -72,6 +72,8 @@ class EntryKind(StrEnum):
     BUDGET_CHANGED = "budget_changed"
     QUERY_ANSWERED = "query_answered"
     SECURE_SUM = "secure_sum"  # a firm's step in a secure sum (what it sent, to whom)
+    OVERLAP_BLINDED = "overlap_blinded"
+    OVERLAP_REBLINDED = "overlap_reblinded"
     # coordinator side
     RUN_STARTED = "run_started"
     UPDATE_ACCEPTED = "update_accepted"
@@ -82,6 +84,8 @@ class EntryKind(StrEnum):
     QUERY_STARTED = "query_started"
     QUERY_RESULT = "query_result"
     SECURE_SUM_RESULT = "secure_sum_result"  # a secure sum's survivors and the hash of its total
+    OVERLAP_STARTED = "overlap_started"
+    OVERLAP_RESULT = "overlap_result"
 
 
 _NUM = (int, float)
@@ -129,6 +133,22 @@ _REQUIRED: Mapping[EntryKind, Mapping[str, tuple[type, ...]]] = {
     EntryKind.SECURE_SUM_RESULT: {
         "run_id": (str,), "round": (int,), "query": (str,), "spec_hash": (str,),
         "firms": (list,), "dropped": (list,), "sum_hash": (str,),
+    },
+    EntryKind.OVERLAP_BLINDED: {
+        "overlap_id": (str,), "overlap": (str,), "fingerprint": (str,), "peer": (str,),
+        "padded_length": (int,), "sent_hash": (str,), "release": (str,),
+    },
+    EntryKind.OVERLAP_REBLINDED: {
+        "overlap_id": (str,), "overlap": (str,), "peer": (str,), "received_hash": (str,),
+        "length": (int,), "sent_hash": (str,),
+    },
+    EntryKind.OVERLAP_STARTED: {
+        "overlap_id": (str,), "overlap": (str,), "fingerprint": (str,), "spec": (str,),
+        "firms": (list,),
+    },
+    EntryKind.OVERLAP_RESULT: {
+        "overlap_id": (str,), "status": (str,), "estimate": (int, float, type(None)),
+        "sets": (dict,), "matches": (dict,),
     },
 }
 
@@ -269,6 +289,8 @@ def _payload_problem(kind: EntryKind, payload: Mapping[str, Any]) -> str | None:
         return "update_sent release must be the 64-hex hash of a dp_release entry"
     if kind is EntryKind.QUERY_ANSWERED and not _HEX64.fullmatch(payload["release"]):
         return "query_answered release must be the 64-hex hash of a dp_release entry"
+    if kind is EntryKind.OVERLAP_BLINDED and not _HEX64.fullmatch(payload["release"]):
+        return "overlap_blinded release must be the 64-hex hash of a dp_release entry"
     if kind is EntryKind.KEY_ROTATED and not _KEY_ID.fullmatch(payload["new_key_id"]):
         return "key_rotated new_key_id must look like 'ed25519:<16 hex>'"
     if kind is EntryKind.FIRM_HEADS:

@@ -148,7 +148,8 @@ def _firm_section(summary: FirmSummary) -> str:
              f'<p class="muted">{summary.log_length} log entries, head {_short(summary.head)}, '
              f"signed by {_e(', '.join(summary.signers) or 'nobody')}; "
              f"{summary.updates_sent} updates sent, {summary.queries_answered} "
-             "analytics queries answered</p>"]
+             f"analytics queries answered, {summary.overlaps_counted} customer overlaps "
+             "counted</p>"]
     cap = "not logged" if summary.epsilon_cap is None else f"{summary.epsilon_cap:g}"
     delta = "" if summary.delta is None else f" at δ={summary.delta:g}"
     parts.append(f"<p>ε spent <b>{summary.epsilon_spent:.4g}</b> of cap <b>{_e(cap)}</b>"
@@ -211,6 +212,19 @@ def _queries_section(report: VerificationReport) -> str:
                    "result"], rows)
 
 
+def _overlaps_section(report: VerificationReport) -> str:
+    rows = []
+    for o in report.overlaps:
+        spec = o.get("spec", {})
+        asked = (f"{spec.get('key', '?')}, ε={spec.get('epsilon', '?')} per firm"
+                 if spec else "")
+        estimate = o.get("estimate")
+        rows.append((_e(o.get("overlap_id", "")), _e(o.get("overlap", "")), _e(asked),
+                     _e(", ".join(o.get("firms", []))), _e(o.get("status", "unfinished")),
+                     _e("-" if estimate is None else estimate)))
+    return _table(["overlap id", "overlap", "asked", "firms", "status", "noisy count"], rows)
+
+
 def render_html(report: VerificationReport) -> str:
     """The report for an already computed verification (see :func:`render_report`)."""
     run = report.run
@@ -227,8 +241,10 @@ def render_html(report: VerificationReport) -> str:
         "<h2>Firms</h2>",
         *(_firm_section(s) for _, s in sorted(report.firms.items())),
         *(["<h2>Analytics queries</h2>", _queries_section(report)] if report.queries else []),
-        *(["<h2>Rounds</h2>", _rounds_section(report)] if report.rounds or not report.queries
+        *(["<h2>Customer overlaps</h2>", _overlaps_section(report)] if report.overlaps
           else []),
+        *(["<h2>Rounds</h2>", _rounds_section(report)]
+          if report.rounds or not (report.queries or report.overlaps) else []),
         "<h2>Global model</h2>",
         _metrics_figure(report),
         final if report.final_metrics else "<p class=muted>no global model recorded</p>",

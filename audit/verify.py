@@ -64,6 +64,8 @@ class FailureKind(StrEnum):
     UNMATCHED_UPDATE = "unmatched_update"  # update_accepted without a matching update_sent
     UNCOVERED_ANSWER = "uncovered_answer"  # query_answered not funded by an earlier query release
     UNMATCHED_ANSWER = "unmatched_answer"  # query_result uses an answer no firm log records
+    UNCOVERED_OVERLAP = "uncovered_overlap"  # overlap step not funded by its overlap release
+    UNMATCHED_OVERLAP = "unmatched_overlap"  # overlap_result uses a set no firm log records
     MISSING_LOG = "missing_log"  # a log or public key the run layout requires is absent
 
 
@@ -193,6 +195,8 @@ def _check_semantics(scan: _Scan) -> None:
     accountant_cap: float | None = None
     budget_delta: float | None = None
     funded: dict[str, str] = {}
+    blinded: set[str] = set()
+    reblinded: set[str] = set()
     last_release_line = 0
     for n, entry in scan.valid:
         p = entry.payload
@@ -254,6 +258,32 @@ def _check_semantics(scan: _Scan) -> None:
                 scan.fail(n, FailureKind.UNCOVERED_ANSWER,
                           f"answer to query {str(p['query_id'])[:40]} reuses release line "
                           f"{target[0]}, which already funded a different release")
+        elif entry.kind is EntryKind.OVERLAP_BLINDED:
+            release = str(p["release"])
+            target = by_hash.get(release)
+            oid = str(p["overlap_id"])
+            if (
+                target is None or target[0] >= n or target[1].kind is not EntryKind.DP_RELEASE
+                or str(target[1].payload["purpose"]) != f"overlap:{p['overlap']}"
+            ):
+                scan.fail(n, FailureKind.UNCOVERED_OVERLAP,
+                          f"blinded set of overlap {oid[:40]} references no earlier overlap "
+                          f"release (release={release[:16]}…)")
+            elif funded.setdefault(release, str(p["sent_hash"])) != str(p["sent_hash"]):
+                scan.fail(n, FailureKind.UNCOVERED_OVERLAP,
+                          f"blinded set of overlap {oid[:40]} reuses release line {target[0]}, "
+                          "which already funded a different release")
+            elif oid in blinded:
+                scan.fail(n, FailureKind.UNCOVERED_OVERLAP,
+                          f"overlap {oid[:40]} was blinded twice")
+            blinded.add(oid)
+        elif entry.kind is EntryKind.OVERLAP_REBLINDED:
+            oid = str(p["overlap_id"])
+            if oid not in blinded or oid in reblinded:
+                scan.fail(n, FailureKind.UNCOVERED_OVERLAP,
+                          f"matches of overlap {oid[:40]} sent without this firm's earlier "
+                          "blinded set, or a second time")
+            reblinded.add(oid)
     if prefix.releases:
         delta = float(scan.releases[-1]["delta"])
         both = cross_check(prefix.releases, delta=delta)
@@ -291,6 +321,7 @@ class FirmSummary:
     updates_sent: int
     budget_changes: tuple[Mapping[str, Any], ...] = ()  # every cap change, signed, with why
     queries_answered: int = 0
+    overlaps_counted: int = 0
 
     @property
     def epsilon_spent(self) -> float:
@@ -315,6 +346,7 @@ class VerificationReport:
     rounds: tuple[RoundSummary, ...]
     final_metrics: Mapping[str, Any]
     queries: tuple[Mapping[str, Any], ...] = ()
+    overlaps: tuple[Mapping[str, Any], ...] = ()
 
     @property
     def ok(self) -> bool:
@@ -388,7 +420,7 @@ def _firm_summary(firm: str, scan: _Scan) -> FirmSummary:
     masking: dict[str, dict[str, str]] = {}
     rows: dict[str, dict[str, int]] = {}
     budget_changes: list[dict[str, Any]] = []
-    updates = queries = 0
+    updates = queries = overlaps = 0
     for _, entry in scan.valid:
         if entry.kind is EntryKind.BUDGET_CHANGED:
             budget_changes.append({
@@ -402,6 +434,8 @@ def _firm_summary(firm: str, scan: _Scan) -> FirmSummary:
             updates += 1
         if entry.kind is EntryKind.QUERY_ANSWERED:
             queries += 1
+        if entry.kind is EntryKind.OVERLAP_BLINDED:
+            overlaps += 1
         if entry.kind is not EntryKind.DATA_PREPARED:
             continue
         for table, spec in dict(entry.payload["tables"]).items():
@@ -422,6 +456,7 @@ def _firm_summary(firm: str, scan: _Scan) -> FirmSummary:
         epsilon_cap=cap, delta=delta, releases=tuple(scan.releases),
         releases_by_purpose=by_purpose, masking=masking, rows=rows, updates_sent=updates,
         budget_changes=tuple(budget_changes), queries_answered=queries,
+        overlaps_counted=overlaps,
     )
 
 
@@ -497,6 +532,43 @@ def _cross_check(fed: _Scan, firm_scans: Mapping[str, _Scan],
                     add(Failure(fed.label, n, FailureKind.UNMATCHED_UPDATE,
                                 f"secure sum {p['query']!r} of round {p['round']} counts "
                                 f"{firm!r}, whose log has no masked input for it"))
+        elif entry.kind is EntryKind.OVERLAP_RESULT:
+            _cross_check_overlap(fed, n, p, firm_scans, add)
+
+
+def _cross_check_overlap(fed: _Scan, n: int, p: Mapping[str, Any],
+                         firm_scans: Mapping[str, _Scan], add: Any) -> None:
+    """Every set and list the coordinator counted is one the firm signed as sent, and each firm
+    received its peer's set unchanged."""
+    oid = str(p["overlap_id"])
+    sets = {str(k): str(v) for k, v in dict(p["sets"]).items()}
+
+    def signed(firm: str, kind: EntryKind, field_name: str, want: str) -> list[AuditEntry]:
+        scan = firm_scans.get(firm)
+        return [] if scan is None else [
+            e for _, e in scan.valid
+            if e.kind is kind and e.payload["overlap_id"] == oid
+            and e.payload[field_name] == want
+        ]
+
+    for firm, want in sets.items():
+        if not signed(firm, EntryKind.OVERLAP_BLINDED, "sent_hash", want):
+            add(Failure(fed.label, n, FailureKind.UNMATCHED_OVERLAP,
+                        f"overlap {oid[:40]} relayed a blinded set from {firm!r} that has no "
+                        "matching overlap_blinded in that firm's log"))
+    for firm, want in dict(p["matches"]).items():
+        firm = str(firm)
+        entries = signed(firm, EntryKind.OVERLAP_REBLINDED, "sent_hash", str(want))
+        if not entries:
+            add(Failure(fed.label, n, FailureKind.UNMATCHED_OVERLAP,
+                        f"overlap {oid[:40]} counted matches from {firm!r} that have no "
+                        "matching overlap_reblinded in that firm's log"))
+            continue
+        peer_sets = [h for f, h in sets.items() if f != firm]
+        if peer_sets and entries[0].payload["received_hash"] not in peer_sets:
+            add(Failure(fed.label, n, FailureKind.UNMATCHED_OVERLAP,
+                        f"overlap {oid[:40]}: {firm!r} blinded a set other than the one its "
+                        "peer sent (the coordinator changed it in transit)"))
 
 
 def _rounds(fed: _Scan) -> tuple[dict[str, Any], tuple[RoundSummary, ...], dict[str, Any]]:
@@ -564,6 +636,24 @@ def _queries(fed: _Scan) -> tuple[dict[str, Any], ...]:
     return tuple(queries.values())
 
 
+def _overlaps(fed: _Scan) -> tuple[dict[str, Any], ...]:
+    """The customer-overlap counts of the federation log: which firms, and the result."""
+    overlaps: dict[str, dict[str, Any]] = {}
+    for _, entry in fed.valid:
+        p = entry.payload
+        if entry.kind is EntryKind.OVERLAP_STARTED:
+            overlaps[str(p["overlap_id"])] = {
+                "overlap_id": str(p["overlap_id"]), "overlap": str(p["overlap"]),
+                "fingerprint": str(p["fingerprint"]), "spec": _spec_of(str(p["spec"])),
+                "firms": list(p["firms"]), "started": entry.time,
+            }
+        elif entry.kind is EntryKind.OVERLAP_RESULT:
+            slot = overlaps.setdefault(str(p["overlap_id"]), {"overlap_id": str(p["overlap_id"])})
+            slot.update({"status": str(p["status"]), "estimate": p["estimate"],
+                         "counted_from": sorted(dict(p["matches"])), "finished": entry.time})
+    return tuple(overlaps.values())
+
+
 def verify_run(run_dir: Path) -> VerificationReport:
     """Verify every log of a run directory and cross-check them.
 
@@ -591,6 +681,7 @@ def verify_run(run_dir: Path) -> VerificationReport:
     run, rounds, final = _rounds(fed)
     return VerificationReport(
         queries=_queries(fed),
+        overlaps=_overlaps(fed),
         run_dir=str(root),
         failures=tuple(failures),
         run=run,

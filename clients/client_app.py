@@ -25,6 +25,12 @@ from fedcrm.protocol import (
     EvaluateReply,
     EvaluateRequest,
     MessageKind,
+    OverlapBlindReply,
+    OverlapBlindRequest,
+    OverlapMatches,
+    OverlapOffer,
+    OverlapOfferReply,
+    OverlapReblindRequest,
     QueryAnswer,
     QueryAnswerRequest,
     QueryOffer,
@@ -48,6 +54,7 @@ torch.set_num_threads(1)
 Reply = (
     DescribeReply | TrainReply | EvaluateReply | QueryOfferReply | QueryAnswer
     | SecureSumKeysReply | SecureSumShareReply | SecureSumMaskReply | SecureSumUnmaskReply
+    | OverlapOfferReply | OverlapBlindReply | OverlapMatches
 )
 Handler = Callable[[FirmNode, Message], Reply]
 
@@ -96,6 +103,18 @@ def _secure_sum_unmask(node: FirmNode, msg: Message) -> Reply:
     return node.secure_sum_unmask(SecureSumUnmaskRequest.decode(wire_of(msg)))
 
 
+def _overlap_offer(node: FirmNode, msg: Message) -> Reply:
+    return node.offer_overlap(OverlapOffer.decode(wire_of(msg)))
+
+
+def _overlap_blind(node: FirmNode, msg: Message) -> Reply:
+    return node.blind_overlap(OverlapBlindRequest.decode(wire_of(msg)))
+
+
+def _overlap_reblind(node: FirmNode, msg: Message) -> Reply:
+    return node.reblind_overlap(OverlapReblindRequest.decode(wire_of(msg)))
+
+
 def make_client_app(
     firm_configs: Mapping[int, str] | None = None, *, mods: list[Mod] | None = None
 ) -> ClientApp:
@@ -129,6 +148,9 @@ def make_client_app(
     app.query(MessageKind.DESCRIBE.value.split(".")[1])(serve(_describe))
     app.query(MessageKind.QUERY_OFFER.value.split(".")[1])(serve(_offer))
     app.query(MessageKind.QUERY_ANSWER.value.split(".")[1])(serve(_answer))
+    app.query(MessageKind.OVERLAP_OFFER.value.split(".")[1])(serve(_overlap_offer))
+    app.query(MessageKind.OVERLAP_BLIND.value.split(".")[1])(serve(_overlap_blind))
+    app.query(MessageKind.OVERLAP_REBLIND.value.split(".")[1])(serve(_overlap_reblind))
     app.train()(serve(_train))
     app.evaluate()(serve(_evaluate))
     for kind, handler in (

@@ -30,6 +30,7 @@ from fedcrm.coordinator.flower_cli import (
     write_flwr_config,
 )
 from fedcrm.coordinator.local_deployment import AppSpec
+from fedcrm.coordinator.overlap_run import OverlapRunConfig
 from fedcrm.coordinator.processes import DeploymentError, ManagedProcess, ProcessGroup, port_open
 from fedcrm.coordinator.query_run import QueryRunConfig
 from fedcrm.coordinator.run_config import RunConfig
@@ -139,9 +140,11 @@ def register_firm(cfg: CoordinatorConfig, *, firm: str, public_key: Path) -> int
     )
 
 
-def default_run_timeout(run: RunConfig | QueryRunConfig) -> float:
+def default_run_timeout(run: RunConfig | QueryRunConfig | OverlapRunConfig) -> float:
     """Seconds to wait for a run: waiting for firms, describe, train + evaluate per round (a
-    query: waiting for firms, offer and answer)."""
+    query: waiting for firms, offer and answer; an overlap: offer, blind and reblind)."""
+    if isinstance(run, OverlapRunConfig):
+        return run.coordinator.wait_for_firms + 3 * run.coordinator.timeout + 300.0
     if isinstance(run, QueryRunConfig):
         c = run.coordinator
         return c.wait_for_firms + 2 * c.timeout + 300.0
@@ -150,7 +153,7 @@ def default_run_timeout(run: RunConfig | QueryRunConfig) -> float:
 
 def submit_run(
     cfg: CoordinatorConfig,
-    run: RunConfig | QueryRunConfig,
+    run: RunConfig | QueryRunConfig | OverlapRunConfig,
     *,
     run_id: str,
     timeout_s: float | None = None,

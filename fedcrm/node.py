@@ -37,6 +37,7 @@ import numpy as np
 import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from fedcrm.analytics.overlap import OverlapSpec
 from fedcrm.analytics.spec import QuerySpec
 from fedcrm.analytics.statistics import firm_statistics
 from fedcrm.answering import (
@@ -52,6 +53,14 @@ from fedcrm.data.contract import FirmConfig, load_firm_config
 from fedcrm.data.store import PreparedStore, load_store
 from fedcrm.learning.dp_engine import noise_generator, train_dp
 from fedcrm.learning.models import arrays_to_model, model_to_arrays
+from fedcrm.overlap import (
+    OverlapDeclined,
+    blind,
+    check_size,
+    plan_overlap,
+    read_match_keys,
+    reblind,
+)
 from fedcrm.privacy.durable import write_private
 from fedcrm.privacy.errors import (
     BudgetExhausted,
@@ -69,6 +78,12 @@ from fedcrm.protocol import (
     DescribeRequest,
     EvaluateReply,
     EvaluateRequest,
+    OverlapBlindReply,
+    OverlapBlindRequest,
+    OverlapMatches,
+    OverlapOffer,
+    OverlapOfferReply,
+    OverlapReblindRequest,
     QueryAnswer,
     QueryAnswerRequest,
     QueryOffer,
@@ -559,3 +574,62 @@ class FirmNode:
                     "that would open it"
                 )
         return self.secure_sum.unmask(request)
+
+    # ------------------------------------------------------------------ customer overlap
+
+    def offer_overlap(self, request: OverlapOffer) -> OverlapOfferReply:
+        """Whether this firm takes part in a customer-overlap count: policy, key, peer, size and
+        budget are checked; nothing is spent and no key leaves."""
+        try:
+            spec = OverlapSpec.from_json(request.spec)
+            plan = plan_overlap(self.privacy, self.cfg, spec, overlap_id=request.overlap_id)
+            check_size(plan, read_match_keys(self.cfg))
+        except OverlapDeclined as exc:
+            state = ReplyState.BUDGET_EXHAUSTED if exc.budget else ReplyState.DECLINED
+            return self._overlap_offer_reply(state, str(exc), 0)
+        except (SchemaError, ConfigError) as exc:
+            return self._overlap_offer_reply(ReplyState.DECLINED, str(exc), 0)
+        return self._overlap_offer_reply(ReplyState.OK, "", plan.padded_length)
+
+    def _overlap_offer_reply(self, state: ReplyState, detail: str, length: int
+                             ) -> OverlapOfferReply:
+        return OverlapOfferReply(firm=self.firm, state=state, detail=detail,
+                                 epsilon_total=self.privacy.spent(),
+                                 epsilon_cap=self.privacy.cap, padded_length=length)
+
+    def blind_overlap(self, request: OverlapBlindRequest) -> OverlapBlindReply:
+        """Step 2 of an overlap: this firm's signed blinded set, its one DP release."""
+        try:
+            spec = OverlapSpec.from_json(request.spec)
+            plan = plan_overlap(self.privacy, self.cfg, spec, overlap_id=request.overlap_id)
+            released = blind(self.privacy, self.cfg, self.keys, plan, read_match_keys(self.cfg))
+        except BudgetExhausted as exc:
+            return self._declined_blind(ReplyState.BUDGET_EXHAUSTED, str(exc))
+        except OverlapDeclined as exc:
+            state = ReplyState.BUDGET_EXHAUSTED if exc.budget else ReplyState.DECLINED
+            return self._declined_blind(state, str(exc))
+        except (SchemaError, ConfigError) as exc:
+            return self._declined_blind(ReplyState.DECLINED, str(exc))
+        return OverlapBlindReply(
+            firm=self.firm, state=ReplyState.OK, detail="", blinded=released.value,
+            noise_std=plan.noise.noise_std, epsilon=float(plan.event.epsilon),
+            epsilon_total=released.epsilon_total,
+        )
+
+    def _declined_blind(self, state: ReplyState, detail: str) -> OverlapBlindReply:
+        return OverlapBlindReply(firm=self.firm, state=state, detail=detail, blinded=None,
+                                 noise_std=0.0, epsilon=0.0, epsilon_total=self.privacy.spent())
+
+    def reblind_overlap(self, request: OverlapReblindRequest) -> OverlapMatches:
+        """Step 3 of an overlap: the peer's signed set blinded again, with this firm's dummies,
+        for the coordinator only (no new release: the noise was drawn in step 2)."""
+        try:
+            spec = OverlapSpec.from_json(request.spec)
+            elements = reblind(self.privacy, self.cfg, self.keys, spec, request.peer_set)
+        except OverlapDeclined as exc:
+            return OverlapMatches(firm=self.firm, state=ReplyState.DECLINED, detail=str(exc),
+                                  elements=None)
+        except ConfigError as exc:
+            return OverlapMatches(firm=self.firm, state=ReplyState.DECLINED, detail=str(exc),
+                                  elements=None)
+        return OverlapMatches(firm=self.firm, state=ReplyState.OK, detail="", elements=elements)

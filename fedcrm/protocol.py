@@ -18,6 +18,9 @@ hyphenated (Flower's convention; ``num-examples`` is what Flower's strategies we
 | ``query.secure_sum_share`` | :class:`SecureSumShareRequest` | :class:`SecureSumShareReply` |
 | ``query.secure_sum_mask`` | :class:`SecureSumMaskRequest` | :class:`SecureSumMaskReply` |
 | ``query.secure_sum_unmask`` | :class:`SecureSumUnmaskRequest` | :class:`SecureSumUnmaskReply` |
+| ``query.overlap_offer`` | :class:`OverlapOffer` | :class:`OverlapOfferReply` |
+| ``query.overlap_blind`` | :class:`OverlapBlindRequest` | :class:`OverlapBlindReply` |
+| ``query.overlap_reblind`` | :class:`OverlapReblindRequest` | :class:`OverlapMatches` |
 | any, on a firm-side failure | - | :class:`ErrorReply` |
 
 The run's parameters that every firm receives travel as a :class:`RunSpec`, encoded flat by
@@ -28,6 +31,7 @@ What each reply field reveals, and how it is accounted, is listed in ``docs/priv
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -38,6 +42,7 @@ import numpy as np
 from pydantic import ValidationError
 
 from fedcrm.learning.settings import ChurnModelKind, DpOptimizer, DpSgdSettings
+from fedcrm.privacy.blinding import BlindingError, elements_hash, unpack
 from fedcrm.privacy.errors import ConfigError
 from fedcrm.privacy.secure_sum import (
     CIPHERTEXT_BYTES,
@@ -70,6 +75,9 @@ class MessageKind(StrEnum):
     SECURE_SUM_SHARE = "query.secure_sum_share"
     SECURE_SUM_MASK = "query.secure_sum_mask"
     SECURE_SUM_UNMASK = "query.secure_sum_unmask"
+    OVERLAP_OFFER = "query.overlap_offer"
+    OVERLAP_BLIND = "query.overlap_blind"
+    OVERLAP_REBLIND = "query.overlap_reblind"
 
 
 class TaskKind(StrEnum):
@@ -572,6 +580,233 @@ class QueryAnswer:
             epsilon=_field(wire.metrics, "epsilon", float, what),
             epsilon_total=_field(wire.metrics, "epsilon-total", float, what),
         )
+
+
+# ------------------------------------------------------------------------------ customer overlap
+
+#: What a firm's signature over its blinded set starts with (never an audit entry's form).
+BLINDED_SET_DOMAIN = "fedcrm/overlap/v1/blinded-set"
+
+
+def _state(wire: Wire, what: str) -> ReplyState:
+    try:
+        return ReplyState(_field(wire.config, "state", str, what))
+    except ValueError as exc:
+        raise ProtocolError(f"malformed {what}: {exc}") from None
+
+
+def _elements(wire: Wire, what: str) -> np.ndarray | None:
+    """The one packed ``uint8 (n, 32)`` array of blinded values a message carries, if any."""
+    if not wire.arrays:
+        return None
+    if len(wire.arrays) != 1:
+        raise ProtocolError(f"{what} must carry one array of blinded values")
+    array = np.asarray(wire.arrays[0])
+    try:
+        unpack(array[:1])
+    except BlindingError as exc:
+        raise ProtocolError(f"malformed {what}: {exc}") from None
+    return array
+
+
+@dataclass(frozen=True)
+class OverlapOffer:
+    """A customer-overlap count offered to a firm: it says whether it will take part, spending
+    nothing. ``spec`` is the canonical JSON of :class:`fedcrm.analytics.overlap.OverlapSpec`."""
+
+    kind: ClassVar[MessageKind] = MessageKind.OVERLAP_OFFER
+    overlap_id: str
+    spec: str
+
+    def encode(self) -> Wire:
+        return Wire(config=flat_encode({"overlap_id": self.overlap_id, "spec": self.spec}))
+
+    @classmethod
+    def decode(cls, wire: Wire) -> Self:
+        c, what = flat_decode(wire.config), "overlap offer"
+        return cls(overlap_id=_field(c, "overlap_id", str, what),
+                   spec=_field(c, "spec", str, what))
+
+
+@dataclass(frozen=True)
+class OverlapOfferReply:
+    """Whether a firm takes part (``state`` OK) or why not; its budget and the public length
+    of the set it will send (its declared public size plus the noise allowance)."""
+
+    firm: str
+    state: ReplyState
+    detail: str
+    epsilon_total: float
+    epsilon_cap: float
+    padded_length: int
+
+    def encode(self) -> Wire:
+        return Wire(
+            config={"state": self.state.value, "firm": self.firm, "detail": self.detail},
+            metrics={"epsilon-total": self.epsilon_total, "epsilon-cap": self.epsilon_cap,
+                     "padded-length": self.padded_length},
+        )
+
+    @classmethod
+    def decode(cls, wire: Wire) -> Self:
+        what = "overlap offer reply"
+        return cls(
+            firm=_field(wire.config, "firm", str, what), state=_state(wire, what),
+            detail=_field(wire.config, "detail", str, what),
+            epsilon_total=_field(wire.metrics, "epsilon-total", float, what),
+            epsilon_cap=_field(wire.metrics, "epsilon-cap", float, what),
+            padded_length=_field(wire.metrics, "padded-length", int, what),
+        )
+
+
+@dataclass(frozen=True)
+class OverlapBlindRequest:
+    """Blind your match keys for the overlap (step 1): this is the firm's DP release."""
+
+    kind: ClassVar[MessageKind] = MessageKind.OVERLAP_BLIND
+    overlap_id: str
+    spec: str
+
+    def encode(self) -> Wire:
+        return OverlapOffer(self.overlap_id, self.spec).encode()
+
+    @classmethod
+    def decode(cls, wire: Wire) -> Self:
+        offer = OverlapOffer.decode(wire)
+        return cls(overlap_id=offer.overlap_id, spec=offer.spec)
+
+
+@dataclass(frozen=True)
+class BlindedSet:
+    """One firm's blinded, padded and shuffled keys for its peer, with its two public values
+    (``[α]·base`` on the curve and on the twist, which the peer's dummies need) and the firm's
+    Ed25519 signature over :meth:`signed_message`; the coordinator relays it unchanged."""
+
+    sender: str
+    recipient: str
+    overlap_id: str
+    fingerprint: str
+    elements: np.ndarray
+    public_curve: str  # hex
+    public_twist: str  # hex
+    signature: str = ""  # hex
+
+    def signed_message(self) -> bytes:
+        """The bytes the sender signs: everything above but the signature, domain-separated."""
+        return json.dumps({
+            "domain": BLINDED_SET_DOMAIN, "overlap_id": self.overlap_id,
+            "fingerprint": self.fingerprint, "sender": self.sender, "recipient": self.recipient,
+            "length": len(self.elements), "elements_sha256": elements_hash(self.elements),
+            "public_curve": self.public_curve, "public_twist": self.public_twist,
+        }, sort_keys=True, separators=(",", ":")).encode()
+
+    def config(self) -> dict[str, Scalar]:
+        return flat_encode({
+            "sender": self.sender, "recipient": self.recipient, "overlap_id": self.overlap_id,
+            "fingerprint": self.fingerprint, "public_curve": self.public_curve,
+            "public_twist": self.public_twist, "signature": self.signature,
+        })
+
+    @classmethod
+    def from_wire(cls, wire: Wire, what: str) -> Self:
+        c = flat_decode(wire.config)
+        elements = _elements(wire, what)
+        if elements is None:
+            raise ProtocolError(f"{what} carries no blinded values")
+        return cls(
+            sender=_field(c, "sender", str, what), recipient=_field(c, "recipient", str, what),
+            overlap_id=_field(c, "overlap_id", str, what),
+            fingerprint=_field(c, "fingerprint", str, what), elements=elements,
+            public_curve=_field(c, "public_curve", str, what),
+            public_twist=_field(c, "public_twist", str, what),
+            signature=_field(c, "signature", str, what),
+        )
+
+
+@dataclass(frozen=True)
+class OverlapBlindReply:
+    """A firm's step 1: its signed :class:`BlindedSet` (when ``state`` is OK), the standard
+    deviation of its noise (public: a function of the spec), what the release cost alone and
+    the firm's composed total after it."""
+
+    firm: str
+    state: ReplyState
+    detail: str
+    blinded: BlindedSet | None
+    noise_std: float
+    epsilon: float
+    epsilon_total: float
+
+    def encode(self) -> Wire:
+        config: dict[str, Scalar] = {"state": self.state.value, "firm": self.firm,
+                                     "detail": self.detail}
+        if self.blinded is not None:
+            config.update(self.blinded.config())
+        return Wire(
+            config=config,
+            metrics={"noise-std": self.noise_std, "epsilon": self.epsilon,
+                     "epsilon-total": self.epsilon_total},
+            arrays=None if self.blinded is None else [self.blinded.elements],
+        )
+
+    @classmethod
+    def decode(cls, wire: Wire) -> Self:
+        what = "overlap blind reply"
+        state = _state(wire, what)
+        blinded = BlindedSet.from_wire(wire, what) if state is ReplyState.OK else None
+        return cls(
+            firm=_field(wire.config, "firm", str, what), state=state,
+            detail=_field(wire.config, "detail", str, what), blinded=blinded,
+            noise_std=_field(wire.metrics, "noise-std", float, what),
+            epsilon=_field(wire.metrics, "epsilon", float, what),
+            epsilon_total=_field(wire.metrics, "epsilon-total", float, what),
+        )
+
+
+@dataclass(frozen=True)
+class OverlapReblindRequest:
+    """Step 2: blind the peer's signed set again and add your matching dummies."""
+
+    kind: ClassVar[MessageKind] = MessageKind.OVERLAP_REBLIND
+    overlap_id: str
+    spec: str
+    peer_set: BlindedSet
+
+    def encode(self) -> Wire:
+        return Wire(config={**self.peer_set.config(), "spec": self.spec},
+                    arrays=[self.peer_set.elements])
+
+    @classmethod
+    def decode(cls, wire: Wire) -> Self:
+        what = "overlap reblind request"
+        peer_set = BlindedSet.from_wire(wire, what)
+        return cls(overlap_id=peer_set.overlap_id, spec=_field(wire.config, "spec", str, what),
+                   peer_set=peer_set)
+
+
+@dataclass(frozen=True)
+class OverlapMatches:
+    """A firm's step 2, for the coordinator only: the peer's values blinded again with the
+    firm's own dummies and padding, shuffled (``elements``, when ``state`` is OK)."""
+
+    firm: str
+    state: ReplyState
+    detail: str
+    elements: np.ndarray | None
+
+    def encode(self) -> Wire:
+        return Wire(config={"state": self.state.value, "firm": self.firm, "detail": self.detail},
+                    arrays=None if self.elements is None else [self.elements])
+
+    @classmethod
+    def decode(cls, wire: Wire) -> Self:
+        what = "overlap matches"
+        state = _state(wire, what)
+        elements = _elements(wire, what)
+        if state is ReplyState.OK and elements is None:
+            raise ProtocolError(f"{what} carries no values")
+        return cls(firm=_field(wire.config, "firm", str, what), state=state,
+                   detail=_field(wire.config, "detail", str, what), elements=elements)
 
 
 def _arrays(wire: Wire, what: str) -> list[np.ndarray]:

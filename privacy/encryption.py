@@ -229,3 +229,21 @@ def file_sha256(path: Path) -> str:
         for block in iter(lambda: fh.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def seal(key: bytes, plaintext: bytes, *, aad: bytes) -> bytes:
+    """AES-256-GCM of a small secret blob (e.g. a firm's state between two protocol steps):
+    ``nonce(12) | ciphertext+tag``, a fresh random nonce each time, ``aad`` authenticated."""
+    nonce = secrets.token_bytes(NONCE_BYTES)
+    return nonce + AESGCM(key).encrypt(nonce, plaintext, aad)
+
+
+def unseal(key: bytes, blob: bytes, *, aad: bytes, what: str) -> bytes:
+    """The inverse of :func:`seal`; a wrong key, ``aad`` or a changed byte raise
+    :class:`DecryptionError` naming ``what``."""
+    try:
+        return AESGCM(key).decrypt(blob[:NONCE_BYTES], blob[NONCE_BYTES:], aad)
+    except (InvalidTag, ValueError):
+        raise DecryptionError(
+            f"{what} does not decrypt with this firm's key (wrong key, or the file was changed)"
+        ) from None

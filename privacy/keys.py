@@ -55,6 +55,9 @@ SECURE_SUM_INFO_PREFIX = b"fedcrm/secure-sum/v1/"
 """HKDF ``info`` prefix for secure-sum keys; the use and the sum's context follow it."""
 AGREEMENT_KEY_FILE = "agreement.key"
 AGREEMENT_PUB_FILE = "agreement.pub"
+OVERLAP_STATE_INFO_PREFIX = b"fedcrm/overlap-state/v1/"
+"""HKDF ``info`` prefix for the key that seals a firm's state between two steps of an overlap;
+the firm and the overlap id follow it."""
 META_FILE = "keys.json"
 ENV_PSEUDONYM = "FEDCRM_PSEUDONYM_KEY"
 ENV_DATA = "FEDCRM_DATA_KEY"
@@ -303,6 +306,13 @@ class FirmKeys:
         """
         info = STORE_INFO_PREFIX + f"{self.firm}/{table}".encode()
         return _hkdf(self.data_key, info=info, salt=salt)
+
+    def overlap_state_key(self, *, overlap_id: str) -> bytes:
+        """The AES-256 key that seals this firm's secret state of one customer-overlap count
+        between its two steps: ``HKDF-SHA256(data_key, info=b"fedcrm/overlap-state/v1/<firm>/
+        <overlap id>")``."""
+        info = OVERLAP_STATE_INFO_PREFIX + f"{self.firm}/{overlap_id}".encode()
+        return _hkdf(self.data_key, info=info)
 
     def signing_key_id(self) -> str | None:
         return None if self.signing_key is None else public_key_id(self.signing_key.public_key())

@@ -65,16 +65,15 @@ from fedcrm.protocol import (
 from fedcrm.server.federation import NODES_SETTLE_SECONDS, _tune_simulation_polling
 from fedcrm.server.secure_sum import register_keys, secure_sum
 
-R = TypeVar("R", QueryOfferReply, QueryAnswer)
+R = TypeVar("R")
 
 #: Stage numbers in events: 0 = offer, 1 = answer.
 OFFER, ANSWER = 0, 1
 
 
-def _wait_for_nodes(grid: Grid, cfg: QueryRunConfig, events: EventLog) -> list[int]:
-    c = cfg.coordinator
-    needed = max(cfg.query.min_firms, c.expected_firms)
-    deadline = time.monotonic() + c.wait_for_firms
+def _wait_for_nodes(grid: Grid, *, needed: int, wait_for: float, events: EventLog) -> list[int]:
+    """The connected nodes once ``needed`` have settled (or after ``wait_for`` seconds)."""
+    deadline = time.monotonic() + wait_for
     settled_at: float | None = None
     nodes: list[int] = []
     while True:
@@ -254,7 +253,8 @@ def run_query(grid: Grid, cfg: QueryRunConfig, *, run_id: str, run_dir: Path) ->
     mode = "secure_sum" if cfg.coordinator.secure_sum else "plain"
     events.emit(RunStarted(run_id=run_id, task=f"query:{spec.kind.value}", strategy=mode,
                            rounds=1))
-    nodes = _wait_for_nodes(grid, cfg, events)
+    nodes = _wait_for_nodes(grid, needed=max(spec.min_firms, cfg.coordinator.expected_firms),
+                            wait_for=cfg.coordinator.wait_for_firms, events=events)
     _tune_simulation_polling(grid, len(nodes))
     timings = {"wait_for_firms": time.time() - started}
     timeout = cfg.coordinator.timeout

@@ -139,3 +139,19 @@ def assert_all_gone(root: Path, timeout: float = 10.0) -> None:
     while (left := processes_under(root)) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not left, f"processes left running: {left}"
+
+
+@pytest.fixture
+def coordinator_key(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The coordinator's signing key in the environment, and the ServerApp's task identity
+    (which Flower sets in a real ServerApp process) for the messages it builds."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from fedcrm.privacy.keys import ENV_COORDINATOR_KEY, write_signing_key
+
+    for name, value in (("_run_id", 1), ("_task_id", 1), ("_node_id", 1)):
+        monkeypatch.setattr(TaskIdentity, name, value)
+    key = tmp_path / "coordinator" / "signing.key"
+    write_signing_key(key)
+    monkeypatch.setenv(ENV_COORDINATOR_KEY, str(key))
+    return key

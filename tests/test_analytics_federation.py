@@ -3,14 +3,15 @@
 Flower's simulation engine (Ray) is exercised once, by tests/test_federation_simulation.py; here
 the same coordinator code (:func:`fedcrm.server.analytics.run_query`) talks to the same ClientApp
 (:func:`fedcrm.clients.client_app.make_client_app`) through Flower ``Message`` objects, minus the
-transport. The auditor then checks the coordinator's and the firms' signed logs together.
+transport (:class:`fedcrm.simulations.in_process.InProcessGrid`). The auditor then checks the
+coordinator's and the firms' signed logs together.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,40 +25,9 @@ from fedcrm.audit.verify import FailureKind, verify_run
 from fedcrm.coordinator.query_run import QueryCoordination, QueryRunConfig
 from fedcrm.data.contract import load_firm_config
 from fedcrm.data.prepare import prepare
-from fedcrm.privacy.keys import ENV_COORDINATOR_KEY, load_signing_key, write_signing_key
+from fedcrm.privacy.keys import load_signing_key
 from fedcrm.release import FirmPrivacy, gaussian_query_event, release
-
-
-class InProcessGrid:
-    """Just enough of Flower's Grid: nodes, and send-and-receive through a ClientApp."""
-
-    def __init__(self, configs: list[Path], *, drop: Callable[[int, str], bool] | None = None):
-        from flwr.app import Context, RecordDict
-
-        from fedcrm.clients.client_app import make_client_app
-
-        self.app = make_client_app({i: str(p) for i, p in enumerate(configs)})
-        self.contexts = {
-            100 + i: Context(run_id=1, node_id=100 + i, node_config={"partition-id": i},
-                             state=RecordDict(), run_config={})
-            for i in range(len(configs))
-        }
-        self.drop = drop or (lambda _node, _kind: False)
-        self.received: list[Any] = []
-
-    def get_node_ids(self) -> Iterable[int]:
-        return list(self.contexts)
-
-    def send_and_receive(self, messages: Iterable[Any], *, timeout: float | None = None
-                         ) -> Iterable[Any]:
-        replies = []
-        for message in messages:
-            node = message.metadata.dst_node_id
-            reply = self.app(message, self.contexts[node])
-            if not self.drop(node, message.metadata.message_type):
-                replies.append(reply)
-                self.received.append(reply)
-        return replies
+from fedcrm.simulations.in_process import InProcessGrid
 
 
 def _firms(write_firm: Callable[..., Path], caps: list[float]) -> list[Path]:
@@ -95,20 +65,6 @@ def _run(grid: InProcessGrid, run_dir: Path, *, secure: bool = False,
                                          timeout=600).model_dump(),
     })
     return run_query(grid, cfg, run_id=run_dir.name, run_dir=run_dir)  # type: ignore[arg-type]
-
-
-@pytest.fixture
-def coordinator_key(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """The coordinator's signing key in the environment, and the ServerApp's task identity
-    (which Flower sets in a real ServerApp process) for the messages it builds."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    for name, value in (("_run_id", 1), ("_task_id", 1), ("_node_id", 1)):
-        monkeypatch.setattr(TaskIdentity, name, value)
-    key = tmp_path / "coordinator" / "signing.key"
-    write_signing_key(key)
-    monkeypatch.setenv(ENV_COORDINATOR_KEY, str(key))
-    return key
 
 
 def _bundle(run_dir: Path, configs: list[Path]) -> None:

@@ -1,4 +1,5 @@
-"""``fedcrm query``: a federated DP analytics query, in a simulation or on a running federation."""
+"""``fedcrm query`` and ``fedcrm overlap``: a federated DP analytics query or a private count of
+the customers two firms share, in a simulation or on a running federation."""
 
 from __future__ import annotations
 
@@ -110,5 +111,92 @@ def query(
         raise typer.Exit(1)
 
 
+def _print_overlap(result: dict[str, Any], run_dir: Path) -> None:
+    firms = " and ".join(result.get("firms", []))
+    out.print(Text(f"overlap {result.get('overlap_id')} of {firms}: {result.get('status')}"),
+              highlight=False)
+    for firm, why in dict(result.get("declined", {})).items():
+        out.print(Text(f"  {firm} declined: {why}"), highlight=False)
+    if result.get("stop_reason"):
+        out.print(Text(f"  {result['stop_reason']}"), highlight=False)
+    if result.get("estimate") is not None:
+        table = Table(title="shared customers (the interval covers the DP noise only)",
+                      title_justify="left")
+        for column in ("estimate", "noise sd", "95% interval"):
+            table.add_column(column, justify="right")
+        if "true_overlap" in result:
+            table.add_column("truth (simulation only)", justify="right")
+        row = [str(result["estimate"]), f"{result['noise_std']:.3g}",
+               f"[{result['ci_low']:.1f}, {result['ci_high']:.1f}]"]
+        if "true_overlap" in result:
+            row.append(str(result["true_overlap"]))
+        table.add_row(*row)
+        out.print(table)
+    spent = dict(result.get("epsilon", {}))
+    if spent:
+        out.print(Text("ε spent per firm: " + ", ".join(
+            f"{firm} {eps:.3g} (total {result['epsilon_total'][firm]:.3g})"
+            for firm, eps in sorted(spent.items()))), highlight=False)
+    files = dict(result.get("files", {}))
+    out.print(Text(f"results in {run_dir}: " + ", ".join(Path(f).name for f in files.values())),
+              highlight=False)
+
+
+@user_errors
+def overlap(
+    config: Annotated[Path, typer.Option(
+        help="the overlap file: \\[overlap], and \\[simulation] to count on two simulated "
+        "firms (e.g. configs/overlaps/telco_shared_customers.toml)")],
+    coordinator: Annotated[Path, typer.Option(
+        help="the coordinator's deployment config (for an overlap file without "
+        "\\[simulation])")] = Path("coordinator.toml"),
+    run_id: Annotated[str | None, typer.Option(help="overlap id (default: generated)")] = None,
+    timeout: Annotated[float | None, typer.Option(
+        help="seconds to wait for the count on a federation (default: from the file)")] = None,
+) -> None:
+    """Count the customers two firms share, privately: each firm blinds its match keys, spends
+    its own ε on DP noise, and the coordinator learns only the noisy count."""
+    from fedcrm.coordinator.overlap_run import RESULT_JSON, load_overlap_file
+    from fedcrm.coordinator.runs import new_run_id
+
+    file_cfg = load_overlap_file(config)
+    spec = file_cfg.overlap
+    rid = run_id or new_run_id(spec.name.replace("_", "-"))
+    out.print(Text(f"overlap {spec.name}: {spec.firms[0]} and {spec.firms[1]} on "
+                   f"{spec.key.value}, ε {spec.epsilon:g} (δ {spec.delta:g}) per firm"),
+              highlight=False)
+    if file_cfg.simulation is not None:
+        import logging
+
+        from fedcrm.simulations.overlap import simulate_overlap
+
+        for name in ("flwr", "ray"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+
+        def on_firm(name: str, rows: int) -> None:
+            err.print(Text(f"  built {name}: {rows:,} customers"), highlight=False)
+
+        run_dir, result = simulate_overlap(file_cfg, run_id=rid, on_firm=on_firm)
+    else:
+        from fedcrm.coordinator.deploy_config import load_coordinator_config
+        from fedcrm.coordinator.host import require_running_link, submit_run
+        from fedcrm.coordinator.processes import DeploymentError
+
+        cfg = load_coordinator_config(coordinator)
+        require_running_link(cfg)
+        outcome = submit_run(cfg, file_cfg.run_config(), run_id=rid, timeout_s=timeout)
+        path = outcome.run_dir / RESULT_JSON
+        if not outcome.completed or not path.exists():
+            raise DeploymentError(
+                f"overlap {rid} (Flower run {outcome.flower_run_id}) ended "
+                f"{outcome.status.status_text} without {RESULT_JSON}; see {outcome.log_path}"
+            )
+        run_dir, result = outcome.run_dir, json.loads(path.read_text())
+    _print_overlap(result, run_dir)
+    if result.get("status") != "completed":
+        raise typer.Exit(1)
+
+
 def register(app: typer.Typer) -> None:
     app.command("query")(query)
+    app.command("overlap")(overlap)

@@ -208,8 +208,9 @@ def runs_list(
             else f"cum.err={pooled['cumulative_error']:.1f}" if "cumulative_error" in pooled
             else "-"
         )
-        t.add_row(r["run_id"], r["task"], r["strategy"],
-                  f"{r.get('rounds_completed', '?')}/{r['rounds']}", str(r.get("status", "")),
+        t.add_row(str(r.get("run_id", "?")), str(r.get("task", "-")), str(r.get("strategy", "-")),
+                  f"{r.get('rounds_completed', '?')}/{r.get('rounds', '-')}",
+                  str(r.get("status", "")),
                   str(len(r.get("firms", []))), metric)
     out.print(t)
 

@@ -30,7 +30,9 @@ from fedcrm.learning.settings import (
     MaxGradNorm,
 )
 from fedcrm.privacy.errors import ConfigError
+from fedcrm.privacy.keys import check_firm_name
 from fedcrm.privacy.ledger import BudgetFiles, anchored_budget_files
+from fedcrm.privacy.match_keys import MATCH_KEY_KINDS, check_region
 from fedcrm.privacy.policies import MaskingPolicy, PiiKind
 
 
@@ -259,6 +261,49 @@ class FederationSection(BaseModel):
     )
 
 
+class OverlapSection(BaseModel):
+    """``[overlap]``: the firm's match key for private customer-overlap counts (``fedcrm
+    overlap``) and the partner firms it will count its overlap with.
+
+    The key is read from the firm's own source, normalised and blinded on its machine; it never
+    leaves in any other form (``docs/analytics.md``, "Customer overlap (PSI)").
+    """
+
+    model_config = _FROZEN
+
+    column: str = Field(
+        description="source column of the customers table holding the key; it must be declared "
+        'there with role = "pii" and pii = "phone", "national_id" or "email"'
+    )
+    region: str = Field(
+        default="CN", description="region of phone numbers written without a country code"
+    )
+    peers: dict[str, Path] = Field(
+        default_factory=dict,
+        description="partner firm -> that firm's public signing key (its keys/signing.pub, "
+        "exchanged out of band); the firm counts its overlap only with these firms and only "
+        "blinds a set that firm signed",
+    )
+
+    @field_validator("region")
+    @classmethod
+    def _region(cls, region: str) -> str:
+        try:
+            return check_region(region)
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from None
+
+    @field_validator("peers")
+    @classmethod
+    def _peer_names(cls, peers: dict[str, Path]) -> dict[str, Path]:
+        for name in peers:
+            try:
+                check_firm_name(name)
+            except Exception as exc:
+                raise ValueError(str(exc)) from None
+        return peers
+
+
 class ValidationSection(BaseModel):
     model_config = _FROZEN
 
@@ -307,6 +352,7 @@ class FirmConfig(BaseModel):
     validation: ValidationSection = ValidationSection()
     features: FeatureSection = FeatureSection()
     training: TrainingSection = TrainingSection()
+    overlap: OverlapSection | None = None
     tables: dict[TableName, TableSpec]
     config_path: Path | None = Field(default=None, exclude=True)
     config_sha256: str = Field(default="", exclude=True)
@@ -319,6 +365,33 @@ class FirmConfig(BaseModel):
                 "declare at least one table: [tables.customers] or [tables.transactions]"
             )
         return v
+
+    @model_validator(mode="after")
+    def _overlap_key_declared(self) -> FirmConfig:
+        if self.overlap is not None:
+            self.match_key_kind()  # raises when the column is not a declared key
+        return self
+
+    def match_key_kind(self) -> PiiKind:
+        """The PII kind of the declared ``[overlap] column`` (a phone, national id or e-mail)."""
+        if self.overlap is None:
+            raise ConfigError(
+                f"{self.config_path or 'the firm config'} declares no [overlap] column: name the "
+                "customers column that holds the match key (a phone, national id or e-mail)"
+            )
+        table = self.tables.get(TableName.CUSTOMERS)
+        column = table.columns.get(self.overlap.column) if table is not None else None
+        if column is None:
+            raise ValueError(
+                f"[overlap] column '{self.overlap.column}' is not a column of the customers table"
+            )
+        if column.role is not ColumnRole.PII or column.pii not in MATCH_KEY_KINDS:
+            raise ValueError(
+                f"[overlap] column '{self.overlap.column}' must be declared with role = \"pii\" "
+                "and pii = \"phone\", \"national_id\" or \"email\""
+            )
+        assert column.pii is not None
+        return column.pii
 
     @property
     def ledger_path(self) -> Path:
@@ -367,6 +440,9 @@ def parse_firm_config(data: dict[str, Any], *, path: Path) -> FirmConfig:
     federation = cfg.federation.model_copy(
         update={"peer_keys_dir": _resolve(base, cfg.federation.peer_keys_dir)}
     )
+    overlap = None if cfg.overlap is None else cfg.overlap.model_copy(update={
+        "peers": {name: _resolve(base, path) for name, path in cfg.overlap.peers.items()}
+    })
     tables = {
         name: spec.model_copy(
             update={
@@ -377,7 +453,7 @@ def parse_firm_config(data: dict[str, Any], *, path: Path) -> FirmConfig:
     }
     return cfg.model_copy(
         update={"firm": firm, "budget": budget, "federation": federation, "tables": tables,
-                "config_path": path}
+                "config_path": path, "overlap": overlap}
     )
 
 
