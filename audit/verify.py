@@ -505,19 +505,7 @@ def _cross_check(fed: _Scan, firm_scans: Mapping[str, _Scan],
                             f"round {rnd} update {uh[:16]}… accepted from {firm!r} has no "
                             "matching update_sent in that firm's log"))
         elif entry.kind is EntryKind.QUERY_RESULT:
-            qid = str(p["query_id"])
-            for firm, want in dict(p["answers"]).items():
-                scan = firm_scans.get(str(firm))
-                # a secure answer is recorded without a hash: the coordinator never saw it alone
-                match = scan is not None and any(
-                    e.kind is EntryKind.QUERY_ANSWERED and e.payload["query_id"] == qid
-                    and (not want or e.payload["answer_hash"] == want)
-                    for _, e in scan.valid
-                )
-                if not match:
-                    add(Failure(fed.label, n, FailureKind.UNMATCHED_ANSWER,
-                                f"query {qid[:40]} used an answer from {str(firm)!r} that has no "
-                                "matching query_answered in that firm's log"))
+            _cross_check_query(fed, n, p, firm_scans, add)
         elif entry.kind is EntryKind.SECURE_SUM_RESULT:
             # Every firm counted in a secure sum logged (signed) that it sent its masked input
             # for exactly that sum.
@@ -534,6 +522,54 @@ def _cross_check(fed: _Scan, firm_scans: Mapping[str, _Scan],
                                 f"{firm!r}, whose log has no masked input for it"))
         elif entry.kind is EntryKind.OVERLAP_RESULT:
             _cross_check_overlap(fed, n, p, firm_scans, add)
+
+
+def _cross_check_query(fed: _Scan, n: int, p: Mapping[str, Any],
+                       firm_scans: Mapping[str, _Scan], add: Any) -> None:
+    """A query's result is tied to the query it logged and to the firms' own answers: every
+    answer it names is a ``query_answered`` of the same query id and fingerprint in that firm's
+    log; a completed result has one ``query_started``, at least min_firms such answers, is the
+    only result of its query, and - when its answers were summed securely - matches a logged
+    secure sum of exactly those firms with its hash."""
+    qid = str(p["query_id"])
+    started = [e.payload for _, e in fed.valid
+               if e.kind is EntryKind.QUERY_STARTED and e.payload["query_id"] == qid]
+    spec = _spec_of(str(started[0]["spec"])) if started else {}
+    fingerprint = str(started[0]["fingerprint"]) if started else None
+
+    def fail(detail: str) -> None:
+        add(Failure(fed.label, n, FailureKind.UNMATCHED_ANSWER, f"query {qid[:40]}: {detail}"))
+
+    answers = {str(f): str(h) for f, h in dict(p["answers"]).items()}
+    for firm, want in answers.items():
+        scan = firm_scans.get(firm)
+        # a secure answer is recorded without a hash: the coordinator never saw it alone
+        match = scan is not None and any(
+            e.kind is EntryKind.QUERY_ANSWERED and e.payload["query_id"] == qid
+            and (not want or e.payload["answer_hash"] == want)
+            and (fingerprint is None or e.payload["fingerprint"] == fingerprint)
+            for _, e in scan.valid
+        )
+        if not match:
+            fail(f"used an answer from {firm!r} that has no matching query_answered (same "
+                 "query id and fingerprint) in that firm's log")
+    if p["status"] != "completed":
+        return
+    if not started:
+        fail("a completed result without a query_started entry")
+        return
+    results = [e for _, e in fed.valid
+               if e.kind is EntryKind.QUERY_RESULT and e.payload["query_id"] == qid]
+    if len(results) > 1:
+        fail(f"{len(results)} results logged for one query")
+    min_firms = int(spec.get("min_firms", 1))
+    if len(answers) < min_firms:
+        fail(f"a completed result of {len(answers)} answer(s), fewer than min_firms={min_firms}")
+    if any(not h for h in answers.values()):
+        sums = [e.payload for _, e in fed.valid if e.kind is EntryKind.SECURE_SUM_RESULT
+                and e.payload["run_id"] == qid and e.payload["sum_hash"] == p["sum_hash"]]
+        if not sums or sorted(map(str, sums[0]["firms"])) != sorted(answers):
+            fail("a secure result that matches no logged secure sum of exactly its firms")
 
 
 def _cross_check_overlap(fed: _Scan, n: int, p: Mapping[str, Any],

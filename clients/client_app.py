@@ -35,6 +35,8 @@ from fedcrm.protocol import (
     QueryAnswerRequest,
     QueryOffer,
     QueryOfferReply,
+    SecureSumConfirmReply,
+    SecureSumConfirmRequest,
     SecureSumKeysReply,
     SecureSumKeysRequest,
     SecureSumMaskReply,
@@ -53,7 +55,8 @@ torch.set_num_threads(1)
 
 Reply = (
     DescribeReply | TrainReply | EvaluateReply | QueryOfferReply | QueryAnswer
-    | SecureSumKeysReply | SecureSumShareReply | SecureSumMaskReply | SecureSumUnmaskReply
+    | SecureSumKeysReply | SecureSumShareReply | SecureSumMaskReply | SecureSumConfirmReply
+    | SecureSumUnmaskReply
     | OverlapOfferReply | OverlapBlindReply | OverlapMatches
 )
 Handler = Callable[[FirmNode, Message], Reply]
@@ -97,6 +100,10 @@ def _secure_sum_share(node: FirmNode, msg: Message) -> Reply:
 
 def _secure_sum_mask(node: FirmNode, msg: Message) -> Reply:
     return node.secure_sum_mask(SecureSumMaskRequest.decode(wire_of(msg)))
+
+
+def _secure_sum_confirm(node: FirmNode, msg: Message) -> Reply:
+    return node.secure_sum_confirm(SecureSumConfirmRequest.decode(wire_of(msg)))
 
 
 def _secure_sum_unmask(node: FirmNode, msg: Message) -> Reply:
@@ -157,6 +164,7 @@ def make_client_app(
         (MessageKind.SECURE_SUM_KEYS, _secure_sum_keys),
         (MessageKind.SECURE_SUM_SHARE, _secure_sum_share),
         (MessageKind.SECURE_SUM_MASK, _secure_sum_mask),
+        (MessageKind.SECURE_SUM_CONFIRM, _secure_sum_confirm),
         (MessageKind.SECURE_SUM_UNMASK, _secure_sum_unmask),
     ):
         app.query(kind.value.split(".")[1])(serve(handler))

@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
+import logging
 import math
 from dataclasses import dataclass
 
@@ -33,12 +35,15 @@ import numpy as np
 from fedcrm.analytics.spec import QuerySpec, Table
 from fedcrm.analytics.statistics import Layout, firm_statistics, layout
 from fedcrm.audit.log import EntryKind
-from fedcrm.data.contract import FirmConfig, TableName
+from fedcrm.data.contract import ColumnRole, FirmConfig, TableName
 from fedcrm.data.store import PreparedStore
 from fedcrm.privacy.accounting import DpEvent, calibrate_noise
+from fedcrm.privacy.durable import create_exclusive
 from fedcrm.privacy.errors import FedcrmError, PlanDoesNotFit
 from fedcrm.privacy.noise import discrete_gaussian
 from fedcrm.release import FirmPrivacy, Released, gaussian_query_event, release
+
+log = logging.getLogger(__name__)
 
 #: Purpose prefix of every query release in a firm's ledger.
 QUERY_PURPOSE = "query:"
@@ -83,31 +88,44 @@ def _columns_read(spec: QuerySpec) -> list[str]:
 
 
 def _check_columns(cfg: FirmConfig, spec: QuerySpec) -> None:
-    """Queries group by and sum only non-personal columns the firm declares."""
+    """Queries group by and sum only the firm's declared, non-personal feature and label columns
+    (by their canonical names): never an id, a timestamp, a dropped or a PII column."""
     table = TableName(spec.table.value)
     declared = cfg.tables.get(table)
     if declared is None:
         raise QueryDeclined(f"this firm has no {spec.table.value} table")
-    by_name = {col.name or source: col for source, col in declared.columns.items()}
+    by_name = {col.canonical(source, table): col for source, col in declared.columns.items()}
     for column in _columns_read(spec):
         col = by_name.get(column)
-        if col is None:
+        if col is None or col.role is ColumnRole.DROP:
             raise QueryDeclined(
                 f"this firm declares no column '{column}' in its {spec.table.value} table"
             )
-        if col.pii is not None or col.policy is not None:
+        if col.pii is not None or col.policy is not None or col.role in (
+            ColumnRole.PII, ColumnRole.ID
+        ):
             raise QueryDeclined(
                 f"column '{column}' is personal data in this firm's contract; queries may group "
                 "by or add up only non-personal columns"
             )
+        if col.role is ColumnRole.TIMESTAMP:
+            raise QueryDeclined(
+                f"column '{column}' is a timestamp; queries read dates only through the "
+                "transactions kinds (retention, weekly_trend, segment_sizes)"
+            )
+
+
+def answered_event(privacy: FirmPrivacy, query_id: str) -> DpEvent | None:
+    """The release of this firm's answer to ``query_id`` (from its ledger), if it answered."""
+    for e in privacy.ledger.events:
+        if e.purpose.startswith(QUERY_PURPOSE) and e.context.get("query_id") == query_id:
+            return e
+    return None
 
 
 def answered(privacy: FirmPrivacy, query_id: str) -> bool:
     """Whether this firm already released an answer to ``query_id`` (from its ledger)."""
-    return any(
-        e.purpose.startswith(QUERY_PURPOSE) and e.context.get("query_id") == query_id
-        for e in privacy.ledger.events
-    )
+    return answered_event(privacy, query_id) is not None
 
 
 def plan_answer(
@@ -181,18 +199,45 @@ def answer_hash(values: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(values, dtype=np.int64).tobytes()).hexdigest()
 
 
-def answer(privacy: FirmPrivacy, store: PreparedStore, plan: AnswerPlan) -> Released[np.ndarray]:
+def _claim(privacy: FirmPrivacy, query_id: str) -> None:
+    """One release per query id, also between concurrent requests: the id is claimed by a file
+    created exclusively next to the ledger before anything is drawn (a claim whose release then
+    fails leaves the id used)."""
+    folder = privacy.files.ledger.parent / "queries"
+    folder.mkdir(parents=True, exist_ok=True)
+    name = hashlib.sha256(query_id.encode()).hexdigest()[:40]
+    if not create_exclusive(folder / f"{name}.claim", json.dumps({"query_id": query_id}).encode()):
+        raise QueryDeclined(f"this firm already answered query {query_id}")
+
+
+def answer(privacy: FirmPrivacy, store: PreparedStore, plan: AnswerPlan, *,
+           public_size: int | None = None) -> Released[np.ndarray]:
     """Release the firm's noisy answer: check, draw, commit, audit (:func:`fedcrm.release.release`).
 
     The exact statistics are computed before the release (an error in the data refuses the query
-    without spending anything); the noise is drawn only after the ledger's check.
+    without spending anything); the noise is drawn only after the ledger's check. For a secure
+    sum (``public_size`` given) every exact coordinate is first clamped to
+    ``±resolution x public_size`` - a contraction, so the sensitivity stays - and the noisy answer
+    is clipped to the sum's range (post-processing): an answer always fits the range, whatever a
+    firm's true size, so a sum never fails on a firm's data.
     """
     exact = firm_statistics(plan.spec, store, secure=plan.secure).vector()
     if len(exact) != plan.layout.length:  # pragma: no cover - layout and statistics agree
         raise FedcrmError("internal error: the firm's statistics do not fit the query's layout")
+    bound = None
+    if public_size is not None:
+        box = plan.layout.resolution * public_size
+        if np.abs(exact).max(initial=0) > box:
+            log.warning("query %s: statistics exceed this firm's declared public size %d; "
+                        "clamped (declare a larger [federation] public_size)",
+                        plan.query_id, public_size)
+        exact = np.clip(exact, -box, box)
+        bound = math.floor(answer_bound(plan, public_size))
+    _claim(privacy, plan.query_id)
 
     def compute() -> np.ndarray:
-        return exact + discrete_gaussian(len(exact), plan.noise_std)
+        noisy = exact + discrete_gaussian(len(exact), plan.noise_std)
+        return noisy if bound is None else np.clip(noisy, -bound, bound)
 
     return release(
         privacy, plan.event, compute,

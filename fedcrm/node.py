@@ -46,6 +46,7 @@ from fedcrm.answering import (
     QueryDeclined,
     answer,
     answer_bound,
+    answered_event,
     plan_answer,
 )
 from fedcrm.audit.log import EntryKind
@@ -90,6 +91,8 @@ from fedcrm.protocol import (
     QueryOfferReply,
     ReplyState,
     RunSpec,
+    SecureSumConfirmReply,
+    SecureSumConfirmRequest,
     SecureSumKeysReply,
     SecureSumKeysRequest,
     SecureSumMaskReply,
@@ -510,6 +513,15 @@ class FirmNode:
                 f"query {query_id}: a secure sum of {len(sum_spec.parties)} firm(s) cannot carry "
                 f"the noise of min_firms={spec.min_firms} (at least 2)"
             )
+        strangers = sorted(set(sum_spec.parties) - set(self._trusted_peers()) - {self.firm})
+        if strangers:
+            # a party without a signing key this firm holds could be made up: its noise share
+            # cannot be counted on
+            raise SecureSumError(
+                f"query {query_id}: the secure sum names {len(strangers)} part(ies) this firm "
+                "holds no signing key for (e.g. '" + strangers[0][:40] + "'); it counts only "
+                "firms it can authenticate toward min_firms"
+            )
         plan = plan_answer(self.privacy, self.cfg, spec, query_id=query_id, secure=True)
         need = answer_bound(plan, self.public_size)
         fp = sum_spec.fixed_point
@@ -524,7 +536,7 @@ class FirmNode:
         if not release_now:
             return np.empty(0)
         self.secure_sum._claimed(sum_spec, "share")
-        released = answer(self.privacy, self.store(), plan)
+        released = answer(self.privacy, self.store(), plan, public_size=self.public_size)
         return np.asarray(released.value, dtype=np.float64)
 
     def _sum_input(self, query: SecureSumQuery, *, release_now: bool = True) -> np.ndarray:
@@ -560,19 +572,58 @@ class FirmNode:
         return self.secure_sum.share(request)
 
     def secure_sum_mask(self, request: SecureSumMaskRequest) -> SecureSumMaskReply:
+        if request.query.source is SumInput.QUERY_ANSWER:
+            # the answer is released only once the step's own checks have passed
+            return self.secure_sum.mask(request, lambda: self._sum_input(request.query))
         return self.secure_sum.mask(request, self._sum_input(request.query))
+
+    def _accepted_min_firms(self, query: SecureSumQuery) -> int:
+        """The min_firms this firm masked its answer with (from its ledger, never from the
+        coordinator's later requests), after checking the request names the same query."""
+        query_id = query.spec.sum_id.run_id
+        event = answered_event(self.privacy, query_id)
+        if event is None or not event.context.get("secure"):
+            raise SecureSumError(
+                f"query {query_id}: this firm masked no answer for it; it confirms and reveals "
+                "nothing"
+            )
+        if QuerySpec.from_json(query.query_spec).fingerprint() != event.context.get(
+            "fingerprint"
+        ):
+            raise SecureSumError(
+                f"query {query_id}: the query in this request differs from the one this firm "
+                "answered; nothing is revealed"
+            )
+        return int(event.context["min_firms"])
+
+    def secure_sum_confirm(self, request: SecureSumConfirmRequest) -> SecureSumConfirmReply:
+        """The consistency step of an analytics sum: sign the one survivor list this firm
+        accepts, only if it holds at least the min_firms its answer's noise share assumed."""
+        if request.query.source is not SumInput.QUERY_ANSWER:
+            raise SecureSumError("only an analytics query's secure sum has a confirm step")
+        min_firms = self._accepted_min_firms(request.query)
+        if len(set(request.survivors)) < min_firms:
+            raise SecureSumError(
+                f"query {request.query.spec.sum_id.run_id}: {len(set(request.survivors))} "
+                f"firm(s) would be in the sum, fewer than min_firms={min_firms}; this firm "
+                "confirms no such sum"
+            )
+        parties = len(request.query.spec.parties)
+        return self.secure_sum.confirm(request, min_survivors=max(min_firms, parties // 2 + 1))
 
     def secure_sum_unmask(self, request: SecureSumUnmaskRequest) -> SecureSumUnmaskReply:
         query = request.query
         if query.source is SumInput.QUERY_ANSWER:
-            spec = QuerySpec.from_json(query.query_spec)
-            if len(request.survivors) < spec.min_firms:
+            min_firms = self._accepted_min_firms(query)
+            if len(set(request.survivors)) < min_firms:
                 # each firm added 1/min_firms of the noise: fewer answers would carry less
                 raise SecureSumError(
-                    f"query {query.spec.sum_id.run_id}: {len(request.survivors)} firm(s) are in "
-                    f"the sum, fewer than min_firms={spec.min_firms}; this firm reveals nothing "
-                    "that would open it"
+                    f"query {query.spec.sum_id.run_id}: {len(set(request.survivors))} firm(s) "
+                    f"are in the sum, fewer than min_firms={min_firms}; this firm reveals "
+                    "nothing that would open it"
                 )
+            # one survivor list, confirmed by this firm and a majority of the parties
+            return self.secure_sum.unmask(request, confirmed=True)
         return self.secure_sum.unmask(request)
 
     # ------------------------------------------------------------------ customer overlap

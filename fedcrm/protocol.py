@@ -17,6 +17,7 @@ hyphenated (Flower's convention; ``num-examples`` is what Flower's strategies we
 | ``query.secure_sum_keys`` | :class:`SecureSumKeysRequest` | :class:`SecureSumKeysReply` |
 | ``query.secure_sum_share`` | :class:`SecureSumShareRequest` | :class:`SecureSumShareReply` |
 | ``query.secure_sum_mask`` | :class:`SecureSumMaskRequest` | :class:`SecureSumMaskReply` |
+| ``query.secure_sum_confirm`` | :class:`SecureSumConfirmRequest` | :class:`SecureSumConfirmReply` |
 | ``query.secure_sum_unmask`` | :class:`SecureSumUnmaskRequest` | :class:`SecureSumUnmaskReply` |
 | ``query.overlap_offer`` | :class:`OverlapOffer` | :class:`OverlapOfferReply` |
 | ``query.overlap_blind`` | :class:`OverlapBlindRequest` | :class:`OverlapBlindReply` |
@@ -74,6 +75,7 @@ class MessageKind(StrEnum):
     SECURE_SUM_KEYS = "query.secure_sum_keys"
     SECURE_SUM_SHARE = "query.secure_sum_share"
     SECURE_SUM_MASK = "query.secure_sum_mask"
+    SECURE_SUM_CONFIRM = "query.secure_sum_confirm"
     SECURE_SUM_UNMASK = "query.secure_sum_unmask"
     OVERLAP_OFFER = "query.overlap_offer"
     OVERLAP_BLIND = "query.overlap_blind"
@@ -827,7 +829,10 @@ class SumInput(StrEnum):
 
 
 def _names(text: str) -> tuple[str, ...]:
-    return tuple(n for n in text.split(",") if n)
+    names = tuple(n for n in text.split(",") if n)
+    if len(set(names)) != len(names):
+        raise ProtocolError("a list of firms names a firm twice")
+    return names
 
 
 def _rows(blobs: Sequence[bytes], width: int) -> np.ndarray:
@@ -1058,22 +1063,64 @@ class SecureSumMaskReply:
 
 
 @dataclass(frozen=True)
+class SecureSumConfirmRequest:
+    """The consistency step (analytics sums): the survivors the coordinator will unmask."""
+
+    kind: ClassVar[MessageKind] = MessageKind.SECURE_SUM_CONFIRM
+    query: SecureSumQuery
+    survivors: tuple[str, ...]
+
+    def encode(self) -> Wire:
+        return Wire(config={**self.query.to_config(), "survivors": ",".join(self.survivors)})
+
+    @classmethod
+    def decode(cls, wire: Wire) -> Self:
+        what = "secure-sum confirm request"
+        return cls(SecureSumQuery.from_config(wire.config),
+                   _names(_field(wire.config, "survivors", str, what)))
+
+
+@dataclass(frozen=True)
+class SecureSumConfirmReply:
+    """The firm's Ed25519 signature over the sum's spec and the survivors it accepts (once)."""
+
+    firm: str
+    signature: bytes
+
+    def encode(self) -> Wire:
+        return Wire(config={**_ok(self.firm), "signature": self.signature.hex()})
+
+    @classmethod
+    def decode(cls, wire: Wire) -> Self:
+        what = "secure-sum confirm reply"
+        return cls(_field(wire.config, "firm", str, what),
+                   _hex(wire.config, "signature", SIGNATURE_BYTES, what))
+
+
+@dataclass(frozen=True)
 class SecureSumUnmaskRequest:
-    """Step 3: who shared (``U1``), who survived (``U2``), and the shares the recipient's
-    neighbours encrypted for it."""
+    """Step 3: who shared (``U1``), who survived (``U2``), the shares the recipient's
+    neighbours encrypted for it and, for analytics sums, the survivors' signed confirmations of
+    that one list."""
 
     kind: ClassVar[MessageKind] = MessageKind.SECURE_SUM_UNMASK
     query: SecureSumQuery
     shared: tuple[str, ...]
     survivors: tuple[str, ...]
     ciphertexts: Mapping[str, bytes]
+    confirmations: Mapping[str, bytes] = field(default_factory=dict)
 
     def encode(self) -> Wire:
         senders = sorted(self.ciphertexts)
+        confirmed = sorted(self.confirmations)
+        arrays = [_rows([self.ciphertexts[f] for f in senders], CIPHERTEXT_BYTES)]
+        if confirmed:
+            arrays.append(_rows([self.confirmations[f] for f in confirmed], SIGNATURE_BYTES))
         return Wire(
             config={**self.query.to_config(), "shared": ",".join(self.shared),
-                    "survivors": ",".join(self.survivors), "share-senders": ",".join(senders)},
-            arrays=[_rows([self.ciphertexts[f] for f in senders], CIPHERTEXT_BYTES)],
+                    "survivors": ",".join(self.survivors), "share-senders": ",".join(senders),
+                    "confirmed-by": ",".join(confirmed)},
+            arrays=arrays,
         )
 
     @classmethod
@@ -1081,11 +1128,14 @@ class SecureSumUnmaskRequest:
         what = "secure-sum unmask request"
         senders = _names(_field(wire.config, "share-senders", str, what))
         blobs = _blobs(wire, 0, CIPHERTEXT_BYTES, len(senders), what)
+        confirmed = _names(str(wire.config.get("confirmed-by", "")))
+        signatures = _blobs(wire, 1, SIGNATURE_BYTES, len(confirmed), what) if confirmed else []
         return cls(
             SecureSumQuery.from_config(wire.config),
             _names(_field(wire.config, "shared", str, what)),
             _names(_field(wire.config, "survivors", str, what)),
             dict(zip(senders, blobs, strict=True)),
+            dict(zip(confirmed, signatures, strict=True)),
         )
 
 

@@ -29,14 +29,23 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from fedcrm.audit.log import AuditLog, EntryKind, raw_public_key
 from fedcrm.privacy.durable import create_exclusive
 from fedcrm.privacy.errors import SecureSumError
 from fedcrm.privacy.keys import FirmKeys
-from fedcrm.privacy.secure_sum import AgreementKey, SumParty, SumSpec, trusted_peer_keys
+from fedcrm.privacy.secure_sum import (
+    AgreementKey,
+    SumParty,
+    SumSpec,
+    survivors_statement,
+    trusted_peer_keys,
+)
 from fedcrm.protocol import (
+    SecureSumConfirmReply,
+    SecureSumConfirmRequest,
     SecureSumKeysReply,
     SecureSumKeysRequest,
     SecureSumMaskReply,
@@ -137,8 +146,11 @@ class SecureSumParty:
         self._claim(spec, "share", {"peers": {f: k.hex() for f, k in peers.items()}})
         return SecureSumShareReply(out)
 
-    def mask(self, request: SecureSumMaskRequest, values: np.ndarray) -> SecureSumMaskReply:
-        """Step 2 with the firm's own ``values`` (chosen by the firm, never the coordinator)."""
+    def mask(self, request: SecureSumMaskRequest,
+             values: np.ndarray | Callable[[], np.ndarray]) -> SecureSumMaskReply:
+        """Step 2 with the firm's own ``values`` (chosen by the firm, never the coordinator); a
+        callable is called only after every check of the step has passed (a DP release then
+        happens only for a request the firm will answer)."""
         spec = request.query.spec
         self._claimed(spec, "share")
         party = SumParty(self.keys, spec)
@@ -152,7 +164,13 @@ class SecureSumParty:
                     f"secure sum {spec.sum_id.label()}: no signed per-sum key of neighbour '{v}'"
                 )
             ephemerals[v] = entry.verify(spec.sum_id, trusted[v])
-        masked = party.mask(values, ephemerals, request.shared)
+        if self._claim_path(spec, "mask").exists():
+            raise SecureSumError(
+                f"this firm already answered the mask step of secure sum {spec.sum_id.label()}; "
+                "each step is answered once"
+            )
+        vector = values() if callable(values) else values
+        masked = party.mask(vector, ephemerals, request.shared)
         self._claim(spec, "mask", {"shared": list(request.shared)})
         self._log(spec, "mask", peers=peers, extra={
             "source": request.query.source.value, "parties": len(spec.parties),
@@ -160,8 +178,70 @@ class SecureSumParty:
         })
         return SecureSumMaskReply(self.firm, masked)
 
-    def unmask(self, request: SecureSumUnmaskRequest) -> SecureSumUnmaskReply:
+    def confirm(self, request: SecureSumConfirmRequest, *,
+                min_survivors: int) -> SecureSumConfirmReply:
+        """The consistency step: sign the ONE list of survivors this firm accepts for the sum
+        (claimed exclusively, so a coordinator can never get it to sign two lists)."""
         spec = request.query.spec
+        shared = self._claimed(spec, "mask")["shared"]
+        survivors = request.survivors
+        if (list(survivors) != sorted(set(survivors)) or not set(survivors) <= set(shared)
+                or self.firm not in survivors):
+            raise SecureSumError(
+                f"secure sum {spec.sum_id.label()}: the survivors must be distinct, sorted, "
+                "among the firms that shared, and include this firm"
+            )
+        if len(survivors) < min_survivors:
+            raise SecureSumError(
+                f"secure sum {spec.sum_id.label()}: {len(survivors)} survivors, fewer than the "
+                f"{min_survivors} this firm accepted; it confirms no such sum"
+            )
+        self._claim(spec, "confirm", {"survivors": list(survivors)})
+        signing = self.keys.signing_key
+        if signing is None:  # pragma: no cover - FirmPrivacy refuses a firm without one
+            raise SecureSumError("this firm has no signing key")
+        return SecureSumConfirmReply(self.firm, signing.sign(survivors_statement(spec, survivors)))
+
+    def _check_confirmations(self, request: SecureSumUnmaskRequest) -> None:
+        """Only a list this firm confirmed itself, confirmed by a strict majority of the sum's
+        parties (each signs one list per sum, so two different lists can never both carry a
+        majority while the signers are honest)."""
+        spec = request.query.spec
+        mine = self._claimed(spec, "confirm")["survivors"]
+        if list(request.survivors) != mine:
+            raise SecureSumError(
+                f"secure sum {spec.sum_id.label()}: the survivors differ from the list this firm "
+                "confirmed; nothing is revealed"
+            )
+        trusted = dict(self._trusted())
+        if self.keys.signing_key is not None:
+            trusted[self.firm] = self.keys.signing_key.public_key()
+        statement = survivors_statement(spec, request.survivors)
+        valid = set()
+        for firm, signature in request.confirmations.items():
+            key = trusted.get(firm)
+            if key is None or firm not in request.survivors:
+                continue
+            try:
+                key.verify(signature, statement)
+            except InvalidSignature:
+                continue
+            valid.add(firm)
+        needed = len(spec.parties) // 2 + 1
+        if len(valid) < needed:
+            raise SecureSumError(
+                f"secure sum {spec.sum_id.label()}: {len(valid)} valid confirmations of the "
+                f"survivors, fewer than a majority ({needed}) of the {len(spec.parties)} "
+                "parties; nothing is revealed"
+            )
+
+    def unmask(self, request: SecureSumUnmaskRequest, *,
+               confirmed: bool = False) -> SecureSumUnmaskReply:
+        """Step 3; with ``confirmed`` (analytics sums) only for the one list of survivors this
+        firm and a majority of the parties signed in the consistency step."""
+        spec = request.query.spec
+        if confirmed:
+            self._check_confirmations(request)
         shared_before = self._claimed(spec, "mask")["shared"]
         if list(request.shared) != shared_before:
             raise SecureSumError(

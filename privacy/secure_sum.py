@@ -441,6 +441,13 @@ def trusted_peer_keys(
     return out
 
 
+def survivors_statement(spec: SumSpec, survivors: Sequence[str]) -> bytes:
+    """What a firm signs in the consistency step: the sum's spec and the one list of survivors it
+    accepts for it (Bonawitz et al.'s consistency check against an active coordinator)."""
+    return (SECURE_SUM_INFO_PREFIX + b"survivors/" + spec.digest().encode() + b"/"
+            + json.dumps(list(survivors), separators=(",", ":")).encode())
+
+
 def ephemeral_statement(sum_id: SumId, firm: str, public_key: bytes, commitment: bytes) -> bytes:
     return (SECURE_SUM_INFO_PREFIX + b"ephemeral/" + sum_id.context + _names(firm) + b"/"
             + public_key + commitment)

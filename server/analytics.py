@@ -220,7 +220,7 @@ def _secure_answers(grid: Grid, cfg: QueryRunConfig, *, run_id: str, accepted: d
 
     try:
         result = secure_sum(grid, query, nodes=firm_nodes, keys=keys,
-                            timeout=cfg.coordinator.timeout, on_drop=on_drop)
+                            timeout=cfg.coordinator.timeout, on_drop=on_drop, confirm=True)
     except SumAborted as exc:
         return Answers("not_enough_answers",
                        f"the secure sum did not open ({exc}); no result is published (the firms "

@@ -35,6 +35,8 @@ from fedcrm.privacy.secure_sum import (
 from fedcrm.protocol import (
     ErrorReply,
     MessageKind,
+    SecureSumConfirmReply,
+    SecureSumConfirmRequest,
     SecureSumKeysReply,
     SecureSumKeysRequest,
     SecureSumMaskReply,
@@ -140,8 +142,13 @@ def secure_sum(
     timeout: float,
     on_drop: DropSink | None = None,
     trace: SumTrace | None = None,
+    confirm: bool = False,
 ) -> SumResult:
     """Run one secure sum over ``query.spec.parties`` (each must be in ``nodes`` and ``keys``).
+
+    ``confirm`` adds the consistency step (analytics sums): the survivors sign the one list the
+    coordinator will unmask, and each firm reveals shares only for a list it signed that a
+    majority of the parties signed too.
 
     Raises :class:`~fedcrm.privacy.errors.SumAborted` when too few firms are left to finish it.
     """
@@ -187,8 +194,23 @@ def secure_sum(
     dropped("mask", failed)
 
     survivors = state.survivors
+    confirmations: dict[str, bytes] = {}
+    if confirm:
+        replies = step("confirm", MessageKind.SECURE_SUM_CONFIRM, {
+            f: SecureSumConfirmRequest(query, survivors).encode() for f in survivors
+        })
+        failed = {}
+        for firm, reply in _decode_each(replies, SecureSumConfirmReply.decode, failed).items():
+            confirmations[firm] = reply.signature
+        dropped("confirm", failed)
+        if len(confirmations) < len(spec.parties) // 2 + 1:
+            raise SumAborted(
+                f"sum {spec.sum_id.label()}: {len(confirmations)} firms confirmed the survivors, "
+                f"fewer than a majority of the {len(spec.parties)} parties"
+            )
     replies = step("unmask", MessageKind.SECURE_SUM_UNMASK, {
-        f: SecureSumUnmaskRequest(query, shared, survivors, state.ciphertexts_for(f)).encode()
+        f: SecureSumUnmaskRequest(query, shared, survivors, state.ciphertexts_for(f),
+                                  confirmations).encode()
         for f in survivors
     })
     failed = {}

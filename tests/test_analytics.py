@@ -335,3 +335,15 @@ def test_a_query_whose_large_delta_would_cost_more_than_the_firm_allows_is_decli
     assert offer.state is ReplyState.DECLINED and "max_query_epsilon" in offer.detail
     tiny = node.offer_query(QueryOffer("q-2", _spec(epsilon=1e-9).canonical_json(), False))
     assert tiny.state is ReplyState.DECLINED and "noise" in tiny.detail
+
+
+@pytest.mark.parametrize("column, why", [
+    ("customer_id", "personal data"), ("signup_date", "timestamp"), ("notes", "declares no"),
+])
+def test_a_query_may_not_group_by_an_id_a_timestamp_or_a_dropped_column(
+    write_firm: Callable[..., Path], column: str, why: str,
+) -> None:
+    node = _node(write_firm)
+    spec = _spec(group_by={"column": column, "keys": ["x"]})
+    offer = node.offer_query(QueryOffer("q-1", spec.canonical_json(), False))
+    assert offer.state is ReplyState.DECLINED and why in offer.detail, offer.detail
