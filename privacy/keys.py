@@ -37,7 +37,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from cryptography.hazmat.primitives.hashes import SHA256
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from fedcrm.privacy.durable import write_atomic, write_private
+from fedcrm.privacy.durable import ensure_output_dir, write_atomic, write_private
 from fedcrm.privacy.errors import ConfigError, KeyFileError
 
 KEY_BYTES = 32
@@ -292,10 +292,9 @@ def init_keys(keys_dir: Path, *, firm: str, force: bool = False) -> FirmKeys:
         data_key=data,
         signing_key=signing,
     )
-    keys_dir.mkdir(parents=True, exist_ok=True)
-    os.chmod(keys_dir, 0o700)
     if (keys_dir / META_FILE).exists() and not force:
         raise KeyFileError(f"{keys_dir} already holds keys; refusing to overwrite (use --force)")
+    ensure_output_dir(keys_dir, what="key folder", mode=0o700)
     _write_secret(keys_dir / "pseudonym-v1.key", pseudonym.hex().encode() + b"\n", force=force)
     _write_secret(keys_dir / "data-v1.key", data.hex().encode() + b"\n", force=force)
     _write_secret(

@@ -62,7 +62,7 @@ class Split(StrEnum):
 class PartnerScenario(BaseModel):
     """Which public data set is split into how many partner firms, and their budgets."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     name: str = Field(default="simulation", pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,40}$")
     dataset: Dataset = Dataset.TELCO
@@ -102,7 +102,7 @@ def with_public_schema(run: RunConfig, scenario: PartnerScenario) -> RunConfig:
 
 
 class SimulationConfig(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     simulation: SimulationSection = SimulationSection()
     run: RunConfig = RunConfig()

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.text import Text
 
 from fedcrm.cli.console import err, out, user_errors
 
@@ -39,10 +40,11 @@ def audit_verify(
     if as_json:
         sys.stdout.write(json.dumps(report.to_dict(), indent=2, default=str) + "\n")
     elif report.ok:
-        out.print(
-            f"[bold green]PASS[/] {run_dir}: every chain, signature and firm head verified; "
-            "recomputed ε within every budget; every update covered by a DP release"
-        )
+        out.print(Text.assemble(
+            ("PASS ", "bold green"),
+            f"{run_dir}: every chain, signature and firm head verified; recomputed ε within "
+            "every budget; every update covered by a DP release",
+        ))
         for firm, summary in sorted(report.to_dict().get("firms", {}).items()):
             out.print(
                 f"  {firm}: ε spent {summary.get('epsilon_spent', 0):.4f} of "
@@ -50,7 +52,7 @@ def audit_verify(
             )
     else:
         for failure in report.failures:
-            err.print(f"[red]FAIL[/] {failure}", highlight=False)
+            err.print(Text.assemble(("FAIL ", "red"), str(failure)), soft_wrap=True)
     if not report.ok:
         raise typer.Exit(AuditError.exit_code)
 

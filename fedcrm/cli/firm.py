@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -37,7 +36,7 @@ def keys_init(
     from fedcrm.privacy.keys import init_keys
 
     keys = init_keys(out_dir, firm=firm, force=force)
-    out.print(f"created keys for firm [bold]{firm}[/] in {out_dir} (files 0600, directory 0700)")
+    out.print(f"created keys for firm {firm} in {out_dir} (files 0600, directory 0700)")
     out.print(f"  pseudonym key id: {keys.pseudonym_key_id}")
     out.print(f"  data key id:      {keys.data_key_id}")
     out.print(
@@ -66,6 +65,9 @@ def keys_rotate(
 
 # --------------------------------------------------------------------------- scan
 
+#: Rows of the read sample whose values are checked per column (the evidence column counts them).
+SCAN_VALUES_PER_COLUMN = 2000
+
 
 @user_errors
 def scan(
@@ -80,7 +82,9 @@ def scan(
     ] = None,
     firm: Annotated[str, typer.Option(help="firm name for --write-config")] = "my-firm",
     table: Annotated[str, typer.Option(help="customers or transactions")] = "customers",
-    sample_rows: Annotated[int, typer.Option(help="rows to sample")] = 5000,
+    sample_rows: Annotated[
+        int, typer.Option(min=1, max=10_000_000, help="rows to read from the start of the file")
+    ] = 5000,
 ) -> None:
     """Detect PII columns by name hints and by values; suggest a masking policy for each."""
     from fedcrm.data.ingest import read_sample, source_for_file
@@ -90,12 +94,14 @@ def scan(
 
     spec = source_for_file(file, encoding=encoding, delimiter=delimiter)
     sample = read_sample(spec, rows=sample_rows)
-    findings = scan_frame(sample)
+    findings = scan_frame(sample, sample_size=SCAN_VALUES_PER_COLUMN)
     if as_json:
         sys.stdout.write(json.dumps([f.to_json() for f in findings], ensure_ascii=False, indent=2))
         sys.stdout.write("\n")
     else:
-        t = Table(title=f"PII scan of {file} ({len(sample):,} rows sampled)")
+        checked = min(len(sample), SCAN_VALUES_PER_COLUMN)
+        t = Table(title=f"PII scan of {file} (first {len(sample):,} rows read; {checked:,} of them "
+                        "sampled per column)")
         for col in ("column", "kind", "confidence", "suggested policy", "evidence"):
             t.add_column(col)
         for f in findings:
@@ -133,6 +139,10 @@ def scan(
 @user_errors
 def prepare(
     config: Annotated[Path, typer.Option(help="the firm's config (TOML)")],
+    replace_with_fewer: Annotated[
+        bool,
+        typer.Option(help="replace the store even if the new one keeps fewer than half its rows"),
+    ] = False,
 ) -> None:
     """Ingest -> validate -> mask -> features, into the firm's encrypted prepared store."""
     from fedcrm.data.contract import load_firm_config
@@ -146,6 +156,7 @@ def prepare(
         TimeElapsedColumn(),
         console=err,
         transient=True,
+        disable=not err.is_terminal,  # no progress bar (nor its blank line) in logs and pipes
     ) as progress:
         tasks: dict[str, Any] = {}
 
@@ -154,7 +165,7 @@ def prepare(
                 tasks[table] = progress.add_task(f"prepare {table}", total=None, rows=0)
             progress.update(tasks[table], rows=rows)
 
-        result = run_prepare(cfg, on_progress=on_progress)
+        result = run_prepare(cfg, on_progress=on_progress, replace_with_fewer=replace_with_fewer)
     t = Table(title=f"prepared store of {cfg.firm.name}: {result.store_dir}")
     for col in ("table", "rows read", "kept", "quarantined", "encrypted"):
         t.add_column(col, justify="right" if col != "table" else "left")
@@ -229,13 +240,12 @@ def budget_status(
     t.add_column("purpose")
     t.add_column("ε spent", justify="right")
     for purpose, eps in sorted(status.by_purpose.items()):
-        t.add_row(escape(purpose), f"{eps:.4f}")
-    t.add_row("[bold]total (composed)[/]", f"[bold]{status.spent:.4f}[/]")
+        t.add_row(purpose, f"{eps:.4f}")
+    t.add_row("total (composed)", f"{status.spent:.4f}", style="bold")
     out.print(t)
     out.print(
         f"cap ε={status.epsilon_cap:g}, δ={status.delta:g}; remaining ε={status.remaining:.4f}; "
         f"{status.n_events} releases, last {status.last_timestamp or '-'}",
-        markup=False,
     )
 
 
@@ -263,7 +273,6 @@ def budget_raise(
         f"firm {cfg.firm.name}: cap ε={old.epsilon:g} -> {new.epsilon:g}, δ={new.delta:g} "
         f"(signed in {privacy.files.audit_log}). Set budget.epsilon = {new.epsilon:g} in "
         f"{config} to match.",
-        markup=False,
     )
 
 
@@ -281,7 +290,6 @@ def budget_rebuild(config: Annotated[Path, typer.Option(help="the firm's config"
     out.print(
         f"rebuilt {cfg.budget_files().ledger} from the signed audit log: {releases} releases, "
         f"{cap}",
-        markup=False,
     )
 
 
@@ -320,7 +328,6 @@ def train(
         f"added ε={r.epsilon_added:.4f} to the firm's total (this release alone: "
         f"ε={r.epsilon_release:.4f}, noise multiplier {r.noise_multiplier:.3f}); firm total "
         f"ε={r.epsilon_total:.4f} of {r.epsilon_cap:g}; held-out {metrics}",
-        markup=False,
     )
 
 

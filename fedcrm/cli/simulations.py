@@ -56,7 +56,7 @@ def simulate(
 
     rid = run_id or new_run_id(sim.name)
     run_dir = (sim.workdir / rid).resolve()
-    out.print(f"[bold]{sim.name}[/]: {sim.firms} firms on {sim.dataset.value}, task "
+    out.print(f"{sim.name}: {sim.firms} firms on {sim.dataset.value}, task "
               f"{cfg.run.task.value}, {cfg.run.rounds} rounds, strategy {cfg.run.strategy.value}, "
               f"ε budget {sim.epsilon_budget} per firm -> {run_dir}")
     prepared: list[str] = []
@@ -79,10 +79,10 @@ deploy_app = typer.Typer(help="Real Flower deployments of the fedcrm apps.", no_
 @user_errors
 def deploy_local(
     config: Annotated[
-        Path, typer.Option(help="deployment config with [deploy] and [run] sections")
+        Path, typer.Option(help="deployment config with \\[deploy] and \\[run] sections")
     ] = Path("configs/deploy/local.toml"),
     firms: Annotated[
-        int | None, typer.Option(help="number of firms (default: [deploy] firms)")
+        int | None, typer.Option(help="number of firms (default: \\[deploy] firms)")
     ] = None,
     run_id: Annotated[str | None, typer.Option(help="run id (default: generated)")] = None,
 ) -> None:
@@ -97,7 +97,7 @@ def deploy_local(
     n = cfg.deploy.firms if firms is None else firms
     rid = run_id or new_run_id(cfg.deploy.name)
     run_dir = (cfg.deploy.workdir / rid).resolve()
-    out.print(f"[bold]{cfg.deploy.name}[/]: {n} firms on {cfg.deploy.dataset.value}, task "
+    out.print(f"{cfg.deploy.name}: {n} firms on {cfg.deploy.dataset.value}, task "
               f"{cfg.run.task.value}, {cfg.run.rounds} rounds, strategy {cfg.run.strategy.value}, "
               f"ε budget {cfg.deploy.epsilon_budget} per firm, real Flower deployment -> {run_dir}")
 
@@ -105,7 +105,7 @@ def deploy_local(
         err.print(f"  prepared {name}: {rows:,} source rows (validated, masked, encrypted)")
 
     def on_event(event: DeployEvent) -> None:
-        err.print(f"  {event.message}", highlight=False, markup=False)
+        err.print(f"  {event.message}")
 
     with RunDisplay(run_dir / "events.jsonl", console=out, title=rid):
         done = run_local_deployment(cfg, firms=n, run_id=rid, on_firm=on_firm, on_event=on_event)

@@ -69,7 +69,7 @@ class TableName(StrEnum):
     TRANSACTIONS = "transactions"
 
 
-_FROZEN = ConfigDict(frozen=True, extra="forbid", use_enum_values=False)
+_FROZEN = ConfigDict(frozen=True, extra="forbid", use_enum_values=False, allow_inf_nan=False)
 
 DEFAULT_TRUE = ("1", "true", "yes", "y", "t")
 DEFAULT_FALSE = ("0", "false", "no", "n", "f")
