@@ -148,7 +148,7 @@ def test_failed_reprepare_keeps_the_good_store_and_its_quarantine_list(
     worse = make_customers(200)
     worse.loc[:50, "monthly"] = "n/a"  # 25% > 5%: refused
     write_firm(worse)
-    with pytest.raises(QuarantineThresholdExceeded, match="quarantine.rejected.csv"):
+    with pytest.raises(QuarantineThresholdExceeded, match=r"quarantine\.rejected\.csv"):
         prepare(load_firm_config(cfg_path))
     after = {p.name: p.read_bytes() for p in [store / "quarantine.csv",
                                                *(store / "prepared").iterdir()]}
