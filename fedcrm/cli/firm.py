@@ -354,6 +354,47 @@ def score(
     )
 
 
+@user_errors
+def contact_list(
+    risks: Annotated[Path, typer.Option(help="the risk list `fedcrm score` wrote")],
+    config: Annotated[Path, typer.Option(help="the firm's config (TOML)")],
+    out_path: Annotated[Path, typer.Option("--out", help="CSV to write (0600)")] = Path(
+        "contact_list.csv"
+    ),
+    include: Annotated[
+        list[str] | None,
+        typer.Option(help="a column of the firm's export to add, e.g. name or phone (repeatable)"),
+    ] = None,
+    band: Annotated[
+        list[str] | None, typer.Option(help="keep only this risk band: high, medium, low "
+                                            "(repeatable)")
+    ] = None,
+) -> None:
+    """The risk list with the firm's own customer numbers: joined locally with its own key."""
+    from fedcrm.data.contract import load_firm_config
+    from fedcrm.privacy.durable import check_output_file, write_private
+    from fedcrm.privacy.errors import ConfigError
+    from fedcrm.scoring import RISK_BANDS, read_risk_list
+    from fedcrm.scoring import contact_list as join_contacts
+
+    names = {name for _, name in RISK_BANDS}
+    for b in band or []:
+        if b not in names:
+            raise ConfigError(f"--band must be one of {', '.join(sorted(names))}, not {b!r}")
+    check_output_file(out_path, what="--out CSV")
+    if out_path.resolve() == risks.resolve():
+        raise ConfigError(f"--out {out_path} is the risk list itself; write the contact list "
+                          "to another file")
+    cfg = load_firm_config(config)
+    listed, gone = join_contacts(cfg, read_risk_list(risks), include=include or [],
+                                 bands=band or [])
+    # 0600: customer numbers (and any contact columns chosen) next to churn risk
+    write_private(out_path, listed.to_csv(index=False).encode("utf-8"))
+    note = f"; {gone:,} listed customers are no longer in the export" if gone else ""
+    out.print(f"wrote {len(listed):,} customers with their own ids -> {out_path} (0600; keep it "
+              f"on the firm's machine){note}")
+
+
 def register(app: typer.Typer) -> None:
     app.add_typer(keys_app, name="keys")
     app.command()(scan)
@@ -361,3 +402,4 @@ def register(app: typer.Typer) -> None:
     app.add_typer(budget_app, name="budget")
     app.command()(train)
     app.command()(score)
+    app.command("contact-list")(contact_list)

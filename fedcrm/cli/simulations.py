@@ -18,11 +18,14 @@ datasets_app = typer.Typer(help="Public demo data (needs the 'data' extra).", no
 @user_errors
 def datasets_export(
     out_dir: Annotated[Path, typer.Option("--out", help="directory for the partner files")],
+    force: Annotated[
+        bool, typer.Option(help="overwrite exported files that were edited since")
+    ] = False,
 ) -> None:
     """Write IBM Telco and CDNOW as two partner firms' exports + configs (synthetic PII added)."""
     from fedcrm.simulations.export import export_datasets
 
-    for firm in export_datasets(out_dir):
+    for firm in export_datasets(out_dir, force=force):
         out.print(f"{firm.firm}: {firm.rows:,} rows -> {firm.data}; config {firm.config}")
     out.print(
         "next: fedcrm keys init --firm telco --out "
