@@ -72,10 +72,10 @@ def export_datasets(
     changed = [path for path, data in files.items() if _differs(path, data)]
     if changed and not force:
         names = ", ".join(str(p) for p in changed)
+        verb = "exists and differs" if len(changed) == 1 else "exist and differ"
         raise ConfigError(
-            f"{names} already {'exists and differs' if len(changed) == 1 else 'exist and differ'}"
-            " from the demo export (edited?); nothing was written. Keep them, export to another --out folder, "
-            "or overwrite them with --force"
+            f"{names} already {verb} from the demo export (edited?); nothing was written. Keep "
+            "them, export to another --out folder, or overwrite them with --force"
         )
     for path in changed:
         write_atomic(path, files[path], mode=0o644)
