@@ -15,7 +15,7 @@ from __future__ import annotations
 import functools
 import os
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import typer
 from rich.console import Console
@@ -60,19 +60,25 @@ def user_errors(fn: F) -> F:
         except (typer.Exit, typer.Abort):
             raise
         except OSError as exc:
+            if exc.errno is None and exc.filename is None:  # an OSError subclass, not the OS
+                _internal_error(exc)
             # The system refused a file operation (a folder where a file belongs, a full disk, an
             # immutable or read-only file): name the path and the reason, never any contents.
             err.print(Text.assemble(("error: ", "bold red"), file_system_problem(exc)),
                       soft_wrap=True)
             raise typer.Exit(IO_ERROR_EXIT) from None
         except Exception as exc:
-            if os.environ.get("FEDCRM_DEBUG") == "1":
-                raise
-            err.print(Text.assemble(
-                ("internal error: ", "bold red"),
-                f"{type(exc).__name__} (details hidden because they may contain data; rerun with "
-                "FEDCRM_DEBUG=1 on the firm's machine for a traceback)",
-            ), soft_wrap=True)
-            raise typer.Exit(70) from None
+            _internal_error(exc)
 
     return wrapper  # type: ignore[return-value]
+
+
+def _internal_error(exc: Exception) -> NoReturn:
+    if os.environ.get("FEDCRM_DEBUG") == "1":
+        raise exc
+    err.print(Text.assemble(
+        ("internal error: ", "bold red"),
+        f"{type(exc).__name__} (details hidden because they may contain data; rerun with "
+        "FEDCRM_DEBUG=1 on the firm's machine for a traceback)",
+    ), soft_wrap=True)
+    raise typer.Exit(70) from None

@@ -42,16 +42,17 @@ def simulate(
         Path, typer.Option(help="simulation config, e.g. configs/simulations/telco_5firms.toml")
     ],
     run_id: Annotated[str | None, typer.Option(help="run id (default: generated)")] = None,
+    verbose: Annotated[
+        bool, typer.Option(help="also show Flower's and Ray's logs here (always in flower.log)")
+    ] = False,
 ) -> None:
     """Run a federated simulation of many firms on real public data, end to end."""
     import logging
 
     from fedcrm.coordinator.live import RunDisplay, print_run_summary
-    from fedcrm.simulations.run import load_simulation_config
+    from fedcrm.simulations.run import ENGINE_LOG, load_simulation_config
     from fedcrm.simulations.run import simulate as run_sim
 
-    for name in ("flwr", "absl", "ray"):
-        logging.getLogger(name).setLevel(logging.WARNING)
     logging.getLogger("absl").setLevel(logging.ERROR)
     cfg = load_simulation_config(config)
     sim = cfg.simulation
@@ -69,8 +70,9 @@ def simulate(
         err.print(f"  prepared {name}: {rows:,} source rows (validated, masked, encrypted)")
 
     with RunDisplay(run_dir / "events.jsonl", console=out, title=rid):
-        run_dir_final, summary = run_sim(cfg, run_id=rid, on_firm=on_firm)
+        run_dir_final, summary = run_sim(cfg, run_id=rid, on_firm=on_firm, verbose=verbose)
     print_run_summary(out, summary, run_dir_final)
+    out.print(f"Flower and Ray log: {run_dir_final / ENGINE_LOG}")
 
 
 # --------------------------------------------------------------------------- deploy

@@ -201,7 +201,7 @@ def _sql_chunks(spec: SourceSpec) -> Iterator[Chunk]:
                 start += len(frame)
             if start == 1:
                 raise SchemaError(f"query on {shown} returned no rows")
-    except SQLAlchemyError as exc:
+    except (SQLAlchemyError, pd.errors.DatabaseError) as exc:  # pandas wraps some driver errors
         raise ConfigError(
             f"cannot read from database {shown}: {type(exc).__name__}; check the URL, that the "
             "database is reachable and that the table/query exists"
