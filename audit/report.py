@@ -111,7 +111,8 @@ def _epsilon_figure(summary: FirmSummary) -> str:
     ax.set_ylim(bottom=0)
     ax.set_title(f"{summary.firm}: privacy budget spent", fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
+    if ax.get_legend_handles_labels()[0]:  # a firm with no release and no cap: no legend
+        ax.legend(fontsize=8, loc="lower right")
     return _png(fig)
 
 

@@ -13,6 +13,7 @@ codes only to a terminal, so piped output and log files stay plain text.
 from __future__ import annotations
 
 import functools
+import math
 import os
 from collections.abc import Callable
 from typing import Any, NoReturn, TypeVar
@@ -40,6 +41,21 @@ def file_system_problem(exc: OSError) -> str:
         f"cannot use {paths or 'a file'}: {reason}; check that the path exists, is a file or "
         "folder as the command expects, is writable and has room (an immutable file: lsattr)"
     )
+
+
+def finite_positive(value: float | None) -> float | None:
+    """A typer callback for a float option that must be finite and > 0 (click's ranges let nan
+    through: every comparison with nan is false)."""
+    if value is not None and not (math.isfinite(value) and value > 0):
+        raise typer.BadParameter(f"{value} is not a finite number above 0")
+    return value
+
+
+def finite_non_negative(value: float | None) -> float | None:
+    """Like :func:`finite_positive`, 0 allowed."""
+    if value is not None and not (math.isfinite(value) and value >= 0):
+        raise typer.BadParameter(f"{value} is not a finite number of at least 0")
+    return value
 
 
 def user_errors(fn: F) -> F:

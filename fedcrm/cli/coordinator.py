@@ -15,7 +15,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from fedcrm.cli.console import err, out, user_errors
+from fedcrm.cli.console import err, finite_positive, out, user_errors
 
 certs_app = typer.Typer(
     help="Federation CA, SuperLink certificate and SuperNode keys.", no_args_is_help=True
@@ -141,7 +141,9 @@ def run(
     coordinator: Annotated[Path, typer.Option(help=COORDINATOR_HELP)] = Path("coordinator.toml"),
     run_id: Annotated[str | None, typer.Option(help="run id (default: generated)")] = None,
     timeout: Annotated[
-        float | None, typer.Option(help="seconds to wait for the run (default: from the config)")
+        float | None,
+        typer.Option(callback=finite_positive,
+                     help="seconds to wait for the run (default: from the config)"),
     ] = None,
 ) -> None:
     """Run the federated job of RUN.toml on the running federation; wait for the result."""

@@ -87,7 +87,8 @@ def deploy_local(
         Path, typer.Option(help="deployment config with \\[deploy] and \\[run] sections")
     ] = Path("configs/deploy/local.toml"),
     firms: Annotated[
-        int | None, typer.Option(help="number of firms (default: \\[deploy] firms)")
+        int | None,
+        typer.Option(min=1, max=1000, help="number of firms (default: \\[deploy] firms)"),
     ] = None,
     run_id: Annotated[str | None, typer.Option(help="run id (default: generated)")] = None,
 ) -> None:

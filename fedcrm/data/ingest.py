@@ -114,6 +114,13 @@ def _csv_chunks(spec: SourceSpec, expected: int) -> Iterator[Chunk]:
             if first:
                 first = False
                 _check_header(path, spec, [str(c) for c in chunk.columns])
+                if not isinstance(chunk.index, pd.RangeIndex):
+                    # pandas reads a first row with more values than the header as an index
+                    raise SchemaError(
+                        f"{path}: line 2 has more values than the header's "
+                        f"{len(chunk.columns)}; check 'delimiter' (now {spec.delimiter!r}) and "
+                        "the quoting of values that contain it"
+                    )
                 if len(chunk.columns) == 1 and expected > 1:
                     found = _sniff_delimiter(path, spec.encoding)
                     hint = (
@@ -237,6 +244,13 @@ def source_for_file(
         return SourceSpec(kind=SourceKind.PARQUET, path=path)
     if suffix not in (".csv", ".txt", ".tsv"):
         raise SchemaError(f"{path}: unsupported file type {suffix!r}; use .csv or .parquet")
+    try:
+        "x".encode(encoding)
+    except LookupError:
+        raise ConfigError(f"--encoding {encoding!r} is not a known encoding (try utf-8 or "
+                          "gb18030)") from None
     if delimiter is None:
         delimiter = "\t" if suffix == ".tsv" else (_sniff_delimiter(path, encoding) or ",")
+    if len(delimiter) != 1:
+        raise ConfigError(f"--delimiter must be one character, not {delimiter!r}")
     return SourceSpec(kind=SourceKind.CSV, path=path, encoding=encoding, delimiter=delimiter)
