@@ -347,15 +347,35 @@ def load_keys(keys_dir: Path, *, data_version: int | None = None) -> FirmKeys:
         meta, "data_version", keys_dir
     )
     if ENV_PSEUDONYM in os.environ:
-        pseudonym = _hex_key(os.environ[ENV_PSEUDONYM], f"${ENV_PSEUDONYM}")
+        pseudonym_from = f"${ENV_PSEUDONYM}"
+        pseudonym = _hex_key(os.environ[ENV_PSEUDONYM], pseudonym_from)
     else:
         path = keys_dir / f"pseudonym-v{p_ver}.key"
+        pseudonym_from = str(path)
         pseudonym = _hex_key(_read_secret(path).decode("ascii", "replace"), str(path))
     if ENV_DATA in os.environ and data_version is None:
-        data = _hex_key(os.environ[ENV_DATA], f"${ENV_DATA}")
+        data_from = f"${ENV_DATA}"
+        data = _hex_key(os.environ[ENV_DATA], data_from)
     else:
         path = keys_dir / f"data-v{d_ver}.key"
+        data_from = str(path)
         data = _hex_key(_read_secret(path).decode("ascii", "replace"), str(path))
+    # A key file that no longer matches the id recorded when it was made (a changed byte, a file
+    # copied from another firm) would silently give other pseudonyms or fail to decrypt later.
+    # (A key given in the environment is the operator's explicit override: not checked.)
+    recorded = meta.get("key_ids")
+    for kind, version, secret, source in ((KeyKind.PSEUDONYM, p_ver, pseudonym, pseudonym_from),
+                                          (KeyKind.DATA, d_ver, data, data_from)):
+        if source.startswith("$"):
+            continue
+        ids = recorded.get(kind.value) if isinstance(recorded, dict) else None
+        key_id = secret_key_id(kind, version, secret)
+        if isinstance(ids, list) and ids and key_id not in ids:
+            raise KeyFileError(
+                f"{source} is not the {kind.value} key recorded in {keys_dir / META_FILE} "
+                f"(its id {key_id} is not among {', '.join(map(str, ids))}): it was changed or "
+                "damaged; restore the firm's key folder from its backup"
+            )
     signing: Ed25519PrivateKey | None = None
     sign_path = keys_dir / "signing.key"
     if sign_path.exists():

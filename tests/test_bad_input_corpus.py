@@ -589,6 +589,7 @@ def test_bad_arguments_fail_cleanly(world: World, case: tuple[Any, ...]) -> None
 
     args = [fill(a) for a in template]
     if expect == "copy":  # an existing export under an awkward name: scanned like any other
+        Path(args[1]).parent.mkdir(parents=True, exist_ok=True)  # a "/" in the name: a folder
         shutil.copy(world.firm / "customers.csv", args[1])
         r = run_case(world, args, expect="ok")
         assert Path(args[1]).name in r.output  # the name is shown as written, never as markup
