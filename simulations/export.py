@@ -70,9 +70,10 @@ def export_datasets(
         )).encode("utf-8"),
     }
     changed = [path for path, data in files.items() if _differs(path, data)]
-    if changed and not force:
-        names = ", ".join(str(p) for p in changed)
-        verb = "exists and differs" if len(changed) == 1 else "exist and differ"
+    edited = [path for path in changed if path.exists()]
+    if edited and not force:
+        names = ", ".join(str(p) for p in edited)
+        verb = "exists and differs" if len(edited) == 1 else "exist and differ"
         raise ConfigError(
             f"{names} already {verb} from the demo export (edited?); nothing was written. Keep "
             "them, export to another --out folder, or overwrite them with --force"
