@@ -184,5 +184,5 @@ def test_a_key_file_that_no_longer_matches_its_recorded_id_is_refused(
     path = tmp_path / "k" / name
     text = path.read_text()
     path.write_text(("1" if text[0] != "1" else "2") + text[1:])  # one changed hex digit
-    with pytest.raises(KeyFileError, match="is not the .* key recorded in .*keys.json"):
+    with pytest.raises(KeyFileError, match=r"is not the .* key recorded in .*keys\.json"):
         load_keys(tmp_path / "k")
