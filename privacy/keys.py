@@ -252,9 +252,13 @@ def _meta(keys_dir: Path) -> dict[str, object]:
             "create one with `fedcrm keys init --firm NAME --out DIR`"
         )
     try:
-        meta = json.loads(path.read_text())
+        meta = json.loads(path.read_bytes().decode("utf-8"))
     except json.JSONDecodeError as exc:
-        raise KeyFileError(f"{path} is not valid JSON (line {exc.lineno})") from None
+        raise KeyFileError(f"{path} is not valid JSON (line {exc.lineno}); restore it from the "
+                           "backup of the key directory") from None
+    except UnicodeDecodeError:
+        raise KeyFileError(f"{path} is not UTF-8 JSON (damaged?); restore it from the backup of "
+                           "the key directory") from None
     if not isinstance(meta, dict):
         raise KeyFileError(f"{path} must hold a JSON object")
     return meta
