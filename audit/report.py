@@ -33,8 +33,10 @@ from fedcrm.audit.log import (
 from fedcrm.audit.verify import (
     FirmSummary,
     VerificationReport,
+    require_run_folder,
     verify_run,
 )
+from fedcrm.privacy.durable import check_output_file, write_atomic
 from fedcrm.privacy.errors import AuditError
 
 SUMMARY_FILE = "summary.json"
@@ -109,7 +111,8 @@ def _epsilon_figure(summary: FirmSummary) -> str:
     ax.set_ylim(bottom=0)
     ax.set_title(f"{summary.firm}: privacy budget spent", fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
+    if ax.get_legend_handles_labels()[0]:  # a firm with no release and no cap: no legend
+        ax.legend(fontsize=8, loc="lower right")
     return _png(fig)
 
 
@@ -258,10 +261,10 @@ def render_html(report: VerificationReport) -> str:
 
 def render_report(run_dir: Path, out: Path) -> Path:
     """Verify ``run_dir`` and write the self-contained HTML report to ``out``."""
+    require_run_folder(Path(run_dir))
+    out = check_output_file(Path(out), what="--out report")
     report = verify_run(Path(run_dir))
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(render_html(report), encoding="utf-8")
+    write_atomic(out, render_html(report).encode("utf-8"), mode=0o644)
     return out
 
 
@@ -276,14 +279,14 @@ def _bundle_files(root: Path) -> list[Path]:
 def export_bundle(run_dir: Path, out_zip: Path) -> Path:
     """Zip what an auditor needs: logs, public keys, ``summary.json`` if present, the HTML report
     and ``verification.json``. Refuses to include anything that holds a private key."""
-    root = Path(run_dir)
+    root = require_run_folder(Path(run_dir))
     if not (root / FEDERATION_DIR / LOG_FILE).is_file():
         raise AuditError(
             f"{root} has no {FEDERATION_DIR}/{LOG_FILE}; pass a fedcrm run directory")
+    out_zip = check_output_file(Path(out_zip), what="--out bundle")
     report = verify_run(root)
-    out_zip = Path(out_zip)
-    out_zip.parent.mkdir(parents=True, exist_ok=True)
-    with zipfile.ZipFile(out_zip, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_DEFLATED) as zf:
         for path in _bundle_files(root):
             data = path.read_bytes()
             if b"PRIVATE KEY" in data:
@@ -291,6 +294,7 @@ def export_bundle(run_dir: Path, out_zip: Path) -> Path:
             zf.writestr(str(path.relative_to(root)), data)
         zf.writestr(REPORT_FILE, render_html(report))
         zf.writestr(VERIFICATION_FILE, report.to_json())
+    write_atomic(out_zip, buffer.getvalue(), mode=0o644)  # all or nothing: no half-written zip
     return out_zip
 
 

@@ -44,7 +44,7 @@ from fedcrm.audit.log import (
     load_public_keys,
     sha256_hex,
 )
-from fedcrm.privacy.errors import KeyFileError
+from fedcrm.privacy.errors import AuditError, KeyFileError
 from fedcrm.privacy.keys import public_key_id
 from fedcrm.privacy.secure_sum import TRAINING_SUM_QUERY
 
@@ -67,6 +67,7 @@ class FailureKind(StrEnum):
     UNCOVERED_OVERLAP = "uncovered_overlap"  # overlap step not funded by its overlap release
     UNMATCHED_OVERLAP = "unmatched_overlap"  # overlap_result uses a set no firm log records
     MISSING_LOG = "missing_log"  # a log or public key the run layout requires is absent
+    UNEXPECTED_LOG = "unexpected_log"  # a firm folder of a firm that never took part in the run
 
 
 # Required payload fields per kind, with the JSON types they must have.
@@ -690,15 +691,73 @@ def _overlaps(fed: _Scan) -> tuple[dict[str, Any], ...]:
     return tuple(overlaps.values())
 
 
+def is_run_folder(path: Path) -> bool:
+    """Whether ``path`` has a run's layout (``federation/`` or ``firms/``), damaged or not."""
+    return (path / FEDERATION_DIR).is_dir() or (path / FIRMS_DIR).is_dir()
+
+
+def require_run_folder(path: Path) -> Path:
+    """``path`` if it is a run folder or unpacked bundle; otherwise one clear AuditError."""
+    path = Path(path)
+    if not path.exists():
+        raise AuditError(f"{path} does not exist; give a run folder (runs/<run-id>) or an "
+                         "unpacked audit bundle")
+    if not path.is_dir() or not is_run_folder(path):
+        raise AuditError(
+            f"{path} is not a fedcrm run folder (it has no {FEDERATION_DIR}/ or {FIRMS_DIR}/); "
+            "give runs/<run-id> or an unpacked audit bundle. A firm's own log is verified with "
+            "`fedcrm audit verify STORE_DIR/audit.jsonl --key KEYS_DIR/signing.pub`"
+        )
+    return path
+
+
+def _participants(fed: _Scan) -> set[str] | None:
+    """Firms the coordinator's log names (admitted at the start, heads, updates); None if the
+    log has no run_started entry to judge by."""
+    names: set[str] | None = None
+    for _, entry in fed.valid:
+        p = entry.payload
+        if entry.kind in (EntryKind.RUN_STARTED, EntryKind.QUERY_STARTED,
+                          EntryKind.OVERLAP_STARTED):
+            names = (names or set()) | {str(f) for f in p["firms"]}
+        elif entry.kind is EntryKind.FIRM_HEADS and names is not None:
+            names |= {str(f) for f in p["heads"]}
+        elif entry.kind in (EntryKind.UPDATE_ACCEPTED, EntryKind.UPDATE_REJECTED) and names:
+            names.add(str(p["firm"]))
+    return names
+
+
+def verify_firm_log(log: Path, public_key: Path) -> VerificationReport:
+    """Verify one firm's own audit log (``<store_dir>/audit.jsonl``) against its public key:
+    chain, signatures, ε of every release and the firm's budget. For a firm that has not taken
+    part in a run (``fedcrm prepare``, ``train``, ``budget``); runs use :func:`verify_run`."""
+    log, public_key = Path(log), Path(public_key)
+    if log.is_dir():
+        log = log / LOG_FILE
+    if not log.is_file():
+        raise AuditError(f"{log} is not a firm's audit log; give <store_dir>/audit.jsonl")
+    try:
+        keys = load_public_keys(public_key)
+    except KeyFileError as exc:
+        raise AuditError(f"{exc}; give the firm's signing.pub with --key") from None
+    scan = _scan_log(log, keys, label=str(log))
+    firm = next((str(e.payload["firm"]) for _, e in scan.valid
+                 if e.kind is EntryKind.DATA_PREPARED and e.payload.get("firm")), log.parent.name)
+    return VerificationReport(run_dir=str(log), failures=tuple(scan.failures), run={},
+                              firms={firm: _firm_summary(firm, scan)}, rounds=(),
+                              final_metrics={})
+
+
 def verify_run(run_dir: Path) -> VerificationReport:
     """Verify every log of a run directory and cross-check them.
 
     Layout: ``federation/{audit.jsonl,signing.pub}``, ``firms/<firm>/{audit.jsonl,signing.pub}``
     and optionally ``keys/trusted.json`` (``{"federation": key_id, "<firm>": [key_id, ...]}``)
     pinning which bundled public keys the auditor accepts. Without it, the keys in the bundle are
-    trusted, each only for its own log.
+    trusted, each only for its own log. A folder without that layout is refused
+    (:class:`AuditError`); a firm folder of a firm the run never named is a failure.
     """
-    root = Path(run_dir)
+    root = require_run_folder(Path(run_dir))
     failures: list[Failure] = []
     pins = _load_pins(root, failures)
     fed_dir = root / FEDERATION_DIR
@@ -714,6 +773,14 @@ def verify_run(run_dir: Path) -> VerificationReport:
         failures.extend(scan.failures)
         firm_scans[firm] = scan
     _cross_check(fed, firm_scans, failures)
+    participants = _participants(fed)
+    if participants is not None:
+        for firm in sorted(set(firm_scans) - participants):
+            failures.append(Failure(
+                _rel(firms_dir / firm, root), 0, FailureKind.UNEXPECTED_LOG,
+                f"firm {firm!r} never took part in this run (not admitted, no head or update "
+                "recorded by the coordinator); remove its folder from the run or bundle"))
+            del firm_scans[firm]
     run, rounds, final = _rounds(fed)
     return VerificationReport(
         queries=_queries(fed),

@@ -35,7 +35,7 @@ _WILDCARD_HOSTS = ("0.0.0.0", "::", "")
 class LinkSection(BaseModel):
     """Where the coordinator's SuperLink keeps its state and which address it binds."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     workdir: Path
     certs_dir: Path
@@ -47,7 +47,7 @@ class LinkSection(BaseModel):
 class CoordinatorConfig(BaseModel):
     """``coordinator.toml``: the SuperLink of a long-lived federation."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     link: LinkSection
     config_path: Path | None = Field(default=None, exclude=True)
@@ -130,6 +130,6 @@ def load_run_file(path: Path) -> RunConfig:
 class RunFile(BaseModel):
     """``RUN.toml``: one ``[run]`` section (see ``configs/deploy/run.toml``)."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     run: RunConfig

@@ -174,5 +174,5 @@ def print_run_summary(console: Console, summary: dict[str, Any], run_dir: Path) 
             if isinstance(summary["baseline"].get(key), dict):
                 console.print(f"  {key}: " + plain(summary["baseline"][key]))
     if summary.get("stop_reason"):
-        console.print(f"[yellow]{summary['stop_reason']}[/]")
+        console.print(str(summary["stop_reason"]), style="yellow", markup=False)
     console.print(f"summary: {run_dir / 'summary.json'}   model: {summary.get('model')}")

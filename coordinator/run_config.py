@@ -45,7 +45,7 @@ them; robust aggregators need each firm's update, and FedAdam is not wired to it
 
 
 class RunConfig(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     task: TaskKind = TaskKind.CHURN
     rounds: int = Field(default=20, ge=1, le=10_000)

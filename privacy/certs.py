@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +26,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from fedcrm.privacy.durable import write_atomic, write_private
+from fedcrm.privacy.durable import ensure_output_dir, write_atomic, write_private
 from fedcrm.privacy.errors import KeyFileError
 from fedcrm.privacy.keys import check_firm_name
 
@@ -72,10 +71,7 @@ def _write_public(path: Path, data: bytes) -> None:
 
 
 def _prepare_dir(out_dir: Path) -> Path:
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    os.chmod(out_dir, 0o700)
-    return out_dir
+    return ensure_output_dir(Path(out_dir), what="output folder", mode=0o700)
 
 
 def _refuse_existing(paths: tuple[Path, ...], *, force: bool) -> None:

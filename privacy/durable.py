@@ -121,6 +121,28 @@ def check_output_file(path: Path, *, what: str = "output file") -> Path:
     return path
 
 
+def ensure_output_dir(path: Path, *, what: str, mode: int | None = None) -> Path:
+    """Create the folder ``path`` (and its parents) for output, or refuse in one clear line.
+
+    A path that is a file, or whose parent is a file, or that the system refuses to create, is a
+    :class:`ConfigError` naming ``what`` and the path, before anything is written. ``mode``
+    (e.g. 0o700 for key folders) is applied to the folder only after it exists and is checked.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{what} {path} is a file, not a folder; give a folder path")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(
+            f"{what} {path} cannot be created ({exc.strerror or type(exc).__name__}); check "
+            "that every folder above it is a folder and writable"
+        ) from None
+    if mode is not None:
+        os.chmod(path, mode)
+    return path
+
+
 class StagedFile:
     """A file written next to its destination and moved into place only by :meth:`publish`.
 

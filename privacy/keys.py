@@ -42,7 +42,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 from cryptography.hazmat.primitives.hashes import SHA256
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from fedcrm.privacy.durable import write_atomic, write_private
+from fedcrm.privacy.durable import ensure_output_dir, write_atomic, write_private
 from fedcrm.privacy.errors import ConfigError, KeyFileError
 
 KEY_BYTES = 32
@@ -418,9 +418,13 @@ def _meta(keys_dir: Path) -> dict[str, object]:
             "create one with `fedcrm keys init --firm NAME --out DIR`"
         )
     try:
-        meta = json.loads(path.read_text())
+        meta = json.loads(path.read_bytes().decode("utf-8"))
     except json.JSONDecodeError as exc:
-        raise KeyFileError(f"{path} is not valid JSON (line {exc.lineno})") from None
+        raise KeyFileError(f"{path} is not valid JSON (line {exc.lineno}); restore it from the "
+                           "backup of the key directory") from None
+    except UnicodeDecodeError:
+        raise KeyFileError(f"{path} is not UTF-8 JSON (damaged?); restore it from the backup of "
+                           "the key directory") from None
     if not isinstance(meta, dict):
         raise KeyFileError(f"{path} must hold a JSON object")
     return meta
@@ -459,10 +463,9 @@ def init_keys(keys_dir: Path, *, firm: str, force: bool = False) -> FirmKeys:
         data_key=data,
         signing_key=signing,
     )
-    keys_dir.mkdir(parents=True, exist_ok=True)
-    os.chmod(keys_dir, 0o700)
     if (keys_dir / META_FILE).exists() and not force:
         raise KeyFileError(f"{keys_dir} already holds keys; refusing to overwrite (use --force)")
+    ensure_output_dir(keys_dir, what="key folder", mode=0o700)
     _write_secret(keys_dir / "pseudonym-v1.key", pseudonym.hex().encode() + b"\n", force=force)
     _write_secret(keys_dir / "data-v1.key", data.hex().encode() + b"\n", force=force)
     _write_secret(
@@ -518,15 +521,35 @@ def load_keys(keys_dir: Path, *, data_version: int | None = None) -> FirmKeys:
         meta, "data_version", keys_dir
     )
     if ENV_PSEUDONYM in os.environ:
-        pseudonym = _hex_key(os.environ[ENV_PSEUDONYM], f"${ENV_PSEUDONYM}")
+        pseudonym_from = f"${ENV_PSEUDONYM}"
+        pseudonym = _hex_key(os.environ[ENV_PSEUDONYM], pseudonym_from)
     else:
         path = keys_dir / f"pseudonym-v{p_ver}.key"
+        pseudonym_from = str(path)
         pseudonym = _hex_key(_read_secret(path).decode("ascii", "replace"), str(path))
     if ENV_DATA in os.environ and data_version is None:
-        data = _hex_key(os.environ[ENV_DATA], f"${ENV_DATA}")
+        data_from = f"${ENV_DATA}"
+        data = _hex_key(os.environ[ENV_DATA], data_from)
     else:
         path = keys_dir / f"data-v{d_ver}.key"
+        data_from = str(path)
         data = _hex_key(_read_secret(path).decode("ascii", "replace"), str(path))
+    # A key file that no longer matches the id recorded when it was made (a changed byte, a file
+    # copied from another firm) would silently give other pseudonyms or fail to decrypt later.
+    # (A key given in the environment is the operator's explicit override: not checked.)
+    recorded = meta.get("key_ids")
+    for kind, version, secret, source in ((KeyKind.PSEUDONYM, p_ver, pseudonym, pseudonym_from),
+                                          (KeyKind.DATA, d_ver, data, data_from)):
+        if source.startswith("$"):
+            continue
+        ids = recorded.get(kind.value) if isinstance(recorded, dict) else None
+        key_id = secret_key_id(kind, version, secret)
+        if isinstance(ids, list) and ids and key_id not in ids:
+            raise KeyFileError(
+                f"{source} is not the {kind.value} key recorded in {keys_dir / META_FILE} "
+                f"(its id {key_id} is not among {', '.join(map(str, ids))}): it was changed or "
+                "damaged; restore the firm's key folder from its backup"
+            )
     signing: Ed25519PrivateKey | None = None
     sign_path = keys_dir / "signing.key"
     if sign_path.exists():

@@ -63,7 +63,7 @@ class DeploySection(PartnerScenario):
 
 
 class LocalDeployConfig(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     deploy: DeploySection = DeploySection()
     run: RunConfig = RunConfig()

@@ -6,6 +6,10 @@
     DIR/telco.toml             the Telco firm's config (keys DIR/keys/telco, store DIR/stores/telco)
     DIR/cdnow_transactions.csv CDNOW purchases in the original column names
     DIR/cdnow.toml             the CDNOW firm's config
+
+Each firm keeps its own audit log next to its store. Running the export again rewrites nothing
+that a user changed: a file that differs from what the export would write (an edited config, a
+cleaned CSV) is refused unless ``force``; identical files are left as they are.
 """
 
 from __future__ import annotations
@@ -13,6 +17,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import tomli_w
+
+from fedcrm.privacy.durable import ensure_output_dir, write_atomic
+from fedcrm.privacy.errors import ConfigError
 from fedcrm.simulations.datasets import load_cdnow, load_telco
 from fedcrm.simulations.partners import (
     cdnow_export,
@@ -20,7 +28,6 @@ from fedcrm.simulations.partners import (
     public_size,
     telco_export,
     telco_firm_config,
-    write_toml,
 )
 
 
@@ -33,15 +40,14 @@ class ExportedFirm:
 
 
 def export_datasets(
-    out: Path, *, seed: int = 7, epsilon: float = 3.0, delta: float = 1e-5
+    out: Path, *, seed: int = 7, epsilon: float = 3.0, delta: float = 1e-5, force: bool = False
 ) -> list[ExportedFirm]:
-    out.mkdir(parents=True, exist_ok=True)
+    out = ensure_output_dir(Path(out), what="--out")
     telco = telco_export(load_telco(), seed=seed)
-    telco_csv = out / "telco_customers.csv"
-    telco.to_csv(telco_csv, index=False)
-    telco_cfg = write_toml(
-        out / "telco.toml",
-        telco_firm_config(
+    cdnow = cdnow_export(load_cdnow())
+    files = {
+        out / "telco_customers.csv": telco.to_csv(index=False).encode("utf-8"),
+        out / "telco.toml": tomli_w.dumps(telco_firm_config(
             firm="telco",
             csv_path=Path("telco_customers.csv"),
             keys_dir=Path("keys/telco"),
@@ -50,14 +56,9 @@ def export_datasets(
             delta=delta,
             public_size=public_size(len(telco)),
             audit_log=None,  # each firm its own log, next to its store
-        ),
-    )
-    cdnow = cdnow_export(load_cdnow())
-    cdnow_csv = out / "cdnow_transactions.csv"
-    cdnow.to_csv(cdnow_csv, index=False)
-    cdnow_cfg = write_toml(
-        out / "cdnow.toml",
-        cdnow_firm_config(
+        )).encode("utf-8"),
+        out / "cdnow_transactions.csv": cdnow.to_csv(index=False).encode("utf-8"),
+        out / "cdnow.toml": tomli_w.dumps(cdnow_firm_config(
             firm="cdnow",
             csv_path=Path("cdnow_transactions.csv"),
             keys_dir=Path("keys/cdnow"),
@@ -66,9 +67,27 @@ def export_datasets(
             delta=delta,
             public_size=public_size(int(cdnow.iloc[:, 0].nunique())),
             audit_log=None,
-        ),
-    )
+        )).encode("utf-8"),
+    }
+    changed = [path for path, data in files.items() if _differs(path, data)]
+    edited = [path for path in changed if path.exists()]
+    if edited and not force:
+        names = ", ".join(str(p) for p in edited)
+        verb = "exists and differs" if len(edited) == 1 else "exist and differ"
+        raise ConfigError(
+            f"{names} already {verb} from the demo export (edited?); nothing was written. Keep "
+            "them, export to another --out folder, or overwrite them with --force"
+        )
+    for path in changed:
+        write_atomic(path, files[path], mode=0o644)
     return [
-        ExportedFirm("telco", telco_csv, telco_cfg, len(telco)),
-        ExportedFirm("cdnow", cdnow_csv, cdnow_cfg, len(cdnow)),
+        ExportedFirm("telco", out / "telco_customers.csv", out / "telco.toml", len(telco)),
+        ExportedFirm("cdnow", out / "cdnow_transactions.csv", out / "cdnow.toml", len(cdnow)),
     ]
+
+
+def _differs(path: Path, data: bytes) -> bool:
+    if path.is_dir():
+        raise ConfigError(f"{path} is a folder; the export writes a file there. Move it away "
+                          "or export to another --out folder")
+    return not path.exists() or path.read_bytes() != data

@@ -12,15 +12,26 @@ Splits:
   proportions drawn from Dirichlet(alpha); small alpha = very different firms.
 * CDNOW: customers (all of a customer's purchases together) are divided among firms by a seeded
   random permutation, so each firm's customer base is a different cohort sample.
+
+Logs: Flower's log lines, the driver's Ray messages and Python warnings go to
+``runs/<run-id>/flower.log``, not the terminal, unless ``verbose`` (then they go to both, coloured
+only on a terminal). Ray's worker processes (the firms' ClientApps) write to Ray's own session log
+folder and are forwarded to the terminal only when ``verbose``.
+
+The harness runs Flower's ``flwr.simulation.run_simulation``, which Flower 1.41 marks deprecated
+in favour of ``flwr run`` against a SuperLink's simulation runtime; docs/architecture.md
+("Simulations") says why that entry point does not fit here.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import shutil
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from enum import StrEnum
@@ -62,7 +73,7 @@ class Split(StrEnum):
 class PartnerScenario(BaseModel):
     """Which public data set is split into how many partner firms, and their budgets."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     name: str = Field(default="simulation", pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,40}$")
     dataset: Dataset = Dataset.TELCO
@@ -102,7 +113,7 @@ def with_public_schema(run: RunConfig, scenario: PartnerScenario) -> RunConfig:
 
 
 class SimulationConfig(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     simulation: SimulationSection = SimulationSection()
     run: RunConfig = RunConfig()
@@ -245,18 +256,71 @@ def _engine_cpus(sim: SimulationSection) -> int:
 #: Imported by each Ray worker as it starts, before Flower hands it a ClientApp actor.
 CLIENT_APP_MODULE = "fedcrm.clients.client_app"
 
+#: The run folder's log of Flower, Ray (driver side) and Python warnings.
+ENGINE_LOG = "flower.log"
 
-def _ray_init_args(sim: SimulationSection) -> dict[str, Any]:
+
+def _ray_init_args(sim: SimulationSection, *, verbose: bool = False) -> dict[str, Any]:
     return {
         "num_cpus": _engine_cpus(sim),
         "include_dashboard": False,
-        "logging_level": "error",
-        "log_to_driver": False,
+        "logging_level": "info" if verbose else "error",
+        "log_to_driver": verbose,
         "_system_config": {"preload_python_modules": [CLIENT_APP_MODULE]},
     }
 
 
-def start_engine(sim: SimulationSection) -> None:
+@contextlib.contextmanager
+def engine_logs(log_file: Path, *, verbose: bool = False) -> Iterator[Path]:
+    """Send Flower's and Ray's log lines and Python warnings to ``log_file`` for the duration.
+
+    Flower logs through its ``flwr`` logger to a console handler that writes ANSI colour codes
+    whatever the stream is; quiet (the default), that handler is detached and the lines go to the
+    file only. ``verbose`` keeps it, coloured only when stderr is a terminal, and writes the file
+    too. Everything is restored on exit.
+    """
+    import flwr.common.logger  # noqa: F401 - creates Flower's console handler, to detach it now
+
+    file_handler = logging.FileHandler(log_file, encoding="utf-8")
+    file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    file_handler.setLevel(logging.DEBUG if verbose else logging.INFO)
+    flwr_logger = logging.getLogger("flwr")
+    consoles = [h for h in flwr_logger.handlers if type(h).__name__ == "ConsoleHandler"]
+    colours = {h: getattr(h, "colored", None) for h in consoles}
+    others = [logging.getLogger(name) for name in ("ray", "py.warnings")]
+    levels = {lg: lg.level for lg in others}
+    if not verbose:
+        for handler in consoles:
+            flwr_logger.removeHandler(handler)
+    else:
+        for handler in consoles:
+            handler.colored = sys.stderr.isatty()  # type: ignore[attr-defined]
+    flwr_logger.addHandler(file_handler)
+    for lg in others:
+        lg.addHandler(file_handler)
+        lg.setLevel(logging.INFO)
+    capturing = logging.getLogger("py.warnings").propagate
+    logging.getLogger("py.warnings").propagate = verbose
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # Ray's FutureWarning tip
+    logging.captureWarnings(True)
+    try:
+        yield log_file
+    finally:
+        logging.captureWarnings(False)
+        logging.getLogger("py.warnings").propagate = capturing
+        flwr_logger.removeHandler(file_handler)
+        for lg in others:
+            lg.removeHandler(file_handler)
+            lg.setLevel(levels[lg])
+        for handler in consoles:
+            if handler not in flwr_logger.handlers:
+                flwr_logger.addHandler(handler)
+            if colours[handler] is not None:
+                handler.colored = colours[handler]  # type: ignore[attr-defined]
+        file_handler.close()
+
+
+def start_engine(sim: SimulationSection, *, verbose: bool = False) -> None:
     """Start Ray for Flower's simulation engine now, as its Ray backend would (it reuses it).
 
     Ray prestarts one idle worker process per CPU at ``ray.init``, and Flower's ClientApp actors
@@ -275,7 +339,7 @@ def start_engine(sim: SimulationSection) -> None:
     if os.environ.get("PYTHONPATH"):
         pythonpath = f"{pythonpath}{os.pathsep}{os.environ['PYTHONPATH']}"
     os.environ["PYTHONPATH"] = pythonpath
-    ray.init(**_ray_init_args(sim))
+    ray.init(**_ray_init_args(sim, verbose=verbose))
 
 
 def _import_apps() -> None:
@@ -302,6 +366,7 @@ def run_flower_simulation(
     run_dir: Path,
     client_mods: list[Any] | None = None,
     server_config: Any = None,
+    verbose: bool = False,
 ) -> None:
     """Run the ServerApp and one ClientApp per firm in Flower's simulation engine.
 
@@ -332,8 +397,9 @@ def run_flower_simulation(
         num_supernodes=len(firms),
         backend_config={
             "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-            "init_args": _ray_init_args(cfg.simulation),
+            "init_args": _ray_init_args(cfg.simulation, verbose=verbose),
         },
+        verbose_logging=False,  # DEBUG lines would also turn Flower's colours back on
     )
 
 
@@ -355,8 +421,10 @@ def simulate(
     on_firm: Callable[[str, int], None] | None = None,
     on_phase: Callable[[str], None] | None = None,
     client_mods: list[Any] | None = None,
+    verbose: bool = False,
 ) -> tuple[Path, dict[str, Any]]:
-    """The whole simulation; returns the run directory and the final summary."""
+    """The whole simulation; returns the run directory and the final summary. Flower's and Ray's
+    logs go to ``<run dir>/flower.log`` (and the terminal too if ``verbose``)."""
     sim = cfg.simulation
     run_id = run_id or new_run_id(sim.name)
     run_dir = (sim.workdir / run_id).resolve()
@@ -367,20 +435,22 @@ def simulate(
     # The firms are prepared in a thread while this (main) thread starts Ray: ray.init mostly
     # waits for Ray's processes, and it must run in the main thread (its child processes are
     # tied to the thread that starts them).
-    try:
-        with ThreadPoolExecutor(max_workers=2, thread_name_prefix="prepare") as pool:
-            building = pool.submit(build_firms, cfg, run_dir, on_firm=on_firm)
-            importing = pool.submit(_import_apps)
-            try:
-                start_engine(sim)
-            finally:
-                firms = building.result()
-                importing.result()
-        prepared = time.perf_counter()
-        phase("federate")
-        run_flower_simulation(cfg, firms, run_id=run_id, run_dir=run_dir, client_mods=client_mods)
-    finally:
-        stop_engine()
+    with engine_logs(run_dir / ENGINE_LOG, verbose=verbose):
+        try:
+            with ThreadPoolExecutor(max_workers=2, thread_name_prefix="prepare") as pool:
+                building = pool.submit(build_firms, cfg, run_dir, on_firm=on_firm)
+                importing = pool.submit(_import_apps)
+                try:
+                    start_engine(sim, verbose=verbose)
+                finally:
+                    firms = building.result()
+                    importing.result()
+            prepared = time.perf_counter()
+            phase("federate")
+            run_flower_simulation(cfg, firms, run_id=run_id, run_dir=run_dir,
+                                  client_mods=client_mods, verbose=verbose)
+        finally:
+            stop_engine()
     federated = time.perf_counter()
     summary = load_summary(run_dir)
     if sim.baseline:

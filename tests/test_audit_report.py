@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import re
+import shutil
 import zipfile
 from pathlib import Path
 
@@ -12,7 +13,7 @@ from test_audit import FIRMS, Run, build_run, copy_run  # the synthetic run of t
 
 from fedcrm.audit.log import AuditLog, EntryKind
 from fedcrm.audit.report import export_bundle, render_report
-from fedcrm.audit.verify import verify_run
+from fedcrm.audit.verify import FailureKind, verify_run
 from fedcrm.privacy.errors import AuditError
 
 PNG_IMG = '<img src="data:image/png;base64,'
@@ -88,6 +89,18 @@ def test_export_bundle_holds_logs_public_keys_report_and_no_private_key(
     assert verify_run(tmp_path / "unzipped").ok
 
 
-def test_export_refuses_a_directory_that_is_not_a_run(tmp_path: Path) -> None:
-    with pytest.raises(AuditError, match="run directory"):
+def test_export_and_report_refuse_a_folder_that_is_not_a_run(tmp_path: Path) -> None:
+    with pytest.raises(AuditError, match="not a fedcrm run folder"):
         export_bundle(tmp_path, tmp_path / "bundle.zip")
+    with pytest.raises(AuditError, match="does not exist"):
+        render_report(tmp_path / "missing", tmp_path / "report.html")
+    assert not (tmp_path / "bundle.zip").exists() and not (tmp_path / "report.html").exists()
+
+
+def test_verify_fails_a_firm_folder_that_never_took_part(run: Run) -> None:
+    intruder = run.root / "firms" / "initech"
+    shutil.copytree(run.root / "firms" / "acme", intruder)
+    report = verify_run(run.root)
+    assert [(f.file, f.kind) for f in report.failures] == [
+        ("firms/initech", FailureKind.UNEXPECTED_LOG)]
+    assert "initech" not in report.firms

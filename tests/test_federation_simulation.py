@@ -71,7 +71,7 @@ def _capture_and_misbehave(dump_dir: Path) -> list[Any]:
 
 
 def test_simulation_rejects_bad_updates_survives_dropout_and_stops_exhausted_firm(
-    tmp_path: Path,
+    tmp_path: Path, capfd: pytest.CaptureFixture[str],
 ) -> None:
     dump = tmp_path / "replies"
     dump.mkdir()
@@ -97,6 +97,13 @@ def test_simulation_rejects_bad_updates_survives_dropout_and_stops_exhausted_fir
         ),
     )
     run_dir, summary = simulate(cfg, run_id="faulty-run", client_mods=_capture_and_misbehave(dump))
+    # Quiet by default: Flower's lines (and its colour codes) are in the run's log, not on the
+    # terminal.
+    terminal = capfd.readouterr()
+    for stream in (terminal.out, terminal.err):
+        assert "\x1b[" not in stream and "INFO :" not in stream and "DEPRECATED" not in stream
+    engine_log = (run_dir / "flower.log").read_text()
+    assert "[ROUND 1/3]" in engine_log and "\x1b[" not in engine_log
 
     assert summary["status"] == "completed"
     assert summary["rounds_completed"] == 3

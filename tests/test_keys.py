@@ -174,3 +174,15 @@ def test_a_non_integer_version_in_keys_json_is_a_key_file_error(tmp_path: Path) 
     meta_path.write_text(json.dumps(meta))
     with pytest.raises(KeyFileError, match="data_version must be an integer"):
         load_keys(tmp_path / "k")
+
+
+@pytest.mark.parametrize("name", ["pseudonym-v1.key", "data-v1.key"])
+def test_a_key_file_that_no_longer_matches_its_recorded_id_is_refused(
+    tmp_path: Path, name: str
+) -> None:
+    init_keys(tmp_path / "k", firm="acme")
+    path = tmp_path / "k" / name
+    text = path.read_text()
+    path.write_text(("1" if text[0] != "1" else "2") + text[1:])  # one changed hex digit
+    with pytest.raises(KeyFileError, match=r"is not the .* key recorded in .*keys\.json"):
+        load_keys(tmp_path / "k")

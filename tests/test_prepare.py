@@ -131,7 +131,56 @@ def test_quarantine_threshold_aborts_and_leaves_no_store(write_firm: Callable[..
     with pytest.raises(QuarantineThresholdExceeded, match=r"10 of 100 rows \(10.0%\)"):
         prepare(load_firm_config(cfg_path))
     assert not (cfg_path.parent / "store" / "prepared").exists()
-    assert (cfg_path.parent / "store" / "quarantine.csv").exists()
+    assert not (cfg_path.parent / "store" / "quarantine.csv").exists()
+    assert (cfg_path.parent / "store" / "quarantine.rejected.csv").exists()  # its reasons, apart
+
+
+def test_failed_reprepare_keeps_the_good_store_and_its_quarantine_list(
+    write_firm: Callable[..., Path],
+) -> None:
+    frame = make_customers(200)
+    frame.loc[3, "monthly"] = "n/a"
+    cfg_path = write_firm(frame)
+    prepare(load_firm_config(cfg_path))
+    store = cfg_path.parent / "store"
+    before = {p.name: p.read_bytes() for p in [store / "quarantine.csv",
+                                                *(store / "prepared").iterdir()]}
+    worse = make_customers(200)
+    worse.loc[:50, "monthly"] = "n/a"  # 25% > 5%: refused
+    write_firm(worse)
+    with pytest.raises(QuarantineThresholdExceeded, match=r"quarantine\.rejected\.csv"):
+        prepare(load_firm_config(cfg_path))
+    after = {p.name: p.read_bytes() for p in [store / "quarantine.csv",
+                                               *(store / "prepared").iterdir()]}
+    assert after == before
+    assert not list(store.glob("*.partial"))
+
+
+def test_prepare_refuses_to_replace_a_store_with_far_fewer_rows_unless_told(
+    write_firm: Callable[..., Path],
+) -> None:
+    cfg_path = write_firm(make_customers(300))
+    prepare(load_firm_config(cfg_path))
+    manifest = (cfg_path.parent / "store" / "prepared" / "manifest.json").read_bytes()
+    write_firm(make_customers(100))  # a third of the customers: a truncated export?
+    with pytest.raises(SchemaError, match=r"keeps 100 rows, the current store .* has 300.*"
+                                          r"--replace-with-fewer"):
+        prepare(load_firm_config(cfg_path))
+    assert (cfg_path.parent / "store" / "prepared" / "manifest.json").read_bytes() == manifest
+    result = prepare(load_firm_config(cfg_path), replace_with_fewer=True)
+    assert result.tables[0].rows_kept == 100
+    write_firm(make_customers(200))  # two thirds of the current store's 100: more, no question
+    assert prepare(load_firm_config(cfg_path)).tables[0].rows_kept == 200
+
+
+def test_a_header_only_export_never_replaces_a_store(write_firm: Callable[..., Path]) -> None:
+    cfg_path = write_firm(make_customers(100))
+    prepare(load_firm_config(cfg_path))
+    manifest = (cfg_path.parent / "store" / "prepared" / "manifest.json").read_bytes()
+    write_firm(make_customers(100).iloc[:0])
+    with pytest.raises(SchemaError, match="has a header but no data rows"):
+        prepare(load_firm_config(cfg_path), replace_with_fewer=True)
+    assert (cfg_path.parent / "store" / "prepared" / "manifest.json").read_bytes() == manifest
 
 
 def test_threshold_is_configurable(write_firm: Callable[..., Path]) -> None:

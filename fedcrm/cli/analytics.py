@@ -14,7 +14,7 @@ from rich.text import Text
 from fedcrm.cli.console import err, out, user_errors
 
 MAX_ROWS = 30
-COORDINATOR_HELP = "the coordinator's deployment config (for a query without [simulation])"
+COORDINATOR_HELP = "the coordinator's deployment config (for a query file without \\[simulation])"
 
 
 def _print_result(result: dict[str, Any], run_dir: Path) -> None:
@@ -61,12 +61,14 @@ def _print_result(result: dict[str, Any], run_dir: Path) -> None:
 @user_errors
 def query(
     config: Annotated[Path, typer.Option(
-        help="the query file: [query], and [simulation] to run it on simulated firms "
+        help="the query file: \\[query], and \\[simulation] to run it on simulated firms "
         "(e.g. configs/queries/telco_churn_by_contract.toml)")],
     coordinator: Annotated[Path, typer.Option(help=COORDINATOR_HELP)] = Path("coordinator.toml"),
     run_id: Annotated[str | None, typer.Option(help="query id (default: generated)")] = None,
     timeout: Annotated[float | None, typer.Option(
         help="seconds to wait for the query on a federation (default: from the file)")] = None,
+    verbose: Annotated[bool, typer.Option(
+        "--verbose", help="also show Flower's and Ray's log lines (simulation)")] = False,
 ) -> None:
     """Ask the federation one DP query; each firm answers from its own budget (or declines)."""
     from fedcrm.coordinator.query_run import RESULT_JSON, load_query_file
@@ -78,18 +80,13 @@ def query(
     out.print(Text(f"query {spec.name}: {spec.kind.value}, ε {spec.epsilon:g} (δ {spec.delta:g}) "
                    f"per firm, at least {spec.min_firms} firm(s)"), highlight=False)
     if file_cfg.simulation is not None:
-        import logging
-
         from fedcrm.simulations.query import simulate_query
-
-        for name in ("flwr", "ray"):
-            logging.getLogger(name).setLevel(logging.WARNING)
 
         def on_firm(name: str, rows: int) -> None:
             err.print(Text(f"  prepared {name}: {rows:,} source rows (validated, masked, "
                            "encrypted)"), highlight=False)
 
-        run_dir, result = simulate_query(file_cfg, run_id=rid, on_firm=on_firm)
+        run_dir, result = simulate_query(file_cfg, run_id=rid, on_firm=on_firm, verbose=verbose)
         _print_result(result, run_dir)
     else:
         from fedcrm.coordinator.deploy_config import load_coordinator_config
@@ -166,12 +163,8 @@ def overlap(
                    f"{spec.key.value}, ε {spec.epsilon:g} (δ {spec.delta:g}) per firm"),
               highlight=False)
     if file_cfg.simulation is not None:
-        import logging
 
         from fedcrm.simulations.overlap import simulate_overlap
-
-        for name in ("flwr", "ray"):
-            logging.getLogger(name).setLevel(logging.WARNING)
 
         def on_firm(name: str, rows: int) -> None:
             err.print(Text(f"  built {name}: {rows:,} customers"), highlight=False)

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.text import Text
 
 from fedcrm.cli.console import err, out, user_errors
 
@@ -27,30 +28,42 @@ def _quiet_accounting_logs() -> None:
 @audit_app.command("verify")
 @user_errors
 def audit_verify(
-    run_dir: Annotated[Path, typer.Argument(help="run directory or unpacked audit bundle")],
+    run_dir: Annotated[
+        Path,
+        typer.Argument(help="run directory or unpacked audit bundle; or a firm's own audit.jsonl "
+                            "with --key"),
+    ],
+    key: Annotated[
+        Path | None,
+        typer.Option(help="the firm's signing.pub, to verify one firm's own audit log"),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print the verification as JSON")] = False,
 ) -> None:
     """Verify every signature, chain and head, and recompute each firm's ε independently."""
-    from fedcrm.audit.verify import verify_run
+    from fedcrm.audit.verify import is_run_folder, verify_firm_log, verify_run
     from fedcrm.privacy.errors import AuditError
 
     _quiet_accounting_logs()
-    report = verify_run(run_dir)
+    if key is not None and run_dir.is_dir() and is_run_folder(run_dir):
+        raise AuditError(f"--key is for one firm's own log; {run_dir} is a run folder (its "
+                         "public keys are inside it): drop --key")
+    single = key is not None
+    report = verify_firm_log(run_dir, key) if key is not None else verify_run(run_dir)
     if as_json:
         sys.stdout.write(json.dumps(report.to_dict(), indent=2, default=str) + "\n")
     elif report.ok:
-        out.print(
-            f"[bold green]PASS[/] {run_dir}: every chain, signature and firm head verified; "
-            "recomputed ε within every budget; every update covered by a DP release"
+        checked = (
+            "chain and signatures verified; recomputed ε within the budget" if single else
+            "every chain, signature and firm head verified; recomputed ε within every budget; "
+            "every update covered by a DP release"
         )
-        for firm, summary in sorted(report.to_dict().get("firms", {}).items()):
-            out.print(
-                f"  {firm}: ε spent {summary.get('epsilon_spent', 0):.4f} of "
-                f"{summary.get('epsilon_cap')}"
-            )
+        out.print(Text.assemble(("PASS ", "bold green"), f"{run_dir}: {checked}"))
+        for firm, summary in sorted(report.firms.items()):
+            cap = "no cap logged" if summary.epsilon_cap is None else f"{summary.epsilon_cap:g}"
+            out.print(f"  {firm}: ε spent {summary.epsilon_spent:.4f} of {cap}")
     else:
         for failure in report.failures:
-            err.print(f"[red]FAIL[/] {failure}", highlight=False)
+            err.print(Text.assemble(("FAIL ", "red"), str(failure)), soft_wrap=True)
     if not report.ok:
         raise typer.Exit(AuditError.exit_code)
 

@@ -3,14 +3,20 @@
 User errors (every :class:`~fedcrm.privacy.errors.FedcrmError`) become one red line on stderr
 and a non-zero exit code, never a traceback; unexpected errors print only their type (their text
 could quote data) unless ``FEDCRM_DEBUG=1`` is set.
+
+Both consoles have rich markup off: paths, column names and firm names often hold ``[...]``
+(``export[2024].csv``), which markup would swallow or choke on (``[/x]``). Styling is given
+explicitly (``style=``, :class:`rich.text.Text`), never by markup in a string. Rich writes colour
+codes only to a terminal, so piped output and log files stay plain text.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 import os
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import typer
 from rich.console import Console
@@ -18,10 +24,39 @@ from rich.text import Text
 
 from fedcrm.privacy.errors import FedcrmError
 
-out = Console()
-err = Console(stderr=True)
+out = Console(markup=False, highlight=False, soft_wrap=True)
+err = Console(stderr=True, markup=False, highlight=False, soft_wrap=True)
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+#: Exit code of a file-system refusal (sysexits' EX_IOERR); 70 stays "internal error".
+IO_ERROR_EXIT = 74
+
+
+def file_system_problem(exc: OSError) -> str:
+    """One line for an OSError: which path, what the system said, what to check."""
+    paths = " -> ".join(str(p) for p in (exc.filename, exc.filename2) if p is not None)
+    reason = exc.strerror or type(exc).__name__
+    return (
+        f"cannot use {paths or 'a file'}: {reason}; check that the path exists, is a file or "
+        "folder as the command expects, is writable and has room (an immutable file: lsattr)"
+    )
+
+
+def finite_positive(value: float | None) -> float | None:
+    """A typer callback for a float option that must be finite and > 0 (click's ranges let nan
+    through: every comparison with nan is false)."""
+    if value is not None and not (math.isfinite(value) and value > 0):
+        raise typer.BadParameter(f"{value} is not a finite number above 0")
+    return value
+
+
+def finite_non_negative(value: float | None) -> float | None:
+    """Like :func:`finite_positive`, 0 allowed."""
+    if value is not None and not (math.isfinite(value) and value >= 0):
+        raise typer.BadParameter(f"{value} is not a finite number of at least 0")
+    return value
+
 
 def user_errors(fn: F) -> F:
     """Turn FedcrmError into one line + exit code; hide other exceptions' text (may hold PII)."""
@@ -36,17 +71,30 @@ def user_errors(fn: F) -> F:
                       soft_wrap=True)
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:
-            err.print("[yellow]interrupted[/]")
+            err.print("interrupted", style="yellow")
             raise typer.Exit(130) from None
         except (typer.Exit, typer.Abort):
             raise
+        except OSError as exc:
+            if exc.errno is None and exc.filename is None:  # an OSError subclass, not the OS
+                _internal_error(exc)
+            # The system refused a file operation (a folder where a file belongs, a full disk, an
+            # immutable or read-only file): name the path and the reason, never any contents.
+            err.print(Text.assemble(("error: ", "bold red"), file_system_problem(exc)),
+                      soft_wrap=True)
+            raise typer.Exit(IO_ERROR_EXIT) from None
         except Exception as exc:
-            if os.environ.get("FEDCRM_DEBUG") == "1":
-                raise
-            err.print(
-                f"[bold red]internal error:[/] {type(exc).__name__} (details hidden because they "
-                "may contain data; rerun with FEDCRM_DEBUG=1 on the firm's machine for a traceback)"
-            )
-            raise typer.Exit(70) from None
+            _internal_error(exc)
 
     return wrapper  # type: ignore[return-value]
+
+
+def _internal_error(exc: Exception) -> NoReturn:
+    if os.environ.get("FEDCRM_DEBUG") == "1":
+        raise exc
+    err.print(Text.assemble(
+        ("internal error: ", "bold red"),
+        f"{type(exc).__name__} (details hidden because they may contain data; rerun with "
+        "FEDCRM_DEBUG=1 on the firm's machine for a traceback)",
+    ), soft_wrap=True)
+    raise typer.Exit(70) from None

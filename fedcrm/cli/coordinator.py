@@ -15,7 +15,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from fedcrm.cli.console import err, out, user_errors
+from fedcrm.cli.console import err, finite_positive, out, user_errors
 
 certs_app = typer.Typer(
     help="Federation CA, SuperLink certificate and SuperNode keys.", no_args_is_help=True
@@ -23,7 +23,8 @@ certs_app = typer.Typer(
 link_app = typer.Typer(help="The coordinator's SuperLink and its registered firms.",
                        no_args_is_help=True)
 
-COORDINATOR_HELP = "the coordinator's config (TOML with a [link] section)"
+# Help texts are rich markup (typer's help format): a literal "[" is written "\\[".
+COORDINATOR_HELP = "the coordinator's config (TOML with a \\[link] section)"
 
 
 # --------------------------------------------------------------------------- certs
@@ -136,11 +137,13 @@ def link_register(
 
 @user_errors
 def run(
-    config: Annotated[Path, typer.Option(help="the run config (TOML with a [run] section)")],
+    config: Annotated[Path, typer.Option(help="the run config (TOML with a \\[run] section)")],
     coordinator: Annotated[Path, typer.Option(help=COORDINATOR_HELP)] = Path("coordinator.toml"),
     run_id: Annotated[str | None, typer.Option(help="run id (default: generated)")] = None,
     timeout: Annotated[
-        float | None, typer.Option(help="seconds to wait for the run (default: from the config)")
+        float | None,
+        typer.Option(callback=finite_positive,
+                     help="seconds to wait for the run (default: from the config)"),
     ] = None,
 ) -> None:
     """Run the federated job of RUN.toml on the running federation; wait for the result."""
@@ -155,7 +158,7 @@ def run(
     rid = run_id or new_run_id(config.stem.replace("_", "-"))
     run_dir = cfg.runs_dir / rid
     require_running_link(cfg)
-    out.print(f"run [bold]{rid}[/]: {run_cfg.task.value}, {run_cfg.rounds} rounds, strategy "
+    out.print(f"run {rid}: {run_cfg.task.value}, {run_cfg.rounds} rounds, strategy "
               f"{run_cfg.strategy.value}, ε {run_cfg.target_epsilon:g} per firm -> {run_dir}")
 
     def on_round(n: int, total: int) -> None:

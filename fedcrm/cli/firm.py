@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -37,7 +36,7 @@ def keys_init(
     from fedcrm.privacy.keys import init_keys
 
     keys = init_keys(out_dir, firm=firm, force=force)
-    out.print(f"created keys for firm [bold]{firm}[/] in {out_dir} (files 0600, directory 0700)")
+    out.print(f"created keys for firm {firm} in {out_dir} (files 0600, directory 0700)")
     out.print(f"  pseudonym key id: {keys.pseudonym_key_id}")
     out.print(f"  data key id:      {keys.data_key_id}")
     out.print(
@@ -79,6 +78,9 @@ def keys_agreement(
 
 # --------------------------------------------------------------------------- scan
 
+#: Rows of the read sample whose values are checked per column (the evidence column counts them).
+SCAN_VALUES_PER_COLUMN = 2000
+
 
 @user_errors
 def scan(
@@ -95,7 +97,9 @@ def scan(
     ] = None,
     firm: Annotated[str, typer.Option(help="firm name for --write-config")] = "my-firm",
     table: Annotated[str, typer.Option(help="customers or transactions")] = "customers",
-    sample_rows: Annotated[int, typer.Option(help="rows to sample")] = 5000,
+    sample_rows: Annotated[
+        int, typer.Option(min=1, max=10_000_000, help="rows to read from the start of the file")
+    ] = 5000,
 ) -> None:
     """Detect the CSV encoding and delimiter and the PII columns (by name hints and by values);
     suggest a masking policy for each column, and with --write-config a role."""
@@ -111,7 +115,7 @@ def scan(
             raise ConfigError(f"{write_config} exists; refusing to overwrite it")
     source = source_for_file(file, encoding=encoding, delimiter=delimiter)
     sample = read_sample(source, rows=sample_rows)
-    findings = scan_frame(sample)
+    findings = scan_frame(sample, sample_size=SCAN_VALUES_PER_COLUMN)
     report = err if as_json else out
     if as_json:
         document = {
@@ -122,18 +126,20 @@ def scan(
         sys.stdout.write(json.dumps(document, ensure_ascii=False, indent=2))
         sys.stdout.write("\n")
     else:
-        t = Table(
-            title=escape(f"PII scan of {file} ({len(sample):,} rows sampled; {source.describe()})")
-        )
+        checked = min(len(sample), SCAN_VALUES_PER_COLUMN)
+        t = Table(title=(
+            f"PII scan of {file} (first {len(sample):,} rows read; {checked:,} of them sampled "
+            f"per column; {source.describe()})"
+        ))
         for col in ("column", "kind", "confidence", "suggested policy", "evidence"):
             t.add_column(col)
         for f in findings:
             t.add_row(
-                escape(f.column),
+                f.column,
                 f.kind.value if f.kind else "-",
                 f"{f.confidence:.2f}",
                 f.suggested_policy.value if f.suggested_policy else "-",
-                escape(f.evidence),
+                f.evidence,
             )
         out.print(t)
     if not source.sure:
@@ -164,6 +170,10 @@ def scan(
 @user_errors
 def prepare(
     config: Annotated[Path, typer.Option(help="the firm's config (TOML)")],
+    replace_with_fewer: Annotated[
+        bool,
+        typer.Option(help="replace the store even if the new one keeps fewer than half its rows"),
+    ] = False,
 ) -> None:
     """Ingest -> validate -> mask -> features, into the firm's encrypted prepared store."""
     from fedcrm.data.contract import load_firm_config
@@ -177,6 +187,7 @@ def prepare(
         TimeElapsedColumn(),
         console=err,
         transient=True,
+        disable=not err.is_terminal,  # no progress bar (nor its blank line) in logs and pipes
     ) as progress:
         tasks: dict[str, Any] = {}
 
@@ -185,7 +196,7 @@ def prepare(
                 tasks[table] = progress.add_task(f"prepare {table}", total=None, rows=0)
             progress.update(tasks[table], rows=rows)
 
-        result = run_prepare(cfg, on_progress=on_progress)
+        result = run_prepare(cfg, on_progress=on_progress, replace_with_fewer=replace_with_fewer)
     t = Table(title=f"prepared store of {cfg.firm.name}: {result.store_dir}")
     for col in ("table", "rows read", "kept", "quarantined", "encrypted"):
         t.add_column(col, justify="right" if col != "table" else "left")
@@ -260,13 +271,12 @@ def budget_status(
     t.add_column("purpose")
     t.add_column("ε spent", justify="right")
     for purpose, eps in sorted(status.by_purpose.items()):
-        t.add_row(escape(purpose), f"{eps:.4f}")
-    t.add_row("[bold]total (composed)[/]", f"[bold]{status.spent:.4f}[/]")
+        t.add_row(purpose, f"{eps:.4f}")
+    t.add_row("total (composed)", f"{status.spent:.4f}", style="bold")
     out.print(t)
     out.print(
         f"cap ε={status.epsilon_cap:g}, δ={status.delta:g}; remaining ε={status.remaining:.4f}; "
         f"{status.n_events} releases, last {status.last_timestamp or '-'}",
-        markup=False,
     )
 
 
@@ -294,7 +304,6 @@ def budget_raise(
         f"firm {cfg.firm.name}: cap ε={old.epsilon:g} -> {new.epsilon:g}, δ={new.delta:g} "
         f"(signed in {privacy.files.audit_log}). Set budget.epsilon = {new.epsilon:g} in "
         f"{config} to match.",
-        markup=False,
     )
 
 
@@ -312,7 +321,6 @@ def budget_rebuild(config: Annotated[Path, typer.Option(help="the firm's config"
     out.print(
         f"rebuilt {cfg.budget_files().ledger} from the signed audit log: {releases} releases, "
         f"{cap}",
-        markup=False,
     )
 
 
@@ -351,7 +359,6 @@ def train(
         f"added ε={r.epsilon_added:.4f} to the firm's total (this release alone: "
         f"ε={r.epsilon_release:.4f}, noise multiplier {r.noise_multiplier:.3f}); firm total "
         f"ε={r.epsilon_total:.4f} of {r.epsilon_cap:g}; held-out {metrics}",
-        markup=False,
     )
 
 
@@ -378,6 +385,47 @@ def score(
     )
 
 
+@user_errors
+def contact_list(
+    risks: Annotated[Path, typer.Option(help="the risk list `fedcrm score` wrote")],
+    config: Annotated[Path, typer.Option(help="the firm's config (TOML)")],
+    out_path: Annotated[Path, typer.Option("--out", help="CSV to write (0600)")] = Path(
+        "contact_list.csv"
+    ),
+    include: Annotated[
+        list[str] | None,
+        typer.Option(help="a column of the firm's export to add, e.g. name or phone (repeatable)"),
+    ] = None,
+    band: Annotated[
+        list[str] | None, typer.Option(help="keep only this risk band: high, medium, low "
+                                            "(repeatable)")
+    ] = None,
+) -> None:
+    """The risk list with the firm's own customer numbers: joined locally with its own key."""
+    from fedcrm.data.contract import load_firm_config
+    from fedcrm.privacy.durable import check_output_file, write_private
+    from fedcrm.privacy.errors import ConfigError
+    from fedcrm.scoring import RISK_BANDS, read_risk_list
+    from fedcrm.scoring import contact_list as join_contacts
+
+    names = {name for _, name in RISK_BANDS}
+    for b in band or []:
+        if b not in names:
+            raise ConfigError(f"--band must be one of {', '.join(sorted(names))}, not {b!r}")
+    check_output_file(out_path, what="--out CSV")
+    if out_path.resolve() == risks.resolve():
+        raise ConfigError(f"--out {out_path} is the risk list itself; write the contact list "
+                          "to another file")
+    cfg = load_firm_config(config)
+    listed, gone = join_contacts(cfg, read_risk_list(risks), include=include or [],
+                                 bands=band or [])
+    # 0600: customer numbers (and any contact columns chosen) next to churn risk
+    write_private(out_path, listed.to_csv(index=False).encode("utf-8"))
+    note = f"; {gone:,} listed customers are no longer in the export" if gone else ""
+    out.print(f"wrote {len(listed):,} customers with their own ids -> {out_path} (0600; keep it "
+              f"on the firm's machine){note}")
+
+
 def register(app: typer.Typer) -> None:
     app.add_typer(keys_app, name="keys")
     app.command()(scan)
@@ -385,3 +433,4 @@ def register(app: typer.Typer) -> None:
     app.add_typer(budget_app, name="budget")
     app.command()(train)
     app.command()(score)
+    app.command("contact-list")(contact_list)

@@ -11,7 +11,7 @@ from typing import Annotated
 
 import typer
 
-from fedcrm.cli.console import err, out, user_errors
+from fedcrm.cli.console import err, finite_non_negative, out, user_errors
 
 node_app = typer.Typer(help="The firm's SuperNode (its side of a deployed federation).",
                        no_args_is_help=True)
@@ -31,10 +31,12 @@ def node_start(
         typer.Option(help="the node's FLWR_HOME and log (default: node/ next to the config)"),
     ] = None,
     max_retries: Annotated[
-        int, typer.Option(help="connection attempts before giving up (0: retry forever)")
+        int, typer.Option(min=0, help="connection attempts before giving up (0: retry forever)")
     ] = 30,
     max_wait_time: Annotated[
-        float, typer.Option(help="seconds to keep trying to connect (0: no limit)")
+        float,
+        typer.Option(callback=finite_non_negative,
+                     help="seconds to keep trying to connect (0: no limit)"),
     ] = 600.0,
 ) -> None:
     """Run this firm's SuperNode until Ctrl-C; its data and keys never leave this host."""

@@ -18,11 +18,14 @@ datasets_app = typer.Typer(help="Public demo data (needs the 'data' extra).", no
 @user_errors
 def datasets_export(
     out_dir: Annotated[Path, typer.Option("--out", help="directory for the partner files")],
+    force: Annotated[
+        bool, typer.Option(help="overwrite exported files that were edited since")
+    ] = False,
 ) -> None:
     """Write IBM Telco and CDNOW as two partner firms' exports + configs (synthetic PII added)."""
     from fedcrm.simulations.export import export_datasets
 
-    for firm in export_datasets(out_dir):
+    for firm in export_datasets(out_dir, force=force):
         out.print(f"{firm.firm}: {firm.rows:,} rows -> {firm.data}; config {firm.config}")
     out.print(
         "next: fedcrm keys init --firm telco --out "
@@ -39,16 +42,17 @@ def simulate(
         Path, typer.Option(help="simulation config, e.g. configs/simulations/telco_5firms.toml")
     ],
     run_id: Annotated[str | None, typer.Option(help="run id (default: generated)")] = None,
+    verbose: Annotated[
+        bool, typer.Option(help="also show Flower's and Ray's logs here (always in flower.log)")
+    ] = False,
 ) -> None:
     """Run a federated simulation of many firms on real public data, end to end."""
     import logging
 
     from fedcrm.coordinator.live import RunDisplay, print_run_summary
-    from fedcrm.simulations.run import load_simulation_config
+    from fedcrm.simulations.run import ENGINE_LOG, load_simulation_config
     from fedcrm.simulations.run import simulate as run_sim
 
-    for name in ("flwr", "absl", "ray"):
-        logging.getLogger(name).setLevel(logging.WARNING)
     logging.getLogger("absl").setLevel(logging.ERROR)
     cfg = load_simulation_config(config)
     sim = cfg.simulation
@@ -56,7 +60,7 @@ def simulate(
 
     rid = run_id or new_run_id(sim.name)
     run_dir = (sim.workdir / rid).resolve()
-    out.print(f"[bold]{sim.name}[/]: {sim.firms} firms on {sim.dataset.value}, task "
+    out.print(f"{sim.name}: {sim.firms} firms on {sim.dataset.value}, task "
               f"{cfg.run.task.value}, {cfg.run.rounds} rounds, strategy {cfg.run.strategy.value}, "
               f"ε budget {sim.epsilon_budget} per firm -> {run_dir}")
     prepared: list[str] = []
@@ -66,8 +70,9 @@ def simulate(
         err.print(f"  prepared {name}: {rows:,} source rows (validated, masked, encrypted)")
 
     with RunDisplay(run_dir / "events.jsonl", console=out, title=rid):
-        run_dir_final, summary = run_sim(cfg, run_id=rid, on_firm=on_firm)
+        run_dir_final, summary = run_sim(cfg, run_id=rid, on_firm=on_firm, verbose=verbose)
     print_run_summary(out, summary, run_dir_final)
+    out.print(f"Flower and Ray log: {run_dir_final / ENGINE_LOG}")
 
 
 # --------------------------------------------------------------------------- deploy
@@ -79,10 +84,11 @@ deploy_app = typer.Typer(help="Real Flower deployments of the fedcrm apps.", no_
 @user_errors
 def deploy_local(
     config: Annotated[
-        Path, typer.Option(help="deployment config with [deploy] and [run] sections")
+        Path, typer.Option(help="deployment config with \\[deploy] and \\[run] sections")
     ] = Path("configs/deploy/local.toml"),
     firms: Annotated[
-        int | None, typer.Option(help="number of firms (default: [deploy] firms)")
+        int | None,
+        typer.Option(min=1, max=1000, help="number of firms (default: \\[deploy] firms)"),
     ] = None,
     run_id: Annotated[str | None, typer.Option(help="run id (default: generated)")] = None,
 ) -> None:
@@ -97,7 +103,7 @@ def deploy_local(
     n = cfg.deploy.firms if firms is None else firms
     rid = run_id or new_run_id(cfg.deploy.name)
     run_dir = (cfg.deploy.workdir / rid).resolve()
-    out.print(f"[bold]{cfg.deploy.name}[/]: {n} firms on {cfg.deploy.dataset.value}, task "
+    out.print(f"{cfg.deploy.name}: {n} firms on {cfg.deploy.dataset.value}, task "
               f"{cfg.run.task.value}, {cfg.run.rounds} rounds, strategy {cfg.run.strategy.value}, "
               f"ε budget {cfg.deploy.epsilon_budget} per firm, real Flower deployment -> {run_dir}")
 
@@ -105,7 +111,7 @@ def deploy_local(
         err.print(f"  prepared {name}: {rows:,} source rows (validated, masked, encrypted)")
 
     def on_event(event: DeployEvent) -> None:
-        err.print(f"  {event.message}", highlight=False, markup=False)
+        err.print(f"  {event.message}")
 
     with RunDisplay(run_dir / "events.jsonl", console=out, title=rid):
         done = run_local_deployment(cfg, firms=n, run_id=rid, on_firm=on_firm, on_event=on_event)

@@ -72,7 +72,7 @@ class TableName(StrEnum):
     TRANSACTIONS = "transactions"
 
 
-_FROZEN = ConfigDict(frozen=True, extra="forbid", use_enum_values=False)
+_FROZEN = ConfigDict(frozen=True, extra="forbid", use_enum_values=False, allow_inf_nan=False)
 
 # A boolean column (or a label) that lists no values reads the generic yes/no words, English and
 # Chinese (是/否, 有/无, ...): fedcrm.data.crm_vocabulary.

@@ -13,6 +13,9 @@ For a bare file (``fedcrm scan``) the CSV encoding and delimiter are detected
 from __future__ import annotations
 
 import codecs
+import csv
+import re
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,9 +73,55 @@ def _source_file(spec: SourceSpec) -> Path:
     path = spec.path
     if not path.exists():
         raise SchemaError(f"source file {path} not found")
+    if path.is_dir():
+        raise SchemaError(
+            f"source {path} is a folder; set 'path' in its source section to the export file"
+        )
     if path.stat().st_size == 0:
         raise SchemaError(f"source file {path} is empty")
     return path
+
+
+def _check_header(path: Path, spec: SourceSpec, columns: list[str]) -> None:
+    """Refuse header names that pandas would silently rename: blank or repeated ones."""
+    for position, name in enumerate(columns, start=1):
+        if not name.strip() or name.startswith("Unnamed: "):
+            raise SchemaError(
+                f"{path}: header column {position} has no name; name every column in the "
+                "export's first line"
+            )
+    try:  # pandas renames a repeated name to "name.1": count the names as written
+        with path.open("r", encoding=spec.encoding, errors="replace", newline="") as fh:
+            header = next(csv.reader(fh, delimiter=spec.delimiter), [])
+    except (OSError, csv.Error):
+        return
+    repeated = [n for n, k in Counter(h.lstrip("\ufeff") for h in header).items() if k > 1]
+    if repeated:
+        raise SchemaError(
+            f"{path}: the header names column {repeated[0]!r} more than once; give each column "
+            "its own name in the export's first line"
+        )
+
+
+def _parser_problem(path: Path, exc: Exception, spec: SourceSpec) -> str:
+    """One line for a CSV the parser rejected: the line it stopped at and what to check."""
+    text = str(exc)
+    quote = re.search(r"EOF inside string starting at row (\d+)", text)
+    if quote:  # pandas counts rows from 0 with the header as row 0: file line = row + 1
+        return (
+            f"{path}: line {int(quote[1]) + 1}: a quoted value is never closed (a \" without its "
+            "closing \"); fix the quoting in the export"
+        )
+    fields = re.search(r"Expected (\d+) fields in line (\d+), saw (\d+)", text)
+    if fields:
+        return (
+            f"{path}: line {fields[2]} has {fields[3]} values but the header has {fields[1]}; "
+            f"check 'delimiter' (now {spec.delimiter!r}) and the quoting of values that contain it"
+        )
+    return (
+        f"{path}: not a readable CSV file ({text.split(':')[0].strip()[:80]}); check that it is "
+        f"a CSV export, its 'delimiter' (now {spec.delimiter!r}) and its quoting"
+    )
 
 
 def _csv_chunks(spec: SourceSpec, expected: int, *, flags: bool) -> Iterator[Chunk]:
@@ -93,6 +142,14 @@ def _csv_chunks(spec: SourceSpec, expected: int, *, flags: bool) -> Iterator[Chu
         for chunk in reader:
             if first:
                 first = False
+                _check_header(path, spec, [str(c) for c in chunk.columns])
+                if not isinstance(chunk.index, pd.RangeIndex):
+                    # pandas reads a first row with more values than the header as an index
+                    raise SchemaError(
+                        f"{path}: line 2 has more values than the header's "
+                        f"{len(chunk.columns)}; check 'delimiter' (now {spec.delimiter!r}) and "
+                        "the quoting of values that contain it"
+                    )
                 if len(chunk.columns) == 1 and expected > 1:
                     found = detect_delimiter(path, spec.encoding).value
                     hint = (
@@ -104,10 +161,13 @@ def _csv_chunks(spec: SourceSpec, expected: int, *, flags: bool) -> Iterator[Chu
                         f"{path}: the header has a single column but the config maps {expected}; "
                         f"{hint}"
                     )
-            yield start, chunk
+            if len(chunk):
+                yield start, chunk
             start += len(chunk)
-        if first:
-            raise SchemaError(f"source file {path} has no rows")
+        if start == 1:
+            raise SchemaError(
+                f"source file {path} has a header but no data rows; export the data again"
+            )
     except UnicodeDecodeError:
         raise SchemaError(
             f"{path} is not valid {spec.encoding} ({_first_undecodable(path, spec.encoding)}); "
@@ -116,11 +176,7 @@ def _csv_chunks(spec: SourceSpec, expected: int, *, flags: bool) -> Iterator[Chu
     except pd.errors.EmptyDataError:
         raise SchemaError(f"source file {path} is empty (no header row)") from None
     except pd.errors.ParserError as exc:
-        line = str(exc).split("line")[-1].split(",")[0].strip() if "line" in str(exc) else "?"
-        raise SchemaError(
-            f"{path}: malformed CSV near line {line} (wrong column count); check 'delimiter' "
-            "and quoting"
-        ) from None
+        raise SchemaError(_parser_problem(path, exc, spec)) from None
 
 
 def _parquet_chunks(spec: SourceSpec) -> Iterator[Chunk]:
@@ -181,7 +237,7 @@ def _sql_chunks(spec: SourceSpec) -> Iterator[Chunk]:
                 start += len(frame)
             if start == 1:
                 raise SchemaError(f"query on {shown} returned no rows")
-    except SQLAlchemyError as exc:
+    except (SQLAlchemyError, pd.errors.DatabaseError) as exc:  # pandas wraps some driver errors
         raise ConfigError(
             f"cannot read from database {shown}: {type(exc).__name__}; check the URL, that the "
             "database is reachable and that the table/query exists"

@@ -5,7 +5,13 @@ The store (``<store_dir>/prepared/``) holds AES-256-GCM encrypted tables ``custo
 policy, row and quarantine counts, key ids, content hashes - never values or keys). A new store
 is built in ``prepared.partial/`` and swapped in only when everything succeeded, so a failed run
 never leaves a half-written store. Quarantined rows go to ``<store_dir>/quarantine.csv`` with row
-number, column and reason, identified only by the customer's pseudonym.
+number, column and reason, identified only by the customer's pseudonym; the file is written beside
+the new store and moved into place only with it (a run refused for too many bad rows leaves its
+list in ``quarantine.rejected.csv`` and the current store's list untouched).
+
+Nothing is replaced by less: a run that keeps no rows is refused, and so is one that keeps fewer
+than half the rows of the store it would replace, unless ``replace_with_fewer`` says the smaller
+export is intended.
 """
 
 from __future__ import annotations
@@ -30,15 +36,19 @@ from fedcrm.data import features as crm_features
 from fedcrm.data.contract import ColumnRole, FirmConfig, TableName
 from fedcrm.data.ingest import iter_chunks
 from fedcrm.data.validation import IdRegistry, LabelTally, check_columns, validate_chunk
-from fedcrm.privacy.durable import fsync_dir, write_atomic
+from fedcrm.privacy.durable import ensure_output_dir, fsync_dir, write_atomic
 from fedcrm.privacy.encryption import EncryptedTableWriter
-from fedcrm.privacy.errors import KeyFileError, QuarantineThresholdExceeded
+from fedcrm.privacy.errors import KeyFileError, QuarantineThresholdExceeded, SchemaError
 from fedcrm.privacy.keys import FirmKeys, load_keys
 from fedcrm.privacy.masking import apply_policy, pseudonymize
 from fedcrm.privacy.policies import MaskingPolicy, PiiKind
 
 MANIFEST = "manifest.json"
 QUARANTINE = "quarantine.csv"
+QUARANTINE_REJECTED = "quarantine.rejected.csv"  # the list of a run refused for too many bad rows
+#: A new store keeping fewer than this share of the current store's rows needs
+#: ``replace_with_fewer`` (``fedcrm prepare --replace-with-fewer``).
+FEWER_ROWS_RATIO = 0.5
 TABLE_ORDER = (TableName.CUSTOMERS, TableName.TRANSACTIONS)
 FEATURE_COLUMNS_TX = ("customer_id", "timestamp", "quantity", "amount")
 FEATURE_SLICE_ROWS = 200_000
@@ -153,6 +163,7 @@ def prepare(
     keys: FirmKeys | None = None,
     on_progress: ProgressFn | None = None,
     today: pd.Timestamp | None = None,
+    replace_with_fewer: bool = False,
 ) -> PrepareResult:
     """Build the firm's encrypted, masked, validated store; see the module docstring."""
     keys = keys if keys is not None else load_keys(cfg.firm.keys_dir)
@@ -161,20 +172,16 @@ def prepare(
             f"keys in {cfg.firm.keys_dir} belong to firm '{keys.firm}', config says "
             f"'{cfg.firm.name}'"
         )
+    store = ensure_output_dir(cfg.firm.store_dir, what="firm.store_dir", mode=0o700)
     audit = AuditLog(
         cfg.budget_files().audit_log, signing_key=keys.require_signing_key(cfg.firm.keys_dir)
     )
-    store = cfg.firm.store_dir
-    store.mkdir(parents=True, exist_ok=True)
-    os.chmod(store, 0o700)
     staging = store / "prepared.partial"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(mode=0o700)
     config_name = str(cfg.config_path or "the firm config")
     quarantine_path = store / QUARANTINE
-    # Written beside the old one and swapped in only with a new store (or with the details of
-    # a run the quarantine threshold stopped): a refused run leaves the previous files as they were.
-    quarantine_partial = store / (QUARANTINE + ".partial")
+    quarantine_new = store / f"{QUARANTINE}.partial"
     reports: list[TableReport] = []
     tables_manifest: dict[str, Any] = {}
     kept: dict[TableName, pd.DataFrame] = {}
@@ -183,8 +190,8 @@ def prepare(
         pd.Timestamp(cfg.features.as_of) if cfg.features.as_of else None
     )
     try:
-        with quarantine_partial.open("w", newline="", encoding="utf-8") as qfh:
-            os.chmod(quarantine_partial, 0o600)
+        fd = os.open(quarantine_new, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with open(fd, "w", newline="", encoding="utf-8") as qfh:
             qwriter = csv.writer(qfh)
             qwriter.writerow(["table", "row", "column", "reason", "customer"])
             for table in TABLE_ORDER:
@@ -276,14 +283,16 @@ def prepare(
         threshold = cfg.validation.max_quarantine_fraction
         for report in reports:
             if report.quarantine_fraction > threshold:
-                os.replace(quarantine_partial, quarantine_path)
                 top = "; ".join(f"{r} ({n})" for r, n in list(report.reasons.items())[:3])
+                rejected = store / QUARANTINE_REJECTED
+                os.replace(quarantine_new, rejected)
                 raise QuarantineThresholdExceeded(
                     f"{report.table}: {report.rows_quarantined:,} of {report.rows_read:,} rows "
                     f"({report.quarantine_fraction:.1%}) failed validation, above the "
-                    f"{threshold:.0%} threshold (validation.max_quarantine_fraction); nothing was "
-                    f"written. Top reasons: {top}. Details: {quarantine_path}"
+                    f"{threshold:.0%} threshold (validation.max_quarantine_fraction); the store "
+                    f"was not changed. Top reasons: {top}. Details: {rejected}"
                 )
+        _refuse_fewer_rows(cfg, reports, replace_with_fewer=replace_with_fewer)
         customers = kept.get(TableName.CUSTOMERS)
         transactions = kept.get(TableName.TRANSACTIONS)
         as_of = _as_of(cfg, transactions)
@@ -339,11 +348,12 @@ def prepare(
             mode=0o644,
         )
         _swap_in(staging, cfg.prepared_dir)
-        os.replace(quarantine_partial, quarantine_path)
+        os.replace(quarantine_new, quarantine_path)  # the new store's list, with the new store
+        fsync_dir(store)
         audit.append(EntryKind.DATA_PREPARED, data_prepared_payload(manifest))
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
-        quarantine_partial.unlink(missing_ok=True)
+        quarantine_new.unlink(missing_ok=True)
         raise
     return PrepareResult(
         store_dir=cfg.prepared_dir,
@@ -351,6 +361,34 @@ def prepare(
         tables=tuple(reports),
         quarantine_path=quarantine_path if any(r.rows_quarantined for r in reports) else None,
     )
+
+
+def _refuse_fewer_rows(
+    cfg: FirmConfig, reports: list[TableReport], *, replace_with_fewer: bool
+) -> None:
+    """Refuse a store that keeps no rows, or far fewer than the store it would replace."""
+    config = cfg.config_path or "FIRM.toml"
+    for report in reports:
+        if report.rows_kept == 0:
+            raise SchemaError(
+                f"{report.table}: no row of the {report.rows_read:,} read passed validation; the "
+                "store was not changed. Check the export against the config's column rules"
+            )
+    try:
+        previous = read_manifest(cfg.prepared_dir)["tables"]
+    except SchemaError:
+        return  # no store (or a damaged one) to protect: a fresh prepare is the way to rebuild it
+    for report in reports:
+        before = previous.get(report.table, {}).get("rows_kept")
+        if not isinstance(before, int) or replace_with_fewer:
+            continue
+        if report.rows_kept < FEWER_ROWS_RATIO * before:
+            raise SchemaError(
+                f"{report.table}: this export keeps {report.rows_kept:,} rows, the current store "
+                f"in {cfg.prepared_dir} has {before:,} (fewer than {FEWER_ROWS_RATIO:.0%}); the "
+                "store was not changed. If the smaller export is right, run `fedcrm prepare "
+                f"--config {config} --replace-with-fewer`"
+            )
 
 
 def _write_in_slices(writer: EncryptedTableWriter, frame: pd.DataFrame) -> None:
@@ -387,10 +425,23 @@ def _swap_in(staging: Path, target: Path) -> None:
 
 
 def read_manifest(prepared_dir: Path) -> dict[str, Any]:
+    """The store's manifest, checked to have the fields every reader relies on."""
     path = prepared_dir / MANIFEST
-    if not path.exists():
-        from fedcrm.privacy.errors import SchemaError
-
-        raise SchemaError(f"{path} not found; run `fedcrm prepare --config FIRM.toml` first")
-    data: dict[str, Any] = json.loads(path.read_text())
+    rebuild = "run `fedcrm prepare --config FIRM.toml` to rebuild the store"
+    if not path.is_file():
+        what = "is not a file" if path.exists() else "not found"
+        raise SchemaError(f"{path} {what}; run `fedcrm prepare --config FIRM.toml` first")
+    try:
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except (OSError, ValueError):
+        raise SchemaError(f"{path} is damaged (not readable JSON); {rebuild}") from None
+    tables = data.get("tables") if isinstance(data, dict) else None
+    if (
+        not isinstance(tables, dict)
+        or not isinstance(data.get("firm"), str)
+        or not isinstance(data.get("store_hash"), str)
+        or not isinstance(tables.get("features"), dict)
+        or not all(isinstance(v, dict) for v in tables.values())
+    ):
+        raise SchemaError(f"{path} is damaged (fields missing or of the wrong type); {rebuild}")
     return data

@@ -335,3 +335,9 @@ def validate_chunk(
     good = good.loc[~bad].reset_index(drop=True)
     good["_row"] = rows[~bad]
     return ValidatedChunk(frame=good, issues=issues, rows_read=n)
+
+
+def customer_id_text(ids: pd.Series) -> pd.Series:
+    """A customer id as ``prepare`` pseudonymizes it (its text, stripped): anything that joins
+    pseudonyms back to a firm's own ids must normalize them the same way."""
+    return _text(ids)
