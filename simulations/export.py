@@ -6,10 +6,19 @@
     DIR/telco.toml             the Telco firm's config (keys DIR/keys/telco, store DIR/stores/telco)
     DIR/cdnow_transactions.csv CDNOW purchases in the original column names
     DIR/cdnow.toml             the CDNOW firm's config
+
+``fedcrm datasets export --out DIR --firms N`` instead splits IBM Telco into N partner firms, one
+folder each (as N hosts would hold them)::
+
+    DIR/firm<i>/customers.csv  that firm's customers + synthetic contact PII (mode 0600)
+    DIR/firm<i>/firm.toml      its config (keys in keys/, store in store/, next to it)
+
+Raw exports hold (synthetic) personal data: they are written readable by their owner only.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,6 +48,7 @@ def export_datasets(
     telco = telco_export(load_telco(), seed=seed)
     telco_csv = out / "telco_customers.csv"
     telco.to_csv(telco_csv, index=False)
+    os.chmod(telco_csv, 0o600)
     telco_cfg = write_toml(
         out / "telco.toml",
         telco_firm_config(
@@ -55,6 +65,7 @@ def export_datasets(
     cdnow = cdnow_export(load_cdnow())
     cdnow_csv = out / "cdnow_transactions.csv"
     cdnow.to_csv(cdnow_csv, index=False)
+    os.chmod(cdnow_csv, 0o600)
     cdnow_cfg = write_toml(
         out / "cdnow.toml",
         cdnow_firm_config(
@@ -72,3 +83,31 @@ def export_datasets(
         ExportedFirm("telco", telco_csv, telco_cfg, len(telco)),
         ExportedFirm("cdnow", cdnow_csv, cdnow_cfg, len(cdnow)),
     ]
+
+
+def export_telco_partners(
+    out: Path, *, firms: int, seed: int = 7, epsilon: float = 3.0, delta: float = 1e-5
+) -> list[ExportedFirm]:
+    """Split IBM Telco into ``firms`` partner firms (by contract type, Dirichlet(0.5) shares, as
+    the simulations do), each in its own folder with its export and config."""
+    from fedcrm.simulations.run import SimulationSection, split_telco
+
+    parts = split_telco(load_telco(), SimulationSection(firms=firms, seed=seed))
+    exported = []
+    for i, part in enumerate(parts):
+        name = f"firm{i + 1:03d}" if firms > 9 else f"firm{i + 1}"
+        folder = out / name
+        folder.mkdir(parents=True, exist_ok=True)
+        csv = folder / "customers.csv"
+        telco_export(part, seed=seed * 1000 + i).to_csv(csv, index=False)
+        os.chmod(csv, 0o600)
+        config = write_toml(
+            folder / "firm.toml",
+            telco_firm_config(
+                firm=name, csv_path=Path("customers.csv"), keys_dir=Path("keys"),
+                store_dir=Path("store"), epsilon=epsilon, delta=delta,
+                public_size=public_size(len(part)),
+            ),
+        )
+        exported.append(ExportedFirm(name, csv, config, len(part)))
+    return exported

@@ -23,6 +23,13 @@ err = Console(stderr=True)
 
 F = TypeVar("F", bound=Callable[..., Any])
 
+
+def plain(console: Console, text: str, *, style: str = "") -> None:
+    """Print a line that holds user text (paths, firm names, run ids): never read as markup,
+    so ``[link]`` or ``[bold]`` in a name prints as written."""
+    console.print(Text(text, style=style), highlight=False, soft_wrap=True)
+
+
 def user_errors(fn: F) -> F:
     """Turn FedcrmError into one line + exit code; hide other exceptions' text (may hold PII)."""
 
