@@ -77,7 +77,7 @@ from fedcrm.protocol import ErrorReply
 log = logging.getLogger("fedcrm.clients.runtime")
 
 #: Seconds between two polls of the SuperNode for a new task (a local HTTP call).
-POLL_S = 0.1
+POLL_S = 0.2
 #: Written to the log once the ClientApp is imported and the process takes tasks.
 READY = "fedcrm ClientApp process ready"
 _COMPONENT = "flwr-clientapp"  # the Runtime API checks the caller's component and version
