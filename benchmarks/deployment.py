@@ -184,7 +184,7 @@ def main() -> None:
     }
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "deployment.json").write_text(json.dumps(result, indent=2) + "\n")
-    print(f"\n| app | first round (s) | steady round median (s) | min | max | n |")
+    print("\n| app | first round (s) | steady round median (s) | min | max | n |")
     print("|---|---|---|---|---|---|")
     for app in ("trivial", "fedcrm"):
         s = result["steady_round_seconds"][app]
