@@ -13,10 +13,12 @@ All of them are what ``fedcrm link ...`` and ``fedcrm run`` call; the CLI only r
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from collections.abc import Callable
 from contextlib import nullcontext
+from dataclasses import replace
 from pathlib import Path
 
 from fedcrm.coordinator.app_bundle import AppSpec, write_app_dir
@@ -41,12 +43,15 @@ from fedcrm.coordinator.run_attempts import (
 )
 from fedcrm.coordinator.run_config import RunConfig
 from fedcrm.privacy.certs import CA_KEY, ServerCertFiles, certificate_hosts
+from fedcrm.privacy.durable import write_private
 from fedcrm.privacy.errors import ConfigError, KeyFileError
 from fedcrm.privacy.keys import ENV_COORDINATOR_KEY as COORDINATOR_KEY_ENV
-from fedcrm.privacy.keys import write_signing_key
+from fedcrm.privacy.keys import check_firm_name, write_signing_key
 
 CONNECTION = "fedcrm"
 APP_DIR = "app"
+#: The firms' names and node ids, as registered here (``<workdir>/firms.json``, 0600).
+FIRMS_FILE = "firms.json"
 _RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 _LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
@@ -146,25 +151,45 @@ def start_link(cfg: CoordinatorConfig, *, group: ProcessGroup) -> LinkService:
     return link
 
 
+def _registry(cfg: CoordinatorConfig) -> dict[str, int]:
+    """Firm name -> node id, as ``fedcrm link register`` recorded them (Flower keeps no names)."""
+    path = cfg.workdir / FIRMS_FILE
+    if not path.exists():
+        return {}
+    return {str(k): int(v) for k, v in json.loads(path.read_text()).items()}
+
+
+def _save_registry(cfg: CoordinatorConfig, firms: dict[str, int]) -> None:
+    write_private(cfg.workdir / FIRMS_FILE, json.dumps(firms, indent=2, sort_keys=True).encode())
+
+
 def register_firm(cfg: CoordinatorConfig, *, firm: str, public_key: Path) -> int:
     """Register a firm's SuperNode public key with the running SuperLink; return its node id."""
     require_running_link(cfg)
-    known = [n for n in list_firms(cfg) if n.name == firm and n.status != "unregistered"]
-    if known:
+    check_firm_name(firm)
+    registry = _registry(cfg)
+    live = {n.node_id for n in list_firms(cfg) if n.status != "unregistered"}
+    if registry.get(firm) in live:
         raise ConfigError(
-            f"firm {firm} is already registered as node {known[0].node_id}; unregister it first "
+            f"firm {firm} is already registered as node {registry[firm]}; unregister it first "
             f"(`fedcrm link unregister --firm {firm}`) to register a new key"
         )
-    return register_node(
+    node_id = register_node(
         flwr_home=connect_cli(cfg), connection_name=CONNECTION, public_key_path=public_key,
         name=firm,
     )
+    _save_registry(cfg, {**registry, firm: node_id})
+    return node_id
 
 
 def list_firms(cfg: CoordinatorConfig) -> list[NodeRecord]:
     """Every SuperNode the SuperLink knows, with the firm name it was registered under."""
     require_running_link(cfg)
-    return list_nodes(flwr_home=connect_cli(cfg), connection=CONNECTION)
+    names = {node_id: firm for firm, node_id in _registry(cfg).items()}
+    return [
+        replace(n, name=names.get(n.node_id, n.name))
+        for n in list_nodes(flwr_home=connect_cli(cfg), connection=CONNECTION)
+    ]
 
 
 def unregister_firm(cfg: CoordinatorConfig, *, firm: str) -> int:
@@ -174,6 +199,7 @@ def unregister_firm(cfg: CoordinatorConfig, *, firm: str) -> int:
         raise ConfigError(f"no registered firm named {firm}; see `fedcrm link ls`")
     for node in matches:
         unregister_node(flwr_home=cfg.cli_home, connection_name=CONNECTION, node_id=node.node_id)
+    _save_registry(cfg, {k: v for k, v in _registry(cfg).items() if k != firm})
     return matches[0].node_id
 
 
