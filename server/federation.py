@@ -167,7 +167,8 @@ def run_federation(grid: Grid, cfg: RunConfig, *, run_id: str, run_dir: Path) ->
         })
     nodes = _wait_for_nodes(grid, cfg, events)
     grid = _polling_grid(grid, len(nodes))
-    admission = admit(_describe(grid, nodes, cfg, spec, events))
+    described = _describe(grid, nodes, cfg, spec, events)
+    admission = admit(described)
     for node, state in admission.firms.items():
         if state.excluded == LAYOUT_MISMATCH:
             events.emit(FirmStopped(round=0, firm=state.firm, node_id=node,
@@ -216,7 +217,11 @@ def run_federation(grid: Grid, cfg: RunConfig, *, run_id: str, run_dir: Path) ->
             )
     final_arrays = initial
     if not initial:
-        status, stop_reason = "stopped", "no firm described a usable feature layout"
+        status, stop_reason = "stopped", (
+            "no firm described a usable feature layout" if described else
+            f"no firm took part: {len(nodes)} node(s) connected, none answered the describe "
+            "request (each firm's reason is in the progress above and in events.jsonl)"
+        )
     elif status == "completed":
         rounds = CheckpointedRounds(
             guard, completed=completed, initial=initial, run_dir=run_dir,
