@@ -68,6 +68,7 @@ class EntryKind(StrEnum):
     DATA_PREPARED = "data_prepared"
     DP_RELEASE = "dp_release"
     UPDATE_SENT = "update_sent"
+    UPDATE_RESENT = "update_resent"  # the same released update sent again (no new release)
     KEY_ROTATED = "key_rotated"
     BUDGET_CHANGED = "budget_changed"
     QUERY_ANSWERED = "query_answered"
@@ -76,8 +77,10 @@ class EntryKind(StrEnum):
     OVERLAP_REBLINDED = "overlap_reblinded"
     # coordinator side
     RUN_STARTED = "run_started"
+    RUN_RESUMED = "run_resumed"
     UPDATE_ACCEPTED = "update_accepted"
     UPDATE_REJECTED = "update_rejected"
+    UPDATE_LOST = "update_lost"
     GLOBAL_MODEL = "global_model"
     FIRM_HEADS = "firm_heads"
     RUN_FINISHED = "run_finished"
@@ -99,6 +102,9 @@ _REQUIRED: Mapping[EntryKind, Mapping[str, tuple[type, ...]]] = {
     EntryKind.UPDATE_SENT: {
         "run_id": (str,), "round": (int,), "task": (str,), "model_hash": (str,), "release": (str,),
     },
+    EntryKind.UPDATE_RESENT: {
+        "run_id": (str,), "round": (int,), "task": (str,), "model_hash": (str,), "sent": (str,),
+    },
     EntryKind.KEY_ROTATED: {"new_key_id": (str,), "new_public_key": (str,)},
     EntryKind.BUDGET_CHANGED: {"epsilon_cap": _NUM, "delta": _NUM},
     EntryKind.RUN_STARTED: {
@@ -108,7 +114,11 @@ _REQUIRED: Mapping[EntryKind, Mapping[str, tuple[type, ...]]] = {
     EntryKind.UPDATE_ACCEPTED: {
         "round": (int,), "firm": (str,), "node_id": (str, int), "update_hash": (str,),
     },
+    EntryKind.RUN_RESUMED: {"run_id": (str,), "completed_round": (int,), "attempt": (int,)},
     EntryKind.UPDATE_REJECTED: {
+        "round": (int,), "firm": (str,), "node_id": (str, int), "reason": (str,),
+    },
+    EntryKind.UPDATE_LOST: {
         "round": (int,), "firm": (str,), "node_id": (str, int), "reason": (str,),
     },
     EntryKind.GLOBAL_MODEL: {"round": (int,), "model_hash": (str,), "metrics": (dict,)},

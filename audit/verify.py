@@ -4,7 +4,10 @@
 of every ``dp_release`` recomputed from its parameters (:mod:`fedcrm.audit.epsilon`), the firm's
 budget, and that every ``update_sent`` is funded by an earlier ``dp_release``.
 :func:`verify_run` checks every log of a run folder and cross-checks them: firm heads recorded by
-the coordinator, every accepted update matched by the firm's ``update_sent``.
+the coordinator, every accepted update matched by the firm's ``update_sent``, and that the run
+finished (a federation log without ``run_finished`` is reported incomplete). It also lists the
+updates a firm released for the run that the coordinator never accepted (lost: charged, never
+used) and the updates sent twice after a restart (replayed: one release, no second charge).
 """
 
 from __future__ import annotations
@@ -68,6 +71,7 @@ class FailureKind(StrEnum):
     UNMATCHED_OVERLAP = "unmatched_overlap"  # overlap_result uses a set no firm log records
     MISSING_LOG = "missing_log"  # a log or public key the run layout requires is absent
     UNEXPECTED_LOG = "unexpected_log"  # a firm folder of a firm that never took part in the run
+    INCOMPLETE = "incomplete"  # the federation log has no run_finished: the run did not finish
 
 
 # Required payload fields per kind, with the JSON types they must have.
@@ -285,6 +289,15 @@ def _check_semantics(scan: _Scan) -> None:
                           f"matches of overlap {oid[:40]} sent without this firm's earlier "
                           "blinded set, or a second time")
             reblinded.add(oid)
+        elif entry.kind is EntryKind.UPDATE_RESENT:
+            target = by_hash.get(str(p["sent"]))
+            if (
+                target is None or target[0] >= n or target[1].kind is not EntryKind.UPDATE_SENT
+                or any(target[1].payload.get(k) != p[k] for k in ("run_id", "round", "model_hash"))
+            ):
+                scan.fail(n, FailureKind.UNCOVERED_UPDATE,
+                          f"round {p['round']} update resent without an earlier update_sent of the "
+                          "same run, round and model (a resend is never a new release)")
     if prefix.releases:
         delta = float(scan.releases[-1]["delta"])
         both = cross_check(prefix.releases, delta=delta)
@@ -339,6 +352,15 @@ class RoundSummary:
 
 
 @dataclass(frozen=True)
+class UpdateFinding:
+    """A firm's update for one round of the run that the auditor points out (not a failure)."""
+
+    firm: str
+    round: int
+    model_hash: str
+
+
+@dataclass(frozen=True)
 class VerificationReport:
     run_dir: str
     failures: tuple[Failure, ...]
@@ -348,6 +370,8 @@ class VerificationReport:
     final_metrics: Mapping[str, Any]
     queries: tuple[Mapping[str, Any], ...] = ()
     overlaps: tuple[Mapping[str, Any], ...] = ()
+    lost_updates: tuple[UpdateFinding, ...] = ()  # sent (charged), never accepted
+    replayed_updates: tuple[UpdateFinding, ...] = ()  # one release sent again after a restart
 
     @property
     def ok(self) -> bool:
@@ -363,6 +387,8 @@ class VerificationReport:
                       for name, s in self.firms.items()},
             "rounds": [asdict(r) for r in self.rounds],
             "final_metrics": dict(self.final_metrics),
+            "lost_updates": [asdict(u) for u in self.lost_updates],
+            "replayed_updates": [asdict(u) for u in self.replayed_updates],
         }
 
     def to_json(self) -> str:
@@ -608,6 +634,40 @@ def _cross_check_overlap(fed: _Scan, n: int, p: Mapping[str, Any],
                         "peer sent (the coordinator changed it in transit)"))
 
 
+def _update_findings(
+    fed: _Scan, firm_scans: Mapping[str, _Scan]
+) -> tuple[tuple[UpdateFinding, ...], tuple[UpdateFinding, ...]]:
+    """The run's updates each firm sent that the coordinator never accepted, and the resends."""
+    run_id = next((str(e.payload["run_id"]) for _, e in fed.valid
+                   if e.kind is EntryKind.RUN_STARTED), None)
+    if run_id is None:
+        return (), ()
+    accepted = {
+        (str(e.payload["firm"]), int(e.payload["round"]), str(e.payload["update_hash"]))
+        for _, e in fed.valid if e.kind is EntryKind.UPDATE_ACCEPTED
+    }
+    rejected = {  # received, and refused on its merits: not lost
+        (str(e.payload["firm"]), int(e.payload["round"]))
+        for _, e in fed.valid if e.kind is EntryKind.UPDATE_REJECTED
+    }
+    lost: list[UpdateFinding] = []
+    replayed: list[UpdateFinding] = []
+    for firm, scan in sorted(firm_scans.items()):
+        for _, e in scan.valid:
+            if e.payload.get("run_id") != run_id:
+                continue
+            finding = UpdateFinding(firm, int(e.payload["round"]), str(e.payload["model_hash"]))
+            if (
+                e.kind is EntryKind.UPDATE_SENT
+                and (firm, finding.round, finding.model_hash) not in accepted
+                and (firm, finding.round) not in rejected
+            ):
+                lost.append(finding)
+            elif e.kind is EntryKind.UPDATE_RESENT:
+                replayed.append(finding)
+    return tuple(lost), tuple(replayed)
+
+
 def _rounds(fed: _Scan) -> tuple[dict[str, Any], tuple[RoundSummary, ...], dict[str, Any]]:
     run: dict[str, Any] = {}
     rounds: dict[int, dict[str, Any]] = {}
@@ -623,11 +683,18 @@ def _rounds(fed: _Scan) -> tuple[dict[str, Any], tuple[RoundSummary, ...], dict[
             run = {k: p[k] for k in
                    ("run_id", "config_hash", "strategy", "rounds", "task", "firms")}
             run["started"] = entry.time
+        elif entry.kind is EntryKind.RUN_RESUMED:
+            run.setdefault("resumed", []).append(
+                {"time": entry.time, "completed_round": int(p["completed_round"]),
+                 "attempt": int(p["attempt"])}
+            )
         elif entry.kind is EntryKind.RUN_FINISHED:
             run["finished"] = entry.time
             run["finish"] = dict(p)
         elif entry.kind is EntryKind.UPDATE_ACCEPTED:
-            slot(int(p["round"]))["participants"].append(str(p["firm"]))
+            participants = slot(int(p["round"]))["participants"]
+            if str(p["firm"]) not in participants:  # a resumed run may accept a resend again
+                participants.append(str(p["firm"]))
         elif entry.kind is EntryKind.SECURE_SUM_RESULT and p["query"] == TRAINING_SUM_QUERY:
             slot(int(p["round"]))["participants"].extend(str(f) for f in p["firms"])
         elif entry.kind is EntryKind.UPDATE_REJECTED:
@@ -782,6 +849,13 @@ def verify_run(run_dir: Path) -> VerificationReport:
                 "recorded by the coordinator); remove its folder from the run or bundle"))
             del firm_scans[firm]
     run, rounds, final = _rounds(fed)
+    if fed.line_hashes and "finished" not in run:
+        failures.append(Failure(
+            fed.label, 0, FailureKind.INCOMPLETE,
+            "no run_finished entry: the run did not finish (still running, or stopped without "
+            "recording how it ended); a partial run is not a verified run",
+        ))
+    lost, replayed = _update_findings(fed, firm_scans)
     return VerificationReport(
         queries=_queries(fed),
         overlaps=_overlaps(fed),
@@ -791,4 +865,6 @@ def verify_run(run_dir: Path) -> VerificationReport:
         firms={firm: _firm_summary(firm, scan) for firm, scan in firm_scans.items()},
         rounds=rounds,
         final_metrics=final,
+        lost_updates=lost,
+        replayed_updates=replayed,
     )

@@ -15,6 +15,7 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
 
+from fedcrm.clients.node import NODE_CONFIG_KEY
 from fedcrm.flower.records import reply, wire_of
 from fedcrm.node import FirmNode
 from fedcrm.privacy.errors import FedcrmError
@@ -48,8 +49,6 @@ from fedcrm.protocol import (
     TrainReply,
     TrainRequest,
 )
-
-NODE_CONFIG_KEY = "firm-config"
 
 torch.set_num_threads(1)
 

@@ -1,20 +1,27 @@
-"""A firm's side of a real Flower deployment: its SuperNode.
+"""A firm's side of a real Flower deployment: its SuperNode and its own ClientApp process.
 
-:func:`start_supernode` runs ``flower-supernode`` against the coordinator's SuperLink over TLS
+:func:`start_supernode` runs ``flower-supernode`` against the coordinator's Fleet gateway over TLS
 (verifying it with the federation CA), authenticating with the firm's OpenSSH EC private key
 (registered beforehand by the coordinator), with its own ``FLWR_HOME`` and its own local
-Runtime API port. The firm's local settings - where its prepared store and key directory
-are - reach the ClientApp only through ``--node-config``; they never travel to the coordinator.
+Runtime API port, in ``--isolation process`` mode: the SuperNode starts no ClientApp. Next to it
+runs the firm's one long-lived ClientApp process (:mod:`fedcrm.clients.runtime`), which answers
+every message with the ClientApp of the installed fedcrm release, and only for runs whose app
+bundle declares exactly that release; nothing of a bundle is ever imported. The firm's local
+settings - where its prepared store and key directory are - reach the ClientApp only through
+``--node-config``; they never travel to the coordinator.
 """
 
 from __future__ import annotations
 
 import math
 import re
+import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
+from fedcrm.coordinator.app_bundle import FEDCRM_CLIENTAPP
 from fedcrm.coordinator.processes import (
     LOCALHOST,
     SUPERNODE_CONNECTION_ERROR,
@@ -30,6 +37,8 @@ from fedcrm.privacy.certs import load_node_private_key
 from fedcrm.privacy.errors import ConfigError, KeyFileError
 
 NodeConfigValue = str | int | float | bool
+#: The one key of a firm's ``--node-config``: the absolute path of its firm config.
+NODE_CONFIG_KEY = "firm-config"
 _KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*$")
 _NODE_ID = re.compile(r"SuperNode ID: (\d+)")
 
@@ -90,6 +99,7 @@ def supernode_command(
         "--auth-supernode-private-key", str(Path(auth_key).resolve()),
         "--host", LOCALHOST,
         "--port", str(runtime_port),
+        "--isolation", "process",  # the firm's own ClientApp process takes the tasks
     ]
     if node_config:
         argv += ["--node-config", format_node_config(node_config)]
@@ -113,12 +123,14 @@ def start_supernode(
     runtime_port: int | None = None,
     extra_pythonpath: Sequence[Path] = (),
     group: ProcessGroup | None = None,
-) -> ManagedProcess:
-    """Start a firm's ``flower-supernode`` and return it (it runs until stopped).
+    clientapp: str = FEDCRM_CLIENTAPP,
+) -> FirmProcesses:
+    """Start a firm's ``flower-supernode`` and its ClientApp process; return both.
 
     ``auth_key`` is the firm's OpenSSH EC private key (0600), checked here first so a wrong
-    file fails with a clear message. ``workdir`` holds the node's ``FLWR_HOME`` and log
-    (``workdir/<name>.log``); ClientApps run with it as working directory. With
+    file fails with a clear message. ``workdir`` holds the node's ``FLWR_HOME`` and logs
+    (``workdir/<name>.log``, ``workdir/clientapp.log``); the ClientApp process runs ``clientapp``
+    (an installed ``module:attribute``) with it as working directory. With
     ``max_retries``/``max_wait_time`` set the node gives up on an unreachable SuperLink
     (Flower exit code 305) instead of retrying forever; 305 is also what a node whose key is not
     registered gets (logged as ``Exit Code: 305``; see ``ManagedProcess.flower_exit_code``).
@@ -144,11 +156,58 @@ def start_supernode(
         cwd=workdir,
         port=port,
     )
-    if group is not None:
-        group.add(process)
-    else:
-        process.start()
-    return process
+    app_process = ManagedProcess(
+        name=f"{name}-clientapp",
+        argv=[sys.executable, "-m", "fedcrm.clients.runtime",
+              "--runtime-api-address", f"{LOCALHOST}:{port}", "--app", clientapp],
+        env=flower_env(flwr_home=flwr_home, extra_pythonpath=extra_pythonpath),
+        log_path=workdir / "clientapp.log",
+        cwd=workdir,
+    )
+    for started in (process, app_process):
+        if group is not None:
+            group.add(started)
+        else:
+            started.start()
+    return FirmProcesses(supernode=process, clientapp=app_process)
+
+
+@dataclass(frozen=True)
+class FirmProcesses:
+    """A firm's two long-running processes: its SuperNode and its ClientApp process."""
+
+    supernode: ManagedProcess
+    clientapp: ManagedProcess
+
+    @property
+    def running(self) -> bool:
+        return self.supernode.running and self.clientapp.running
+
+    @property
+    def log_path(self) -> Path:
+        return self.supernode.log_path
+
+    def poll(self) -> int | None:
+        """The exit code of whichever of the two exited first, None while both run."""
+        for process in (self.supernode, self.clientapp):
+            code = process.poll()
+            if code is not None:
+                return code
+        return None
+
+    def read_log(self) -> str:
+        return self.supernode.read_log()
+
+    def flower_exit_code(self) -> int | None:
+        return self.supernode.flower_exit_code()
+
+    def stop(self) -> None:
+        for process in (self.clientapp, self.supernode):
+            process.stop()
+
+    def pids(self) -> list[int]:
+        """Every live process of this firm's node (both processes and their children)."""
+        return [pid for p in (self.supernode, self.clientapp) for pid in p.leftover_pids()]
 
 
 def firm_node_config(firm_config: Path) -> dict[str, NodeConfigValue]:
@@ -157,8 +216,6 @@ def firm_node_config(firm_config: Path) -> dict[str, NodeConfigValue]:
     The ClientApp opens the firm's store and keys from that file; nothing else about the firm
     goes into the node config, and none of it leaves the firm's host.
     """
-    from fedcrm.clients.client_app import NODE_CONFIG_KEY  # torch-heavy: import only when needed
-
     return {NODE_CONFIG_KEY: str(Path(firm_config).expanduser().resolve())}
 
 
@@ -172,16 +229,17 @@ def serve_firm_node(
     max_retries: int | None = 30,
     max_wait_time: float | None = 600.0,
     on_online: Callable[[int], None] | None = None,
-    on_started: Callable[[ManagedProcess], None] | None = None,
+    on_started: Callable[[FirmProcesses], None] | None = None,
 ) -> None:
-    """Run a firm's SuperNode until it stops; only returns by an exception.
+    """Run a firm's SuperNode and ClientApp process until they stop; only returns by an exception.
 
     Checks first that the firm config parses, its prepared store exists and the CA file is
     there, so a firm sees its own mistakes before Flower's. ``workdir`` (default: ``node/``
-    next to the firm config) holds the node's ``FLWR_HOME`` and log. ``on_online`` receives
-    the node id once the SuperLink has accepted the node. Raises :class:`DeploymentError` when
-    the node exits: refused (its key is not registered) or the SuperLink unreachable (Flower
-    exit code 305), or any other failure; ``KeyboardInterrupt`` / SIGTERM stop the node.
+    next to the firm config) holds the node's ``FLWR_HOME`` and logs. ``on_online`` receives
+    the node id once the SuperLink has accepted the node (read from this session's log only).
+    Raises :class:`DeploymentError` when either process exits: refused (its key is not
+    registered) or the SuperLink unreachable (Flower exit code 305), or any other failure;
+    ``KeyboardInterrupt`` / SIGTERM stop both.
     """
     firm_config = Path(firm_config).expanduser().resolve()
     cfg = load_firm_config(firm_config)
@@ -194,7 +252,7 @@ def serve_firm_node(
     if not Path(root_cert).exists():
         raise KeyFileError(
             f"CA certificate {root_cert} not found; ask the coordinator for the federation's "
-            "ca.crt (and check its fingerprint out of band)"
+            "ca.crt (and check its fingerprint out of band: `fedcrm certs fingerprint`)"
         )
     workdir = firm_config.parent / "node" if workdir is None else Path(workdir)
     with ProcessGroup() as group:
@@ -214,6 +272,11 @@ def serve_firm_node(
                     announced = True
                     on_online(int(found.group(1)))
             time.sleep(0.5)
+        if node.clientapp.poll() is not None and node.supernode.running:
+            raise DeploymentError(
+                f"the ClientApp process of firm '{firm}' exited (status {node.clientapp.poll()});"
+                f" see {node.clientapp.log_path}: {node.clientapp.log_tail(3)}"
+            )
         code = node.flower_exit_code()
         if code == SUPERNODE_CONNECTION_ERROR:
             raise DeploymentError(
@@ -223,6 +286,6 @@ def serve_firm_node(
                 f"{firm} ...`), the address and the CA certificate; see {node.log_path}"
             )
         raise DeploymentError(
-            f"the SuperNode of firm '{firm}' exited (status {node.poll()}, Flower exit code "
-            f"{code}); see {node.log_path}: {node.log_tail(3)}"
+            f"the SuperNode of firm '{firm}' exited (status {node.supernode.poll()}, Flower exit "
+            f"code {code}); see {node.log_path}: {node.supernode.log_tail(3)}"
         )

@@ -8,11 +8,12 @@ run parameters that travel to every party.
 ``coordinator.toml``::
 
     [link]
-    workdir   = "/srv/fedcrm/link"      # SuperLink home and log, CLI home, runs/<run-id>/
-    certs_dir = "/srv/fedcrm/certs"     # ca.crt, server.crt, server.key
-    database  = "state.db"              # optional; default <workdir>/state.db
-    host      = "0.0.0.0"               # interface the SuperLink binds (default 127.0.0.1)
-    port      = 9093
+    workdir      = "/srv/fedcrm/link"   # SuperLink home and log, CLI home, runs/<run-id>/
+    certs_dir    = "/srv/fedcrm/certs"  # ca.crt, server.crt, server.key (never ca.key)
+    database     = "state.db"           # optional; default <workdir>/state.db
+    host         = "0.0.0.0"            # interface the firms dial (default 127.0.0.1)
+    port         = 9093                 # the Fleet gateway: the one port firms may reach
+    control_port = 9094                 # the SuperLink itself, on 127.0.0.1 only
 
 ``RUN.toml`` has one ``[run]`` section, the :class:`fedcrm.run_config.RunConfig`.
 """
@@ -21,7 +22,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from fedcrm.config_file import load_toml
 from fedcrm.coordinator.run_config import RunConfig
@@ -40,8 +41,18 @@ class LinkSection(BaseModel):
     workdir: Path
     certs_dir: Path
     database: Path | None = None
-    host: str = "127.0.0.1"
-    port: int = Field(default=9093, ge=1, le=65535)
+    host: str = Field(default="127.0.0.1", description="interface the firms dial")
+    port: int = Field(default=9093, ge=1, le=65535, description="the Fleet gateway's port")
+    control_port: int = Field(
+        default=9094, ge=1, le=65535,
+        description="the SuperLink's own port, bound to 127.0.0.1: Control and Runtime APIs",
+    )
+
+    @model_validator(mode="after")
+    def _two_ports(self) -> LinkSection:
+        if self.port == self.control_port:
+            raise ValueError("port (the firms' Fleet gateway) and control_port must differ")
+        return self
 
 
 class CoordinatorConfig(BaseModel):
@@ -93,8 +104,13 @@ class CoordinatorConfig(BaseModel):
         return self.link.workdir / "runs"
 
     @property
-    def local_address(self) -> str:
-        """The address the coordinator's own CLI dials (the certificate always names 127.0.0.1)."""
+    def control_address(self) -> str:
+        """Where the coordinator's own CLI dials the SuperLink (loopback; in server.crt)."""
+        return f"127.0.0.1:{self.link.control_port}"
+
+    @property
+    def fleet_local_address(self) -> str:
+        """The Fleet gateway as seen from the coordinator's host (for a port check)."""
         host = "127.0.0.1" if self.link.host in _WILDCARD_HOSTS else self.link.host
         if ":" in host and not host.startswith("["):
             host = f"[{host}]"

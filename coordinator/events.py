@@ -15,7 +15,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from enum import StrEnum
 from pathlib import Path
 from typing import Any, ClassVar
@@ -26,6 +26,7 @@ EVENTS = "events.jsonl"
 
 class EventKind(StrEnum):
     RUN_STARTED = "run_started"
+    RUN_RESUMED = "run_resumed"
     NODES_CONNECTED = "nodes_connected"
     FIRMS_ADMITTED = "firms_admitted"
     ROUND_STARTED = "round_started"
@@ -33,6 +34,7 @@ class EventKind(StrEnum):
     FIRM_STOPPED = "firm_stopped"
     UPDATE_REJECTED = "update_rejected"
     UPDATE_ACCEPTED = "update_accepted"
+    UPDATE_LOST = "update_lost"
     ROUND_TRAINED = "round_trained"
     FIRM_HEADS = "firm_heads"
     ROUND_EVALUATED = "round_evaluated"
@@ -47,6 +49,16 @@ class RunStarted:
     task: str
     strategy: str
     rounds: int
+
+
+@dataclass(frozen=True)
+class RunResumed:
+    """A new attempt of the run continues after its last completed round (a restart)."""
+
+    kind: ClassVar[EventKind] = EventKind.RUN_RESUMED
+    run_id: str
+    completed_round: int
+    attempt: int
 
 
 @dataclass(frozen=True)
@@ -108,6 +120,18 @@ class UpdateAccepted:
     firm: str
     node_id: int
     update_hash: str
+    replayed: bool = False  # the firm sent again the update it released for this round before
+
+
+@dataclass(frozen=True)
+class UpdateLost:
+    """A firm released (and was charged for) an update for this round that never arrived."""
+
+    kind: ClassVar[EventKind] = EventKind.UPDATE_LOST
+    round: int
+    firm: str
+    node_id: int
+    reason: str
 
 
 @dataclass(frozen=True)
@@ -162,18 +186,18 @@ class SecureSumCompleted:
 
 
 RunEvent = (
-    RunStarted | NodesConnected | FirmsAdmitted | RoundStarted | FirmDropped | FirmStopped
-    | UpdateRejected | UpdateAccepted | RoundTrained | FirmHeads | RoundEvaluated | RunFinished
-    | SecureSumCompleted
+    RunStarted | RunResumed | NodesConnected | FirmsAdmitted | RoundStarted | FirmDropped
+    | FirmStopped | UpdateRejected | UpdateAccepted | UpdateLost | RoundTrained | FirmHeads
+    | RoundEvaluated | RunFinished | SecureSumCompleted
 )
 EventSink = Callable[[RunEvent], None]
 
 _TYPES: dict[EventKind, type[Any]] = {
     cls.kind: cls
     for cls in (
-        RunStarted, NodesConnected, FirmsAdmitted, RoundStarted, FirmDropped, FirmStopped,
-        UpdateRejected, UpdateAccepted, RoundTrained, FirmHeads, RoundEvaluated, RunFinished,
-        SecureSumCompleted,
+        RunStarted, RunResumed, NodesConnected, FirmsAdmitted, RoundStarted, FirmDropped,
+        FirmStopped, UpdateRejected, UpdateAccepted, UpdateLost, RoundTrained, FirmHeads,
+        RoundEvaluated, RunFinished, SecureSumCompleted,
     )
 }
 
@@ -194,6 +218,8 @@ def event_from_json(record: Mapping[str, Any]) -> RunEvent:
     cls = _TYPES[EventKind(record["kind"])]
     values = {}
     for f in fields(cls):
+        if f.name not in record and f.default is not MISSING:
+            continue  # a field added later, with a default
         value = record[f.name]
         values[f.name] = tuple(value) if isinstance(value, list) else value
     event: RunEvent = cls(**values)
@@ -202,7 +228,7 @@ def event_from_json(record: Mapping[str, Any]) -> RunEvent:
 
 @dataclass
 class EventLog:
-    """Appends events to ``path`` (one JSON object per line, flushed and fsynced)."""
+    """Appends events to ``path`` (one JSON object per line, flushed and fsynced; mode 0600)."""
 
     path: Path
     sinks: list[EventSink] = field(default_factory=list)
@@ -212,7 +238,8 @@ class EventLog:
 
     def emit(self, event: RunEvent) -> None:
         line = json.dumps(event_to_json(event), default=_plain) + "\n"
-        with self.path.open("a", encoding="utf-8") as fh:
+        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        with os.fdopen(fd, "a", encoding="utf-8") as fh:
             fh.write(line)
             fh.flush()
             os.fsync(fh.fileno())

@@ -3,7 +3,8 @@
 It is fed by the run's typed progress events (:mod:`fedcrm.coordinator.events`): accepted and
 rejected updates, firms' log heads and each round's global model become signed entries, with the
 run's start and end recorded explicitly. The coordinator's Ed25519 key comes from the environment
-variable ``FEDCRM_COORDINATOR_KEY`` (a 0600 key file), never from a run config.
+variable ``FEDCRM_COORDINATOR_KEY`` (a 0600 key file), never from a run config. A resumed run
+(after a restart) appends to the same log: ``run_resumed`` marks where the new attempt starts.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from fedcrm.coordinator.events import (
     RunEvent,
     SecureSumCompleted,
     UpdateAccepted,
+    UpdateLost,
     UpdateRejected,
 )
 from fedcrm.privacy.keys import ENV_COORDINATOR_KEY, load_signing_key
@@ -90,6 +92,12 @@ class FederationAudit:
                 self.append(EntryKind.UPDATE_ACCEPTED, {
                     "round": event.round, "firm": event.firm, "node_id": str(event.node_id),
                     "update_hash": event.update_hash,
+                    **({"replayed": True} if event.replayed else {}),
+                })
+            case UpdateLost():
+                self.append(EntryKind.UPDATE_LOST, {
+                    "round": event.round, "firm": event.firm, "node_id": str(event.node_id),
+                    "reason": event.reason,
                 })
             case UpdateRejected():
                 self.append(EntryKind.UPDATE_REJECTED, {

@@ -3,9 +3,11 @@
 Everything goes through Flower's own executables (``flower-superlink`` and the ``flwr`` CLI)
 started with :mod:`fedcrm.processes`, each with its own ``FLWR_HOME``:
 
-* :func:`start_superlink` - one HTTPS port (Fleet, Control and Runtime APIs) with TLS from
-  :mod:`privacy.certs`, SuperNode authentication on (only registered public keys may connect),
-  no runtime ``uv sync`` (offline), bound to 127.0.0.1 unless told otherwise;
+* :func:`start_link_service` - the SuperLink on 127.0.0.1 (its one HTTPS port serves the Fleet,
+  Control and Runtime APIs) with TLS from :mod:`privacy.certs`, SuperNode authentication on (only
+  registered public keys may connect), no runtime ``uv sync`` (offline); and in front of it the
+  Fleet gateway (:mod:`fedcrm.coordinator.fleet_gateway`) on the interface the firms dial, which
+  forwards the Fleet API only: the Control API stays the coordinator's;
 * :func:`write_flwr_config` - the ``[superlink.NAME]`` connection the ``flwr`` CLI reads;
 * :func:`register_node` / :func:`unregister_node` / :func:`node_statuses` - the node registry
   (``flwr supernode register|unregister|ls``) for firms' OpenSSH public keys;
@@ -18,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import selectors
+import sys
 import time
 import tomllib
 from collections.abc import Callable, Mapping, Sequence
@@ -35,6 +38,7 @@ from fedcrm.coordinator.processes import (
     find_executable,
     flower_env,
     free_port,
+    port_open,
     run_command,
 )
 from fedcrm.privacy.certs import ServerCertFiles, load_node_public_key
@@ -150,6 +154,121 @@ def start_superlink(
     return process
 
 
+class SuperLinkUnreachable(DeploymentError):
+    """The SuperLink stopped answering (it was stopped or is restarting)."""
+
+
+def start_fleet_gateway(
+    *,
+    certs: ServerCertFiles,
+    upstream_port: int,
+    host: str,
+    port: int,
+    log_path: Path,
+    extra_pythonpath: Sequence[Path] = (),
+    group: ProcessGroup | None = None,
+    startup_timeout_s: float = 60.0,
+) -> ManagedProcess:
+    """Start the Fleet-only gateway on ``host:port`` in front of the SuperLink on loopback."""
+    from fedcrm.coordinator import fleet_gateway
+
+    process = ManagedProcess(
+        name="fleet-gateway",
+        argv=[
+            sys.executable, "-m", fleet_gateway.__name__,
+            "--host", host, "--port", str(port), "--upstream", f"{LOCALHOST}:{upstream_port}",
+            "--certfile", str(Path(certs.cert).resolve()),
+            "--keyfile", str(Path(certs.key).resolve()),
+            "--ca", str(Path(certs.ca_cert).resolve()),
+        ],
+        env=flower_env(flwr_home=log_path.parent, extra_pythonpath=extra_pythonpath),
+        log_path=log_path,
+        port=port,
+        host=LOCALHOST if host in ("0.0.0.0", "::") else host,
+    )
+    if group is not None:
+        group.add(process)
+    else:
+        process.start()
+    try:
+        process.wait_for_port(startup_timeout_s)
+    except BaseException:
+        process.stop()
+        raise
+    return process
+
+
+@dataclass
+class LinkService:
+    """The coordinator's SuperLink (loopback only) and the Fleet gateway the firms dial."""
+
+    superlink: ManagedProcess
+    gateway: ManagedProcess
+    fleet_host: str
+
+    @property
+    def control_port(self) -> int:
+        assert self.superlink.port is not None
+        return self.superlink.port
+
+    @property
+    def control_address(self) -> str:
+        """Where the coordinator's own ``flwr`` CLI dials: the SuperLink on 127.0.0.1."""
+        return self.superlink.address
+
+    @property
+    def fleet_address(self) -> str:
+        """The gateway's bound address (on a wildcard bind, firms dial a name in server.crt)."""
+        return f"{self.fleet_host}:{self.gateway.port}"
+
+    @property
+    def running(self) -> bool:
+        return self.superlink.running and self.gateway.running
+
+    def restart_superlink(self, group: ProcessGroup | None = None,
+                          startup_timeout_s: float = 60.0) -> None:
+        """Stop the SuperLink (and the ServerApp it runs) and start it again on its port."""
+        self.superlink.stop()
+        self.superlink = self.superlink.fresh()
+        if group is not None:
+            group.add(self.superlink)
+        else:
+            self.superlink.start()
+        self.superlink.wait_for_port(startup_timeout_s)
+
+
+def start_link_service(
+    *,
+    workdir: Path,
+    certs: ServerCertFiles,
+    database: Path | None = None,
+    control_port: int | None = None,
+    fleet_host: str = LOCALHOST,
+    fleet_port: int | None = None,
+    extra_pythonpath: Sequence[Path] = (),
+    group: ProcessGroup | None = None,
+    startup_timeout_s: float = 60.0,
+) -> LinkService:
+    """Start the SuperLink on ``127.0.0.1:control_port`` and the Fleet gateway on
+    ``fleet_host:fleet_port`` (free ports when not given); see :func:`start_superlink`."""
+    superlink = start_superlink(
+        workdir=workdir, certs=certs, database=database, port=control_port, host=LOCALHOST,
+        extra_pythonpath=extra_pythonpath, group=group, startup_timeout_s=startup_timeout_s,
+    )
+    try:
+        bind = LOCALHOST if fleet_host in ("0.0.0.0", "::") else fleet_host
+        gateway = start_fleet_gateway(
+            certs=certs, upstream_port=int(superlink.port or 0), host=fleet_host,
+            port=free_port(bind) if fleet_port is None else fleet_port,
+            log_path=Path(workdir).resolve() / "fleet-gateway.log",
+            extra_pythonpath=extra_pythonpath, group=group, startup_timeout_s=startup_timeout_s,
+        )
+    except BaseException:
+        superlink.stop()
+        raise
+    return LinkService(superlink=superlink, gateway=gateway, fleet_host=fleet_host)
+
+
 def write_flwr_config(flwr_home: Path, name: str, address: str, root_cert: Path) -> Path:
     """Add (or replace) the connection ``[superlink.NAME]`` in ``FLWR_HOME/config.toml``.
 
@@ -244,16 +363,34 @@ def unregister_node(*, flwr_home: Path, connection_name: str, node_id: int) -> N
     )
 
 
-def node_statuses(*, flwr_home: Path, connection: str) -> dict[int, str]:
-    """Registered SuperNodes and their status (``registered``, ``online``, ``offline`` ...)."""
+@dataclass(frozen=True)
+class NodeRecord:
+    """One registered SuperNode as the SuperLink lists it."""
+
+    node_id: int
+    name: str  # the firm name given at registration ("" if none)
+    status: str  # registered, online, offline, unregistered ...
+
+
+def list_nodes(*, flwr_home: Path, connection: str) -> list[NodeRecord]:
+    """Every SuperNode the SuperLink knows (``flwr supernode ls``), with the firm names."""
     payload = _flwr(["supernode", "ls", connection], flwr_home=flwr_home, what="listing SuperNodes")
     nodes = payload.get("nodes")
-    statuses: dict[int, str] = {}
+    records: list[NodeRecord] = []
     if isinstance(nodes, list):
         for node in nodes:
             if isinstance(node, dict):
-                statuses[int(str(node.get("node-id")))] = str(node.get("status", ""))
-    return statuses
+                records.append(NodeRecord(
+                    node_id=int(str(node.get("node-id"))),
+                    name=str(node.get("name") or ""),
+                    status=str(node.get("status", "")),
+                ))
+    return records
+
+
+def node_statuses(*, flwr_home: Path, connection: str) -> dict[int, str]:
+    """Registered SuperNodes and their status (``registered``, ``online``, ``offline`` ...)."""
+    return {n.node_id: n.status for n in list_nodes(flwr_home=flwr_home, connection=connection)}
 
 
 def _app_run_config_keys(app_dir: Path) -> set[str]:
@@ -373,13 +510,15 @@ def follow_run(
     timeout_s: float = 600.0,
     on_log: Callable[[str], None] | None = None,
     log_path: Path | None = None,
+    control_port: int | None = None,
 ) -> RunStatus:
     """Stream the run's log (``flwr log --stream``) until it finishes; return its final status.
 
     ``on_log`` receives each log line (e.g. to report ``[ROUND 2/3]`` progress); the log is
     also copied to ``log_path``. The stream ends when the run finishes; if it breaks earlier it
     is resumed. If the run is still going after ``timeout_s`` it is stopped (``flwr stop``) and
-    :class:`DeploymentError` is raised.
+    :class:`DeploymentError` is raised. When the SuperLink stops answering on ``control_port``
+    (it was stopped or restarts), :class:`SuperLinkUnreachable` is raised.
     """
     flwr_home = Path(flwr_home)
     log_path = Path(log_path) if log_path is not None else flwr_home / f"run-{run_id}.log"
@@ -389,17 +528,26 @@ def follow_run(
             flwr_home=flwr_home, connection=connection, run_id=run_id, deadline=deadline,
             on_log=on_log, log_path=log_path,
         )
-        status = run_status(flwr_home=flwr_home, connection=connection, run_id=run_id)
+        try:
+            status = run_status(flwr_home=flwr_home, connection=connection, run_id=run_id)
+        except DeploymentError as exc:
+            if control_port is not None and not port_open(control_port):
+                raise SuperLinkUnreachable(
+                    f"the SuperLink stopped answering on {LOCALHOST}:{control_port} during run "
+                    f"{run_id}"
+                ) from exc
+            raise
         if status.state is not RunState.UNFINISHED:
             return status
         if time.monotonic() >= deadline:
-            _flwr(
-                ["stop", str(run_id), connection],
-                flwr_home=flwr_home,
-                what=f"stopping run {run_id}",
-            )
+            stop_run(flwr_home=flwr_home, connection=connection, run_id=run_id)
             raise DeploymentError(
                 f"run {run_id} did not finish within {timeout_s:.0f}s and was stopped; "
                 "see the SuperLink log"
             )
         time.sleep(2.0)  # the stream can end just before the final status is stored
+
+
+def stop_run(*, flwr_home: Path, connection: str, run_id: int) -> None:
+    """Stop a Flower run (``flwr stop``)."""
+    _flwr(["stop", str(run_id), connection], flwr_home=flwr_home, what=f"stopping run {run_id}")

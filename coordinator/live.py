@@ -1,4 +1,9 @@
-"""The coordinator's live progress display, fed by a run's ``events.jsonl``."""
+"""The coordinator's live progress display, fed by a run's ``events.jsonl``.
+
+On a terminal it is a live table; without one (``nohup``, systemd, a pipe) it prints one plain
+line per event instead, so the progress is in the service's log. User text (firm names,
+reasons) is never read as markup.
+"""
 
 from __future__ import annotations
 
@@ -20,7 +25,10 @@ from fedcrm.coordinator.events import (
     RoundTrained,
     RunEvent,
     RunFinished,
+    RunResumed,
     RunStarted,
+    UpdateAccepted,
+    UpdateLost,
     UpdateRejected,
     follow,
 )
@@ -77,7 +85,18 @@ class RunDisplay:
                 self._row(event.firm)["state"] = "stopped"
                 self.notes.append(f"{event.firm} stops participating: {event.detail}")
             case FirmDropped():
+                self._row(event.firm)["state"] = "stopped"
                 self.notes.append(f"round {event.round}: {event.firm} dropped: {event.reason}")
+            case RunResumed():
+                self.phase = f"resumed after round {event.completed_round}"
+                self.notes.append(f"attempt {event.attempt + 1} resumes after round "
+                                  f"{event.completed_round}")
+            case UpdateAccepted() if event.replayed:
+                self.notes.append(f"round {event.round}: {event.firm} resent its update (no new "
+                                  "charge)")
+            case UpdateLost():
+                self.notes.append(f"round {event.round}: {event.firm} was charged for an update "
+                                  "that never arrived")
             case RoundEvaluated():
                 self.metrics = dict(event.pooled)
                 for firm, m in event.per_firm.items():
@@ -110,23 +129,52 @@ class RunDisplay:
             cap = row["cap"] or 0.0
             bar = f"{row['eps']:.3f} / {cap:.3f}" if cap else f"{row['eps']:.3f}"
             a = row["auc"]
-            table.add_row(firm, row["state"], bar, "-" if a is None else f"{a:.4f}")
-        notes = Text("\n".join(self.notes[-5:]), style="yellow")
+            table.add_row(Text(firm), row["state"], bar, "-" if a is None else f"{a:.4f}")
+        notes = Text("\n".join(self.notes[-5:]), style="yellow")  # Text: never markup
         return Group(
             head, Text(metric_text or "metrics: (after the first evaluation)"), table, notes
         )
 
+    def line(self, event: RunEvent) -> str | None:
+        """The event as one plain progress line (for a log without a terminal)."""
+        match event:
+            case RunStarted():
+                return f"{self.title}: {event.rounds} rounds, {event.task}, {event.strategy}"
+            case FirmsAdmitted():
+                return f"firms admitted: {', '.join(sorted(event.firms)) or 'none'}"
+            case RoundTrained():
+                eps = ", ".join(f"{f} ε={e:.3f}" for f, e in sorted(event.epsilon.items()))
+                dropped = f"; dropped {', '.join(event.dropped)}" if event.dropped else ""
+                return (f"[ROUND {event.round}/{self.rounds}] trained: {len(event.accepted)} "
+                        f"updates{dropped}; {eps}")
+            case RoundEvaluated() if event.per_firm:
+                return f"round {event.round} evaluated: " + "  ".join(
+                    f"{k}={v:.4f}" for k, v in event.pooled.items()
+                    if isinstance(v, float)
+                )
+            case RunFinished():
+                return f"finished: {event.status}" + (f" ({event.reason})" if event.reason else "")
+            case _:
+                pass
+        return None
+
     def _run(self) -> None:
         for ev in follow(self.events, poll=0.25, stop=self._done.is_set):
+            notes = len(self.notes)
             self.handle(ev)
             if self._live is not None:
                 self._live.update(self.render())
+                continue
+            line = self.line(ev)
+            for text in ([line] if line else []) + self.notes[notes:]:
+                self.console.print(Text(text), highlight=False, soft_wrap=True)
 
     def __enter__(self) -> RunDisplay:
-        self._live = Live(
-            self.render(), console=self.console, refresh_per_second=4, transient=False
-        )
-        self._live.__enter__()
+        if self.console.is_terminal:
+            self._live = Live(
+                self.render(), console=self.console, refresh_per_second=4, transient=False
+            )
+            self._live.__enter__()
         self._thread.start()
         return self
 
@@ -141,20 +189,20 @@ class RunDisplay:
 def print_run_summary(console: Console, summary: dict[str, Any], run_dir: Path) -> None:
     """A finished run's ``summary.json`` as a table: ε per firm, pooled metrics, baseline."""
     t = Table(
-        title=f"run {summary['run_id']} ({summary['task']}, {summary['strategy']}, "
-        f"{summary.get('rounds_completed', '?')}/{summary['rounds']} rounds, "
-        f"{summary.get('status')})"
+        title=Text(f"run {summary['run_id']} ({summary['task']}, {summary['strategy']}, "
+                   f"{summary.get('rounds_completed', '?')}/{summary['rounds']} rounds, "
+                   f"{summary.get('status')})")
     )
     for col in ("firm", "ε spent", "ε budget", "δ", "declared size", "stopped"):
         t.add_column(col)
     for f in summary["firms"]:
         t.add_row(
-            f["firm"],
+            Text(f["firm"]),
             f"{f['epsilon']:.4f}",
             f"{f['epsilon_budget']:.4f}",
             f"{f['delta']:g}" if f.get("delta") else "-",
             str(f["num_examples"]),
-            f.get("stopped") or "",
+            Text(f.get("stopped") or ""),
         )
     console.print(t)
 
@@ -173,6 +221,13 @@ def print_run_summary(console: Console, summary: dict[str, Any], run_dir: Path) 
         for key in ("bgnbd", "federated"):
             if isinstance(summary["baseline"].get(key), dict):
                 console.print(f"  {key}: " + plain(summary["baseline"][key]))
+    for label, key in (("lost (charged, never received)", "lost_updates"),
+                       ("resent after a restart (no new charge)", "replayed_updates")):
+        if summary.get(key):
+            console.print(Text(f"updates {label}: " + ", ".join(
+                f"{u['firm']} round {u['round']}" for u in summary[key]
+            )), highlight=False)
     if summary.get("stop_reason"):
-        console.print(str(summary["stop_reason"]), style="yellow", markup=False)
-    console.print(f"summary: {run_dir / 'summary.json'}   model: {summary.get('model')}")
+        console.print(Text(str(summary["stop_reason"]), style="yellow"), highlight=False)
+    console.print(Text(f"summary: {run_dir / 'summary.json'}   model: {summary.get('model')}"),
+                  highlight=False, soft_wrap=True)

@@ -39,6 +39,10 @@ from fedcrm.privacy.errors import FedcrmError
 TOKEN_ENV = "FEDCRM_PROCESS_TOKEN"
 _FLOWER_EXIT = re.compile(r"Exit Code: (\d+)")
 LOCALHOST = "127.0.0.1"
+#: Files a federation process writes (logs, state databases, plans) are readable by their
+#: owner only.
+PRIVATE_FILE_MODE = 0o600
+PRIVATE_UMASK = 0o077
 #: Flower's exit code (``flwr.supercore.exit.ExitCode.SUPERNODE_CONNECTION_ERROR``) that
 #: ``flower-supernode`` logs when the SuperLink refuses it (key not registered) or cannot be
 #: reached. Spelled out because only the Flower adapters import flwr; a test checks it matches.
@@ -187,6 +191,16 @@ class ManagedProcess:
         self._log: IO[bytes] | None = None
         self._stopped = False
         self._terminated_at = 0.0
+        self._log_start = 0  # where this session's output starts in the (appended) log
+
+    def fresh(self) -> ManagedProcess:
+        """An unstarted copy (same command, environment, log and port), to start it again."""
+        env = {k: v for k, v in self._env.items() if k != TOKEN_ENV}
+        return ManagedProcess(
+            name=self.name, argv=self.argv, env=env, log_path=self.log_path, cwd=self.cwd,
+            port=self.port, host=self.host, grace_s=self.grace_s,
+            capture_stdout=self._capture_stdout,
+        )
 
     # ---- lifecycle -------------------------------------------------------------------
     def start(self) -> Self:
@@ -195,7 +209,12 @@ class ManagedProcess:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         if self.cwd is not None:
             self.cwd.mkdir(parents=True, exist_ok=True)
-        self._log = self.log_path.open("ab")
+        # the log and everything the process writes are private to this user (0600): logs and
+        # state databases name firms, nodes and paths
+        fd = os.open(self.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, PRIVATE_FILE_MODE)
+        os.fchmod(fd, PRIVATE_FILE_MODE)
+        self._log = os.fdopen(fd, "ab")
+        self._log_start = os.fstat(fd).st_size
         self._log.write(f"$ {' '.join(self.argv)}\n".encode())
         self._log.flush()
         try:
@@ -207,6 +226,7 @@ class ManagedProcess:
                 stdout=subprocess.PIPE if self._capture_stdout else self._log,
                 stderr=self._log,
                 start_new_session=True,  # own session => own process group, no terminal SIGINT
+                umask=PRIVATE_UMASK,
             )
         except OSError as exc:
             self._log.close()
@@ -290,8 +310,11 @@ class ManagedProcess:
         return False
 
     def read_log(self) -> str:
+        """This session's output: the log from where this start appended, not earlier runs."""
         try:
-            return self.log_path.read_text(errors="replace")
+            with self.log_path.open("rb") as fh:
+                fh.seek(self._log_start)
+                return fh.read().decode(errors="replace")
         except OSError:
             return ""
 
@@ -354,6 +377,10 @@ class ManagedProcess:
     def leftover_pids(self) -> list[int]:
         """Live processes started by this one (same token), for checks after :meth:`stop`."""
         return pids_with_token(self.token)
+
+    def pids(self) -> list[int]:
+        """This process and every live process it started (e.g. to kill them without warning)."""
+        return self.leftover_pids()
 
     def __enter__(self) -> Self:
         if self._popen is None:

@@ -45,6 +45,12 @@ class RoundRecord:
     heads: dict[str, dict[str, Any]] = field(default_factory=dict)
     model_hash: str = ""
     secure_sum: dict[str, Any] = field(default_factory=dict)  # survivors, dropped, sum hash
+    replayed: list[str] = field(default_factory=list)  # firms that resent an earlier release
+    lost: list[str] = field(default_factory=list)  # firms charged for an update never received
+
+
+#: ``FirmState.excluded`` of a firm that stopped answering (dead node, lost connection, timeout).
+DROPPED = "dropped"
 
 
 LAYOUT_MISMATCH = "feature layout differs from the federation's"
@@ -78,6 +84,31 @@ def admit(described: Mapping[int, DescribeReply]) -> Admission:
         for node, d in described.items()
     }
     return Admission(layout=layout, input_dim=input_dim, firms=firms)
+
+
+def restore_firms(firms: dict[int, FirmState], before: Sequence[FirmState]) -> None:
+    """Carry each firm's state over from an earlier attempt of the run, by firm name.
+
+    A firm excluded for its own reasons (budget, error, layout) stays excluded; one that had
+    dropped out takes part again if its node is back. Firms not connected now keep their record
+    (their ε stays in the summary) and are marked as not back.
+    """
+    by_name = {f.firm: node for node, f in firms.items()}
+    for prior in before:
+        node = by_name.get(prior.firm)
+        if node is None:
+            if prior.node_id not in firms:
+                firms[prior.node_id] = FirmState(
+                    **{**asdict(prior), "excluded": prior.excluded
+                       or f"{DROPPED}: not connected when the run resumed"}
+                )
+            continue
+        state = firms[node]
+        state.epsilon_total, state.epsilon_cap = prior.epsilon_total, prior.epsilon_cap
+        state.delta, state.num_examples = prior.delta, prior.num_examples
+        state.rounds_trained = prior.rounds_trained
+        if state.excluded is None and prior.excluded and not prior.excluded.startswith(DROPPED):
+            state.excluded = prior.excluded
 
 
 def latest_metrics(rounds: Mapping[int, RoundRecord]) -> dict[str, Any]:
@@ -129,11 +160,20 @@ def summary(
     model_path: Path | None,
     model_hash: str,
     started: float,
+    attempts: int = 1,
+    release: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
-    """The run's ``summary.json``."""
+    """The run's ``summary.json``.
+
+    ``lost_updates``: rounds a firm released (and was charged for) an update the coordinator
+    never received; ``replayed_updates``: rounds where a firm sent again, unchanged and without a
+    new charge, the update it had released for that round before a restart.
+    """
     last = latest_metrics(rounds)
     return {
         "run_id": run_id,
+        **dict(release or {}),
+        "attempts": attempts,
         "task": cfg.task.value,
         "strategy": cfg.strategy.value,
         "rounds": cfg.rounds,
@@ -161,6 +201,14 @@ def summary(
         },
         "rounds_detail": [asdict(r) for _, r in sorted(rounds.items())],
         "updates": list(updates),
+        "lost_updates": [
+            {"round": r.server_round, "firm": firm} for _, r in sorted(rounds.items())
+            for firm in r.lost
+        ],
+        "replayed_updates": [
+            {"round": r.server_round, "firm": firm} for _, r in sorted(rounds.items())
+            for firm in r.replayed
+        ],
         "model": str(model_path) if model_path else None,
         "model_hash": model_hash,
         "config": cfg.model_dump(mode="json"),

@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 
+from fedcrm.coordinator.events import EVENTS, RoundTrained, RunStarted, read_run_events
 from fedcrm.coordinator.run_config import RunConfig
 from fedcrm.privacy.durable import write_atomic
 from fedcrm.privacy.errors import ConfigError
@@ -26,7 +27,7 @@ def new_run_id(prefix: str) -> str:
 def write_summary(run_dir: Path, summary: dict[str, Any]) -> Path:
     path = run_dir / SUMMARY
     text = json.dumps(summary, indent=2, sort_keys=False, default=_plain) + "\n"
-    write_atomic(path, text.encode(), mode=0o644)
+    write_atomic(path, text.encode(), mode=0o600)  # names firms and their budgets
     return path
 
 
@@ -56,16 +57,36 @@ def load_summary(run_dir: Path) -> dict[str, Any]:
 
 
 def list_runs(root: Path) -> list[dict[str, Any]]:
+    """Every run under ``root``: finished ones from their summary, the others (still running,
+    or stopped without a summary) from their events, with status ``running or interrupted``."""
     if not root.exists():
         return []
     runs = []
-    for d in sorted(root.iterdir()):
+    for d in sorted(p for p in root.iterdir() if p.is_dir()):
         if (d / SUMMARY).exists():
             try:
                 runs.append(load_summary(d) | {"_dir": str(d)})
             except (json.JSONDecodeError, ConfigError):
                 continue
+        elif (d / EVENTS).exists():
+            runs.append(_unfinished(d))
     return runs
+
+
+def _unfinished(run_dir: Path) -> dict[str, Any]:
+    events = read_run_events(run_dir / EVENTS)
+    started = next((e for e in events if isinstance(e, RunStarted)), None)
+    trained = [e.round for e in events if isinstance(e, RoundTrained)]
+    return {
+        "run_id": run_dir.name,
+        "task": started.task if started else "?",
+        "strategy": started.strategy if started else "?",
+        "rounds": started.rounds if started else "?",
+        "rounds_completed": max(trained, default=0),
+        "status": "running or interrupted",
+        "firms": [],
+        "_dir": str(run_dir),
+    }
 
 
 def find_run(root: Path, run_id: str) -> Path:

@@ -12,6 +12,13 @@ ledger with a fingerprint of the run's parameters. After that it refuses a round
 plan, a round it already trained, a request whose run parameters changed, an evaluation beyond
 the plan, of a model it did not receive for training in that round, or a second one in a round.
 
+**Restarts.** Each round's released update is kept next to the plan (0600), published only once
+the release is committed and audited. When a restarted coordinator asks again for a round this
+firm already trained, on the same global model, the firm sends that very update again: no new
+release, no new charge, an ``update_resent`` entry in its log and ``replayed`` in the reply.
+Every train reply lists the rounds of the run the firm released, so the coordinator records an
+update it was charged for but never received.
+
 **What leaves.** A training round is one DP release (:func:`fedcrm.release.release`) of the
 updated model; an evaluation is one Gaussian release of the task's bounded-contribution
 statistics with discrete Gaussian noise on counts. Sizes leave only as the firm's declared
@@ -30,7 +37,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -62,7 +69,7 @@ from fedcrm.overlap import (
     read_match_keys,
     reblind,
 )
-from fedcrm.privacy.durable import write_private
+from fedcrm.privacy.durable import StagedFile, write_private
 from fedcrm.privacy.errors import (
     BudgetExhausted,
     ConfigError,
@@ -108,7 +115,7 @@ from fedcrm.protocol import (
     TrainRequest,
     arrays_hash,
 )
-from fedcrm.release import FirmPrivacy, RunPlan, plan_run, release
+from fedcrm.release import FirmPrivacy, RunPlan, plan_run, release, resend
 from fedcrm.secure_sum_party import SecureSumParty
 from fedcrm.tasks import task_for
 from fedcrm.tasks.base import TaskData
@@ -257,10 +264,12 @@ class FirmNode:
                     f"round {request.server_round} is outside run {spec.run_id}'s plan of "
                     f"{plan.training.rounds} rounds"
                 )
-            if request.server_round in trained or len(trained) >= plan.training.rounds:
+            if request.server_round in trained:
+                return self._resend(spec, request, trained)
+            if len(trained) >= plan.training.rounds:
                 raise Declined(
-                    f"round {request.server_round} of run {spec.run_id} was already trained "
-                    f"({len(trained)} of {plan.training.rounds} rounds done)"
+                    f"round {request.server_round} of run {spec.run_id}: all "
+                    f"{plan.training.rounds} planned rounds were already trained"
                 )
             problem = self._federated_data(spec.task, spec.schema).training_problem(
                 model=spec.model, seed=spec.seed
@@ -294,6 +303,7 @@ class FirmNode:
                 self.privacy,
                 event,
                 compute,
+                stage=self._keep_update(spec.run_id, request.server_round),
                 funded=lambda arrays: (
                     EntryKind.UPDATE_SENT,
                     {
@@ -309,9 +319,9 @@ class FirmNode:
                 self._hold_update(spec.run_id, request.server_round, request.arrays,
                                   released.value)
         except (PlanDoesNotFit, BudgetExhausted) as exc:
-            return self._declined_training(str(exc), ReplyState.BUDGET_EXHAUSTED)
+            return self._declined_training(str(exc), ReplyState.BUDGET_EXHAUSTED, spec)
         except Declined as exc:
-            return self._declined_training(str(exc), exc.state)
+            return self._declined_training(str(exc), exc.state, spec)
         head = released.audit_head
         return TrainReply(
             firm=self.firm,
@@ -326,9 +336,78 @@ class FirmNode:
             audit_head_hash=head.hash,
             audit_head_length=head.length,
             secure_sum=spec.secure_aggregation,
+            rounds_released=self._rounds_released(spec),
         )
 
-    def _declined_training(self, detail: str, state: ReplyState) -> TrainReply:
+    # ------------------------------------------------------------------ kept updates
+
+    def _update_path(self, run_id: str, server_round: int) -> Path:
+        return self._plan_path(run_id).with_name(f"{run_id}.round-{server_round}.update.npz")
+
+    def _keep_update(
+        self, run_id: str, server_round: int
+    ) -> Callable[[list[np.ndarray]], StagedFile]:
+        """Stage the round's update next to the run's plan (0600); it is published only after
+        the release is committed and audited, so a kept update was always paid for."""
+
+        def stage(arrays: list[np.ndarray]) -> StagedFile:
+            path = self._update_path(run_id, server_round)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            staged = StagedFile(path)
+            buffer = io.BytesIO()
+            np.savez(buffer, *[np.asarray(a) for a in arrays])
+            staged.path.write_bytes(buffer.getvalue())
+            return staged
+
+        return stage
+
+    def _resend(
+        self, spec: RunSpec, request: TrainRequest, trained: dict[int, dict[str, object]]
+    ) -> TrainReply:
+        """A round this firm already released: send the very same update again, no new charge.
+
+        Only for the same global model it trained on then (a restarted coordinator resuming the
+        run); a round is never trained twice.
+        """
+        r = request.server_round
+        if trained[r].get("global_hash") != arrays_hash(request.arrays):
+            raise Declined(
+                f"round {r} of run {spec.run_id} was already trained, on another global model; "
+                "a firm trains each round of a run once"
+            )
+        path = self._update_path(spec.run_id, r)
+        if not path.exists():
+            raise Declined(
+                f"round {r} of run {spec.run_id} was released and charged, but its update was not "
+                "kept (the node stopped while sending it); a firm trains each round of a run once"
+            )
+        with np.load(path, allow_pickle=False) as npz:
+            arrays = [npz[f"arr_{i}"] for i in range(len(npz.files))]
+        head = resend(self.privacy, run_id=spec.run_id, server_round=r,
+                      model_hash=arrays_hash(arrays))
+        if spec.secure_aggregation:  # the update goes (again) only into the round's secure sum
+            self._hold_update(spec.run_id, r, request.arrays, arrays)
+        return TrainReply(
+            firm=self.firm,
+            state=ReplyState.OK,
+            detail="",
+            arrays=None if spec.secure_aggregation else arrays,
+            num_examples=self.public_size,
+            epsilon_round=0.0,
+            epsilon_total=self.privacy.spent(),
+            epsilon_cap=self.privacy.cap,
+            delta=self.privacy.delta,
+            audit_head_hash=head.hash,
+            audit_head_length=head.length,
+            replayed=True,
+            secure_sum=spec.secure_aggregation,
+            rounds_released=self._rounds_released(spec),
+        )
+
+    def _rounds_released(self, spec: RunSpec) -> tuple[int, ...]:
+        return tuple(sorted(self._released(spec.run_id, f"train:{spec.task.value}")))
+
+    def _declined_training(self, detail: str, state: ReplyState, spec: RunSpec) -> TrainReply:
         head = self.privacy.head()
         return TrainReply(
             firm=self.firm,
@@ -342,6 +421,7 @@ class FirmNode:
             delta=self.privacy.delta,
             audit_head_hash=head.hash,
             audit_head_length=head.length,
+            rounds_released=self._rounds_released(spec),
         )
 
     def evaluate(self, request: EvaluateRequest) -> EvaluateReply:
@@ -489,7 +569,10 @@ class FirmNode:
         return self._peer_keys
 
     def _held_update_path(self, run_id: str, server_round: int) -> Path:
-        return self._plan_path(run_id).with_name(f"{run_id}.round-{server_round}.update.npz")
+        # not the kept update of a resend (_update_path): this is its difference to the global
+        return self._plan_path(run_id).with_name(
+            f"{run_id}.round-{server_round}.secure-update.npz"
+        )
 
     def _hold_update(self, run_id: str, server_round: int, global_arrays: Sequence[np.ndarray],
                      trained: Sequence[np.ndarray]) -> None:

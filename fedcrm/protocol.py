@@ -34,6 +34,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from enum import Enum, StrEnum
@@ -100,6 +101,10 @@ class ReplyState(StrEnum):
 
 class ProtocolError(ConfigError):
     """A message does not have the shape its kind requires."""
+
+
+#: A run id names files on every firm (its plan, its kept updates): letters, digits, ``._-``.
+RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 
 
 @dataclass(frozen=True)
@@ -223,6 +228,10 @@ class RunSpec:
             ) from None
         except ValueError as exc:  # an unknown enum value
             raise ProtocolError(f"malformed {what}: {exc}") from None
+        if not RUN_ID.match(spec.run_id) or ".." in spec.run_id:
+            raise ProtocolError(
+                f"malformed {what}: run-id must be letters, digits, '.', '_' or '-' (at most 100)"
+            )
         if (
             spec.rounds < 1 or not spec.target_epsilon > 0 or spec.proximal_mu < 0
             or not 0 <= spec.evaluations <= spec.rounds
@@ -310,6 +319,10 @@ class TrainReply:
     ``num_examples`` is the firm's declared public size (what FedAvg weights by), never its
     exact number of customers. With secure aggregation (``secure_sum``) the update stays on the
     firm, which adds it to the round's secure sum; the reply then carries no arrays.
+    exact number of customers. ``replayed``: ``arrays`` is the update the firm released for this
+    round of this run before (a restart lost the reply), sent again unchanged with no new charge
+    (``epsilon_round`` is 0). ``rounds_released``: every round of this run the firm has released
+    an update for, so the coordinator learns of an update it was charged for but never received.
     """
 
     firm: str
@@ -324,9 +337,11 @@ class TrainReply:
     audit_head_hash: str = ""
     audit_head_length: int = 0
     secure_sum: bool = False
+    replayed: bool = False
+    rounds_released: tuple[int, ...] = ()
 
     _CONFIG: ClassVar[tuple[str, ...]] = (
-        "firm", "detail", "audit_head_hash", "audit_head_length", "secure_sum"
+        "firm", "detail", "audit_head_hash", "audit_head_length", "secure_sum", "replayed"
     )
     _METRICS: ClassVar[tuple[str, ...]] = (
         "num_examples", "epsilon_round", "epsilon_total", "epsilon_cap", "delta"
@@ -336,7 +351,9 @@ class TrainReply:
         values = asdict(self)
         return Wire(
             config={"state": self.state.value,
-                    **flat_encode({k: values[k] for k in self._CONFIG})},
+                    **flat_encode({k: values[k] for k in self._CONFIG}),
+                    # in the config record: the strategy averages the metrics record
+                    "rounds-released": ",".join(str(r) for r in self.rounds_released)},
             metrics={k.replace("_", "-"): values[k] for k in self._METRICS},
             arrays=None if self.arrays is None else list(self.arrays),
         )
@@ -364,6 +381,8 @@ class TrainReply:
             audit_head_hash=_field(c, "audit_head_hash", str, what),
             audit_head_length=_field(c, "audit_head_length", int, what),
             secure_sum=secure_sum,
+            replayed=_field(c, "replayed", bool, what),
+            rounds_released=_rounds(_field(c, "rounds_released", str, what), what),
         )
 
 
@@ -455,6 +474,13 @@ class ErrorReply:
         if wire.config.get("state") != ReplyState.ERROR.value:
             return None
         return cls(firm=str(wire.config.get("firm", "")), detail=str(wire.config.get("detail", "")))
+
+
+def _rounds(text: str, what: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(r) for r in text.split(",") if r)
+    except ValueError:
+        raise ProtocolError(f"{what} field 'rounds-released' must be round numbers") from None
 
 
 @dataclass(frozen=True)

@@ -435,3 +435,32 @@ def release(
     if staged is not None:
         staged.publish()
     return Released(value=value, event=event, epsilon_total=total, audit_head=privacy.head())
+
+
+def resend(privacy: FirmPrivacy, *, run_id: str, server_round: int, model_hash: str) -> LogHead:
+    """Record that an update released before is sent again, unchanged: no new release, no charge.
+
+    The update must be the one the firm's signed log records as sent (``update_sent``) for this
+    run and round; the ``update_resent`` entry points at that entry, so an auditor sees one
+    release, sent twice.
+
+    Raises:
+        LedgerTampered: the log records no such update, or another one.
+    """
+    sent = next(
+        (e for e in reversed(privacy.audit.entries())
+         if e.kind is EntryKind.UPDATE_SENT and e.payload.get("run_id") == run_id
+         and e.payload.get("round") == server_round),
+        None,
+    )
+    if sent is None or sent.payload.get("model_hash") != model_hash:
+        raise LedgerTampered(
+            f"firm '{privacy.firm}' kept an update for round {server_round} of run {run_id} that "
+            f"its signed audit log {privacy.files.audit_log} does not record as sent; it is not "
+            "sent again"
+        )
+    privacy.audit.append(EntryKind.UPDATE_RESENT, {
+        "run_id": run_id, "round": server_round, "task": str(sent.payload.get("task", "")),
+        "model_hash": model_hash, "sent": sent.hash,
+    })
+    return privacy.head()

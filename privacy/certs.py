@@ -12,6 +12,7 @@ Three kinds of files, all created here with ``cryptography`` only:
 
 Private files are written with mode 0600 (their directory 0700) and are never overwritten
 unless ``force=True``. Paths are returned as frozen values; nothing here logs key material.
+:func:`certificate_fingerprint` is what a firm compares, out of band, before trusting ``ca.crt``.
 """
 
 from __future__ import annotations
@@ -178,6 +179,12 @@ def issue_server_cert(
         ca_cert=Path(ca.cert), cert=out_dir / SERVER_CERT, key=out_dir / SERVER_KEY, hosts=hosts
     )
     _refuse_existing((files.key,), force=force)
+    if Path(ca.cert).resolve() != (out_dir / CA_CERT).resolve():
+        # the SuperLink's certs directory gets ca.crt, never ca.key (which can then go offline)
+        _write_public(out_dir / CA_CERT, Path(ca.cert).read_bytes())
+        files = ServerCertFiles(
+            ca_cert=out_dir / CA_CERT, cert=files.cert, key=files.key, hosts=hosts
+        )
     ca_key = _read_private_key(Path(ca.key))
     try:
         ca_cert = x509.load_pem_x509_certificate(Path(ca.cert).read_bytes())
@@ -214,6 +221,33 @@ def issue_server_cert(
     write_private(files.key, _pem_private(key))
     _write_public(files.cert, cert.public_bytes(serialization.Encoding.PEM))
     return files
+
+
+def _certificate(path: Path) -> x509.Certificate:
+    try:
+        return x509.load_pem_x509_certificate(Path(path).read_bytes())
+    except OSError:
+        raise KeyFileError(f"certificate {path} not found or unreadable") from None
+    except ValueError:
+        raise KeyFileError(f"{path} is not a PEM certificate") from None
+
+
+def certificate_fingerprint(path: Path) -> str:
+    """``SHA256:AB:CD:...``: the SHA-256 of the certificate's DER bytes (as ``openssl x509
+    -fingerprint -sha256`` prints it), for a firm to compare with the coordinator's by phone."""
+    digest = _certificate(path).fingerprint(hashes.SHA256())
+    return "SHA256:" + ":".join(f"{b:02X}" for b in digest)
+
+
+def certificate_hosts(path: Path) -> tuple[str, ...]:
+    """The DNS names and IPs a server certificate is valid for (its subjectAltNames)."""
+    try:
+        sans = _certificate(path).extensions.get_extension_for_class(x509.SubjectAlternativeName)
+    except x509.ExtensionNotFound:
+        return ()
+    names = [str(n) for n in sans.value.get_values_for_type(x509.DNSName)]
+    names += [str(ip) for ip in sans.value.get_values_for_type(x509.IPAddress)]
+    return tuple(names)
 
 
 def generate_node_auth_key(out_dir: Path, *, firm: str, force: bool = False) -> NodeKeyFiles:

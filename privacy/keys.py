@@ -445,7 +445,7 @@ _PUBLIC_MODE = 0o644
 
 def _write_meta(keys_dir: Path, meta: dict[str, object]) -> None:
     text = json.dumps(meta, indent=2, sort_keys=True) + "\n"
-    write_atomic(keys_dir / META_FILE, text.encode(), mode=_PUBLIC_MODE)
+    write_atomic(keys_dir / META_FILE, text.encode(), mode=0o600)  # in a 0700 directory anyway
 
 
 def init_keys(keys_dir: Path, *, firm: str, force: bool = False) -> FirmKeys:

@@ -62,7 +62,7 @@ from fedcrm.protocol import (
     SumInput,
     Wire,
 )
-from fedcrm.server.federation import NODES_SETTLE_SECONDS, _tune_simulation_polling
+from fedcrm.server.federation import NODES_SETTLE_SECONDS, _polling_grid
 from fedcrm.server.secure_sum import register_keys, secure_sum
 
 R = TypeVar("R")
@@ -255,7 +255,7 @@ def run_query(grid: Grid, cfg: QueryRunConfig, *, run_id: str, run_dir: Path) ->
                            rounds=1))
     nodes = _wait_for_nodes(grid, needed=max(spec.min_firms, cfg.coordinator.expected_firms),
                             wait_for=cfg.coordinator.wait_for_firms, events=events)
-    _tune_simulation_polling(grid, len(nodes))
+    grid = _polling_grid(grid, len(nodes))
     timings = {"wait_for_firms": time.time() - started}
     timeout = cfg.coordinator.timeout
     offer = QueryOffer(query_id=run_id, spec=spec.canonical_json(),

@@ -4,7 +4,9 @@ Called by the ServerApp (simulation or deployment). The messages are the typed o
 :mod:`fedcrm.protocol`; what they mean for the run is decided in
 :mod:`fedcrm.coordinator.run_state`.
 Writes into the run directory: ``events.jsonl`` (typed progress events), the signed federation
-log, ``model.pt`` (global model with provenance) and ``summary.json``.
+log, a checkpoint after every completed round, ``model.pt`` (global model with provenance) and
+``summary.json``. A ServerApp started for a run folder that holds a checkpoint resumes that run
+after its last completed round (a restart of the SuperLink or of the coordinator).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from flwr.common import log
 from flwr.serverapp import Grid
 
 from fedcrm.audit.log import EntryKind
+from fedcrm.coordinator.app_bundle import installed_release
 from fedcrm.coordinator.events import (
     EVENTS,
     EventLog,
@@ -28,15 +31,19 @@ from fedcrm.coordinator.events import (
     FirmStopped,
     NodesConnected,
     RunFinished,
+    RunResumed,
     RunStarted,
 )
 from fedcrm.coordinator.federation_log import FederationAudit
+from fedcrm.coordinator.run_checkpoint import RunCheckpoint, load_checkpoint
 from fedcrm.coordinator.run_config import RunConfig
 from fedcrm.coordinator.run_state import (
     LAYOUT_MISMATCH,
+    Admission,
     FirmState,
     admit,
     provenance,
+    restore_firms,
     summary,
 )
 from fedcrm.coordinator.runs import save_global_model, write_summary
@@ -51,6 +58,8 @@ from fedcrm.protocol import (
     RunSpec,
     arrays_hash,
 )
+from fedcrm.server.resume import CheckpointedRounds
+from fedcrm.server.run_grid import RunGrid
 from fedcrm.server.secure_sum import SecureTraining, register_keys
 from fedcrm.server.strategies import FederationStopped, GuardedStrategy, build_strategy
 from fedcrm.tasks import task_for
@@ -82,19 +91,24 @@ def _wait_for_nodes(grid: Grid, cfg: RunConfig, events: EventLog) -> list[int]:
         time.sleep(0.05 if enough else 0.5)
 
 
-def _tune_simulation_polling(grid: Grid, n_nodes: int) -> None:
-    """Poll Flower's in-memory (simulation) grid for replies sooner in small federations.
+def _polling_grid(grid: Grid, n_nodes: int) -> Grid:
+    """Poll for replies sooner than Flower's defaults; in a deployment, name dead firms.
 
-    It polls every 0.1 s by default; a round is two exchanges, so with a few firms that interval,
-    not the firms' work, sets the pace. One poll scans every stored message, so its cost grows
-    with the federation: the interval grows with it (back to Flower's 0.1 s at 100 firms).
+    Flower's in-memory (simulation) grid polls every 0.1 s by default; a round is two exchanges,
+    so with a few firms that interval, not the firms' work, sets the pace. One poll scans every
+    stored message, so its cost grows with the federation: the interval grows with it (back to
+    Flower's 0.1 s at 100 firms). A deployment's grid is wrapped in :class:`RunGrid`.
     """
+    if not isinstance(grid, Grid):
+        return grid  # a test's or benchmark's in-process grid: nothing to poll
     current = getattr(grid, "pull_interval", None)
     if isinstance(current, float):
         # only Flower's in-memory (simulation) grid has this attribute
         grid.pull_interval = min(  # type: ignore[attr-defined]
             current, max(SIMULATION_PULL_INTERVAL, 0.001 * n_nodes)
         )
+        return grid
+    return RunGrid(grid)
 
 
 def _describe(
@@ -145,33 +159,58 @@ def _secure_training(
 
 
 def run_federation(grid: Grid, cfg: RunConfig, *, run_id: str, run_dir: Path) -> dict[str, Any]:
-    """Run the whole federation and write the summary; returns it."""
+    """Run the whole federation (or resume it after its checkpoint) and write the summary."""
     started = time.time()
     spec = cfg.run_spec(run_id)  # refuses a run that cannot be described to firms
     run_dir.mkdir(parents=True, exist_ok=True)
+    checkpoint = load_checkpoint(run_dir)
+    if checkpoint is not None and (
+        checkpoint.run_id != run_id or checkpoint.config_hash != cfg.config_hash()
+    ):
+        raise FedcrmError(
+            f"{run_dir} holds a checkpoint of run {checkpoint.run_id} with another config; a run "
+            "resumes only with the config it started with"
+        )
+    release = installed_release()
     audit = FederationAudit(run_dir)
     events = EventLog(run_dir / EVENTS, sinks=[audit.record])
-    events.emit(RunStarted(run_id=run_id, task=cfg.task.value, strategy=cfg.strategy.value,
-                           rounds=cfg.rounds))
+    completed, attempt = 0, 0
+    if checkpoint is None:
+        events.emit(RunStarted(run_id=run_id, task=cfg.task.value, strategy=cfg.strategy.value,
+                               rounds=cfg.rounds))
+    else:
+        completed, attempt, started = (
+            checkpoint.completed_round, checkpoint.attempt + 1, checkpoint.started
+        )
+        events.emit(RunResumed(run_id=run_id, completed_round=completed, attempt=attempt))
+        audit.append(EntryKind.RUN_RESUMED, {
+            "run_id": run_id, "completed_round": completed, "attempt": attempt,
+        })
     nodes = _wait_for_nodes(grid, cfg, events)
-    _tune_simulation_polling(grid, len(nodes))
-    admission = admit(_describe(grid, nodes, cfg, spec, events))
+    grid = _polling_grid(grid, len(nodes))
+    described = _describe(grid, nodes, cfg, spec, events)
+    admission = admit(described)
     for node, state in admission.firms.items():
         if state.excluded == LAYOUT_MISMATCH:
             events.emit(FirmStopped(round=0, firm=state.firm, node_id=node,
                                     state="layout_mismatch", detail=LAYOUT_MISMATCH))
+    if checkpoint is not None:
+        restore_firms(admission.firms, checkpoint.firms)
     events.emit(FirmsAdmitted(firms=admission.admitted, layout=admission.layout))
-    audit.append(
-        EntryKind.RUN_STARTED,
-        {
-            "run_id": run_id,
-            "config_hash": cfg.config_hash(),
-            "strategy": cfg.strategy.value,
-            "rounds": cfg.rounds,
-            "task": cfg.task.value,
-            "firms": {k: str(v) for k, v in admission.admitted.items()},
-        },
-    )
+    if checkpoint is None:
+        audit.append(
+            EntryKind.RUN_STARTED,
+            {
+                "run_id": run_id,
+                "config_hash": cfg.config_hash(),
+                "strategy": cfg.strategy.value,
+                "rounds": cfg.rounds,
+                "task": cfg.task.value,
+                "firms": {k: str(v) for k, v in admission.admitted.items()},
+                "fedcrm_version": release.version,
+                "app_hash": release.app_hash,
+            },
+        )
     task = task_for(cfg.task)
     secure = _secure_training(grid, cfg, run_id, admission.firms, events) if (
         cfg.secure_aggregation
@@ -193,15 +232,34 @@ def run_federation(grid: Grid, cfg: RunConfig, *, run_id: str, run_dir: Path) ->
         else []
     )
     status, stop_reason = "completed", ""
+    if checkpoint is not None:
+        guard.rounds.update(checkpoint.rounds)
+        guard.updates.extend(dict(u) for u in checkpoint.updates)
+        initial = list(checkpoint.arrays)
+        if admission.layout != checkpoint.layout or admission.input_dim != checkpoint.input_dim:
+            status, stop_reason = "stopped", (
+                "after the restart the firms describe another feature layout than the run's"
+            )
     final_arrays = initial
     if not initial:
-        status, stop_reason = "stopped", "no firm described a usable feature layout"
-    else:
+        status, stop_reason = "stopped", (
+            "no firm described a usable feature layout" if described else
+            f"no firm took part: {len(nodes)} node(s) connected, none answered the describe "
+            "request (each firm's reason is in the progress above and in events.jsonl)"
+        )
+    elif status == "completed":
+        rounds = CheckpointedRounds(
+            guard, completed=completed, initial=initial, run_dir=run_dir,
+            snapshot=lambda done, model: _checkpoint(
+                run_id=run_id, cfg=cfg, admission=admission, guard=guard, completed=done,
+                attempt=attempt, started=started, model=model,
+            ),
+        )
         try:
-            result = guard.start(
+            result = rounds.start(
                 grid=grid,
                 initial_arrays=ArrayRecord(initial),
-                num_rounds=cfg.rounds,
+                num_rounds=cfg.rounds - completed,
                 timeout=cfg.round_timeout,
                 train_config=config_record(spec.to_config()),
                 evaluate_config=config_record(spec.to_config()),
@@ -225,7 +283,8 @@ def run_federation(grid: Grid, cfg: RunConfig, *, run_id: str, run_dir: Path) ->
     result_summary = summary(
         cfg, run_id=run_id, status=status, stop_reason=stop_reason,
         firms=list(admission.firms.values()), rounds=guard.rounds, updates=guard.updates,
-        model_path=model_path, model_hash=model_hash, started=started,
+        model_path=model_path, model_hash=model_hash, started=started, attempts=attempt + 1,
+        release={"fedcrm_version": release.version, "app_hash": release.app_hash},
     )
     write_summary(run_dir, result_summary)
     audit.append(
@@ -240,3 +299,22 @@ def run_federation(grid: Grid, cfg: RunConfig, *, run_id: str, run_dir: Path) ->
     audit.close()
     events.emit(RunFinished(status=status, reason=stop_reason, model=result_summary["model"]))
     return result_summary
+
+
+def _checkpoint(
+    *,
+    run_id: str,
+    cfg: RunConfig,
+    admission: Admission,
+    guard: GuardedStrategy,
+    completed: int,
+    attempt: int,
+    started: float,
+    model: list[np.ndarray],
+) -> RunCheckpoint:
+    return RunCheckpoint(
+        run_id=run_id, config_hash=cfg.config_hash(), completed_round=completed,
+        attempt=attempt, started=started, layout=admission.layout,
+        input_dim=admission.input_dim, firms=tuple(admission.firms.values()),
+        rounds=dict(guard.rounds), updates=tuple(guard.updates), arrays=tuple(model),
+    )

@@ -41,7 +41,7 @@ from fedcrm.protocol import (
     ReplyState,
 )
 from fedcrm.server.analytics import _exchange, _wait_for_nodes
-from fedcrm.server.federation import _tune_simulation_polling
+from fedcrm.server.federation import _polling_grid
 
 #: Stage numbers in events.
 OFFER, BLIND, REBLIND = 0, 1, 2
@@ -61,7 +61,7 @@ def run_overlap(grid: Grid, cfg: OverlapRunConfig, *, run_id: str, run_dir: Path
     c = cfg.coordinator
     nodes = _wait_for_nodes(grid, needed=max(2, c.expected_firms), wait_for=c.wait_for_firms,
                             events=events)
-    _tune_simulation_polling(grid, len(nodes))
+    grid = _polling_grid(grid, len(nodes))
     timeout = c.timeout
     spec_json = spec.canonical_json()
 

@@ -4,7 +4,10 @@ The guard is a wrapper around a strategy, in Flower's style (like its DP wrapper
 edits the aggregation. Before the inner strategy sees a training reply, the guard decodes it into
 the protocol's typed reply and
 
-* drops replies that are errors or never arrived (dropouts) and reports them,
+* drops replies that are errors or never arrived (dropouts) and reports them; a firm whose node
+  is gone (no reply before the round timeout, or the SuperLink answering that the node is
+  unavailable) is taken out of later rounds and shown as stopped, so a dead firm does not stall
+  every round; a firm whose ClientApp failed once stays in,
 * takes firms whose budget cannot fund a round out of later rounds (their status says so),
 * rejects updates whose shape/dtype differ from the global model, hold NaN/inf, or move
   farther than ``max_update_norm`` from it - logged with the node id and the reason,
@@ -28,6 +31,7 @@ from typing import Any
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.common import log
+from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import (
     FedAdam,
@@ -49,10 +53,11 @@ from fedcrm.coordinator.events import (
     RoundTrained,
     SecureSumCompleted,
     UpdateAccepted,
+    UpdateLost,
     UpdateRejected,
 )
 from fedcrm.coordinator.run_config import RunConfig, StrategyKind
-from fedcrm.coordinator.run_state import FirmState, RoundRecord
+from fedcrm.coordinator.run_state import DROPPED, FirmState, RoundRecord
 from fedcrm.coordinator.update_validation import validate_update
 from fedcrm.flower.records import CONFIG, to_records, wire_of
 from fedcrm.privacy.errors import FedcrmError, SecureSumError
@@ -70,6 +75,9 @@ from fedcrm.server.secure_sum import SecureTraining
 from fedcrm.tasks.base import NoisyStatistics, Task
 
 BUDGET_EXHAUSTED = "privacy budget exhausted"
+#: Errors the SuperLink writes in a node's place: the node itself is gone.
+_NODE_GONE = frozenset({ErrorCode.NODE_UNAVAILABLE, ErrorCode.REPLY_MESSAGE_UNAVAILABLE})
+TIMED_OUT = "no reply before the round timeout"
 
 
 class FederationStopped(Exception):
@@ -193,17 +201,18 @@ class GuardedStrategy(Strategy):
         answered = set()
         valid: list[Message] = []
         held: dict[str, int] = {}  # secure aggregation: firm -> public size
+        train_replies: list[tuple[FirmState, TrainReply]] = []
         for msg in replies:
             node = msg.metadata.src_node_id
             answered.add(node)
             firm = self._firm(node)
             reply = self._decode_train(msg)
             if isinstance(reply, str):
-                record.dropped.append(firm.firm)
-                self.on_event(FirmDropped(round=server_round, firm=firm.firm, node_id=node,
-                                          reason=reply))
+                gone = msg.has_error() and msg.error.code in _NODE_GONE
+                self._drop(server_round, record, firm, reply, gone=gone)
                 continue
             if isinstance(reply, TrainReply):
+                train_replies.append((firm, reply))
                 if reply.audit_head_hash:
                     record.heads[firm.firm] = {
                         "hash": reply.audit_head_hash, "length": reply.audit_head_length,
@@ -252,18 +261,20 @@ class GuardedStrategy(Strategy):
             record.accepted.append(firm.firm)
             update_hash = arrays_hash(update)
             self.updates.append({"round": server_round, "firm": firm.firm, "node_id": node,
-                                 "hash": update_hash})
+                                 "hash": update_hash, "replayed": reply.replayed})
+            if reply.replayed:
+                record.replayed.append(firm.firm)
             self.on_event(UpdateAccepted(round=server_round, firm=firm.firm, node_id=node,
-                                         update_hash=update_hash))
+                                         update_hash=update_hash, replayed=reply.replayed))
             valid.append(msg)
         if held:
             secure_result = self._secure_aggregate(server_round, record, held)
+        for firm, typed in train_replies:
+            self._lost(server_round, firm, typed)
         for name in record.participants:
             silent = next((n for n, f in self.firms.items() if f.firm == name), None)
             if silent is not None and silent not in answered:
-                record.dropped.append(name)
-                self.on_event(FirmDropped(round=server_round, firm=name, node_id=silent,
-                                          reason="no reply before the round timeout"))
+                self._drop(server_round, record, self.firms[silent], TIMED_OUT, gone=True)
         self.on_event(RoundTrained(
             round=server_round,
             accepted=tuple(record.accepted),
@@ -328,6 +339,33 @@ class GuardedStrategy(Strategy):
         record.model_hash = arrays_hash(outcome.arrays)
         firms = len(result.survivors)
         return ArrayRecord(outcome.arrays), MetricRecord({"secure-sum-firms": firms})
+    def _drop(self, server_round: int, record: RoundRecord, firm: FirmState, reason: str, *,
+              gone: bool) -> None:
+        """A firm did not answer this round; if its node is gone, it takes no part in later
+        rounds of this attempt (a resumed run asks it again if its node is back)."""
+        record.dropped.append(firm.firm)
+        if gone and firm.excluded is None:
+            firm.excluded = f"{DROPPED} in round {server_round}: {reason}"
+        self.on_event(FirmDropped(round=server_round, firm=firm.firm, node_id=firm.node_id,
+                                  reason=reason))
+
+    def _lost(self, server_round: int, firm: FirmState, reply: TrainReply) -> None:
+        """Record the rounds the firm says it released an update for that never arrived here."""
+        received = {int(u["round"]) for u in self.updates if u["firm"] == firm.firm} | {
+            r for r, rec in self.rounds.items()
+            if any(x.get("firm") == firm.firm for x in rec.rejected)
+        }
+        for released in sorted(set(reply.rounds_released) - received):
+            if released > server_round:
+                continue
+            record = self.rounds.setdefault(released, RoundRecord(released))
+            if firm.firm in record.lost:
+                continue
+            record.lost.append(firm.firm)
+            self.on_event(UpdateLost(
+                round=released, firm=firm.firm, node_id=firm.node_id,
+                reason="the firm released (and was charged for) this update; it never arrived",
+            ))
 
     # ------------------------------------------------------------------ evaluation
 

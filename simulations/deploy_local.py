@@ -7,8 +7,9 @@ same processes a multi-host federation runs (``docs/deployment.md``), all on 127
    encrypted store (the same :func:`simulations.run.build_firms` as the simulations);
 2. a federation CA, a SuperLink certificate and one SuperNode key per firm, all generated
    into the run's directory with mode 0600 (never into configs or the app bundle);
-3. :func:`server.deploy.deploy_local` with the real ServerApp / ClientApp: a TLS SuperLink with
-   SuperNode authentication, one ``flower-supernode`` per firm whose only node config is the
+3. a :class:`fedcrm.coordinator.local_deployment.LocalFederation` with the real ServerApp /
+   ClientApp: a TLS SuperLink with SuperNode authentication behind the Fleet gateway, one
+   ``flower-supernode`` and one ClientApp process per firm whose only node config is the
    absolute path of its firm config, the run submitted with ``flwr run`` and followed to the end.
 
 The ServerApp writes ``<workdir>/<run-id>/summary.json``; this adds the deployment's facts
@@ -30,14 +31,14 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from fedcrm.clients.node import firm_node_config, start_supernode
 from fedcrm.config_file import load_toml
+from fedcrm.coordinator.app_bundle import AppSpec
 from fedcrm.coordinator.events import EVENTS
 from fedcrm.coordinator.host import default_run_timeout, use_coordinator_key
 from fedcrm.coordinator.local_deployment import (
-    AppSpec,
     DeployEvent,
     DeploymentResult,
+    LocalFederation,
     LocalFirm,
-    deploy_local,
 )
 from fedcrm.coordinator.run_config import RunConfig
 from fedcrm.coordinator.runs import SUMMARY, load_summary, new_run_id, write_summary
@@ -114,13 +115,15 @@ def run_local_deployment(
     on_firm: Callable[[str, int], None] | None = None,
     on_event: Callable[[DeployEvent], None] | None = None,
     run_timeout_s: float | None = None,
+    on_federation: Callable[[LocalFederation], None] | None = None,
 ) -> LocalDeployment:
     """Build the firms, deploy the real fedcrm apps on 127.0.0.1, run, stop everything.
 
     ``firms`` overrides ``[deploy] firms``. The run directory is
     ``<deploy.workdir>/<run_id>``: ``firms/<firm>/`` (export, config, data keys, store, ledger),
     ``federation/`` (certs, node keys, SuperLink, SuperNodes, CLI home, app bundle and logs),
-    and the ServerApp's ``summary.json``, ``model.pt`` and ``events.jsonl``.
+    and the ServerApp's ``summary.json``, ``model.pt`` and ``events.jsonl``. ``on_federation``
+    receives the running federation before the run is submitted (tests use it to inject faults).
     """
     n = cfg.deploy.firms if firms is None else firms
     if n < 1:
@@ -139,19 +142,22 @@ def run_local_deployment(
     sim_firms = build_firms(_simulation_config(cfg, n), run_dir, on_firm=on_firm)
     use_coordinator_key(run_dir / "coordinator" / "signing.key")
     nodes = [LocalFirm(f.name, firm_node_config(f.config)) for f in sim_firms]
-    result = deploy_local(
-        firms=nodes,
-        workdir=run_dir / FEDERATION_DIR,
-        rounds=cfg.run.rounds,
-        run_config=cfg.run.model_copy(update={"expected_firms": n}).to_flower(
-            run_id=rid, run_dir=run_dir
-        ),
-        start_node=start_supernode,
-        app=AppSpec(),
-        on_event=on_event,
-        run_timeout_s=default_run_timeout(cfg.run) if run_timeout_s is None else run_timeout_s,
-        events=run_dir / EVENTS,
-    )
+    run_cfg = cfg.run.model_copy(update={"expected_firms": n})
+    with LocalFederation(
+        firms=nodes, workdir=run_dir / FEDERATION_DIR, start_node=start_supernode,
+        app=AppSpec(), on_event=on_event,
+    ) as federation:
+        if on_federation is not None:
+            on_federation(federation)
+        result = federation.run(
+            run_config=run_cfg.to_flower(run_id=rid, run_dir=run_dir),
+            rounds=cfg.run.rounds,
+            run_dir=run_dir,
+            cfg=run_cfg,
+            run_id=rid,
+            events=run_dir / EVENTS,
+            timeout_s=default_run_timeout(cfg.run) if run_timeout_s is None else run_timeout_s,
+        )
 
     summary: dict[str, Any] = load_summary(run_dir) if (run_dir / SUMMARY).exists() else {}
     if summary:
@@ -169,6 +175,9 @@ def run_local_deployment(
             "node_ids": dict(result.node_ids),
             "logs": {name: str(path) for name, path in result.logs.items()},
             "seconds": round(result.duration_s, 3),
+            "attempts": [
+                {"flower_run_id": a.flower_run_id, "ended": a.ended} for a in result.attempts
+            ],
         }
         summary["deploy"] = cfg.deploy.model_dump(mode="json") | {"firms": n}
         write_summary(run_dir, summary)

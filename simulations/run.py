@@ -187,6 +187,7 @@ def build_firms(
             encoding = "gb18030" if i < sim.gbk_firms else "utf-8"
             export = telco_export(part, seed=sim.seed * 1000 + i)
             export.to_csv(root / "customers.csv", index=False, encoding=encoding)
+            os.chmod(root / "customers.csv", 0o600)  # (synthetic) personal data
             data = telco_firm_config(
                 firm=name,
                 csv_path=Path("customers.csv"),
@@ -200,6 +201,7 @@ def build_firms(
             )
         else:
             cdnow_export(part).to_csv(root / "transactions.csv", index=False)
+            os.chmod(root / "transactions.csv", 0o600)
             data = cdnow_firm_config(
                 firm=name,
                 csv_path=Path("transactions.csv"),

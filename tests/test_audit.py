@@ -460,6 +460,105 @@ def test_missing_firm_log_is_reported(run: Run) -> None:
     assert FailureKind.MISSING_LOG in kinds
 
 
+def test_a_federation_log_without_run_finished_is_reported_incomplete(run: Run) -> None:
+    """A run cut short (restart, crash) must not pass as a verified run."""
+    run.write_lines(run.fed_log, run.lines(run.fed_log)[:-1])
+    report = verify_run(run.root)
+    assert [f.kind for f in report.failures] == [FailureKind.INCOMPLETE]
+    assert report.failures[0].file == "federation/audit.jsonl"
+
+
+def _resend(run: Run, firm: str, rnd: int, *, sent: str | None = None) -> None:
+    log = AuditLog(run.firm_log(firm), signing_key=run.firm_keys[firm])
+    update = [e for e in log.entries() if e.kind is EntryKind.UPDATE_SENT
+              and e.payload["round"] == rnd][-1]
+    log.append(EntryKind.UPDATE_RESENT, {
+        "run_id": "run-1", "round": rnd, "task": "churn",
+        "model_hash": update.payload["model_hash"], "sent": sent or update.hash})
+
+
+def test_a_resent_update_is_one_release_and_is_reported_as_replayed(run: Run) -> None:
+    _resend(run, "acme", ROUNDS)
+    lines = run.lines(run.fed_log)  # the resumed attempt accepts the resend before it finishes
+    fed = AuditLog(run.fed_log, signing_key=run.fed_key)
+    run.write_lines(run.fed_log, lines[:-1])
+    fed.append(EntryKind.RUN_RESUMED, {"run_id": "run-1", "completed_round": ROUNDS - 1,
+                                       "attempt": 1})
+    fed.append(EntryKind.UPDATE_ACCEPTED, {"round": ROUNDS, "firm": "acme", "node_id": "node-1",
+                                           "update_hash": model_hash("acme", ROUNDS),
+                                           "replayed": True})
+    fed.append(EntryKind.FIRM_HEADS, {"round": ROUNDS, "heads": {
+        f: AuditLog(run.firm_log(f), signing_key=run.firm_keys[f]).head().to_dict()
+        for f in FIRMS}})
+    fed.append(EntryKind.RUN_FINISHED, {"rounds_completed": ROUNDS})
+    report = verify_run(run.root)
+    assert report.ok, [str(f) for f in report.failures]
+    assert [(u.firm, u.round) for u in report.replayed_updates] == [("acme", ROUNDS)]
+    assert report.run["resumed"][0]["completed_round"] == ROUNDS - 1
+    assert report.firms["acme"].updates_sent == ROUNDS  # sent once, resent once: one release
+
+
+def test_a_resend_of_an_update_never_sent_is_caught(run: Run) -> None:
+    _resend(run, "acme", 1, sent="f" * 64)
+    got = first(verify_run(run.root).failures, "firms/acme/audit.jsonl")
+    assert got.kind is FailureKind.UNCOVERED_UPDATE and "resent" in got.detail
+
+
+def test_an_update_sent_but_never_accepted_is_reported_lost_not_rejected(run: Run) -> None:
+    """globex's round-2 update was rejected (on its merits); acme's extra one never arrived."""
+    log = AuditLog(run.firm_log("acme"), signing_key=run.firm_keys["acme"])
+    release = run.ledgers["acme"].release()
+    log.append(EntryKind.UPDATE_SENT, {"run_id": "run-1", "round": ROUNDS, "task": "churn",
+                                       "model_hash": "5" * 64, "release": release})
+    report = verify_run(run.root)
+    assert [(u.firm, u.round, u.model_hash) for u in report.lost_updates] == [
+        ("acme", ROUNDS, "5" * 64)
+    ]
+
+
+def test_a_deployed_runs_folder_is_assembled_from_each_partys_export(
+    run: Run, tmp_path: Path
+) -> None:
+    from fedcrm.audit.assemble import assemble_run, export_firm_log
+
+    coordinator = tmp_path / "coordinator-run"
+    (coordinator / "federation").mkdir(parents=True)
+    for name in ("audit.jsonl", "signing.pub"):
+        shutil.copy(run.root / "federation" / name, coordinator / "federation" / name)
+    exports = []
+    for firm in FIRMS:
+        export = export_firm_log(
+            firm=firm, log=run.firm_log(firm), public_key=run.root / "firms" / firm / "signing.pub",
+            out=tmp_path / f"{firm}.zip", run_id="run-1")
+        assert export.updates_sent == ROUNDS and export.updates_resent == 0
+        exports.append(export.path)
+    assert not verify_run(coordinator).ok  # the coordinator's folder alone lacks the firms' logs
+    folder = assemble_run(run_dir=coordinator, firm_exports=exports, out=tmp_path / "audit")
+    assert verify_run(folder).ok
+    with pytest.raises(AuditError, match="not empty"):
+        assemble_run(run_dir=coordinator, firm_exports=exports, out=folder)
+
+
+def test_an_export_with_anything_but_a_firms_log_and_key_is_refused(
+    run: Run, tmp_path: Path
+) -> None:
+    import zipfile
+
+    from fedcrm.audit.assemble import assemble_run, export_firm_log
+
+    forged = tmp_path / "forged.zip"
+    with zipfile.ZipFile(forged, "w") as zf:
+        zf.writestr("firms/acme/audit.jsonl", run.firm_log("acme").read_bytes())
+        zf.writestr("firms/acme/../../federation/audit.jsonl", b"{}")
+    with pytest.raises(AuditError, match="holds only"):
+        assemble_run(run_dir=run.root, firm_exports=[forged], out=tmp_path / "out")
+    broken = tmp_path / "broken.jsonl"
+    broken.write_bytes(run.firm_log("acme").read_bytes().replace(b'"round":1', b'"round":7', 1))
+    with pytest.raises(AuditError, match="does not verify"):
+        export_firm_log(firm="acme", log=broken, public_key=run.root / "firms/acme/signing.pub",
+                        out=tmp_path / "acme.zip")
+
+
 # ------------------------------------------------------------------ the writer
 
 @pytest.mark.parametrize(

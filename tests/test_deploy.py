@@ -17,12 +17,23 @@ import time
 import tomllib
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import assert_all_gone
 
 from fedcrm.clients.node import SUPERNODE_CONNECTION_ERROR, format_node_config, start_supernode
-from fedcrm.coordinator.app_bundle import write_app_dir
+from fedcrm.coordinator.app_bundle import (
+    APP_HASH_KEY,
+    FEDCRM_CLIENTAPP,
+    VERSION_KEY,
+    AppSpec,
+    BundleRefusal,
+    Refusal,
+    bundle_refusal,
+    installed_release,
+    write_app_dir,
+)
 from fedcrm.coordinator.flower_cli import (
     RunState,
     RunStatus,
@@ -32,7 +43,6 @@ from fedcrm.coordinator.flower_cli import (
     write_flwr_config,
 )
 from fedcrm.coordinator.local_deployment import (
-    AppSpec,
     DeployEvent,
     DeployEventKind,
     LocalFirm,
@@ -83,6 +93,7 @@ class StandInNodes:
         runtime_port: int | None = None,
         extra_pythonpath: Sequence[Path] = (),
         group: ProcessGroup | None = None,
+        clientapp: str = "",
     ) -> ManagedProcess:
         assert group is not None, "deploy_local must hand its process group to start_node"
         if node_config["firm"] in self.failing:
@@ -217,21 +228,53 @@ def test_node_config_is_encoded_the_way_flower_parses_it() -> None:
 def test_app_dir_is_a_valid_flower_app_without_secrets(tmp_path: Path) -> None:
     from flwr.common.config import validate_config
 
-    fedcrm_apps = AppSpec()
+    release = installed_release()
     app = write_app_dir(
-        tmp_path / "my-app", serverapp=fedcrm_apps.serverapp, clientapp=fedcrm_apps.clientapp,
+        tmp_path / "my-app", app=AppSpec(),
         run_config_defaults={"num-rounds": 2, "result-dir": "out"},
     )
     pyproject = tomllib.loads((app / "pyproject.toml").read_text())
     ok, errors, _ = validate_config(pyproject, check_module=True, project_dir=app)
     assert ok, errors
-    assert pyproject["tool"]["flwr"]["app"]["config"] == {"num-rounds": 2, "result-dir": "out"}
+    assert pyproject["tool"]["flwr"]["app"]["config"] == {
+        "num-rounds": 2, "result-dir": "out", VERSION_KEY: release.version,
+        APP_HASH_KEY: release.app_hash,
+    }
+    # the bundle pins the release it was made for, not only Flower
+    assert f"fedcrm=={release.version}" in pyproject["project"]["dependencies"]
     assert sorted(p.name for p in app.iterdir()) == ["pyproject.toml"]
     with pytest.raises(DeploymentError, match="secret"):
-        write_app_dir(tmp_path / "other", serverapp="a:b", clientapp="c:d",
+        write_app_dir(tmp_path / "other", app=AppSpec(serverapp="a:b", clientapp="c:d"),
                       run_config_defaults={"private-key-path": "/keys/acme.key"})
     with pytest.raises(DeploymentError, match="app directory name"):
-        write_app_dir(tmp_path / "my_app", serverapp="a:b", clientapp="c:d")
+        write_app_dir(tmp_path / "my_app", app=AppSpec(serverapp="a:b", clientapp="c:d"))
+
+
+def test_a_firm_runs_only_the_bundle_of_the_release_it_installed() -> None:
+    """The one check a firm's ClientApp process makes before it answers a run."""
+    mine = installed_release()
+    fedcrm_bundle = {"tool": {"flwr": {"app": {"components": {"clientapp": FEDCRM_CLIENTAPP}}}}}
+    declared = {VERSION_KEY: mine.version, APP_HASH_KEY: mine.app_hash}
+    files = ["pyproject.toml", ".info/CONTENT"]
+
+    def refusal(**changes: object) -> BundleRefusal | None:
+        args: dict[str, Any] = {"files": files, "pyproject": fedcrm_bundle,
+                                "run_config": declared, "clientapp": FEDCRM_CLIENTAPP,
+                                "release": mine}
+        return bundle_refusal(**{**args, **changes})
+
+    assert refusal() is None
+    shipped = refusal(files=[*files, "rogue/client.py"])
+    assert shipped is not None and shipped.kind is Refusal.NOT_THE_APP
+    assert "rogue/client.py" in shipped.detail
+    other_app = refusal(pyproject={"tool": {"flwr": {"app": {"components": {
+        "clientapp": "rogue.client:app"}}}}})
+    assert other_app is not None and other_app.kind is Refusal.NOT_THE_APP
+    for changed in ({VERSION_KEY: "9.9.9"}, {APP_HASH_KEY: "0" * 64}, {}):
+        other = refusal(run_config={**declared, **changed} if changed else {})
+        assert other is not None and other.kind is Refusal.OTHER_RELEASE
+        assert mine.version in other.detail and "Install the same fedcrm release" in other.detail
+    assert len(mine.app_hash) == 64 and mine == installed_release()
 
 
 def test_flwr_config_names_the_connection_and_its_ca(tmp_path: Path) -> None:
@@ -360,3 +403,133 @@ def test_an_interrupt_once_the_nodes_are_up_stops_every_process(tmp_path: Path) 
     superlink_log = tmp_path / "deploy" / "superlink" / "superlink.log"
     assert "--enable-supernode-auth" in superlink_log.read_text()
     assert_all_gone(tmp_path)
+
+
+# ---------------------------------------------------------------- fast: the firms' one door
+def test_the_fleet_gateway_forwards_only_the_fleet_api(tmp_path: Path) -> None:
+    """A firm that dials the coordinator reaches Flower's Fleet API and nothing else: no
+    ``flwr run`` (Control API), no node (un)registration, no ServerApp Runtime API."""
+    from starlette.testclient import TestClient
+
+    from fedcrm.coordinator.fleet_gateway import NOT_SERVED, create_app
+
+    ca = generate_ca(tmp_path / "certs", common_name="test CA")
+    upstream = f"127.0.0.1:{free_port()}"  # nothing listens there: the SuperLink is down
+    with TestClient(create_app(upstream=upstream, ca_cert=str(ca.cert))) as client:
+        for path in ("/v1/control/start-run", "/v1/control/register-node",
+                     "/v1/control/unregister-node", "/v1/runtime/pull-messages", "/health",
+                     "/v1/fleet/../control/start-run"):
+            answer = client.post(path, content=b"\x00")
+            assert answer.status_code == 404, path
+            assert NOT_SERVED in answer.text
+        assert client.get("/v1/fleet/pull-messages").status_code == 404  # Fleet is POST only
+        # a Fleet call is forwarded; the SuperLink being down is a 503 a SuperNode retries
+        assert client.post("/v1/fleet/pull-messages", content=b"\x00").status_code == 503
+
+
+def test_a_process_reports_only_its_own_session_and_writes_private_files(
+    tmp_path: Path,
+) -> None:
+    log = tmp_path / "node.log"
+    log.write_text("SuperNode ID: 1\nExit Code: 305\n")  # an earlier session's tail
+    script = (
+        "import os; open('state.db', 'w').write('x'); "
+        "print('SuperNode ID', ': 2', sep='', flush=True)"
+    )
+    proc = ManagedProcess(name="node", argv=[sys.executable, "-c", script], env=dict(os.environ),
+                          log_path=log, cwd=tmp_path)
+    with proc:
+        assert proc.wait(timeout=20) == 0
+    assert "SuperNode ID: 2" in proc.read_log() and "SuperNode ID: 1" not in proc.read_log()
+    assert proc.flower_exit_code() is None  # the old 305 is not this session's
+    assert "SuperNode ID: 1" in log.read_text()  # the log itself keeps every session
+    for written in (log, tmp_path / "state.db"):
+        assert written.stat().st_mode & 0o777 == 0o600, written
+
+
+# ---------------------------------------------------------------- fast: command line
+def test_certs_print_the_ca_fingerprint_and_keep_ca_key_out_of_the_superlinks_folder(
+    tmp_path: Path,
+) -> None:
+    from typer.testing import CliRunner
+
+    from fedcrm.cli import app
+    from fedcrm.privacy.certs import certificate_fingerprint
+
+    runner = CliRunner()
+    offline, link = tmp_path / "offline", tmp_path / "link-certs"
+    made = runner.invoke(app, ["certs", "ca", "--out", str(offline)], terminal_width=200)
+    assert made.exit_code == 0, made.output
+    fingerprint = certificate_fingerprint(offline / "ca.crt")
+    assert fingerprint.startswith("SHA256:") and len(fingerprint.split(":")) == 33
+    assert fingerprint in made.output and "offline" in made.output
+    issued = runner.invoke(app, ["certs", "server", "--ca", str(offline), "--out", str(link)])
+    assert issued.exit_code == 0, issued.output
+    assert sorted(p.name for p in link.iterdir()) == ["ca.crt", "server.crt", "server.key"]
+    shown = runner.invoke(app, ["certs", "fingerprint", str(link / "ca.crt")],
+                          terminal_width=200)
+    assert shown.exit_code == 0 and fingerprint in shown.output
+
+
+def test_user_text_is_never_read_as_markup(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from fedcrm.cli import app
+
+    runner = CliRunner()
+    assert runner.invoke(app, ["certs", "ca", "--out", str(tmp_path / "c")]).exit_code == 0
+    weird = tmp_path / "[bold]x[/bold]"
+    result = runner.invoke(app, ["certs", "fingerprint", str(weird)], terminal_width=300)
+    assert result.exit_code != 0 and "[bold]x[/bold]" in result.output
+
+
+def test_the_live_display_prints_plain_lines_without_a_terminal(tmp_path: Path) -> None:
+    """Under nohup or systemd the progress goes to the log, one line per event."""
+    import io
+
+    from rich.console import Console
+
+    from fedcrm.coordinator.events import (
+        EventLog,
+        FirmDropped,
+        RoundTrained,
+        RunFinished,
+        RunStarted,
+    )
+    from fedcrm.coordinator.live import RunDisplay
+
+    sink = io.StringIO()
+    console = Console(file=sink, force_terminal=False, width=200)
+    events = EventLog(tmp_path / "events.jsonl")
+    with RunDisplay(events.path, console=console, title="run-[x]"):
+        events.emit(RunStarted(run_id="r", task="churn", strategy="fedavg", rounds=2))
+        events.emit(FirmDropped(round=1, firm="beta", node_id=8, reason="[gone]"))
+        events.emit(RoundTrained(round=1, accepted=("alpha",), rejected=0, dropped=("beta",),
+                                 epsilon={"alpha": 0.2}, epsilon_cap={"alpha": 1.0}))
+        events.emit(RunFinished(status="completed", reason="", model=None))
+        time.sleep(1.0)
+    printed = sink.getvalue()
+    assert "run-[x]: 2 rounds" in printed and "[ROUND 1/2] trained" in printed
+    assert "beta dropped: [gone]" in printed and "finished: completed" in printed
+    assert (tmp_path / "events.jsonl").stat().st_mode & 0o777 == 0o600
+
+
+def test_runs_list_finds_the_coordinators_runs_and_unfinished_ones(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from fedcrm.cli import app
+    from fedcrm.coordinator.events import EventLog, RoundTrained, RunStarted
+
+    (tmp_path / "coordinator.toml").write_text('[link]\nworkdir = "link"\ncerts_dir = "c"\n')
+    run_dir = tmp_path / "link" / "runs" / "cut-short"
+    events = EventLog(run_dir / "events.jsonl")
+    events.emit(RunStarted(run_id="cut-short", task="churn", strategy="fedavg", rounds=5))
+    events.emit(RoundTrained(round=2, accepted=(), rejected=0, dropped=(), epsilon={},
+                             epsilon_cap={}))
+    runner = CliRunner()
+    for args in (["--coordinator", str(tmp_path / "coordinator.toml")],
+                 ["--root", str(tmp_path / "link" / "runs")]):
+        listed = runner.invoke(app, ["runs", "list", *args], terminal_width=200)
+        assert listed.exit_code == 0, listed.output
+        assert "cut-short" in listed.output and "2/5" in listed.output
+        assert "interrupted" in listed.output

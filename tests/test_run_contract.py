@@ -97,12 +97,76 @@ def test_extra_rounds_and_repeated_rounds_are_refused_and_the_run_target_holds(
         assert reply.state is ReplyState.OK
     spent = node.privacy.spent()
     assert spent <= 1.0 + 1e-9
-    for rnd in (3, 4, 5, 6, 2):  # a coordinator that keeps asking
-        reply = node.train(TrainRequest(spec=spec, server_round=rnd, arrays=arrays))
+    other_model = [a + 0.5 for a in arrays]
+    for rnd, sent in ((3, arrays), (4, arrays), (5, arrays), (6, arrays), (2, other_model)):
+        reply = node.train(TrainRequest(spec=spec, server_round=rnd, arrays=sent))
         assert reply.state is ReplyState.DECLINED and reply.arrays is None
         assert "outside" in reply.detail or "already trained" in reply.detail
     assert node.privacy.spent() == spent  # nothing more was spent
     assert len(node.privacy.ledger.events) == 2
+
+
+def test_a_round_asked_again_on_the_same_model_gets_the_same_update_without_a_new_charge(
+    write_firm: Callable[..., Path],
+) -> None:
+    """A restarted coordinator resumes a run: the firm resends what it released, once paid."""
+    from fedcrm.audit.log import EntryKind
+    from fedcrm.protocol import arrays_hash
+
+    node = _node(write_firm, cap=5.0)
+    spec = _spec(rounds=2, evaluations=0, target=1.0)
+    arrays = _start(node)
+    first = node.train(TrainRequest(spec=spec, server_round=1, arrays=arrays))
+    assert first.state is ReplyState.OK and not first.replayed
+    assert first.rounds_released == (1,)
+    spent, releases = node.privacy.spent(), len(node.privacy.ledger.events)
+    again = node.train(TrainRequest(spec=spec, server_round=1, arrays=arrays))
+    assert again.state is ReplyState.OK and again.replayed
+    assert arrays_hash(again.arrays or []) == arrays_hash(first.arrays or [])
+    assert again.epsilon_round == 0.0 and again.epsilon_total == spent
+    assert node.privacy.spent() == spent and len(node.privacy.ledger.events) == releases
+    entries = node.privacy.audit.entries()
+    sent = [e for e in entries if e.kind is EntryKind.UPDATE_SENT]
+    resent = [e for e in entries if e.kind is EntryKind.UPDATE_RESENT]
+    assert len(sent) == 1 and len(resent) == 1
+    assert resent[0].payload["sent"] == sent[0].hash
+    assert resent[0].payload["model_hash"] == sent[0].payload["model_hash"]
+    kept = node._update_path(spec.run_id, 1)
+    assert kept.exists() and (kept.stat().st_mode & 0o777) == 0o600
+
+
+def test_a_released_update_that_was_not_kept_is_declined_and_reported_as_released(
+    write_firm: Callable[..., Path],
+) -> None:
+    """Killed between commit and sending: the round is not trained again, and the coordinator
+    learns from ``rounds_released`` that it was charged."""
+    node = _node(write_firm, cap=5.0)
+    spec = _spec(rounds=2, evaluations=0, target=1.0)
+    arrays = _start(node)
+    assert node.train(TrainRequest(spec=spec, server_round=1, arrays=arrays)).state is (
+        ReplyState.OK
+    )
+    node._update_path(spec.run_id, 1).unlink()  # as if the node died before publishing it
+    spent = node.privacy.spent()
+    reply = node.train(TrainRequest(spec=spec, server_round=1, arrays=arrays))
+    assert reply.state is ReplyState.DECLINED and reply.arrays is None
+    assert "not kept" in reply.detail and reply.rounds_released == (1,)
+    assert node.privacy.spent() == spent
+
+
+def test_a_kept_update_the_log_does_not_record_is_never_sent(
+    write_firm: Callable[..., Path],
+) -> None:
+    from fedcrm.privacy.errors import LedgerTampered
+
+    node = _node(write_firm, cap=5.0)
+    spec = _spec(rounds=2, evaluations=0, target=1.0)
+    arrays = _start(node)
+    node.train(TrainRequest(spec=spec, server_round=1, arrays=arrays))
+    kept = node._update_path(spec.run_id, 1)
+    np.savez(kept, *[a + 1.0 for a in arrays])  # a swapped file: not what was released
+    with pytest.raises(LedgerTampered, match="does not record as sent"):
+        node.train(TrainRequest(spec=spec, server_round=1, arrays=arrays))
 
 
 def test_a_round_is_refused_when_the_budget_was_spent_elsewhere_mid_run(

@@ -1,4 +1,4 @@
-"""The auditor's commands: ``fedcrm audit verify | report | export`` (read-only)."""
+"""The auditor's commands: ``fedcrm audit verify | report | export | assemble`` (read-only)."""
 
 from __future__ import annotations
 
@@ -10,12 +10,12 @@ from typing import Annotated
 import typer
 from rich.text import Text
 
-from fedcrm.cli.console import err, out, user_errors
+from fedcrm.cli.console import err, out, plain, user_errors
 
 # --------------------------------------------------------------------------- audit
 
 audit_app = typer.Typer(
-    help="Auditor's tools: verify, report, export (read-only).", no_args_is_help=True
+    help="Auditor's tools: verify, report, export, assemble (read-only).", no_args_is_help=True
 )
 
 
@@ -55,15 +55,20 @@ def audit_verify(
         checked = (
             "chain and signatures verified; recomputed ε within the budget" if single else
             "every chain, signature and firm head verified; recomputed ε within every budget; "
-            "every update covered by a DP release"
+            "every update covered by a DP release; the run finished"
         )
         out.print(Text.assemble(("PASS ", "bold green"), f"{run_dir}: {checked}"))
         for firm, summary in sorted(report.firms.items()):
             cap = "no cap logged" if summary.epsilon_cap is None else f"{summary.epsilon_cap:g}"
-            out.print(f"  {firm}: ε spent {summary.epsilon_spent:.4f} of {cap}")
+            plain(out, f"  {firm}: ε spent {summary.epsilon_spent:.4f} of {cap}")
     else:
         for failure in report.failures:
             err.print(Text.assemble(("FAIL ", "red"), str(failure)), soft_wrap=True)
+    if not as_json:
+        for label, found in (("lost (sent and charged, never accepted)", report.lost_updates),
+                             ("resent after a restart (one release)", report.replayed_updates)):
+            for u in found:
+                plain(out, f"  update {label}: {u.firm} round {u.round} ({u.model_hash[:12]})")
     if not report.ok:
         raise typer.Exit(AuditError.exit_code)
 
@@ -96,6 +101,35 @@ def audit_export(
     _quiet_accounting_logs()
     path = export_bundle(run_dir, out_path)
     out.print(f"wrote {path} (logs, public keys, summary, report; no private key, no data)")
+
+
+@audit_app.command("assemble")
+@user_errors
+def audit_assemble(
+    run_dir: Annotated[
+        Path, typer.Argument(help="the coordinator's run folder (<workdir>/runs/<run-id>)")
+    ],
+    firm: Annotated[
+        list[Path], typer.Option(help="a firm's export (`fedcrm node export-audit`), repeatable")
+    ],
+    out_dir: Annotated[Path, typer.Option("--out", help="new folder for the run's audit")],
+) -> None:
+    """Put a deployed run's logs together (federation + every firm) and verify them."""
+    from fedcrm.audit.assemble import assemble_run
+    from fedcrm.audit.verify import verify_run
+    from fedcrm.privacy.errors import AuditError
+
+    _quiet_accounting_logs()
+    folder = assemble_run(run_dir=run_dir, firm_exports=firm, out=out_dir)
+    report = verify_run(folder)
+    plain(out, f"assembled {folder} from {run_dir} and {len(firm)} firm export(s)")
+    if report.ok:
+        plain(out, f"PASS: verify it again any time with `fedcrm audit verify {folder}`",
+              style="green")
+    else:
+        for failure in report.failures:
+            plain(err, f"FAIL {failure}", style="red")
+        raise typer.Exit(AuditError.exit_code)
 
 
 def register(app: typer.Typer) -> None:

@@ -57,6 +57,11 @@ def finite_non_negative(value: float | None) -> float | None:
         raise typer.BadParameter(f"{value} is not a finite number of at least 0")
     return value
 
+def plain(console: Console, text: str, *, style: str = "") -> None:
+    """Print a line that holds user text (paths, firm names, run ids): never read as markup,
+    so ``[link]`` or ``[bold]`` in a name prints as written."""
+    console.print(Text(text, style=style), highlight=False, soft_wrap=True)
+
 
 def user_errors(fn: F) -> F:
     """Turn FedcrmError into one line + exit code; hide other exceptions' text (may hold PII)."""

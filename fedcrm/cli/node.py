@@ -1,4 +1,4 @@
-"""The firm's federation command: ``fedcrm node start``.
+"""The firm's federation commands: ``fedcrm node start | export-audit``.
 
 Flower and torch are imported only
 when the command runs.
@@ -11,7 +11,7 @@ from typing import Annotated
 
 import typer
 
-from fedcrm.cli.console import err, finite_non_negative, out, user_errors
+from fedcrm.cli.console import err, finite_non_negative, out, plain, user_errors
 
 node_app = typer.Typer(help="The firm's SuperNode (its side of a deployed federation).",
                        no_args_is_help=True)
@@ -39,16 +39,21 @@ def node_start(
                      help="seconds to keep trying to connect (0: no limit)"),
     ] = 600.0,
 ) -> None:
-    """Run this firm's SuperNode until Ctrl-C; its data and keys never leave this host."""
-    from fedcrm.clients.node import serve_firm_node
-    from fedcrm.coordinator.processes import ManagedProcess
+    """Run this firm's SuperNode and ClientApp process until Ctrl-C; data and keys stay here."""
+    from fedcrm.clients.node import FirmProcesses, serve_firm_node
+    from fedcrm.coordinator.app_bundle import installed_release
+    from fedcrm.privacy.certs import certificate_fingerprint
 
-    def on_started(node: ManagedProcess) -> None:
-        out.print(f"SuperNode started for {config}; connecting to {superlink} (TLS); "
-                  f"log {node.log_path}. Press Ctrl-C to stop")
+    plain(out, f"CA {ca}: {certificate_fingerprint(ca)} (compare it with the coordinator's)")
+
+    def on_started(node: FirmProcesses) -> None:
+        plain(out, f"SuperNode started for {config}; connecting to {superlink} (TLS); "
+                   f"log {node.log_path}. Press Ctrl-C to stop")
+        plain(out, f"answers only runs of {installed_release()}, with its installed ClientApp; "
+                   f"log {node.clientapp.log_path}")
 
     def on_online(node_id: int) -> None:
-        out.print(f"accepted by the SuperLink as node {node_id}; waiting for runs")
+        plain(out, f"accepted by the SuperLink as node {node_id}; waiting for runs")
 
     try:
         serve_firm_node(
@@ -58,6 +63,31 @@ def node_start(
         )
     except KeyboardInterrupt:
         err.print("SuperNode stopped")
+
+
+@node_app.command("export-audit")
+@user_errors
+def node_export_audit(
+    config: Annotated[Path, typer.Option(help="the firm's config (TOML)")],
+    out_path: Annotated[Path, typer.Option("--out", help="zip to write (send it to the auditor)")],
+    run: Annotated[
+        str | None, typer.Option(help="the run id, to count that run's updates in the log")
+    ] = None,
+) -> None:
+    """Export this firm's signed audit log and public key for a run's auditor (no key, no data)."""
+    from fedcrm.audit.assemble import export_firm_log
+    from fedcrm.data.contract import load_firm_config
+
+    cfg = load_firm_config(config)
+    files = cfg.budget_files()
+    export = export_firm_log(
+        firm=cfg.firm.name, log=files.audit_log, public_key=cfg.firm.keys_dir / "signing.pub",
+        out=out_path, run_id=run,
+    )
+    counted = f"; run {run}: {export.updates_sent} update(s) sent, {export.updates_resent} " \
+              "resent" if run else ""
+    plain(out, f"wrote {export.path}: {cfg.firm.name}'s signed log ({export.entries} entries, "
+               f"verified with its own key) and public key{counted}")
 
 
 def register(app: typer.Typer) -> None:

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from fedcrm.cli.console import err, out, user_errors
+from fedcrm.cli.console import err, out, plain, user_errors
 
 # --------------------------------------------------------------------------- datasets
 
@@ -21,16 +21,28 @@ def datasets_export(
     force: Annotated[
         bool, typer.Option(help="overwrite exported files that were edited since")
     ] = False,
+    firms: Annotated[
+        int | None,
+        typer.Option(help="split IBM Telco into N partner firms, one folder each (default: "
+                          "Telco and CDNOW as two firms)", min=1, max=100),
+    ] = None,
 ) -> None:
-    """Write IBM Telco and CDNOW as two partner firms' exports + configs (synthetic PII added)."""
-    from fedcrm.simulations.export import export_datasets
+    """Write public data as partner firms' exports + configs (synthetic PII added)."""
+    from fedcrm.simulations.export import export_datasets, export_telco_partners
 
-    for firm in export_datasets(out_dir, force=force):
-        out.print(f"{firm.firm}: {firm.rows:,} rows -> {firm.data}; config {firm.config}")
-    out.print(
-        "next: fedcrm keys init --firm telco --out "
-        f"{out_dir / 'keys' / 'telco'} && fedcrm prepare --config {out_dir / 'telco.toml'}"
-    )
+    if firms is None:
+        for firm in export_datasets(out_dir, force=force):
+            plain(out, f"{firm.firm}: {firm.rows:,} rows -> {firm.data}; config {firm.config}")
+        plain(out, "next: fedcrm keys init --firm telco --out "
+                   f"{out_dir / 'keys' / 'telco'} && fedcrm prepare --config "
+                   f"{out_dir / 'telco.toml'}")
+        return
+    exported = export_telco_partners(out_dir, firms=firms)
+    for firm in exported:
+        plain(out, f"{firm.firm}: {firm.rows:,} rows -> {firm.data}; config {firm.config}")
+    first = exported[0]
+    plain(out, f"next, in each firm's folder: fedcrm keys init --firm {first.firm} --out "
+               f"{first.config.parent / 'keys'} && fedcrm prepare --config {first.config}")
 
 
 # --------------------------------------------------------------------------- simulate
@@ -60,14 +72,14 @@ def simulate(
 
     rid = run_id or new_run_id(sim.name)
     run_dir = (sim.workdir / rid).resolve()
-    out.print(f"{sim.name}: {sim.firms} firms on {sim.dataset.value}, task "
-              f"{cfg.run.task.value}, {cfg.run.rounds} rounds, strategy {cfg.run.strategy.value}, "
-              f"ε budget {sim.epsilon_budget} per firm -> {run_dir}")
+    plain(out, f"{sim.name}: {sim.firms} firms on {sim.dataset.value}, task "
+               f"{cfg.run.task.value}, {cfg.run.rounds} rounds, strategy "
+               f"{cfg.run.strategy.value}, ε budget {sim.epsilon_budget} per firm -> {run_dir}")
     prepared: list[str] = []
 
     def on_firm(name: str, rows: int) -> None:
         prepared.append(name)
-        err.print(f"  prepared {name}: {rows:,} source rows (validated, masked, encrypted)")
+        plain(err, f"  prepared {name}: {rows:,} source rows (validated, masked, encrypted)")
 
     with RunDisplay(run_dir / "events.jsonl", console=out, title=rid):
         run_dir_final, summary = run_sim(cfg, run_id=rid, on_firm=on_firm, verbose=verbose)
@@ -103,15 +115,16 @@ def deploy_local(
     n = cfg.deploy.firms if firms is None else firms
     rid = run_id or new_run_id(cfg.deploy.name)
     run_dir = (cfg.deploy.workdir / rid).resolve()
-    out.print(f"{cfg.deploy.name}: {n} firms on {cfg.deploy.dataset.value}, task "
-              f"{cfg.run.task.value}, {cfg.run.rounds} rounds, strategy {cfg.run.strategy.value}, "
-              f"ε budget {cfg.deploy.epsilon_budget} per firm, real Flower deployment -> {run_dir}")
+    plain(out, f"{cfg.deploy.name}: {n} firms on {cfg.deploy.dataset.value}, task "
+               f"{cfg.run.task.value}, {cfg.run.rounds} rounds, strategy "
+               f"{cfg.run.strategy.value}, ε budget {cfg.deploy.epsilon_budget} per firm, real "
+               f"Flower deployment -> {run_dir}")
 
     def on_firm(name: str, rows: int) -> None:
-        err.print(f"  prepared {name}: {rows:,} source rows (validated, masked, encrypted)")
+        plain(err, f"  prepared {name}: {rows:,} source rows (validated, masked, encrypted)")
 
     def on_event(event: DeployEvent) -> None:
-        err.print(f"  {event.message}")
+        plain(err, f"  {event.message}")
 
     with RunDisplay(run_dir / "events.jsonl", console=out, title=rid):
         done = run_local_deployment(cfg, firms=n, run_id=rid, on_firm=on_firm, on_event=on_event)
@@ -123,8 +136,8 @@ def deploy_local(
             f"{done.summary.get('status', 'unknown: no summary.json')}); logs under "
             f"{done.run_dir / 'federation'}"
         )
-    out.print(f"deployment {rid} completed in {done.result.duration_s:.0f}s; summary "
-              f"{done.summary_path}")
+    plain(out, f"deployment {rid} completed in {done.result.duration_s:.0f}s; summary "
+               f"{done.summary_path}")
 
 
 def register(app: typer.Typer) -> None:
