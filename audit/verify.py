@@ -784,8 +784,7 @@ def _participants(fed: _Scan) -> set[str] | None:
     names: set[str] | None = None
     for _, entry in fed.valid:
         p = entry.payload
-        if entry.kind in (EntryKind.RUN_STARTED, EntryKind.QUERY_STARTED,
-                          EntryKind.OVERLAP_STARTED):
+        if entry.kind is EntryKind.RUN_STARTED:
             names = (names or set()) | {str(f) for f in p["firms"]}
         elif entry.kind is EntryKind.FIRM_HEADS and names is not None:
             names |= {str(f) for f in p["heads"]}
@@ -849,7 +848,10 @@ def verify_run(run_dir: Path) -> VerificationReport:
                 "recorded by the coordinator); remove its folder from the run or bundle"))
             del firm_scans[firm]
     run, rounds, final = _rounds(fed)
-    if fed.line_hashes and "finished" not in run:
+    ended = "finished" in run or any(  # a query or an overlap ends with its result
+        e.kind in (EntryKind.QUERY_RESULT, EntryKind.OVERLAP_RESULT) for _, e in fed.valid
+    )
+    if fed.line_hashes and not ended:
         failures.append(Failure(
             fed.label, 0, FailureKind.INCOMPLETE,
             "no run_finished entry: the run did not finish (still running, or stopped without "

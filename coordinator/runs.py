@@ -52,7 +52,11 @@ def load_summary(run_dir: Path) -> dict[str, Any]:
     path = run_dir / SUMMARY
     if not path.exists():
         raise ConfigError(f"{path} not found: not a finished fedcrm run")
-    data: dict[str, Any] = json.loads(path.read_text())
+    try:
+        data: dict[str, Any] = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise ConfigError(f"{path} is damaged (not JSON); the run's other files are intact, "
+                          "see its events.jsonl") from None
     return data
 
 
