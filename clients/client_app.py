@@ -27,13 +27,15 @@ from fedcrm.protocol import (
     MessageKind,
     TrainReply,
     TrainRequest,
+    TreesReply,
+    TreesRequest,
 )
 
 NODE_CONFIG_KEY = "firm-config"
 
 torch.set_num_threads(1)
 
-Reply = DescribeReply | TrainReply | EvaluateReply
+Reply = DescribeReply | TrainReply | EvaluateReply | TreesReply
 Handler = Callable[[FirmNode, Message], Reply]
 
 
@@ -57,6 +59,10 @@ def _train(node: FirmNode, msg: Message) -> Reply:
 
 def _evaluate(node: FirmNode, msg: Message) -> Reply:
     return node.evaluate(EvaluateRequest.decode(wire_of(msg)))
+
+
+def _grow_trees(node: FirmNode, msg: Message) -> Reply:
+    return node.grow_trees(TreesRequest.decode(wire_of(msg)))
 
 
 def make_client_app(
@@ -92,6 +98,7 @@ def make_client_app(
     app.query(MessageKind.DESCRIBE.value.split(".")[1])(serve(_describe))
     app.train()(serve(_train))
     app.evaluate()(serve(_evaluate))
+    app.train(MessageKind.TREES.value.split(".")[1])(serve(_grow_trees))
     return app
 
 

@@ -18,6 +18,7 @@ import numpy as np
 
 import fedcrm
 from fedcrm.coordinator.run_config import RunConfig
+from fedcrm.learning.settings import ChurnModelKind
 from fedcrm.protocol import DescribeReply
 
 
@@ -113,6 +114,8 @@ def provenance(
         "metrics": latest_metrics(rounds).get("pooled", {}),
         "model_hash": model_hash,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        **({"trees": cfg.tree_settings().model_dump(mode="json")}
+           if cfg.model is ChurnModelKind.TREES else {}),
     }
 
 

@@ -14,7 +14,7 @@ import pandas as pd
 
 from fedcrm.data.contract import FirmConfig
 from fedcrm.data.store import load_store
-from fedcrm.learning.models import load_model, predict_proba
+from fedcrm.learning.models import load_churn_predictor
 from fedcrm.privacy.errors import ConfigError
 from fedcrm.privacy.keys import FirmKeys, load_keys
 from fedcrm.tasks.churn import layout_from_config
@@ -35,7 +35,7 @@ def score_customers(
     """The churn early-warning list for the firm's own customers, sorted by risk."""
     keys = keys or load_keys(cfg.firm.keys_dir)
     keys.require_signing_key(cfg.firm.keys_dir)  # fail closed, like every firm command
-    model, provenance = load_model(model_path)
+    predict, provenance = load_churn_predictor(model_path)
     layout = layout_from_config(cfg)
     if provenance.get("layout_fingerprint") != layout.fingerprint():
         raise ConfigError(
@@ -47,7 +47,7 @@ def score_customers(
     customers = store.customers
     if customers is None:
         raise ConfigError(f"firm '{cfg.firm.name}' has no customers table to score")
-    p = predict_proba(model, layout.encode(customers))
+    p = predict(layout.encode(customers))
     out = pd.DataFrame(
         {
             "customer_id": customers["customer_id"].to_numpy(),

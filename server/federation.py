@@ -35,6 +35,7 @@ from fedcrm.coordinator.run_config import RunConfig
 from fedcrm.coordinator.run_state import LAYOUT_MISMATCH, admit, provenance, summary
 from fedcrm.coordinator.runs import save_global_model, write_summary
 from fedcrm.flower.records import config_record, to_records, wire_of
+from fedcrm.learning.settings import ChurnModelKind
 from fedcrm.privacy.errors import FedcrmError
 from fedcrm.protocol import (
     DescribeReply,
@@ -46,6 +47,7 @@ from fedcrm.protocol import (
     arrays_hash,
 )
 from fedcrm.server.strategies import FederationStopped, GuardedStrategy, build_strategy
+from fedcrm.server.trees import grow_trees
 from fedcrm.tasks import task_for
 
 #: Seconds between polls for replies in a simulation (Flower's in-memory grid).
@@ -159,14 +161,17 @@ def run_federation(grid: Grid, cfg: RunConfig, *, run_id: str, run_dir: Path) ->
         max_update_norm=cfg.max_update_norm,
         on_event=events.emit,
     )
+    trees = cfg.model is ChurnModelKind.TREES
     initial: list[np.ndarray] = (
         task.initial_arrays(model=cfg.model, input_dim=admission.input_dim, seed=cfg.seed)
-        if admission.input_dim
+        if admission.input_dim and not trees
         else []
     )
     status, stop_reason = "completed", ""
     final_arrays = initial
-    if not initial:
+    if trees and admission.input_dim:
+        final_arrays, status, stop_reason = grow_trees(grid, cfg, spec, guard)
+    elif not initial:
         status, stop_reason = "stopped", "no firm described a usable feature layout"
     else:
         try:

@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from fedcrm.config_file import read_toml, validate
 from fedcrm.learning.settings import (
     LOCAL_TRAINING,
+    TREE_TRAINING,
     BatchSize,
     ChurnModelKind,
     DpOptimizer,
@@ -27,6 +28,7 @@ from fedcrm.learning.settings import (
     Epochs,
     LearningRate,
     MaxGradNorm,
+    TreeSettings,
 )
 from fedcrm.privacy.errors import ConfigError
 from fedcrm.privacy.ledger import BudgetFiles, anchored_budget_files
@@ -262,6 +264,9 @@ class TrainingSection(BaseModel):
     max_grad_norm: MaxGradNorm = LOCAL_TRAINING.max_grad_norm
     optimizer: DpOptimizer = LOCAL_TRAINING.optimizer
     seed: int = 0
+    trees: TreeSettings = Field(
+        default=TREE_TRAINING, description="[training.trees]: how model = \"trees\" trains"
+    )
 
     @property
     def dp_sgd(self) -> DpSgdSettings:
