@@ -28,7 +28,8 @@ def _documented_reply_fields() -> set[tuple[str, str, str]]:
     rows = set()
     for line in text.splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if len(cells) == 5 and cells[0] in {"describe", "train", "evaluate", "error"}:
+        if len(cells) == 5 and cells[0] in {"describe", "train", "evaluate", "train.trees",
+                                            "error"}:
             assert cells[3].startswith(("public", "DP (")), line  # every field says which
             rows.add((cells[0], cells[1], cells[2]))
     return rows
