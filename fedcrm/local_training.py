@@ -17,7 +17,7 @@ import torch
 import fedcrm
 from fedcrm.data.contract import FirmConfig
 from fedcrm.learning.dp_engine import noise_generator, train_dp
-from fedcrm.learning.dp_trees import TreeGrower, privatise, step_statistics
+from fedcrm.learning.dp_trees import grow_alone
 from fedcrm.learning.models import model_to_arrays
 from fedcrm.learning.settings import ChurnModelKind
 from fedcrm.node import FirmNode
@@ -148,14 +148,7 @@ def _train_local_trees(
     xb = data.binned_train(schedule)
 
     def compute() -> list[np.ndarray]:
-        grower = TreeGrower(schedule)
-        while not grower.done:
-            step = grower.step
-            grower.request()
-            sums = step_statistics(schedule, grower.ensemble, xb, data.y_train, step)
-            std = plan.noise.noise_std(schedule, step)
-            grower.apply(privatise(sums, std), std)
-        return grower.ensemble.to_arrays()
+        return grow_alone(schedule, xb, data.y_train, plan.noise).to_arrays()
 
     def stage(arrays: list[np.ndarray]) -> StagedFile:
         staged = StagedFile(out)

@@ -14,7 +14,9 @@ the plan, of a model it did not receive for training in that round, or a second 
 
 **What leaves.** A training round is one DP release (:func:`fedcrm.release.release`) of the
 updated model; an evaluation is one Gaussian release of the task's bounded-contribution
-statistics with discrete Gaussian noise on counts. Sizes leave only as the firm's declared
+statistics with discrete Gaussian noise on counts; a step of a DP tree run
+(:meth:`FirmNode.grow_trees`, planned whole at its first request like a run) is one Gaussian
+release of the step's bounded (G, H) sums. Sizes leave only as the firm's declared
 public size (``[federation] public_size``): sampling rates, FedAvg weights and normalisation use
 it, never the exact count. Every reply field is listed in ``docs/privacy.md``.
 """

@@ -19,8 +19,12 @@ Differential Privacy" (ACM CCS 2022):
   finds it often beats noisy split selection at ε ≈ 1. ``TreeSplit.HISTOGRAM`` releases, level
   by level, each node's noisy (G, H) histogram over the tree's columns and chooses the split of
   largest gain (XGBoost's gain) among the candidates.
-* **Feature subsampling** (public randomness): each tree sees ``features_per_tree`` columns,
-  which keeps a histogram release's sensitivity small.
+* **Feature subsampling** (public randomness): each tree splits on ``features_per_tree``
+  declared features (all columns of each: a categorical feature's one-hot columns, a numeric
+  one's value and missing indicator); a node picks a feature, then one of its columns, so a
+  categorical with many categories is not favoured. It keeps a histogram release's
+  sensitivity small, and with one feature per tree the ensemble is an additive model of trees
+  (the paper's "k = 1" feature interactions), the most robust choice with few customers.
 * **Batched boosting**: each round grows ``trees_per_round`` trees on the same gradients and
   averages their leaves, so the noise of one tree's leaves is averaged out by the others.
 
@@ -483,6 +487,20 @@ def split_budget(schedule: TreeSchedule, uniform: float) -> TreeNoise:
     share = schedule.settings.leaf_share
     return TreeNoise(level=uniform * math.sqrt(levels / (total * (1 - share))),
                      leaf=uniform * math.sqrt(leaves / (total * share)))
+
+
+def grow_alone(schedule: TreeSchedule, xb: np.ndarray, y: np.ndarray, noise: TreeNoise, *,
+               rng: SecureRandom | None = None) -> TreeEnsemble:
+    """Every step of ``schedule`` on one firm's binned customers: a federation of one (the
+    firm's own noisy sums are the whole sum), as ``fedcrm train --model trees`` runs it."""
+    grower = TreeGrower(schedule)
+    while not grower.done:
+        step = grower.step
+        grower.request()
+        sums = step_statistics(schedule, grower.ensemble, xb, y, step)
+        std = noise.noise_std(schedule, step)
+        grower.apply(privatise(sums, std, rng=rng), std)
+    return grower.ensemble
 
 
 # ------------------------------------------------------------------------------ a firm's checks
