@@ -131,6 +131,12 @@ class RunConfig(BaseModel):
             raise ValueError('model = "trees" is a churn model; set task = "churn"')
         return self
 
+    @property
+    def aggregation(self) -> str:
+        """How the run combines the firms' releases, as summaries and displays name it: the
+        strategy, or ``dp-trees`` for ``model = "trees"`` (which uses no FedAvg-style strategy)."""
+        return "dp-trees" if self.model is ChurnModelKind.TREES else self.strategy.value
+
     def tree_settings(self) -> TreeSettings:
         """A trees run's settings (``rounds`` is the run's number of boosting rounds)."""
         return TreeSettings(

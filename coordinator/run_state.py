@@ -102,7 +102,7 @@ def provenance(
         "task": cfg.task.value,
         "kind": cfg.model.value if cfg.task.value == "churn" else cfg.task.value,
         "model": cfg.model.value,
-        "strategy": cfg.strategy.value,
+        "strategy": cfg.aggregation,
         "rounds": cfg.rounds,
         "rounds_completed": max(rounds) if rounds else 0,
         "config_hash": cfg.config_hash(),
@@ -137,7 +137,7 @@ def summary(
     return {
         "run_id": run_id,
         "task": cfg.task.value,
-        "strategy": cfg.strategy.value,
+        "strategy": cfg.aggregation,
         "rounds": cfg.rounds,
         "rounds_completed": max(rounds) if rounds else 0,
         "status": status,

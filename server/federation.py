@@ -129,7 +129,7 @@ def run_federation(grid: Grid, cfg: RunConfig, *, run_id: str, run_dir: Path) ->
     run_dir.mkdir(parents=True, exist_ok=True)
     audit = FederationAudit(run_dir)
     events = EventLog(run_dir / EVENTS, sinks=[audit.record])
-    events.emit(RunStarted(run_id=run_id, task=cfg.task.value, strategy=cfg.strategy.value,
+    events.emit(RunStarted(run_id=run_id, task=cfg.task.value, strategy=cfg.aggregation,
                            rounds=cfg.rounds))
     nodes = _wait_for_nodes(grid, cfg, events)
     _tune_simulation_polling(grid, len(nodes))
@@ -144,7 +144,7 @@ def run_federation(grid: Grid, cfg: RunConfig, *, run_id: str, run_dir: Path) ->
         {
             "run_id": run_id,
             "config_hash": cfg.config_hash(),
-            "strategy": cfg.strategy.value,
+            "strategy": cfg.aggregation,
             "rounds": cfg.rounds,
             "task": cfg.task.value,
             "firms": {k: str(v) for k, v in admission.admitted.items()},

@@ -57,7 +57,7 @@ def simulate(
     rid = run_id or new_run_id(sim.name)
     run_dir = (sim.workdir / rid).resolve()
     out.print(f"[bold]{sim.name}[/]: {sim.firms} firms on {sim.dataset.value}, task "
-              f"{cfg.run.task.value}, {cfg.run.rounds} rounds, strategy {cfg.run.strategy.value}, "
+              f"{cfg.run.task.value}, {cfg.run.rounds} rounds, strategy {cfg.run.aggregation}, "
               f"ε budget {sim.epsilon_budget} per firm -> {run_dir}")
     prepared: list[str] = []
 
@@ -98,7 +98,7 @@ def deploy_local(
     rid = run_id or new_run_id(cfg.deploy.name)
     run_dir = (cfg.deploy.workdir / rid).resolve()
     out.print(f"[bold]{cfg.deploy.name}[/]: {n} firms on {cfg.deploy.dataset.value}, task "
-              f"{cfg.run.task.value}, {cfg.run.rounds} rounds, strategy {cfg.run.strategy.value}, "
+              f"{cfg.run.task.value}, {cfg.run.rounds} rounds, strategy {cfg.run.aggregation}, "
               f"ε budget {cfg.deploy.epsilon_budget} per firm, real Flower deployment -> {run_dir}")
 
     def on_firm(name: str, rows: int) -> None:
