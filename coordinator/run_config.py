@@ -95,8 +95,8 @@ class RunConfig(BaseModel):
     feature_schema: str = Field(
         default="", description="the loaded schema as it travels to firms (set from schema_file)"
     )
-    # model = "trees": `rounds` boosting rounds of `trees_per_round` trees each; defaults:
-    # fedcrm.learning.settings.TREE_TRAINING (validated by TreeSettings, see tree_settings())
+    # model = "trees": `rounds` boosting rounds of `trees_per_round` trees each; defaults and
+    # the one validation of each setting: fedcrm.learning.settings (see tree_settings())
     trees_per_round: TreesPerRound = TREE_TRAINING.trees_per_round
     tree_depth: TreeDepth = TREE_TRAINING.depth
     tree_split: TreeSplit = TREE_TRAINING.split
