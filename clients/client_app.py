@@ -48,6 +48,8 @@ from fedcrm.protocol import (
     SecureSumUnmaskRequest,
     TrainReply,
     TrainRequest,
+    TreesReply,
+    TreesRequest,
 )
 
 torch.set_num_threads(1)
@@ -56,7 +58,7 @@ Reply = (
     DescribeReply | TrainReply | EvaluateReply | QueryOfferReply | QueryAnswer
     | SecureSumKeysReply | SecureSumShareReply | SecureSumMaskReply | SecureSumConfirmReply
     | SecureSumUnmaskReply
-    | OverlapOfferReply | OverlapBlindReply | OverlapMatches
+    | OverlapOfferReply | OverlapBlindReply | OverlapMatches | TreesReply
 )
 Handler = Callable[[FirmNode, Message], Reply]
 
@@ -89,6 +91,8 @@ def _offer(node: FirmNode, msg: Message) -> Reply:
 
 def _answer(node: FirmNode, msg: Message) -> Reply:
     return node.answer_query(QueryAnswerRequest.decode(wire_of(msg)))
+
+
 def _secure_sum_keys(node: FirmNode, msg: Message) -> Reply:
     return node.secure_sum_keys(SecureSumKeysRequest.decode(wire_of(msg)))
 
@@ -119,6 +123,10 @@ def _overlap_blind(node: FirmNode, msg: Message) -> Reply:
 
 def _overlap_reblind(node: FirmNode, msg: Message) -> Reply:
     return node.reblind_overlap(OverlapReblindRequest.decode(wire_of(msg)))
+
+
+def _grow_trees(node: FirmNode, msg: Message) -> Reply:
+    return node.grow_trees(TreesRequest.decode(wire_of(msg)))
 
 
 def make_client_app(
@@ -167,6 +175,7 @@ def make_client_app(
         (MessageKind.SECURE_SUM_UNMASK, _secure_sum_unmask),
     ):
         app.query(kind.value.split(".")[1])(serve(handler))
+    app.train(MessageKind.TREES.value.split(".")[1])(serve(_grow_trees))
     return app
 
 

@@ -19,12 +19,21 @@ from fedcrm.config_file import BASE_DIR, load_toml, validate
 from fedcrm.data.encoding import FeatureSchemaFile
 from fedcrm.learning.settings import (
     FEDERATED_ROUND,
+    TREE_TRAINING,
     BatchSize,
     ChurnModelKind,
     DpOptimizer,
     Epochs,
+    LeafShare,
     LearningRate,
     MaxGradNorm,
+    TreeBins,
+    TreeDepth,
+    TreeFeatures,
+    TreeLearningRate,
+    TreeSettings,
+    TreesPerRound,
+    TreeSplit,
 )
 from fedcrm.privacy.errors import ConfigError
 from fedcrm.protocol import RunSpec, TaskKind, flat_decode, flat_encode
@@ -101,6 +110,15 @@ class RunConfig(BaseModel):
         description="secure aggregation: peers each firm shares its seeds with (0 = every other "
         "firm; e.g. 20 for large federations: a k-regular graph as in SecAgg+)",
     )
+    # model = "trees": `rounds` boosting rounds of `trees_per_round` trees each; defaults and
+    # the one validation of each setting: fedcrm.learning.settings (see tree_settings())
+    trees_per_round: TreesPerRound = TREE_TRAINING.trees_per_round
+    tree_depth: TreeDepth = TREE_TRAINING.depth
+    tree_split: TreeSplit = TREE_TRAINING.split
+    tree_bins: TreeBins = TREE_TRAINING.bins
+    tree_features: TreeFeatures = TREE_TRAINING.features_per_tree
+    tree_learning_rate: TreeLearningRate = TREE_TRAINING.learning_rate
+    tree_leaf_share: LeafShare = TREE_TRAINING.leaf_share
 
     @model_validator(mode="after")
     def _load_schema(self, info: ValidationInfo) -> RunConfig:
@@ -132,6 +150,26 @@ class RunConfig(BaseModel):
                 f"{2 * self.krum_malicious + 3}"
             )
         return self
+
+    @model_validator(mode="after")
+    def _trees(self) -> RunConfig:
+        if self.model is ChurnModelKind.TREES and self.task is not TaskKind.CHURN:
+            raise ValueError('model = "trees" is a churn model; set task = "churn"')
+        return self
+
+    @property
+    def aggregation(self) -> str:
+        """How the run combines the firms' releases, as summaries and displays name it: the
+        strategy, or ``dp-trees`` for ``model = "trees"`` (which uses no FedAvg-style strategy)."""
+        return "dp-trees" if self.model is ChurnModelKind.TREES else self.strategy.value
+
+    def tree_settings(self) -> TreeSettings:
+        """A trees run's settings (``rounds`` is the run's number of boosting rounds)."""
+        return TreeSettings(
+            rounds=self.rounds, trees_per_round=self.trees_per_round, depth=self.tree_depth,
+            split=self.tree_split, bins=self.tree_bins, features_per_tree=self.tree_features,
+            learning_rate=self.tree_learning_rate, leaf_share=self.tree_leaf_share,
+        )
 
     def evaluation_rounds(self) -> tuple[int, ...]:
         """The rounds in which firms are asked to evaluate the model they trained on."""

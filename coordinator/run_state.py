@@ -18,6 +18,7 @@ import numpy as np
 
 import fedcrm
 from fedcrm.coordinator.run_config import RunConfig
+from fedcrm.learning.settings import ChurnModelKind
 from fedcrm.protocol import DescribeReply
 
 
@@ -133,7 +134,7 @@ def provenance(
         "task": cfg.task.value,
         "kind": cfg.model.value if cfg.task.value == "churn" else cfg.task.value,
         "model": cfg.model.value,
-        "strategy": cfg.strategy.value,
+        "strategy": cfg.aggregation,
         "rounds": cfg.rounds,
         "rounds_completed": max(rounds) if rounds else 0,
         "config_hash": cfg.config_hash(),
@@ -145,6 +146,8 @@ def provenance(
         "metrics": latest_metrics(rounds).get("pooled", {}),
         "model_hash": model_hash,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        **({"trees": cfg.tree_settings().model_dump(mode="json")}
+           if cfg.model is ChurnModelKind.TREES else {}),
     }
 
 
@@ -175,7 +178,7 @@ def summary(
         **dict(release or {}),
         "attempts": attempts,
         "task": cfg.task.value,
-        "strategy": cfg.strategy.value,
+        "strategy": cfg.aggregation,
         "rounds": cfg.rounds,
         "rounds_completed": max(rounds) if rounds else 0,
         "status": status,

@@ -10,11 +10,13 @@ import numpy as np
 
 from fedcrm.coordinator.events import EVENTS, RoundTrained, RunStarted, read_run_events
 from fedcrm.coordinator.run_config import RunConfig
+from fedcrm.learning.settings import ChurnModelKind
 from fedcrm.privacy.durable import write_atomic
 from fedcrm.privacy.errors import ConfigError
 
 SUMMARY = "summary.json"
 MODEL = "model.pt"
+TREES_MODEL = "model.json"  # a tree ensemble (fedcrm.learning.dp_trees), plain JSON
 
 
 def new_run_id(prefix: str) -> str:
@@ -45,7 +47,8 @@ def save_global_model(
     """Save the global model with provenance (config hash, version, firms, rounds, ε, metrics)."""
     from fedcrm.tasks import task_for  # torch: only when a model is saved
 
-    return task_for(cfg.task).save_model(run_dir / MODEL, arrays, provenance)
+    name = TREES_MODEL if cfg.model is ChurnModelKind.TREES else MODEL
+    return task_for(cfg.task).save_model(run_dir / name, arrays, provenance)
 
 
 def load_summary(run_dir: Path) -> dict[str, Any]:

@@ -17,14 +17,17 @@ import torch
 import fedcrm
 from fedcrm.data.contract import FirmConfig
 from fedcrm.learning.dp_engine import noise_generator, train_dp
+from fedcrm.learning.dp_trees import grow_alone
 from fedcrm.learning.models import model_to_arrays
 from fedcrm.learning.settings import ChurnModelKind
 from fedcrm.node import FirmNode
 from fedcrm.privacy.durable import StagedFile, check_output_file
+from fedcrm.privacy.errors import ConfigError
 from fedcrm.privacy.keys import FirmKeys, load_keys
 from fedcrm.protocol import TaskKind
-from fedcrm.release import check_epsilon, plan_dp_sgd, release
+from fedcrm.release import check_epsilon, plan_dp_sgd, plan_trees, release
 from fedcrm.tasks import task_for
+from fedcrm.tasks.churn import ChurnData
 
 
 @dataclass(frozen=True)
@@ -64,6 +67,11 @@ def train_local(
     settings = cfg.training
     kind = ChurnModelKind(model_kind or settings.model)
     data = node.task_data(task)
+    if kind is ChurnModelKind.TREES:
+        if not isinstance(data, ChurnData):
+            raise ConfigError("a tree model is a churn model: train it with --task churn")
+        return _train_local_trees(cfg, node, data, out=out, epsilon=epsilon,
+                                  spent_before=spent_before, started=started)
     data.check_local_training()  # before any plan or noise: a refusal spends nothing
     problem = data.training_problem(model=kind, seed=settings.seed)
     plan = plan_dp_sgd(
@@ -118,6 +126,67 @@ def train_local(
         epsilon_total=released.epsilon_total,
         epsilon_cap=node.privacy.cap,
         noise_multiplier=plan.noise_multiplier,
+        metrics=metrics,
+        seconds=time.perf_counter() - started,
+    )
+
+
+def _train_local_trees(
+    cfg: FirmConfig, node: FirmNode, data: ChurnData, *, out: Path, epsilon: float,
+    spent_before: float, started: float,
+) -> LocalTrainResult:
+    """DP trees on the firm's own customers: a federation of one, the same algorithm as a
+    federated run (:mod:`fedcrm.learning.dp_trees`). No step's statistics leave the process
+    before the model, so the whole schedule is one release of its composed event (exactly the ε
+    of its level and leaf releases at their own noise), planned, checked, computed, committed."""
+    settings = cfg.training.trees
+    schedule = data.tree_schedule(settings, seed=cfg.training.seed)
+    plan = plan_trees(node.privacy, schedule=schedule, epsilon=epsilon, whole=True)
+    task = TaskKind.CHURN
+    event = plan.whole_event(schedule, delta=node.privacy.delta,
+                             purpose=f"train:{task.value}-trees:local",
+                             context={"task": task.value})
+    xb = data.binned_train(schedule)
+
+    def compute() -> list[np.ndarray]:
+        return grow_alone(schedule, xb, data.y_train, plan.noise).to_arrays()
+
+    def stage(arrays: list[np.ndarray]) -> StagedFile:
+        staged = StagedFile(out)
+        try:
+            metrics.update(data.local_metrics(arrays, model=ChurnModelKind.TREES))
+            task_for(task).save_model(staged.path, arrays, {
+                "kind": ChurnModelKind.TREES.value,
+                "task": task.value,
+                "input_dim": data.input_dim,
+                "layout_fingerprint": data.layout,
+                "firm": cfg.firm.name,
+                "fedcrm_version": fedcrm.__version__,
+                "config_sha256": cfg.config_sha256,
+                "epsilon": node.privacy.ledger.total_with(event),
+                "epsilon_release": float(event.epsilon),
+                "delta": cfg.budget.delta,
+                "trees": settings.model_dump(mode="json"),
+                "noise": {"uniform": plan.uniform, "level": plan.noise.level,
+                          "leaf": plan.noise.leaf, "releases": plan.releases},
+                "metrics": dict(metrics),
+                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            })
+        except BaseException:
+            staged.discard()
+            raise
+        return staged
+
+    metrics: dict[str, float] = {}
+    released = release(node.privacy, event, compute, stage=stage)
+    return LocalTrainResult(
+        model_path=out,
+        task=task,
+        epsilon_release=float(event.epsilon),
+        epsilon_added=released.epsilon_total - spent_before,
+        epsilon_total=released.epsilon_total,
+        epsilon_cap=node.privacy.cap,
+        noise_multiplier=plan.noise.leaf,
         metrics=metrics,
         seconds=time.perf_counter() - started,
     )

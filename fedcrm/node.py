@@ -21,7 +21,9 @@ update it was charged for but never received.
 
 **What leaves.** A training round is one DP release (:func:`fedcrm.release.release`) of the
 updated model; an evaluation is one Gaussian release of the task's bounded-contribution
-statistics with discrete Gaussian noise on counts. Sizes leave only as the firm's declared
+statistics with discrete Gaussian noise on counts; a step of a DP tree run
+(:meth:`FirmNode.grow_trees`, planned whole at its first request like a run) is one Gaussian
+release of the step's bounded (G, H) sums. Sizes leave only as the firm's declared
 public size (``[federation] public_size``): sampling rates, FedAvg weights and normalisation use
 it, never the exact count. Every reply field is listed in ``docs/privacy.md``.
 
@@ -60,7 +62,15 @@ from fedcrm.audit.log import EntryKind
 from fedcrm.data.contract import FirmConfig, load_firm_config
 from fedcrm.data.store import PreparedStore, load_store
 from fedcrm.learning.dp_engine import noise_generator, train_dp
+from fedcrm.learning.dp_trees import (
+    TreeEnsemble,
+    TreeStep,
+    check_request,
+    privatise,
+    step_statistics,
+)
 from fedcrm.learning.models import arrays_to_model, model_to_arrays
+from fedcrm.learning.settings import ChurnModelKind, TreeSettings
 from fedcrm.overlap import (
     OverlapDeclined,
     blind,
@@ -113,12 +123,26 @@ from fedcrm.protocol import (
     TaskKind,
     TrainReply,
     TrainRequest,
+    TreesReply,
+    TreesRequest,
     arrays_hash,
 )
-from fedcrm.release import FirmPrivacy, RunPlan, plan_run, release, resend
+from fedcrm.release import (
+    FirmPrivacy,
+    RunPlan,
+    TreesPlan,
+    plan_run,
+    plan_trees,
+    release,
+    resend,
+)
 from fedcrm.secure_sum_party import SecureSumParty
 from fedcrm.tasks import task_for
 from fedcrm.tasks.base import TaskData
+from fedcrm.tasks.churn import ChurnData
+
+#: The ledger purpose of a federated DP tree run's releases.
+TREES_PURPOSE = "train:churn-trees"
 
 _NODES: dict[tuple[str, float], FirmNode] = {}
 
@@ -435,10 +459,15 @@ class FirmNode:
                 raise Declined(
                     "this firm does not answer evaluations ([federation] evaluate = false)"
                 )
-            plan = self._run_plan(spec, create=False)
+            plan: RunPlan | TreesPlan = (
+                self._trees_plan(spec) if spec.model is ChurnModelKind.TREES
+                else self._run_plan(spec, create=False)
+            )
             evaluated = self._released(spec.run_id, purpose)
             model_hash = arrays_hash(request.arrays)
-            received = self._released(spec.run_id, f"train:{spec.task.value}").get(
+            trained = (TREES_PURPOSE if spec.model is ChurnModelKind.TREES
+                       else f"train:{spec.task.value}")
+            received = self._released(spec.run_id, trained).get(
                 request.server_round, {}
             ).get("global_hash")
             if received != model_hash:
@@ -767,3 +796,109 @@ class FirmNode:
             return OverlapMatches(firm=self.firm, state=ReplyState.DECLINED, detail=str(exc),
                                   elements=None)
         return OverlapMatches(firm=self.firm, state=ReplyState.OK, detail="", elements=elements)
+
+    # ------------------------------------------------------------------ DP trees
+
+    def _trees_plan(self, spec: RunSpec, settings: TreeSettings | None = None,
+                    schedule_of: ChurnData | None = None) -> TreesPlan:
+        """The tree run's plan: made at the firm's first request (``settings`` and the data
+        given), then held to, like :meth:`_run_plan`."""
+        fingerprint = spec_fingerprint(spec)
+        path = self._plan_path(spec.run_id).with_name(f"{spec.run_id}.trees-plan.json")
+        if path.exists():
+            plan = TreesPlan.from_json(json.loads(path.read_text()))
+            if plan.spec_fingerprint != fingerprint or (
+                settings is not None and plan.settings_fingerprint != _settings_fingerprint(
+                    settings)
+            ):
+                raise Declined(
+                    f"run {spec.run_id}'s parameters changed after this firm planned it (rounds, "
+                    "target ε, tree settings, evaluations or schema); the firm holds to the "
+                    "plan it made at its first request"
+                )
+            return plan
+        if settings is None or schedule_of is None:
+            raise Declined(f"this firm has not trained in run {spec.run_id}; nothing to evaluate")
+        policy = self.cfg.federation
+        plan = plan_trees(
+            self.privacy,
+            schedule=schedule_of.tree_schedule(settings, seed=spec.seed),
+            epsilon=spec.target_epsilon,
+            spec_fingerprint=fingerprint,
+            settings_fingerprint=_settings_fingerprint(settings),
+            evaluations=min(spec.evaluations, policy.max_evaluations) if policy.evaluate else 0,
+            evaluation_share=policy.evaluation_share,
+        )
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_private(path, json.dumps(plan.to_json()).encode())
+        return plan
+
+    def grow_trees(self, request: TreesRequest) -> TreesReply:
+        """One step of a federated DP tree run: this firm's noisy (G, H) sums, one release."""
+        spec, settings = request.spec, request.settings
+        step = TreeStep(request.server_round, request.level)
+        try:
+            if spec.task is not TaskKind.CHURN or spec.model is not ChurnModelKind.TREES:
+                raise Declined("a trees request must belong to a churn run with model = trees")
+            if settings.rounds != spec.rounds:
+                raise Declined(f"the tree settings plan {settings.rounds} rounds, the run "
+                               f"{spec.rounds}")
+            data = self._federated_data(spec.task, spec.schema)
+            if not isinstance(data, ChurnData):
+                raise Declined("a trees request must belong to a churn run")
+            plan = self._trees_plan(spec, settings, data)
+            schedule = data.tree_schedule(settings, seed=spec.seed)
+            if step not in schedule.steps:
+                raise Declined(
+                    f"step (round {step.round}, level {step.level}) is outside run "
+                    f"{spec.run_id}'s plan of {settings.rounds} rounds of depth {settings.depth}"
+                )
+            done = {(int(e.context["round"]), int(e.context["level"]))
+                    for e in self.privacy.ledger.events
+                    if e.purpose == TREES_PURPOSE and e.context.get("run_id") == spec.run_id}
+            if (step.round, step.level) in done:
+                raise Declined(f"round {step.round}, level {step.level} of run {spec.run_id} "
+                               "was already released")
+            try:
+                ensemble = TreeEnsemble.from_arrays(request.arrays, complete=False)
+                check_request(schedule, ensemble, step)
+            except ConfigError as exc:
+                raise Declined(f"refused the trees sent: {exc}") from None
+            received = arrays_hash(ensemble.first(schedule.batch(step.round).start).to_arrays())
+            noise_std = plan.noise.noise_std(schedule, step)
+            event = plan.event(schedule, step, delta=self.privacy.delta, purpose=TREES_PURPOSE,
+                               context={"run_id": spec.run_id, "task": spec.task.value,
+                                        "global_hash": received})
+            sums = step_statistics(schedule, ensemble, data.binned_train(schedule),
+                                   data.y_train, step)
+            released = release(
+                self.privacy, event, lambda: privatise(sums, noise_std),
+                funded=lambda noisy: (EntryKind.UPDATE_SENT, {
+                    "run_id": spec.run_id, "round": step.round, "level": step.level,
+                    "task": spec.task.value, "model_hash": arrays_hash([noisy]),
+                }),
+            )
+        except (PlanDoesNotFit, BudgetExhausted) as exc:
+            return self._declined_trees(str(exc), ReplyState.BUDGET_EXHAUSTED)
+        except Declined as exc:
+            return self._declined_trees(str(exc), exc.state)
+        head = released.audit_head
+        return TreesReply(
+            firm=self.firm, state=ReplyState.OK, detail="", sums=released.value,
+            num_examples=self.public_size, noise_std=noise_std, epsilon=float(event.epsilon),
+            epsilon_total=released.epsilon_total, epsilon_cap=self.privacy.cap,
+            delta=self.privacy.delta, audit_head_hash=head.hash, audit_head_length=head.length,
+        )
+
+    def _declined_trees(self, detail: str, state: ReplyState) -> TreesReply:
+        head = self.privacy.head()
+        return TreesReply(
+            firm=self.firm, state=state, detail=detail, sums=np.zeros((0, 2)),
+            num_examples=self.public_size, noise_std=0.0,
+            epsilon=0.0, epsilon_total=self.privacy.spent(), epsilon_cap=self.privacy.cap,
+            delta=self.privacy.delta, audit_head_hash=head.hash, audit_head_length=head.length,
+        )
+
+
+def _settings_fingerprint(settings: TreeSettings) -> str:
+    return hashlib.sha256(settings.model_dump_json().encode()).hexdigest()

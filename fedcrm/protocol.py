@@ -22,6 +22,7 @@ hyphenated (Flower's convention; ``num-examples`` is what Flower's strategies we
 | ``query.overlap_offer`` | :class:`OverlapOffer` | :class:`OverlapOfferReply` |
 | ``query.overlap_blind`` | :class:`OverlapBlindRequest` | :class:`OverlapBlindReply` |
 | ``query.overlap_reblind`` | :class:`OverlapReblindRequest` | :class:`OverlapMatches` |
+| ``train.trees`` | :class:`TreesRequest` | :class:`TreesReply` |
 | any, on a firm-side failure | - | :class:`ErrorReply` |
 
 The run's parameters that every firm receives travel as a :class:`RunSpec`, encoded flat by
@@ -43,7 +44,7 @@ from typing import Any, ClassVar, Self
 import numpy as np
 from pydantic import ValidationError
 
-from fedcrm.learning.settings import ChurnModelKind, DpOptimizer, DpSgdSettings
+from fedcrm.learning.settings import ChurnModelKind, DpOptimizer, DpSgdSettings, TreeSettings
 from fedcrm.privacy.blinding import BlindingError, elements_hash, unpack
 from fedcrm.privacy.errors import ConfigError
 from fedcrm.privacy.secure_sum import (
@@ -81,6 +82,7 @@ class MessageKind(StrEnum):
     OVERLAP_OFFER = "query.overlap_offer"
     OVERLAP_BLIND = "query.overlap_blind"
     OVERLAP_REBLIND = "query.overlap_reblind"
+    TREES = "train.trees"  # one release of a DP tree run: histograms of a level, or leaves
 
 
 class TaskKind(StrEnum):
@@ -1194,3 +1196,107 @@ class SecureSumUnmaskReply:
             {f: int.from_bytes(b, "big") for f, b in zip(mask_owners, mask, strict=True)},
             {f: int.from_bytes(b, "big") for f, b in zip(key_owners, key, strict=True)},
         ))
+# ------------------------------------------------------------------------------ DP trees
+
+_TREE_PREFIX = "tree_"
+
+
+def _tree_settings(config: Mapping[str, Any], what: str) -> TreeSettings:
+    values = {k[len(_TREE_PREFIX):]: v for k, v in flat_decode(config).items()
+              if k.startswith(_TREE_PREFIX)}
+    try:
+        return TreeSettings(**values)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        raise ProtocolError(f"malformed {what}: tree {first['loc'][0]} {first['msg']}") from None
+
+
+@dataclass(frozen=True)
+class TreesRequest:
+    """One step of a DP tree run: the firm releases the (G, H) histograms of ``level`` for the
+    round's trees, or their leaves (``level == settings.depth``). ``arrays`` is the ensemble so
+    far (:meth:`fedcrm.learning.dp_trees.TreeEnsemble.to_arrays`): the finished trees of earlier
+    rounds and this round's trees with the levels above ``level`` chosen."""
+
+    kind: ClassVar[MessageKind] = MessageKind.TREES
+    spec: RunSpec
+    settings: TreeSettings
+    server_round: int
+    level: int
+    arrays: Sequence[np.ndarray]
+
+    def encode(self) -> Wire:
+        settings = {f"{_TREE_PREFIX}{k}": v for k, v in self.settings.model_dump().items()}
+        return Wire(config={**self.spec.to_config(), **flat_encode(settings),
+                            "server-round": self.server_round, "level": self.level},
+                    arrays=list(self.arrays))
+
+    @classmethod
+    def decode(cls, wire: Wire) -> Self:
+        what = "trees request"
+        return cls(
+            spec=RunSpec.from_config(wire.config),
+            settings=_tree_settings(wire.config, what),
+            server_round=_field(wire.config, "server-round", int, what),
+            level=_field(wire.config, "level", int, what),
+            arrays=_arrays(wire, what),
+        )
+
+
+@dataclass(frozen=True)
+class TreesReply:
+    """A firm's release for one step of a DP tree run: ``sums`` are the noisy (G, H) cells
+    (``[cells, 2]``, empty when ``state`` is not OK), ``noise_std`` the noise's standard deviation
+    on each (public: it follows from the firm's plan), ``epsilon`` this release's own ε;
+    ``num_examples`` is the firm's declared public size, as in :class:`TrainReply`."""
+
+    firm: str
+    state: ReplyState
+    detail: str
+    sums: np.ndarray
+    num_examples: int
+    noise_std: float
+    epsilon: float
+    epsilon_total: float
+    epsilon_cap: float
+    delta: float
+    audit_head_hash: str = ""
+    audit_head_length: int = 0
+
+    def encode(self) -> Wire:
+        return Wire(
+            config={"state": self.state.value, "firm": self.firm, "detail": self.detail,
+                    "audit-head-hash": self.audit_head_hash,
+                    "audit-head-length": self.audit_head_length},
+            metrics={"tree-sums": [float(v) for v in np.asarray(self.sums).ravel()],
+                     "num-examples": self.num_examples, "noise-std": self.noise_std,
+                     "epsilon": self.epsilon, "epsilon-total": self.epsilon_total,
+                     "epsilon-cap": self.epsilon_cap, "delta": self.delta},
+        )
+
+    @classmethod
+    def decode(cls, wire: Wire) -> Self:
+        c, m, what = wire.config, wire.metrics, "trees reply"
+        try:
+            state = ReplyState(_field(c, "state", str, what))
+        except ValueError as exc:
+            raise ProtocolError(f"malformed {what}: {exc}") from None
+        sums = m.get("tree-sums", [])
+        if not isinstance(sums, list) or len(sums) % 2 or not all(
+            isinstance(v, int | float) and math.isfinite(v) for v in sums
+        ):
+            raise ProtocolError(f"{what} field 'tree-sums' must be finite (G, H) pairs")
+        return cls(
+            firm=_field(c, "firm", str, what),
+            state=state,
+            detail=_field(c, "detail", str, what),
+            sums=np.asarray(sums, dtype=np.float64).reshape(-1, 2),
+            num_examples=_field(m, "num-examples", int, what),
+            noise_std=_field(m, "noise-std", float, what),
+            epsilon=_field(m, "epsilon", float, what),
+            epsilon_total=_field(m, "epsilon-total", float, what),
+            epsilon_cap=_field(m, "epsilon-cap", float, what),
+            delta=_field(m, "delta", float, what),
+            audit_head_hash=_field(c, "audit-head-hash", str, what),
+            audit_head_length=_field(c, "audit-head-length", int, what),
+        )

@@ -28,6 +28,7 @@ from fedcrm.audit.log import AuditEntry, AuditLog, EntryKind, LogHead
 from fedcrm.audit.verify import verify_log
 from fedcrm.data.contract import FirmConfig
 from fedcrm.learning.dp_engine import DpPlan, plan_for_budget
+from fedcrm.learning.dp_trees import TreeNoise, TreeSchedule, TreeStep, split_budget
 from fedcrm.learning.settings import DpSgdSettings
 from fedcrm.privacy.accounting import DpEvent, Mechanism, calibrate_noise, make_event
 from fedcrm.privacy.errors import (
@@ -464,3 +465,137 @@ def resend(privacy: FirmPrivacy, *, run_id: str, server_round: int, model_hash: 
         "model_hash": model_hash, "sent": sent.hash,
     })
     return privacy.head()
+
+
+# ------------------------------------------------------------------------------ DP trees
+
+
+@dataclass(frozen=True)
+class TreesPlan:
+    """A firm's whole plan for a DP tree run (local or federated), fixed before the first release.
+
+    Every step of ``schedule`` is one Gaussian release: its histograms or leaves, with noise
+    ``noise.level`` or ``noise.leaf`` times its sensitivity. ``uniform`` is the one multiplier
+    at which all ``releases`` would compose to the same ε (Gaussian RDP is additive in 1/σ²),
+    ``evaluations`` Gaussian evaluations at ``evaluation_noise`` are planned with them. The
+    fingerprints bind the plan to the run's parameters and tree settings.
+    """
+
+    spec_fingerprint: str
+    settings_fingerprint: str
+    releases: int
+    uniform: float
+    noise: TreeNoise
+    evaluations: int = 0
+    evaluation_noise: float = 0.0
+
+    def event(self, schedule: TreeSchedule, step: TreeStep, *, delta: float, purpose: str,
+              context: Mapping[str, Any] | None = None) -> DpEvent:
+        """The ledger event of one step's release; its context records the budget split."""
+        return gaussian_query_event(
+            self.noise.multiplier(schedule, step), delta=delta, purpose=purpose,
+            context={
+                **(context or {}),
+                "round": step.round, "level": step.level,
+                "release": "leaves" if step.level == schedule.depth else "histograms",
+                "sensitivity": schedule.sensitivity(step),
+                "releases_planned": self.releases,
+                "level_noise": self.noise.level, "leaf_noise": self.noise.leaf,
+            },
+        )
+
+    def whole_event(self, schedule: TreeSchedule, *, delta: float, purpose: str,
+                    context: Mapping[str, Any] | None = None) -> DpEvent:
+        """All releases of the schedule as one event (local training, where none leaves the
+        process before the model): ``releases`` Gaussian steps at ``uniform`` compose to exactly
+        the ε of the level and leaf releases at their own noise."""
+        return make_event(
+            mechanism=Mechanism.GAUSSIAN, noise_multiplier=self.uniform, sample_rate=1.0,
+            steps=self.releases, delta=delta, purpose=purpose,
+            context={
+                **(context or {}),
+                "trees": schedule.settings.trees, "depth": schedule.depth,
+                "split": schedule.settings.split.value,
+                "level_releases": schedule.level_releases, "level_noise": self.noise.level,
+                "leaf_releases": schedule.leaf_releases, "leaf_noise": self.noise.leaf,
+                "leaf_share": (schedule.settings.leaf_share if schedule.level_releases else 1.0),
+            },
+        )
+
+    def evaluation_event(self, *, delta: float, purpose: str,
+                         context: Mapping[str, Any] | None = None) -> DpEvent:
+        return gaussian_query_event(
+            self.evaluation_noise, delta=delta, purpose=purpose, context=context
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {**asdict(self), "noise": asdict(self.noise)}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> TreesPlan:
+        return cls(
+            spec_fingerprint=str(data["spec_fingerprint"]),
+            settings_fingerprint=str(data["settings_fingerprint"]),
+            releases=int(data["releases"]),
+            uniform=float(data["uniform"]),
+            noise=TreeNoise(**data["noise"]),
+            evaluations=int(data["evaluations"]),
+            evaluation_noise=float(data["evaluation_noise"]),
+        )
+
+
+def plan_trees(
+    privacy: FirmPrivacy,
+    *,
+    schedule: TreeSchedule,
+    epsilon: float,
+    whole: bool = False,
+    spec_fingerprint: str = "",
+    settings_fingerprint: str = "",
+    evaluations: int = 0,
+    evaluation_share: float = 0.2,
+) -> TreesPlan:
+    """Calibrate a DP tree run so that all its releases (and ``evaluations``) add at most
+    ``epsilon``: ``whole`` as in :func:`plan_dp_sgd` (a firm's own request must fit whole; a
+    federated run fits ``min(cap, spent + epsilon)`` when at least :data:`MIN_USEFUL_FRACTION`
+    of it is left). The noise is split between histogram and leaf releases by
+    :func:`fedcrm.learning.dp_trees.split_budget`.
+
+    Raises:
+        BudgetExhausted: ``whole`` and ``epsilon`` does not fit.
+        PlanDoesNotFit: too little is left for a useful run.
+    """
+    epsilon = check_epsilon(epsilon, what="the release's ε")
+    spent = privacy.spent()
+    available = privacy.cap - spent
+    if whole and spent + epsilon > privacy.cap + EPSILON_TOLERANCE:
+        raise BudgetExhausted(
+            epsilon_spent=spent, epsilon_cap=privacy.cap, epsilon_requested=spent + epsilon,
+            purpose=f"a release of ε={epsilon:g}", ledger=str(privacy.ledger.path),
+        )
+    if available < MIN_USEFUL_FRACTION * epsilon:
+        raise PlanDoesNotFit(
+            f"firm '{privacy.firm}' has spent ε={spent:.4f} of its cap ε={privacy.cap:g}; the "
+            f"remaining ε={max(available, 0):.4f} cannot fund a useful tree model (at least "
+            f"{MIN_USEFUL_FRACTION:.0%} of the ε={epsilon:g} asked for)"
+        )
+    target = min(privacy.cap, spent + epsilon)
+    evaluation_noise = 0.0
+    planned: list[DpEvent] = []
+    if evaluations > 0:
+        evaluation_noise = calibrate_noise(
+            target_epsilon=evaluation_share * min(epsilon, available), delta=privacy.delta,
+            sample_rate=1.0, steps=evaluations,
+        )
+        planned = [gaussian_query_event(evaluation_noise, delta=privacy.delta, purpose="evaluate")
+                   for _ in range(evaluations)]
+    releases = len(schedule.steps)
+    uniform = calibrate_noise(
+        target_epsilon=target, delta=privacy.delta, sample_rate=1.0, steps=releases,
+        prior_events=(*privacy.ledger.events, *planned),
+    )
+    return TreesPlan(
+        spec_fingerprint=spec_fingerprint, settings_fingerprint=settings_fingerprint,
+        releases=releases, uniform=uniform, noise=split_budget(schedule, uniform),
+        evaluations=evaluations, evaluation_noise=evaluation_noise,
+    )

@@ -20,7 +20,7 @@ from fedcrm.data.contract import ColumnRole, FirmConfig, TableName
 from fedcrm.data.ingest import iter_chunks
 from fedcrm.data.store import load_store
 from fedcrm.data.validation import customer_id_text
-from fedcrm.learning.models import load_model, predict_proba
+from fedcrm.learning.models import load_churn_predictor
 from fedcrm.privacy.errors import ConfigError, SchemaError
 from fedcrm.privacy.keys import FirmKeys, load_keys
 from fedcrm.privacy.masking import pseudonymize, token_key_id
@@ -42,7 +42,7 @@ def score_customers(
     """The churn early-warning list for the firm's own customers, sorted by risk."""
     keys = keys or load_keys(cfg.firm.keys_dir)
     keys.require_signing_key(cfg.firm.keys_dir)  # fail closed, like every firm command
-    model, provenance = load_model(model_path)
+    predict, provenance = load_churn_predictor(model_path)
     layout = layout_from_config(cfg)
     if provenance.get("layout_fingerprint") != layout.fingerprint():
         raise ConfigError(
@@ -54,7 +54,7 @@ def score_customers(
     customers = store.customers
     if customers is None:
         raise ConfigError(f"firm '{cfg.firm.name}' has no customers table to score")
-    p = predict_proba(model, layout.encode(customers))
+    p = predict(layout.encode(customers))
     out = pd.DataFrame(
         {
             "customer_id": customers["customer_id"].to_numpy(),

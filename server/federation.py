@@ -48,6 +48,7 @@ from fedcrm.coordinator.run_state import (
 )
 from fedcrm.coordinator.runs import save_global_model, write_summary
 from fedcrm.flower.records import config_record, to_records, wire_of
+from fedcrm.learning.settings import ChurnModelKind
 from fedcrm.privacy.errors import FedcrmError
 from fedcrm.protocol import (
     DescribeReply,
@@ -62,6 +63,7 @@ from fedcrm.server.resume import CheckpointedRounds
 from fedcrm.server.run_grid import RunGrid
 from fedcrm.server.secure_sum import SecureTraining, register_keys
 from fedcrm.server.strategies import FederationStopped, GuardedStrategy, build_strategy
+from fedcrm.server.trees import grow_trees
 from fedcrm.tasks import task_for
 
 #: Seconds between polls for replies in a simulation (Flower's in-memory grid).
@@ -176,7 +178,7 @@ def run_federation(grid: Grid, cfg: RunConfig, *, run_id: str, run_dir: Path) ->
     events = EventLog(run_dir / EVENTS, sinks=[audit.record])
     completed, attempt = 0, 0
     if checkpoint is None:
-        events.emit(RunStarted(run_id=run_id, task=cfg.task.value, strategy=cfg.strategy.value,
+        events.emit(RunStarted(run_id=run_id, task=cfg.task.value, strategy=cfg.aggregation,
                                rounds=cfg.rounds))
     else:
         completed, attempt, started = (
@@ -203,7 +205,7 @@ def run_federation(grid: Grid, cfg: RunConfig, *, run_id: str, run_dir: Path) ->
             {
                 "run_id": run_id,
                 "config_hash": cfg.config_hash(),
-                "strategy": cfg.strategy.value,
+                "strategy": cfg.aggregation,
                 "rounds": cfg.rounds,
                 "task": cfg.task.value,
                 "firms": {k: str(v) for k, v in admission.admitted.items()},
@@ -226,9 +228,10 @@ def run_federation(grid: Grid, cfg: RunConfig, *, run_id: str, run_dir: Path) ->
         on_event=events.emit,
         secure=secure,
     )
+    trees = cfg.model is ChurnModelKind.TREES
     initial: list[np.ndarray] = (
         task.initial_arrays(model=cfg.model, input_dim=admission.input_dim, seed=cfg.seed)
-        if admission.input_dim
+        if admission.input_dim and not trees
         else []
     )
     status, stop_reason = "completed", ""
@@ -241,7 +244,9 @@ def run_federation(grid: Grid, cfg: RunConfig, *, run_id: str, run_dir: Path) ->
                 "after the restart the firms describe another feature layout than the run's"
             )
     final_arrays = initial
-    if not initial:
+    if trees and admission.input_dim:
+        final_arrays, status, stop_reason = grow_trees(grid, cfg, spec, guard)
+    elif not initial:
         status, stop_reason = "stopped", (
             "no firm described a usable feature layout" if described else
             f"no firm took part: {len(nodes)} node(s) connected, none answered the describe "

@@ -49,12 +49,12 @@ def churn_baselines(firms: Sequence[_Firm], model_path: Path | None) -> dict[str
         "train_customers": len(y_train),
     }
     if model_path is not None and model_path.exists():
-        from fedcrm.learning.models import load_model, predict_proba
+        from fedcrm.learning.models import load_churn_predictor
 
-        model, _ = load_model(model_path)
-        out["federated_auc_exact"] = auc(predict_proba(model, x_test), y_test)
+        predict, _ = load_churn_predictor(model_path)
+        out["federated_auc_exact"] = auc(predict(x_test), y_test)
         out["federated_auc_per_firm_exact"] = {
-            f.name: auc(predict_proba(model, d.x_test), d.y_test)
+            f.name: auc(predict(d.x_test), d.y_test)
             for f, d in zip(firms, data, strict=True)
         }
     return out

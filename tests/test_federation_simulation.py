@@ -31,7 +31,8 @@ def _documented_reply_fields() -> set[tuple[str, str, str]]:
         if len(cells) == 5 and cells[0] in {
             "describe", "train", "evaluate", "query.offer", "query.answer", "secure_sum_keys",
             "secure_sum_share", "secure_sum_mask", "secure_sum_confirm", "secure_sum_unmask",
-            "query.overlap_offer", "query.overlap_blind", "query.overlap_reblind", "error",
+            "query.overlap_offer", "query.overlap_blind", "query.overlap_reblind", "train.trees",
+            "error",
         }:
             assert cells[3].startswith(("public", "DP (")), line  # every field says which
             rows.add((cells[0], cells[1], cells[2]))

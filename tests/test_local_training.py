@@ -101,3 +101,33 @@ def test_a_held_out_set_with_one_class_is_refused_before_any_epsilon_is_spent(
     assert not (tmp_path / "m.pt").exists()
     ledger = cfg_path.parent / "store" / "budget.jsonl"
     assert not ledger.exists() or not ledger.read_text().strip()
+
+
+def test_a_tree_model_trains_scores_and_records_its_budget_split(
+    write_firm: Callable[..., Path], tmp_path: Path
+) -> None:
+    cfg = _prepared(write_firm)
+    model = tmp_path / "churn-trees.json"
+    r = RUNNER.invoke(app, ["train", "--config", str(cfg), "--out", str(model), "--epsilon", "1",
+                            "--model", "trees"])
+    assert r.exit_code == 0, r.output
+    from fedcrm.learning.dp_trees import load_trees
+
+    ensemble, provenance = load_trees(model)
+    assert provenance["kind"] == "trees" and provenance["metrics"]["auc"] > 0.6
+    trees = provenance["trees"]
+    assert ensemble.n_trees == trees["rounds"] * trees["trees_per_round"]
+    ledger = (cfg.parent / "store" / "budget.jsonl").read_text().splitlines()
+    events = [json.loads(x) for x in ledger if '"purpose"' in x]
+    assert [e["purpose"] for e in events] == ["train:churn-trees:local"]
+    context = events[0]["context"]
+    assert context["leaf_releases"] == provenance["noise"]["releases"] and context["leaf_noise"] > 0
+    assert 0.9 < provenance["epsilon"] <= 1.0 + 1e-9
+    risks = tmp_path / "risks.csv"
+    r = RUNNER.invoke(
+        app, ["score", "--model", str(model), "--config", str(cfg), "--out", str(risks)]
+    )
+    assert r.exit_code == 0, r.output
+    table = pd.read_csv(risks)
+    assert table["churn_probability"].between(0, 1).all()
+    assert table["churn_probability"].is_monotonic_decreasing

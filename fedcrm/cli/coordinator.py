@@ -231,7 +231,7 @@ def run(
     run_dir = cfg.runs_dir / rid
     require_running_link(cfg)
     plain(out, f"run {rid}: {run_cfg.task.value}, {run_cfg.rounds} rounds, strategy "
-               f"{run_cfg.strategy.value}, ε {run_cfg.target_epsilon:g} per firm -> {run_dir}")
+               f"{run_cfg.aggregation}, ε {run_cfg.target_epsilon:g} per firm -> {run_dir}")
 
     def on_attempt(attempt: Attempt) -> None:
         if attempt.ended == "running":

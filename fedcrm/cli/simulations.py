@@ -74,7 +74,7 @@ def simulate(
     run_dir = (sim.workdir / rid).resolve()
     plain(out, f"{sim.name}: {sim.firms} firms on {sim.dataset.value}, task "
                f"{cfg.run.task.value}, {cfg.run.rounds} rounds, strategy "
-               f"{cfg.run.strategy.value}, ε budget {sim.epsilon_budget} per firm -> {run_dir}")
+               f"{cfg.run.aggregation}, ε budget {sim.epsilon_budget} per firm -> {run_dir}")
     prepared: list[str] = []
 
     def on_firm(name: str, rows: int) -> None:
@@ -117,7 +117,7 @@ def deploy_local(
     run_dir = (cfg.deploy.workdir / rid).resolve()
     plain(out, f"{cfg.deploy.name}: {n} firms on {cfg.deploy.dataset.value}, task "
                f"{cfg.run.task.value}, {cfg.run.rounds} rounds, strategy "
-               f"{cfg.run.strategy.value}, ε budget {cfg.deploy.epsilon_budget} per firm, real "
+               f"{cfg.run.aggregation}, ε budget {cfg.deploy.epsilon_budget} per firm, real "
                f"Flower deployment -> {run_dir}")
 
     def on_firm(name: str, rows: int) -> None:

@@ -21,6 +21,7 @@ from fedcrm.config_file import read_toml, validate
 from fedcrm.data.crm_vocabulary import BOOLEAN_FALSE, BOOLEAN_TRUE
 from fedcrm.learning.settings import (
     LOCAL_TRAINING,
+    TREE_TRAINING,
     BatchSize,
     ChurnModelKind,
     DpOptimizer,
@@ -28,6 +29,7 @@ from fedcrm.learning.settings import (
     Epochs,
     LearningRate,
     MaxGradNorm,
+    TreeSettings,
 )
 from fedcrm.privacy.errors import ConfigError
 from fedcrm.privacy.keys import check_firm_name
@@ -334,6 +336,9 @@ class TrainingSection(BaseModel):
     max_grad_norm: MaxGradNorm = LOCAL_TRAINING.max_grad_norm
     optimizer: DpOptimizer = LOCAL_TRAINING.optimizer
     seed: int = 0
+    trees: TreeSettings = Field(
+        default=TREE_TRAINING, description="[training.trees]: how model = \"trees\" trains"
+    )
 
     @property
     def dp_sgd(self) -> DpSgdSettings:

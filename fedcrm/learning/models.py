@@ -11,7 +11,7 @@ from __future__ import annotations
 import io
 import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from fedcrm.learning.dp_trees import is_tree_model, load_trees
 from fedcrm.learning.settings import ChurnModelKind
 from fedcrm.privacy.durable import write_private
 from fedcrm.privacy.errors import ConfigError
@@ -68,6 +69,10 @@ def build_churn_model(
             f"unknown churn model kind {kind!r}; use one of "
             f"{', '.join(k.value for k in ChurnModelKind)}"
         ) from exc
+    if kind is ChurnModelKind.TREES:
+        raise ConfigError(
+            "a tree model is not a torch module; it is grown by fedcrm.learning.dp_trees"
+        )
     if input_dim < 1 or hidden < 1:
         raise ConfigError(
             f"churn model needs input_dim ≥ 1 and hidden ≥ 1, got {input_dim}, {hidden}"
@@ -214,3 +219,15 @@ def load_model(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
                           ) from exc
     model.eval()
     return model, provenance
+
+
+def load_churn_predictor(
+    path: str | Path,
+) -> tuple[Callable[[np.ndarray], np.ndarray], dict[str, Any]]:
+    """Any saved churn model (torch or trees) as ``(encoded features -> churn probability,
+    provenance)``."""
+    if is_tree_model(Path(path)):
+        ensemble, provenance = load_trees(Path(path))
+        return ensemble.predict_proba, provenance
+    model, provenance = load_model(path)
+    return (lambda x: predict_proba(model, x)), provenance

@@ -29,6 +29,7 @@ from fedcrm.data.encoding import (
     NumericSpec,
 )
 from fedcrm.data.store import PreparedStore
+from fedcrm.learning.dp_trees import TreeEnsemble, TreeSchedule, digitize, save_trees
 from fedcrm.learning.metrics import auc, auc_from_histograms, score_histograms
 from fedcrm.learning.models import (
     arrays_to_model,
@@ -38,7 +39,7 @@ from fedcrm.learning.models import (
     predict_proba,
     save_model,
 )
-from fedcrm.learning.settings import ChurnModelKind
+from fedcrm.learning.settings import ChurnModelKind, TreeSettings
 from fedcrm.privacy.errors import ConfigError, SchemaError
 from fedcrm.protocol import DescribeReply, TaskKind
 from fedcrm.tasks.base import EvaluationStatistics, NoisyStatistics, TrainingProblem
@@ -87,6 +88,20 @@ def layout_from_config(cfg: FirmConfig) -> FeatureLayout:
     return FeatureLayout(
         [*sorted(numeric, key=key), *sorted(boolean, key=key), *sorted(categorical, key=key)]
     )
+
+
+def tree_grid(layout: FeatureLayout, bins: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The public split candidates of a tree model on ``layout``: ``bins`` equal-width bins for a
+    numeric column (its declared range is [0, 1] once encoded), 2 for every 0/1 column (booleans,
+    one-hot categories, missing indicators); and the declared feature each column belongs to."""
+    candidates: list[int] = []
+    groups: list[int] = []
+    for feature, spec in enumerate(layout.specs):
+        for column, _ in enumerate(spec.feature_names):
+            numeric = isinstance(spec, NumericSpec) and column == 0
+            candidates.append(bins if numeric else 2)
+            groups.append(feature)
+    return tuple(candidates), tuple(groups)
 
 
 def holdout_mask(customer_ids: pd.Series, fraction: float = HOLDOUT_FRACTION) -> np.ndarray:
@@ -158,7 +173,18 @@ class ChurnData:
                 "true_values / false_values, or train on more customers"
             )
 
+    def tree_schedule(self, settings: TreeSettings, *, seed: int) -> TreeSchedule:
+        """The public schedule of a DP tree run on this layout (candidates fixed by it)."""
+        bins, groups = tree_grid(self.feature_layout, settings.bins)
+        return TreeSchedule(settings, bins, groups, seed)
+
+    def binned_train(self, schedule: TreeSchedule) -> np.ndarray:
+        """The training customers' bins under ``schedule``'s candidates."""
+        return digitize(self.x_train, np.asarray(schedule.bins))
+
     def _scores(self, arrays: Sequence[np.ndarray], model: ChurnModelKind) -> np.ndarray:
+        if model is ChurnModelKind.TREES:
+            return TreeEnsemble.from_arrays(arrays).predict_proba(self.x_test)
         net = arrays_to_model(build_churn_model(model, self.input_dim), arrays)
         return predict_proba(net, self.x_test)
 
@@ -234,6 +260,8 @@ class ChurnTask:
         self, path: Path, arrays: Sequence[np.ndarray], provenance: Mapping[str, Any]
     ) -> Path:
         kind = ChurnModelKind(provenance["kind"])
+        if kind is ChurnModelKind.TREES:
+            return save_trees(path, TreeEnsemble.from_arrays(arrays), provenance)
         net = arrays_to_model(build_churn_model(kind, int(provenance["input_dim"])), arrays)
         return save_model(path, net, provenance)
 
