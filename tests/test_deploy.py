@@ -358,6 +358,7 @@ def test_a_node_with_an_unregistered_key_is_refused_while_a_registered_one_conne
     assert_all_gone(tmp_path)
 
 
+@pytest.mark.extended
 @pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_a_node_that_fails_to_start_is_reported_and_every_process_is_stopped(
@@ -380,6 +381,7 @@ def test_a_node_that_fails_to_start_is_reported_and_every_process_is_stopped(
     assert_all_gone(tmp_path)
 
 
+@pytest.mark.extended
 @pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_an_interrupt_once_the_nodes_are_up_stops_every_process(tmp_path: Path) -> None:

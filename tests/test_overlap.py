@@ -400,6 +400,7 @@ def test_an_overlap_column_must_be_a_declared_phone_id_or_email(
 
 
 
+@pytest.mark.extended
 @pytest.mark.slow
 @pytest.mark.data
 def test_fedcrm_overlap_counts_two_simulated_telco_firms_in_flowers_simulation_engine(

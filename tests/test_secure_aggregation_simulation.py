@@ -24,7 +24,7 @@ from fedcrm.protocol import arrays_hash
 from fedcrm.server.secure_sum import TRAINING_SCALE
 from fedcrm.simulations.run import SimulationConfig, SimulationSection, simulate
 
-pytestmark = [pytest.mark.slow, pytest.mark.data]
+pytestmark = [pytest.mark.slow, pytest.mark.extended, pytest.mark.data]
 
 MESSAGES = {
     "query.describe": "describe", "train": "train", "evaluate": "evaluate",

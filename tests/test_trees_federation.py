@@ -34,7 +34,7 @@ from fedcrm.simulations.run import (
 )
 from fedcrm.tasks.churn import layout_from_config
 
-pytestmark = [pytest.mark.slow]
+pytestmark = [pytest.mark.slow, pytest.mark.extended]
 
 ROUNDS, DEPTH = 2, 2
 
