@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import shutil
 import sys
 import time
@@ -272,6 +273,22 @@ def _ray_init_args(sim: SimulationSection, *, verbose: bool = False) -> dict[str
     }
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+class _PlainText(logging.Filter):
+    """Strip ANSI colour codes from a record (Ray colours the tracebacks it forwards); a filter,
+    not a formatter, because Ray replaces the formatters of its logger's handlers."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if "\x1b[" in message:
+            record.msg, record.args = _ANSI.sub("", message), ()
+        if record.exc_text and "\x1b[" in record.exc_text:
+            record.exc_text = _ANSI.sub("", record.exc_text)
+        return True
+
+
 @contextlib.contextmanager
 def engine_logs(log_file: Path, *, verbose: bool = False) -> Iterator[Path]:
     """Send Flower's and Ray's log lines and Python warnings to ``log_file`` for the duration.
@@ -286,6 +303,7 @@ def engine_logs(log_file: Path, *, verbose: bool = False) -> Iterator[Path]:
     file_handler = logging.FileHandler(log_file, encoding="utf-8")
     file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     file_handler.setLevel(logging.DEBUG if verbose else logging.INFO)
+    file_handler.addFilter(_PlainText())
     flwr_logger = logging.getLogger("flwr")
     consoles = [h for h in flwr_logger.handlers if type(h).__name__ == "ConsoleHandler"]
     colours = {h: getattr(h, "colored", None) for h in consoles}
