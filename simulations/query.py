@@ -86,6 +86,8 @@ def simulate_query(
     if not result_path.exists():
         raise RuntimeError(f"the query wrote no {RESULT_JSON} in {run_dir}; see its events.jsonl")
     result: dict[str, Any] = json.loads(result_path.read_text())
-    result["timings"] = {"prepare_seconds": round(prepared - started, 3),
-                         "query_seconds": round(time.perf_counter() - prepared, 3)}
+    result["harness_timings"] = {
+        "prepare_seconds": round(prepared - started, 3),
+        "engine_and_query_seconds": round(time.perf_counter() - prepared, 3),
+    }
     return run_dir, result
