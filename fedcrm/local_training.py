@@ -62,7 +62,7 @@ def train_local(
     epsilon = check_epsilon(epsilon)
     out = check_output_file(Path(out), what="--out model file")
     torch.set_num_threads(1)
-    node = FirmNode(cfg, keys or load_keys(cfg.firm.keys_dir))
+    node = FirmNode(cfg, keys or load_keys(cfg.firm.keys_dir, firm=cfg.firm.name))
     spent_before = node.privacy.spent()
     settings = cfg.training
     kind = ChurnModelKind(model_kind or settings.model)

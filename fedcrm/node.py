@@ -184,7 +184,7 @@ class FirmNode:
         node = _NODES.get(key)
         if node is None:
             cfg = load_firm_config(path)
-            node = cls(cfg, load_keys(cfg.firm.keys_dir))
+            node = cls(cfg, load_keys(cfg.firm.keys_dir, firm=cfg.firm.name))
             _NODES[key] = node
         return node
 

@@ -40,7 +40,7 @@ def score_customers(
     cfg: FirmConfig, *, model_path: Path, keys: FirmKeys | None = None
 ) -> pd.DataFrame:
     """The churn early-warning list for the firm's own customers, sorted by risk."""
-    keys = keys or load_keys(cfg.firm.keys_dir)
+    keys = keys or load_keys(cfg.firm.keys_dir, firm=cfg.firm.name)
     keys.require_signing_key(cfg.firm.keys_dir)  # fail closed, like every firm command
     predict, provenance = load_churn_predictor(model_path)
     layout = layout_from_config(cfg)
@@ -116,7 +116,7 @@ def contact_list(
     the risk list, in the risk list's order. Returns the list and how many listed customers were
     not found in the export (gone since it was scored). Runs only where the keys are.
     """
-    keys = keys or load_keys(cfg.firm.keys_dir)
+    keys = keys or load_keys(cfg.firm.keys_dir, firm=cfg.firm.name)
     keys.require_signing_key(cfg.firm.keys_dir)  # fail closed, like every firm command
     if TableName.CUSTOMERS not in cfg.tables:
         raise ConfigError(f"firm '{cfg.firm.name}' has no customers table to join a risk list to")

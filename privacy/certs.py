@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -97,7 +98,7 @@ def _read_private_key(path: Path) -> ec.EllipticCurvePrivateKey:
         )
     try:
         key = serialization.load_pem_private_key(path.read_bytes(), password=None)
-    except ValueError:
+    except (ValueError, TypeError, UnsupportedAlgorithm):
         raise KeyFileError(f"{path} is not an unencrypted PEM private key") from None
     if not isinstance(key, ec.EllipticCurvePrivateKey):
         raise KeyFileError(f"{path} is not an EC private key; regenerate it with `fedcrm certs ca`")
@@ -188,7 +189,7 @@ def issue_server_cert(
     ca_key = _read_private_key(Path(ca.key))
     try:
         ca_cert = x509.load_pem_x509_certificate(Path(ca.cert).read_bytes())
-    except (OSError, ValueError):
+    except (OSError, ValueError, TypeError, UnsupportedAlgorithm):
         raise KeyFileError(
             f"{ca.cert} is not a PEM certificate; recreate the CA with `fedcrm certs ca`"
         ) from None

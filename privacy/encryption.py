@@ -155,8 +155,10 @@ def _read_header(fh: BinaryIO, path: Path) -> tuple[dict[str, object], bytes]:
         raise DecryptionError(f"{path} is truncated inside its header")
     try:
         header = json.loads(header_bytes)
-    except json.JSONDecodeError:
+    except ValueError:  # not JSON, or not UTF-8 (UnicodeDecodeError)
         raise DecryptionError(f"{path} has a corrupt header") from None
+    if not isinstance(header, dict):
+        raise DecryptionError(f"{path} has a corrupt header")
     return header, header_bytes
 
 

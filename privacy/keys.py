@@ -36,6 +36,7 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
 
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
@@ -231,7 +232,7 @@ def _load_agreement_key(keys_dir: Path) -> X25519PrivateKey | None:
         return None
     try:
         loaded = serialization.load_pem_private_key(_read_secret(path), password=None)
-    except ValueError:
+    except (ValueError, TypeError, UnsupportedAlgorithm):
         raise KeyFileError(f"{path} is not a PEM private key") from None
     if not isinstance(loaded, X25519PrivateKey):
         raise KeyFileError(f"{path} is not an X25519 key")
@@ -427,6 +428,16 @@ def _meta(keys_dir: Path) -> dict[str, object]:
                            "the key directory") from None
     if not isinstance(meta, dict):
         raise KeyFileError(f"{path} must hold a JSON object")
+    ids = meta.get("key_ids")
+    if (
+        not isinstance(meta.get("firm"), str) or not meta["firm"]
+        or not all(f in meta for f in ("data_version", "pseudonym_version"))
+        or not isinstance(ids, dict)
+        or not all(isinstance(ids.get(k), list) for k in ("data", "pseudonym"))
+    ):
+        # a renamed or dropped field must not turn a check off (the key ids guard the key files)
+        raise KeyFileError(f"{path} is damaged (firm, key versions or key ids missing or of the "
+                           "wrong type); restore it from the backup of the key directory")
     return meta
 
 
@@ -512,10 +523,20 @@ def init_keys(keys_dir: Path, *, firm: str, force: bool = False) -> FirmKeys:
     return keys
 
 
-def load_keys(keys_dir: Path, *, data_version: int | None = None) -> FirmKeys:
-    """Load a firm's keys from its key directory; environment variables override the files."""
+def load_keys(
+    keys_dir: Path, *, data_version: int | None = None, firm: str | None = None
+) -> FirmKeys:
+    """Load a firm's keys from its key directory; environment variables override the files.
+
+    ``firm``: the firm the caller's config names; keys made for another firm are refused."""
     meta = _meta(keys_dir)
-    firm = str(meta.get("firm", ""))
+    owner = str(meta.get("firm", ""))
+    if firm is not None and owner != firm:
+        raise KeyFileError(
+            f"the keys in {keys_dir} belong to firm '{owner}', but the config names another "
+            "firm; point [firm] keys_dir at this firm's own key folder"
+        )
+    firm = owner
     p_ver = _meta_version(meta, "pseudonym_version", keys_dir)
     d_ver = data_version if data_version is not None else _meta_version(
         meta, "data_version", keys_dir
@@ -555,7 +576,7 @@ def load_keys(keys_dir: Path, *, data_version: int | None = None) -> FirmKeys:
     if sign_path.exists():
         try:
             loaded = serialization.load_pem_private_key(_read_secret(sign_path), password=None)
-        except ValueError:
+        except (ValueError, TypeError, UnsupportedAlgorithm):
             raise KeyFileError(f"{sign_path} is not a PEM private key") from None
         if not isinstance(loaded, Ed25519PrivateKey):
             raise KeyFileError(f"{sign_path} is not an Ed25519 key")
@@ -610,7 +631,7 @@ def load_signing_key(path: Path) -> Ed25519PrivateKey:
     """An Ed25519 private key from a 0600 PEM file (e.g. the coordinator's signing key)."""
     try:
         loaded = serialization.load_pem_private_key(_read_secret(path), password=None)
-    except ValueError:
+    except (ValueError, TypeError, UnsupportedAlgorithm):
         raise KeyFileError(f"{path} is not a PEM private key") from None
     if not isinstance(loaded, Ed25519PrivateKey):
         raise KeyFileError(f"{path} is not an Ed25519 key")
@@ -643,7 +664,7 @@ def write_signing_key(path: Path, *, force: bool = False) -> Ed25519PrivateKey:
 def load_public_key(path: Path) -> Ed25519PublicKey:
     try:
         loaded = serialization.load_pem_public_key(path.read_bytes())
-    except (OSError, ValueError):
+    except (OSError, ValueError, TypeError, UnsupportedAlgorithm):
         raise KeyFileError(f"{path} is not a readable PEM public key") from None
     if not isinstance(loaded, Ed25519PublicKey):
         raise KeyFileError(f"{path} is not an Ed25519 public key")

@@ -249,7 +249,7 @@ def budget_status(
         from fedcrm.release import FirmPrivacy
 
         cfg = load_firm_config(config)
-        book = FirmPrivacy(cfg, load_keys(cfg.firm.keys_dir)).ledger
+        book = FirmPrivacy(cfg, load_keys(cfg.firm.keys_dir, firm=cfg.firm.name)).ledger
     else:
         assert ledger is not None
         sidecar = ledger.with_name(ledger.name + ".budget.json")
@@ -296,7 +296,7 @@ def budget_raise(
     from fedcrm.release import FirmPrivacy
 
     cfg = load_firm_config(config)
-    privacy = FirmPrivacy(cfg, load_keys(cfg.firm.keys_dir), govern=False)
+    privacy = FirmPrivacy(cfg, load_keys(cfg.firm.keys_dir, firm=cfg.firm.name), govern=False)
     old = privacy.ledger.budget
     new = _budget_argument(epsilon, old.delta if delta is None else delta)
     privacy.raise_cap(new, reason=reason)
@@ -316,7 +316,7 @@ def budget_rebuild(config: Annotated[Path, typer.Option(help="the firm's config"
     from fedcrm.release import rebuild_ledger
 
     cfg = load_firm_config(config)
-    releases, budget = rebuild_ledger(cfg, load_keys(cfg.firm.keys_dir))
+    releases, budget = rebuild_ledger(cfg, load_keys(cfg.firm.keys_dir, firm=cfg.firm.name))
     cap = "no budget recorded yet" if budget is None else f"cap ε={budget.epsilon:g}"
     out.print(
         f"rebuilt {cfg.budget_files().ledger} from the signed audit log: {releases} releases, "

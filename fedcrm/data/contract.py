@@ -211,7 +211,7 @@ class TableSpec(BaseModel):
 class FirmSection(BaseModel):
     model_config = _FROZEN
 
-    name: str = Field(pattern=r"^[A-Za-z0-9_-]+$")
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]+$", max_length=63)
     keys_dir: Path
     store_dir: Path
     audit_log: Path | None = Field(default=None, description="default: <store_dir>/audit.jsonl")

@@ -424,6 +424,13 @@ def _swap_in(staging: Path, target: Path) -> None:
     fsync_dir(target.parent)
 
 
+# every field prepare writes, so that a renamed or dropped field is damage, not a default
+_MANIFEST_FIELDS: dict[str, type | tuple[type, ...]] = {
+    "format": int, "firm": str, "created": str, "fedcrm_version": str, "config_sha256": str,
+    "key_ids": dict, "tables": dict, "quarantine": dict, "store_hash": str,
+}
+
+
 def read_manifest(prepared_dir: Path) -> dict[str, Any]:
     """The store's manifest, checked to have the fields every reader relies on."""
     path = prepared_dir / MANIFEST
@@ -438,7 +445,8 @@ def read_manifest(prepared_dir: Path) -> dict[str, Any]:
     tables = data.get("tables") if isinstance(data, dict) else None
     if (
         not isinstance(tables, dict)
-        or not isinstance(data.get("firm"), str)
+        or any(not isinstance(data.get(k), t) for k, t in _MANIFEST_FIELDS.items())
+        or data.get("format") != 1
         or not isinstance(data.get("store_hash"), str)
         or not isinstance(tables.get("features"), dict)
         or not all(isinstance(v, dict) for v in tables.values())
