@@ -59,7 +59,12 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import Tensor, nn
 
-from fedcrm.learning.settings import LOCAL_TRAINING, DpOptimizer
+from fedcrm.learning.settings import (
+    BUDGET_SCHEDULE,
+    LOCAL_TRAINING,
+    BudgetSchedule,
+    DpOptimizer,
+)
 from fedcrm.privacy.accounting import (
     ContextValue,
     DpEvent,
@@ -88,10 +93,8 @@ _ELEMENTWISE: tuple[type[nn.Module], ...] = (
 )
 
 
-# Defaults: the local-training profile, declared once in fedcrm.learning.settings.
-DEFAULT_EPOCHS = LOCAL_TRAINING.epochs
-DEFAULT_BATCH_SIZE = LOCAL_TRAINING.batch_size
-DEFAULT_LEARNING_RATE = LOCAL_TRAINING.learning_rate
+# Defaults: the local-training profile, declared once in fedcrm.learning.settings (its epochs,
+# batch size and learning rate are unset: plan_for_budget derives them by BUDGET_SCHEDULE).
 DEFAULT_MAX_GRAD_NORM = LOCAL_TRAINING.max_grad_norm
 DEFAULT_OPTIMIZER = LOCAL_TRAINING.optimizer
 
@@ -243,36 +246,75 @@ def as_noise_source(generator: NoiseSource | torch.Generator) -> NoiseSource:
     return generator
 
 
+#: Sampling rate at which :func:`schedule_sample_rate` reads the accountant's noise per unit rate.
+_REFERENCE_RATE = 0.5
+
+
+def schedule_sample_rate(
+    *,
+    target_epsilon: float,
+    delta: float,
+    steps: int,
+    noise_multiplier: float = BUDGET_SCHEDULE.noise_multiplier,
+    prior_events: Sequence[DpEvent] = (),
+) -> float:
+    """The budget rule's sampling rate: ``q = noise_multiplier / s``, ``s`` the noise multiplier
+    per unit rate that fits ``target_epsilon`` at ``q = 0.5`` over ``steps`` steps.
+
+    Under Poisson sampling ``σ/q`` (the noise on the averaged gradient, times ``n/C``) falls as
+    ``q`` grows and is flat once ``σ`` is about 3, so this is the smallest rate whose noise is
+    within a few percent of the least ``target_epsilon`` allows at ``steps`` steps
+    (``fedcrm.learning.settings``, rule step 2). At most 1.
+    """
+    per_rate = calibrate_noise(
+        target_epsilon=target_epsilon, delta=delta, sample_rate=_REFERENCE_RATE, steps=steps,
+        prior_events=tuple(prior_events),
+    ) / _REFERENCE_RATE
+    return min(1.0, noise_multiplier / per_rate)
+
+
 def plan_for_budget(
     *,
     n_examples: int,
     target_epsilon: float,
     delta: float,
-    epochs: float = DEFAULT_EPOCHS,
-    batch_size: int = DEFAULT_BATCH_SIZE,
+    epochs: float | None = None,
+    batch_size: int | None = None,
     max_grad_norm: float = DEFAULT_MAX_GRAD_NORM,
-    learning_rate: float = DEFAULT_LEARNING_RATE,
+    learning_rate: float | None = None,
     rounds: int = 1,
     prior_events: Sequence[DpEvent] = (),
+    hidden_layers: bool = False,
+    schedule: BudgetSchedule = BUDGET_SCHEDULE,
 ) -> DpPlan:
     """Calibrate the noise of a whole DP-SGD plan so that it fits ``target_epsilon`` by design.
 
     ``target_epsilon`` is the firm's TOTAL cap: ``prior_events`` (what the firm already spent) are
     composed with ``rounds`` rounds of ``ceil(epochs / q)`` local steps each, ``q = min(1,
-    batch_size / n_examples)``. Raises :class:`PlanDoesNotFit` naming the numbers when the inputs
-    are unusable or no noise level fits.
+    batch_size / n_examples)``.
+
+    Left unset (``None``, the local-training default), the budget rule ``schedule`` sizes the run
+    (``fedcrm.learning.settings``): ``schedule.steps`` steps unless both ``epochs`` and
+    ``batch_size`` are given; ``q`` from :func:`schedule_sample_rate` unless ``batch_size`` is
+    given (or ``epochs`` alone is: then ``q = epochs / steps``); learning rate
+    ``schedule.travel / steps``, or ``schedule.hidden_travel / steps`` for a model with
+    ``hidden_layers`` (the MLP).
+
+    Raises :class:`PlanDoesNotFit` naming the numbers when the inputs are unusable or no noise
+    level fits.
     """
     if n_examples < 1:
         raise PlanDoesNotFit(
             f"DP training plan needs at least 1 customer, got n={n_examples}; "
             "check the firm's prepared store"
         )
-    if batch_size < 1 or not epochs > 0 or rounds < 1:
+    if (batch_size is not None and batch_size < 1) or (epochs is not None and not epochs > 0) \
+            or rounds < 1:
         raise PlanDoesNotFit(
             f"DP training plan needs batch_size ≥ 1, epochs > 0 and rounds ≥ 1; got "
             f"batch_size={batch_size}, epochs={epochs}, rounds={rounds}; fix the training config"
         )
-    if not max_grad_norm > 0 or not learning_rate > 0:
+    if not max_grad_norm > 0 or (learning_rate is not None and not learning_rate > 0):
         raise PlanDoesNotFit(
             f"DP training plan needs max_grad_norm > 0 and learning_rate > 0; got "
             f"max_grad_norm={max_grad_norm}, learning_rate={learning_rate}; fix the training config"
@@ -287,8 +329,19 @@ def plan_for_budget(
             f"δ={delta:g} must lie in (0, 1/n) = (0, {1.0 / n_examples:.3g}) for n={n_examples} "
             "customers; a δ that large would allow leaking whole records. Lower delta in the config"
         )
-    sample_rate = min(1.0, batch_size / n_examples)
-    steps = max(1, math.ceil(epochs / sample_rate - 1e-9))
+    if batch_size is not None:
+        sample_rate = min(1.0, batch_size / n_examples)
+    elif epochs is not None:
+        sample_rate = min(1.0, epochs / schedule.steps)
+    else:
+        sample_rate = schedule_sample_rate(
+            target_epsilon=target_epsilon, delta=delta, steps=schedule.steps * rounds,
+            noise_multiplier=schedule.noise_multiplier, prior_events=prior_events,
+        )
+    if epochs is not None:
+        steps = max(1, math.ceil(epochs / sample_rate - 1e-9))
+    else:
+        steps = schedule.steps
     noise_multiplier = calibrate_noise(
         target_epsilon=target_epsilon,
         delta=delta,
@@ -301,9 +354,10 @@ def plan_for_budget(
         sample_rate=sample_rate,
         noise_multiplier=float(noise_multiplier),
         max_grad_norm=float(max_grad_norm),
-        learning_rate=float(learning_rate),
+        learning_rate=float(learning_rate if learning_rate is not None
+                            else schedule.learning_rate(steps, hidden_layers=hidden_layers)),
         delta=float(delta),
-        epochs=float(epochs),
+        epochs=float(epochs if epochs is not None else steps * sample_rate),
         rounds=int(rounds),
         expected_batch=float(n_examples * sample_rate),
     )
@@ -767,6 +821,7 @@ def train_dp(
     plan: DpPlan,
     generator: NoiseSource | torch.Generator,
     optimizer: DpOptimizer | str = DEFAULT_OPTIMIZER,
+    average_tail: float = 0.0,
     proximal: tuple[Sequence[Tensor], float] | None = None,
 ) -> TrainStats:
     """Run ONE round of ``plan`` (``plan.steps`` DP-SGD steps) on ``(X, y)``, in place on ``model``.
@@ -774,6 +829,11 @@ def train_dp(
     ``generator`` is where all the run's randomness comes from: :func:`noise_generator` (ChaCha20,
     a fresh key) in production; a seeded ``torch.Generator`` or :class:`SeededNoise` only in tests
     and benchmarks that must be reproducible.
+
+    ``average_tail``: the model left in ``model`` is the mean of the iterates after each of the
+    last ``ceil(average_tail · plan.steps)`` steps (0: the last iterate). Like the optimizer it only
+    post-processes the privatised gradients, so it costs no privacy; ``fedcrm train`` averages
+    the second half (:data:`fedcrm.learning.settings.LOCAL_TRAINING`).
 
     ``proximal=(global_weights, mu)`` adds the FedProx pull ``mu·(w − w_global)`` to the
     privatised gradient (it does not touch the data, so it costs no privacy); ``global_weights``
@@ -783,6 +843,8 @@ def train_dp(
     :meth:`DpPlan.round_event`.
     """
     _check_data(X, y)
+    if not 0.0 <= average_tail < 1.0:
+        raise ValueError(f"average_tail must lie in [0, 1), got {average_tail}")
     start = time.perf_counter()
     n = X.shape[0]
     q = plan.sample_rate
@@ -804,10 +866,14 @@ def train_dp(
     empty = 0
     seen = 0
     loss_total = torch.zeros(())
+    average_from = plan.steps - math.ceil(average_tail * plan.steps)
+    averaged: list[Tensor] = []
+    current = [p.detach() for p in params]  # views: always the latest iterate
     # zip takes each step's batch before its noise: a block of sampling, then a block of noise.
-    for idx, flat_noise in zip(poisson_batches(n, q, plan.steps, source),
-                               _step_noise(source, total, plan.steps, params[0].dtype),
-                               strict=True):
+    for step, (idx, flat_noise) in enumerate(zip(
+            poisson_batches(n, q, plan.steps, source),
+            _step_noise(source, total, plan.steps, params[0].dtype),
+            strict=True)):
         batch = int(idx.numel())
         if batch == 0:
             empty += 1
@@ -826,6 +892,15 @@ def train_dp(
         torch._foreach_div_(grads, expected_batch)
         _add_proximal(grads, params, anchors, mu)
         opt.step(grads)
+        if step >= average_from:
+            with torch.no_grad():
+                if not averaged:
+                    averaged = [p.detach().clone() for p in params]
+                else:  # running mean: a += (p - a) / count
+                    torch._foreach_lerp_(averaged, current, 1.0 / (step - average_from + 1))
+    if averaged:
+        with torch.no_grad():
+            torch._foreach_copy_(current, averaged)
 
     return TrainStats(
         steps=plan.steps,
@@ -842,16 +917,16 @@ def train_non_dp(
     y: Tensor,
     *,
     per_sample_loss: PerSampleLoss,
-    epochs: float = DEFAULT_EPOCHS,
-    batch_size: int = DEFAULT_BATCH_SIZE,
-    learning_rate: float = DEFAULT_LEARNING_RATE,
+    epochs: float,
+    batch_size: int,
+    learning_rate: float,
     generator: torch.Generator,
     optimizer: DpOptimizer | str = DEFAULT_OPTIMIZER,
     proximal: tuple[Sequence[Tensor], float] | None = None,
 ) -> TrainStats:
     """Plain minibatch training (shuffled each epoch, no privacy): the baseline DP-SGD is compared
     with. Runs ``ceil(epochs · n / batch_size)`` steps on the mean per-example loss, with the same
-    optimizers as :func:`train_dp`.
+    optimizers as :func:`train_dp`. No default schedule: a baseline states what it ran.
     """
     _check_data(X, y)
     start = time.perf_counter()
