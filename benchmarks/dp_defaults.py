@@ -10,8 +10,16 @@ small firms too.
 For each candidate :class:`fedcrm.learning.settings.BudgetSchedule` (steps, target noise
 multiplier, travel for models without / with hidden layers) and averaged tail, both churn models
 are trained at ε = 1 and ε = 4 (δ = 1e-5) over several seeds; the score of a run is its DEV AUC
-minus that of scikit-learn's logistic regression (C = 1) on the same TRAIN rows. Candidates are
-ranked by the mean gap over tables, sizes, ε and seeds, logistic regression and MLP separately.
+minus that of scikit-learn's logistic regression (C = 1) on the same TRAIN rows. The printout
+gives each candidate's mean and worst gap over tables, sizes and ε (mean over seeds), logistic
+regression and MLP separately, and marks the shipped default with ``*``.
+
+How the shipped rule was chosen from this record: by the mean gap of both models over the seven
+problems other than MLC churn subsampled to 1,000 customers at ε = 1, where a run's AUC depends
+mostly on its noise draw (0.49 to 0.79 across three seeds of one candidate), so it cannot rank
+candidates. Before this grid, exploratory runs on the same splits (same protocol) tried steps
+300-10,000, travel 10-300, target σ 1-3, clipping norm 0.3-3 and no / tail / exponential
+averaging; they fixed clip 1, Adam, tail averaging and the 3,000 steps tried here.
 
 Run: ``python benchmarks/dp_defaults.py [--seeds 3]`` (not ``-m``); writes
 ``benchmarks/results/dp_defaults.json``.
@@ -45,21 +53,19 @@ RESULTS = Path(__file__).parent / "results" / "dp_defaults.json"
 DELTA = 1e-5
 SMALL_FIRM = 1000
 
-#: (label, schedule, averaged tail). The first is the shipped default.
+#: (label, schedule, averaged tail): explicit values, so that this record keeps its meaning when
+#: the shipped default (:data:`BUDGET_SCHEDULE`, marked in the output) changes.
+_BASE = BudgetSchedule(steps=3000, noise_multiplier=3.0, travel=100.0, hidden_travel=30.0)
 CANDIDATES: tuple[tuple[str, BudgetSchedule, float], ...] = (
-    ("shipped", BUDGET_SCHEDULE, LOCAL_TRAINING.average_tail),
-    ("no averaging", BUDGET_SCHEDULE, 0.0),
-    ("averaged quarter", BUDGET_SCHEDULE, 0.25),
-    ("half the travel", BUDGET_SCHEDULE.model_copy(update={
-        "travel": BUDGET_SCHEDULE.travel / 2, "hidden_travel": BUDGET_SCHEDULE.hidden_travel / 2,
-    }), LOCAL_TRAINING.average_tail),
-    ("twice the travel", BUDGET_SCHEDULE.model_copy(update={
-        "travel": BUDGET_SCHEDULE.travel * 2, "hidden_travel": BUDGET_SCHEDULE.hidden_travel * 2,
-    }), LOCAL_TRAINING.average_tail),
-    ("1,000 steps", BUDGET_SCHEDULE.model_copy(update={"steps": 1000}),
-     LOCAL_TRAINING.average_tail),
-    ("noise multiplier 3", BUDGET_SCHEDULE.model_copy(update={"noise_multiplier": 3.0}),
-     LOCAL_TRAINING.average_tail),
+    ("T3000 σ3 travel 100/30 avg½", _BASE, 0.5),
+    ("T3000 σ2 travel 100/30 avg½", _BASE.model_copy(update={"noise_multiplier": 2.0}), 0.5),
+    ("σ2, no averaging", _BASE.model_copy(update={"noise_multiplier": 2.0}), 0.0),
+    ("σ2, averaged ¼", _BASE.model_copy(update={"noise_multiplier": 2.0}), 0.25),
+    ("σ2, travel 50/15", _BASE.model_copy(update={
+        "noise_multiplier": 2.0, "travel": 50.0, "hidden_travel": 15.0}), 0.5),
+    ("σ2, travel 200/60", _BASE.model_copy(update={
+        "noise_multiplier": 2.0, "travel": 200.0, "hidden_travel": 60.0}), 0.5),
+    ("σ2, T1000", _BASE.model_copy(update={"noise_multiplier": 2.0, "steps": 1000}), 0.5),
 )
 
 
@@ -116,6 +122,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     problems = development_problems()
     rows = []
     for label, schedule, tail in CANDIDATES:
+        shipped = schedule == BUDGET_SCHEDULE and tail == LOCAL_TRAINING.average_tail
         for kind in ChurnModelKind:
             gaps = []
             for problem in problems:
@@ -125,11 +132,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     gap = problem["reference_auc"] - float(np.mean(aucs))
                     gaps.append(gap)
                     rows.append({"candidate": label, "schedule": schedule.model_dump(),
-                                 "average_tail": tail, "model": kind.value,
+                                 "average_tail": tail, "shipped": shipped, "model": kind.value,
                                  "table": problem["table"], "n": problem["n"], "epsilon": eps,
                                  "reference_auc": problem["reference_auc"], "dp_aucs": aucs,
                                  "gap": gap})
-            print(f"{label:18} {kind.value:8} mean gap {np.mean(gaps):.4f}  worst "
+            mark = "*" if shipped else " "
+            print(f"{mark}{label:28} {kind.value:8} mean gap {np.mean(gaps):.4f}  worst "
                   f"{np.max(gaps):.4f}  ({' '.join(f'{g:.3f}' for g in gaps)})", flush=True)
     summary: dict[str, dict[str, float]] = {}
     for label, _, _ in CANDIDATES:

@@ -20,14 +20,14 @@ their declared ranges:
 
 1. **Steps**: ``T = steps`` (3,000), whatever ``n``: how far the optimizer gets depends on the
    number of steps, not on the data's size.
-2. **Sampling rate**: ``q = noise_multiplier / s`` (target ``σ = 2``), where ``s`` is the noise
+2. **Sampling rate**: ``q = noise_multiplier / s`` (target ``σ = 3``), where ``s`` is the noise
    multiplier per unit sampling rate that the accountant gives for this ε, δ and ``T`` at
    ``q = 0.5``. Under Poisson sampling ``σ/q`` - the noise on the averaged gradient is
-   ``σC/(qn)`` - falls as ``q`` grows and flattens once ``σ`` is about 2, so this is about the
-   smallest rate whose noise is within 8% of the least that ε allows at ``T`` steps; a larger
-   batch would only cost time. Batch size ``= q·n``; epochs ``= q·T``: 27 at ε = 1, 95 at ε = 4
-   (δ = 1e-5), for any ``n`` (compute grows with ``n·ε``: a firm with millions of customers may
-   set ``batch_size`` to bound it).
+   ``σC/(qn)`` - falls as ``q`` grows and flattens once ``σ`` is about 3, so this is about the
+   smallest rate whose noise is within 4% of the least that ε allows at ``T`` steps; a larger
+   batch would only cost time. Batch size ``= q·n``; epochs ``= q·T``: 41 at ε = 1, 142 at
+   ε = 4 (δ = 1e-5), for any ``n`` (compute grows with ``n`` and ε: a firm with millions of
+   customers may set ``batch_size`` to bound it).
 3. **Step size**: Adam at ``learning_rate = travel / T``. Adam's step is scale-free (it divides
    by the gradient's running RMS, which under DP is mostly the noise), so the distance a weight
    can move, ``travel``, needs no tuning to ``n``, ε or the features' scale: 100 for a model
@@ -120,7 +120,7 @@ class FixedDpSgdSettings(DpSgdSettings):
     learning_rate: LearningRate
 
 
-BUDGET_SCHEDULE = BudgetSchedule(steps=3000, noise_multiplier=2.0, travel=100.0,
+BUDGET_SCHEDULE = BudgetSchedule(steps=3000, noise_multiplier=3.0, travel=100.0,
                                  hidden_travel=30.0)
 
 LOCAL_TRAINING = DpSgdSettings(
