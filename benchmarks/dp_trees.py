@@ -198,10 +198,14 @@ def dp_lr_auc(x: np.ndarray, y: np.ndarray, x_eval: np.ndarray, y_eval: np.ndarr
     from fedcrm.learning.dp_engine import plan_for_budget, train_dp
     from fedcrm.learning.models import build_churn_model, churn_per_sample_loss, predict_proba
 
+    from fedcrm.learning.settings import LOCAL_TRAINING
+
+    # `fedcrm train`'s shipped defaults: the budget rule sizes the run, the tail is averaged
     plan = plan_for_budget(n_examples=len(x), target_epsilon=epsilon, delta=DELTA)
     model = build_churn_model("logistic", x.shape[1], seed=seed)
     train_dp(model, torch.as_tensor(x), torch.as_tensor(y), per_sample_loss=churn_per_sample_loss,
-             plan=plan, generator=torch.Generator().manual_seed(seed))
+             plan=plan, generator=torch.Generator().manual_seed(seed),
+             optimizer=LOCAL_TRAINING.optimizer, average_tail=LOCAL_TRAINING.average_tail)
     return auc(predict_proba(model, x_eval), y_eval)
 
 

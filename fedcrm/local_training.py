@@ -65,6 +65,7 @@ def train_local(
     node = FirmNode(cfg, keys or load_keys(cfg.firm.keys_dir, firm=cfg.firm.name))
     spent_before = node.privacy.spent()
     settings = cfg.training
+    dp_sgd = settings.dp_sgd
     kind = ChurnModelKind(model_kind or settings.model)
     data = node.task_data(task)
     if kind is ChurnModelKind.TREES:
@@ -75,8 +76,8 @@ def train_local(
     data.check_local_training()  # before any plan or noise: a refusal spends nothing
     problem = data.training_problem(model=kind, seed=settings.seed)
     plan = plan_dp_sgd(
-        node.privacy, n_examples=len(problem.y), epsilon=epsilon, settings=settings.dp_sgd,
-        whole=True,
+        node.privacy, n_examples=len(problem.y), epsilon=epsilon, settings=dp_sgd, whole=True,
+        hidden_layers=not isinstance(problem.model, torch.nn.Linear),
     )
     event = plan.round_event(purpose=f"train:{task.value}:local", context={"task": task.value})
 
@@ -88,7 +89,8 @@ def train_local(
             per_sample_loss=problem.loss,
             plan=plan,
             generator=noise_generator(),
-            optimizer=settings.optimizer,
+            optimizer=dp_sgd.optimizer,
+            average_tail=dp_sgd.average_tail,
         )
         return model_to_arrays(problem.model)
 

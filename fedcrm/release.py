@@ -248,8 +248,13 @@ def plan_dp_sgd(
     rounds: int = 1,
     whole: bool = False,
     also_planned: Sequence[DpEvent] = (),
+    hidden_layers: bool = False,
 ) -> DpPlan:
     """Calibrate DP-SGD so that ``rounds`` rounds add at most ``epsilon`` to the firm's total.
+
+    ``settings`` left unset (epochs, batch size, learning rate: ``fedcrm train``'s defaults) are
+    derived by the budget rule of :mod:`fedcrm.learning.settings`; ``hidden_layers``: the model
+    has hidden layers (the rule's learning rate differs).
 
     ``also_planned``: releases the same plan will make besides training (e.g. a run's
     evaluations); the training noise is calibrated so that everything fits together.
@@ -288,6 +293,7 @@ def plan_dp_sgd(
         learning_rate=settings.learning_rate,
         rounds=rounds,
         prior_events=(*privacy.ledger.events, *also_planned),
+        hidden_layers=hidden_layers,
     )
 
 

@@ -511,3 +511,110 @@ def test_secure_noise_over_many_blocked_steps_keeps_its_scale(
     # 8 independent steps: the sum of 8 draws, std √8 σC/(nq)
     expected = math.sqrt(8) * 1.5 * 2.0 / (1000 * 0.1)
     assert float(moved.std()) == pytest.approx(expected, rel=0.1)
+
+
+# --- the budget rule (fedcrm train's defaults) and tail averaging ---------------------------
+
+
+def test_budget_rule_sizes_a_run_from_n_and_epsilon_alone() -> None:
+    from fedcrm.learning.settings import BUDGET_SCHEDULE as rule
+
+    small = plan_for_budget(n_examples=2_000, target_epsilon=1.0, delta=1e-5)
+    large = plan_for_budget(n_examples=20_000, target_epsilon=1.0, delta=1e-5)
+    loose = plan_for_budget(n_examples=2_000, target_epsilon=4.0, delta=1e-5)
+    for plan in (small, large, loose):
+        assert plan.steps == rule.steps
+        assert plan.learning_rate == pytest.approx(rule.travel / rule.steps)
+        assert plan.epsilon() <= 1.0 + 1e-9 or plan is loose
+        # the sampling rate puts σ at about the rule's target, where σ/q has flattened out
+        assert plan.noise_multiplier == pytest.approx(rule.noise_multiplier, rel=0.15)
+        assert plan.epochs == pytest.approx(plan.steps * plan.sample_rate)
+    assert loose.epsilon() <= 4.0 + 1e-9
+    # the same rate whatever the firm's size: the batch grows with n, the steps do not
+    assert large.sample_rate == pytest.approx(small.sample_rate)
+    assert large.expected_batch == pytest.approx(10 * small.expected_batch)
+    # a looser budget buys a larger batch at the same noise multiplier
+    assert loose.sample_rate > 2 * small.sample_rate
+    mlp = plan_for_budget(n_examples=2_000, target_epsilon=1.0, delta=1e-5, hidden_layers=True)
+    assert mlp.learning_rate == pytest.approx(rule.hidden_travel / rule.steps)
+
+
+def test_noise_on_the_averaged_gradient_is_near_its_floor_at_the_rule_rate() -> None:
+    from fedcrm.learning.dp_engine import schedule_sample_rate
+    from fedcrm.privacy.accounting import calibrate_noise
+
+    steps = 1000
+    q = schedule_sample_rate(target_epsilon=1.0, delta=1e-5, steps=steps)
+    at_rule = calibrate_noise(target_epsilon=1.0, delta=1e-5, sample_rate=q, steps=steps) / q
+    floor = calibrate_noise(target_epsilon=1.0, delta=1e-5, sample_rate=0.9, steps=steps) / 0.9
+    assert floor <= at_rule <= 1.15 * floor
+
+
+def test_settings_given_replace_their_part_of_the_rule() -> None:
+    from fedcrm.learning.settings import BUDGET_SCHEDULE as rule
+
+    batch = plan_for_budget(n_examples=5_000, target_epsilon=1.0, delta=1e-5, batch_size=500)
+    assert batch.sample_rate == pytest.approx(0.1) and batch.steps == rule.steps
+    epochs = plan_for_budget(n_examples=5_000, target_epsilon=1.0, delta=1e-5, epochs=30)
+    assert epochs.steps == rule.steps and epochs.sample_rate == pytest.approx(30 / rule.steps)
+    both = plan_for_budget(n_examples=5_000, target_epsilon=1.0, delta=1e-5, epochs=2,
+                           batch_size=250, learning_rate=0.3)
+    assert both.steps == 40 and both.learning_rate == 0.3
+    assert both.learning_rate != plan_for_budget(
+        n_examples=5_000, target_epsilon=1.0, delta=1e-5, epochs=2, batch_size=250).learning_rate
+
+
+def test_fedcrm_train_defaults_leave_the_schedule_to_the_rule() -> None:
+    from fedcrm.data.contract import TrainingSection
+    from fedcrm.learning.settings import FEDERATED_ROUND, LOCAL_TRAINING
+
+    default = TrainingSection().dp_sgd
+    assert default == LOCAL_TRAINING
+    assert default.epochs is None and default.batch_size is None
+    assert default.learning_rate is None and default.average_tail > 0
+    assert TrainingSection(batch_size=128).dp_sgd.batch_size == 128
+    # the federated round is fixed by the run config, never derived, never averaged
+    assert FEDERATED_ROUND.epochs is not None and FEDERATED_ROUND.average_tail == 0.0
+
+
+@pytest.mark.parametrize("tail, averaged_steps", [(0.5, 3), (0.25, 2), (0.0, 0)])
+def test_average_tail_releases_the_mean_of_the_last_iterates(
+    monkeypatch: pytest.MonkeyPatch, tail: float, averaged_steps: int
+) -> None:
+    X, y = toy_data()
+    iterates: list[list[Tensor]] = []
+    plain_step = engine._Sgd.step
+
+    def recording_step(self: engine._Sgd, grads: list[Tensor]) -> None:
+        plain_step(self, grads)
+        iterates.append([p.detach().clone() for p in self.params])
+
+    monkeypatch.setattr(engine._Sgd, "step", recording_step)
+    model = build_churn_model("mlp", 5, seed=1)
+    train_dp(model, X, y, per_sample_loss=churn_per_sample_loss,
+             plan=exact_plan(6, 0.5, noise=1.0, clip=1.0, rate=0.5),
+             generator=torch.Generator().manual_seed(0), optimizer="sgd", average_tail=tail)
+    assert len(iterates) == 6
+    tail_iterates = iterates[6 - averaged_steps:] if averaged_steps else iterates[-1:]
+    expected = [torch.stack(ps).mean(0) for ps in zip(*tail_iterates, strict=True)]
+    for p, e in zip(model.parameters(), expected, strict=True):
+        torch.testing.assert_close(p.detach(), e, atol=1e-6, rtol=1e-5)
+
+
+def test_average_tail_outside_zero_to_one_is_refused() -> None:
+    X, y = toy_data()
+    with pytest.raises(ValueError, match="average_tail"):
+        train_dp(build_churn_model("logistic", 5), X, y, per_sample_loss=churn_per_sample_loss,
+                 plan=exact_plan(2, 0.1), generator=torch.Generator(), average_tail=1.0)
+
+
+def test_poisson_batches_are_the_same_draws_as_one_bernoulli_sequence() -> None:
+    """Step ``s``'s batch is the successes in positions ``[s·n, (s+1)·n)`` of one long
+    sequence, shifted to example numbers (the block's per-step slicing)."""
+    n, rate, steps = 50, 0.2, 30
+    batches = list(poisson_batches(n, rate, steps, torch.Generator().manual_seed(5)))
+    positions = engine._bernoulli_successes(
+        n * steps, rate, engine.SeededNoise(torch.Generator().manual_seed(5)))
+    for s, idx in enumerate(batches):
+        in_step = positions[(positions >= s * n) & (positions < (s + 1) * n)] - s * n
+        assert torch.equal(idx, in_step)

@@ -205,3 +205,32 @@ def test_a_churn_run_without_a_public_schema_is_refused() -> None:
 
     with pytest.raises(ConfigError, match="public feature schema"):
         RunConfig(task="churn").run_spec("r1")
+
+
+@pytest.mark.data
+def test_public_outcome_tables_encode_with_their_declared_layouts() -> None:
+    from fedcrm.simulations.datasets import (
+        OUTCOME_DATASETS,
+        DatasetRole,
+        Split,
+        load_outcomes,
+        load_telco,
+        telco_is_test,
+    )
+
+    assert {d.role for d in OUTCOME_DATASETS.values()} == set(DatasetRole)
+    assert sum(d.role is DatasetRole.CHECK for d in OUTCOME_DATASETS.values()) >= 3
+    for name in OUTCOME_DATASETS:
+        table = load_outcomes(name)
+        assert table.x.shape == (len(table.y), table.layout.dim), name
+        assert np.isfinite(table.x).all() and table.x.min() >= 0 and table.x.max() <= 1, name
+        assert 0.02 < table.y.mean() < 0.5, name  # both outcomes present, positives the minority
+        fractions = {s: float(np.mean(table.split == s.value)) for s in Split}
+        assert fractions[Split.TEST] == pytest.approx(0.2, abs=0.03), name
+        assert fractions[Split.DEV] == pytest.approx(0.2, abs=0.03), name
+        other = [i for i, f in enumerate(table.layout.feature_names) if f.endswith("=__other__")]
+        # every category is declared: only blanks (a few in credit_data) fall in "other"
+        assert table.x[:, other].sum() <= 0.01 * len(table.y), name
+    telco = load_outcomes("telco")
+    np.testing.assert_array_equal(telco.split == Split.TEST.value,
+                                  telco_is_test(load_telco()["customer_id"]))

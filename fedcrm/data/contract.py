@@ -325,14 +325,16 @@ class FeatureSection(BaseModel):
 
 
 class TrainingSection(BaseModel):
-    """``fedcrm train`` settings; defaults: :data:`fedcrm.learning.settings.LOCAL_TRAINING`."""
+    """``fedcrm train`` settings; defaults: :data:`fedcrm.learning.settings.LOCAL_TRAINING`
+    (epochs, batch size and learning rate unset: derived from the firm's size and ε by the
+    budget rule; a value given here replaces its part of the rule)."""
 
     model_config = _FROZEN
 
     model: ChurnModelKind = ChurnModelKind.LOGISTIC
-    epochs: Epochs = LOCAL_TRAINING.epochs
-    batch_size: BatchSize = LOCAL_TRAINING.batch_size
-    learning_rate: LearningRate = LOCAL_TRAINING.learning_rate
+    epochs: Epochs | None = LOCAL_TRAINING.epochs
+    batch_size: BatchSize | None = LOCAL_TRAINING.batch_size
+    learning_rate: LearningRate | None = LOCAL_TRAINING.learning_rate
     max_grad_norm: MaxGradNorm = LOCAL_TRAINING.max_grad_norm
     optimizer: DpOptimizer = LOCAL_TRAINING.optimizer
     seed: int = 0
@@ -345,6 +347,7 @@ class TrainingSection(BaseModel):
         return DpSgdSettings(
             epochs=self.epochs, batch_size=self.batch_size, learning_rate=self.learning_rate,
             max_grad_norm=self.max_grad_norm, optimizer=self.optimizer,
+            average_tail=LOCAL_TRAINING.average_tail,
         )
 
 

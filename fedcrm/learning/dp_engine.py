@@ -59,7 +59,12 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import Tensor, nn
 
-from fedcrm.learning.settings import LOCAL_TRAINING, DpOptimizer
+from fedcrm.learning.settings import (
+    BUDGET_SCHEDULE,
+    LOCAL_TRAINING,
+    BudgetSchedule,
+    DpOptimizer,
+)
 from fedcrm.privacy.accounting import (
     ContextValue,
     DpEvent,
@@ -88,10 +93,8 @@ _ELEMENTWISE: tuple[type[nn.Module], ...] = (
 )
 
 
-# Defaults: the local-training profile, declared once in fedcrm.learning.settings.
-DEFAULT_EPOCHS = LOCAL_TRAINING.epochs
-DEFAULT_BATCH_SIZE = LOCAL_TRAINING.batch_size
-DEFAULT_LEARNING_RATE = LOCAL_TRAINING.learning_rate
+# Defaults: the local-training profile, declared once in fedcrm.learning.settings (its epochs,
+# batch size and learning rate are unset: plan_for_budget derives them by BUDGET_SCHEDULE).
 DEFAULT_MAX_GRAD_NORM = LOCAL_TRAINING.max_grad_norm
 DEFAULT_OPTIMIZER = LOCAL_TRAINING.optimizer
 
@@ -214,7 +217,10 @@ class SeededNoise:
         return torch.randn(n, generator=self.generator, dtype=dtype)
 
     def exponential(self, n: int) -> Tensor:
-        return torch.empty(n, dtype=torch.float64).exponential_(generator=self.generator)
+        # -log(1 - U), U uniform on [0, 1) with 53 bits: the inverse CDF, vectorised (3x faster
+        # than ``Tensor.exponential_``, which takes a scalar log per draw).
+        u = torch.rand(n, dtype=torch.float64, generator=self.generator)
+        return u.neg_().log1p_().neg_()
 
 
 def noise_generator() -> SecureNoise:
@@ -240,36 +246,75 @@ def as_noise_source(generator: NoiseSource | torch.Generator) -> NoiseSource:
     return generator
 
 
+#: Sampling rate at which :func:`schedule_sample_rate` reads the accountant's noise per unit rate.
+_REFERENCE_RATE = 0.5
+
+
+def schedule_sample_rate(
+    *,
+    target_epsilon: float,
+    delta: float,
+    steps: int,
+    noise_multiplier: float = BUDGET_SCHEDULE.noise_multiplier,
+    prior_events: Sequence[DpEvent] = (),
+) -> float:
+    """The budget rule's sampling rate: ``q = noise_multiplier / s``, ``s`` the noise multiplier
+    per unit rate that fits ``target_epsilon`` at ``q = 0.5`` over ``steps`` steps.
+
+    Under Poisson sampling ``σ/q`` (the noise on the averaged gradient, times ``n/C``) falls as
+    ``q`` grows and is flat once ``σ`` is about 3, so this is the smallest rate whose noise is
+    within a few percent of the least ``target_epsilon`` allows at ``steps`` steps
+    (``fedcrm.learning.settings``, rule step 2). At most 1.
+    """
+    per_rate = calibrate_noise(
+        target_epsilon=target_epsilon, delta=delta, sample_rate=_REFERENCE_RATE, steps=steps,
+        prior_events=tuple(prior_events),
+    ) / _REFERENCE_RATE
+    return min(1.0, noise_multiplier / per_rate)
+
+
 def plan_for_budget(
     *,
     n_examples: int,
     target_epsilon: float,
     delta: float,
-    epochs: float = DEFAULT_EPOCHS,
-    batch_size: int = DEFAULT_BATCH_SIZE,
+    epochs: float | None = None,
+    batch_size: int | None = None,
     max_grad_norm: float = DEFAULT_MAX_GRAD_NORM,
-    learning_rate: float = DEFAULT_LEARNING_RATE,
+    learning_rate: float | None = None,
     rounds: int = 1,
     prior_events: Sequence[DpEvent] = (),
+    hidden_layers: bool = False,
+    schedule: BudgetSchedule = BUDGET_SCHEDULE,
 ) -> DpPlan:
     """Calibrate the noise of a whole DP-SGD plan so that it fits ``target_epsilon`` by design.
 
     ``target_epsilon`` is the firm's TOTAL cap: ``prior_events`` (what the firm already spent) are
     composed with ``rounds`` rounds of ``ceil(epochs / q)`` local steps each, ``q = min(1,
-    batch_size / n_examples)``. Raises :class:`PlanDoesNotFit` naming the numbers when the inputs
-    are unusable or no noise level fits.
+    batch_size / n_examples)``.
+
+    Left unset (``None``, the local-training default), the budget rule ``schedule`` sizes the run
+    (``fedcrm.learning.settings``): ``schedule.steps`` steps unless both ``epochs`` and
+    ``batch_size`` are given; ``q`` from :func:`schedule_sample_rate` unless ``batch_size`` is
+    given (or ``epochs`` alone is: then ``q = epochs / steps``); learning rate
+    ``schedule.travel / steps``, or ``schedule.hidden_travel / steps`` for a model with
+    ``hidden_layers`` (the MLP).
+
+    Raises :class:`PlanDoesNotFit` naming the numbers when the inputs are unusable or no noise
+    level fits.
     """
     if n_examples < 1:
         raise PlanDoesNotFit(
             f"DP training plan needs at least 1 customer, got n={n_examples}; "
             "check the firm's prepared store"
         )
-    if batch_size < 1 or not epochs > 0 or rounds < 1:
+    if (batch_size is not None and batch_size < 1) or (epochs is not None and not epochs > 0) \
+            or rounds < 1:
         raise PlanDoesNotFit(
             f"DP training plan needs batch_size ≥ 1, epochs > 0 and rounds ≥ 1; got "
             f"batch_size={batch_size}, epochs={epochs}, rounds={rounds}; fix the training config"
         )
-    if not max_grad_norm > 0 or not learning_rate > 0:
+    if not max_grad_norm > 0 or (learning_rate is not None and not learning_rate > 0):
         raise PlanDoesNotFit(
             f"DP training plan needs max_grad_norm > 0 and learning_rate > 0; got "
             f"max_grad_norm={max_grad_norm}, learning_rate={learning_rate}; fix the training config"
@@ -284,8 +329,19 @@ def plan_for_budget(
             f"δ={delta:g} must lie in (0, 1/n) = (0, {1.0 / n_examples:.3g}) for n={n_examples} "
             "customers; a δ that large would allow leaking whole records. Lower delta in the config"
         )
-    sample_rate = min(1.0, batch_size / n_examples)
-    steps = max(1, math.ceil(epochs / sample_rate - 1e-9))
+    if batch_size is not None:
+        sample_rate = min(1.0, batch_size / n_examples)
+    elif epochs is not None:
+        sample_rate = min(1.0, epochs / schedule.steps)
+    else:
+        sample_rate = schedule_sample_rate(
+            target_epsilon=target_epsilon, delta=delta, steps=schedule.steps * rounds,
+            noise_multiplier=schedule.noise_multiplier, prior_events=prior_events,
+        )
+    if epochs is not None:
+        steps = max(1, math.ceil(epochs / sample_rate - 1e-9))
+    else:
+        steps = schedule.steps
     noise_multiplier = calibrate_noise(
         target_epsilon=target_epsilon,
         delta=delta,
@@ -298,9 +354,10 @@ def plan_for_budget(
         sample_rate=sample_rate,
         noise_multiplier=float(noise_multiplier),
         max_grad_norm=float(max_grad_norm),
-        learning_rate=float(learning_rate),
+        learning_rate=float(learning_rate if learning_rate is not None
+                            else schedule.learning_rate(steps, hidden_layers=hidden_layers)),
         delta=float(delta),
-        epochs=float(epochs),
+        epochs=float(epochs if epochs is not None else steps * sample_rate),
         rounds=int(rounds),
         expected_batch=float(n_examples * sample_rate),
     )
@@ -385,12 +442,19 @@ _MANUAL_BACKWARD: tuple[type[nn.Module], ...] = (nn.ReLU, nn.Tanh, nn.Sigmoid, n
 
 def _activation_backward(module: nn.Module, out: Tensor, grad: Tensor) -> Tensor:
     if isinstance(module, nn.ReLU):
-        return grad * (out > 0)
+        # autograd's own ReLU backward: one fused pass, 3-4x faster than ``grad * (out > 0)``
+        # (which builds a bool mask and promotes it) on a [4096, 128] batch.
+        return torch.ops.aten.threshold_backward(grad, out, 0.0)
     if isinstance(module, nn.Tanh):
         return grad * (1.0 - out * out)
     if isinstance(module, nn.Sigmoid):
         return grad * (out * (1.0 - out))
     return grad
+
+
+def _row_sq_norms(t: Tensor) -> Tensor:
+    """``‖t_i‖²`` per row of a 2-D tensor: one fused reduction, no ``t²`` temporary."""
+    return torch.linalg.vector_norm(t, dim=1).square_()
 
 
 class _GhostClipper:
@@ -412,32 +476,44 @@ class _GhostClipper:
         self.index = {id(p): i for i, p in enumerate(params)}
         self.shapes = [p.shape for p in params]
         first = next(i for i, m in enumerate(layers) if isinstance(m, nn.Linear))
-        self.manual = isinstance(per_sample_loss, OutputGradientLoss) and all(
+        manual = isinstance(per_sample_loss, OutputGradientLoss) and all(
             isinstance(m, (nn.Linear, *_MANUAL_BACKWARD)) for m in layers[first:]
         )
+        # Looked up once: a runtime-checkable Protocol's isinstance costs ~20 µs per step.
+        self.output_gradient = (
+            per_sample_loss.output_gradient
+            if manual and isinstance(per_sample_loss, OutputGradientLoss) else None
+        )
+        self.manual = self.output_gradient is not None
 
     def input_factor(self, X: Tensor) -> Tensor | None:
-        """``‖x_i‖² (+1 with a bias)`` for the first layer, when it reads ``X`` directly."""
+        """``‖x_i‖² (+1 with a bias)`` for the first layer, when it reads ``X`` directly: computed
+        once per run (one fused pass, no ``X²`` copy) and gathered per batch."""
         first = self.layers[0]
         if not isinstance(first, nn.Linear):
             return None
-        sq = X.pow(2).sum(1)
-        return sq + 1.0 if first.bias is not None else sq
+        sq = _row_sq_norms(X)
+        return sq.add_(1.0) if first.bias is not None else sq
 
     def _manual(self, X: Tensor, y: Tensor) -> tuple[list[Tensor], list[Tensor], Tensor]:
-        assert isinstance(self.loss, OutputGradientLoss)
+        assert self.output_gradient is not None
         inputs: list[Tensor] = []
         trace: list[tuple[nn.Module, Tensor]] = []
         with torch.no_grad():
             h = X
+            fresh = False  # whether ``h`` is this step's own temporary (safe to overwrite)
             for m in self.layers:
                 if isinstance(m, nn.Linear):
                     inputs.append(h)
                     h = torch.nn.functional.linear(h, m.weight, m.bias)
+                    fresh = True
+                elif fresh and isinstance(m, nn.ReLU):
+                    h = h.relu_()  # the Linear output it overwrites is not needed backward
                 else:
                     h = m(h)
+                    fresh = True
                 trace.append((m, h))
-            losses, g = self.loss.output_gradient(h, y)
+            losses, g = self.output_gradient(h, y)
             backprops: list[Tensor] = []
             remaining = len(self.linears)
             for m, out in reversed(trace):
@@ -477,26 +553,29 @@ class _GhostClipper:
         _check_losses(losses, X.shape[0])
         sq: Tensor | None = None
         for k, (m, a, g) in enumerate(zip(self.linears, inputs, backprops, strict=True)):
-            g_sq = g.square().sum(1)
+            g_sq = _row_sq_norms(g)
             if k == 0 and x_factor is not None:
                 a_sq = x_factor
             else:
-                a_sq = a.square().sum(1)
+                a_sq = _row_sq_norms(a)
                 if m.bias is not None:
                     a_sq = a_sq.add_(1.0)
             term = g_sq.mul_(a_sq)
             sq = term if sq is None else sq.add_(term)
         assert sq is not None
         norms = sq.sqrt_()
-        c = _clip_factors(norms, self.max_grad_norm).unsqueeze(1)
+        c = _clip_factors(norms, self.max_grad_norm)
 
         grads: list[Tensor | None] = [None] * len(self.shapes)
         for m, a, g in zip(self.linears, inputs, backprops, strict=True):
-            cg = g * c
             if m.weight.requires_grad:
-                grads[self.index[id(m.weight)]] = cg.T @ a
+                # Σ_i c_i g_i a_iᵀ: scale the narrower of the two factors (fewer multiplies).
+                if g.shape[1] <= a.shape[1]:
+                    grads[self.index[id(m.weight)]] = (g * c.unsqueeze(1)).T @ a
+                else:
+                    grads[self.index[id(m.weight)]] = g.T @ (a * c.unsqueeze(1))
             if m.bias is not None and m.bias.requires_grad:
-                grads[self.index[id(m.bias)]] = cg.sum(0)
+                grads[self.index[id(m.bias)]] = c @ g  # Σ_i c_i g_i as one matrix-vector product
         return ClippedGradients(
             grads=[g if g is not None else torch.zeros(s)
                    for g, s in zip(grads, self.shapes, strict=True)],
@@ -591,7 +670,7 @@ def _bernoulli_successes(length: int, sample_rate: float, source: NoiseSource) -
         gaps = source.exponential(chunk)
         positions = gaps.div_(rate).floor_().add_(1.0).cumsum_(0).add_(last)
         if positions[-1] >= length:
-            pieces.append(positions[positions < length])
+            pieces.append(positions[: int(torch.searchsorted(positions, float(length)))])
             break
         pieces.append(positions)
         last = float(positions[-1])
@@ -621,8 +700,14 @@ def poisson_batches(n: int, sample_rate: float, steps: int,
     while done < steps:
         k = min(block, steps - done)
         positions = _bernoulli_successes(k * n, sample_rate, source)
-        counts = torch.bincount(positions // n, minlength=k).tolist()
-        yield from (positions % n).split(counts)
+        # Sorted, so each step's positions are one slice: find the k boundaries and shift each
+        # slice in place (no division or modulo over the whole block).
+        ends = torch.searchsorted(positions, torch.arange(1, k + 1) * n).tolist()
+        start = 0
+        for step, end in enumerate(ends):
+            batch = positions[start:end]
+            yield batch.sub_(step * n) if step else batch
+            start = end
         done += k
 
 
@@ -736,6 +821,7 @@ def train_dp(
     plan: DpPlan,
     generator: NoiseSource | torch.Generator,
     optimizer: DpOptimizer | str = DEFAULT_OPTIMIZER,
+    average_tail: float = 0.0,
     proximal: tuple[Sequence[Tensor], float] | None = None,
 ) -> TrainStats:
     """Run ONE round of ``plan`` (``plan.steps`` DP-SGD steps) on ``(X, y)``, in place on ``model``.
@@ -743,6 +829,11 @@ def train_dp(
     ``generator`` is where all the run's randomness comes from: :func:`noise_generator` (ChaCha20,
     a fresh key) in production; a seeded ``torch.Generator`` or :class:`SeededNoise` only in tests
     and benchmarks that must be reproducible.
+
+    ``average_tail``: the model left in ``model`` is the mean of the iterates after each of the
+    last ``ceil(average_tail · plan.steps)`` steps (0: the last iterate). Like the optimizer it only
+    post-processes the privatised gradients, so it costs no privacy; ``fedcrm train`` averages
+    the second half (:data:`fedcrm.learning.settings.LOCAL_TRAINING`).
 
     ``proximal=(global_weights, mu)`` adds the FedProx pull ``mu·(w − w_global)`` to the
     privatised gradient (it does not touch the data, so it costs no privacy); ``global_weights``
@@ -752,6 +843,8 @@ def train_dp(
     :meth:`DpPlan.round_event`.
     """
     _check_data(X, y)
+    if not 0.0 <= average_tail < 1.0:
+        raise ValueError(f"average_tail must lie in [0, 1), got {average_tail}")
     start = time.perf_counter()
     n = X.shape[0]
     q = plan.sample_rate
@@ -764,17 +857,23 @@ def train_dp(
     opt = _make_optimizer(optimizer, params, plan.learning_rate)
     anchors, mu = _proximal_anchors(params, proximal)
     clipper = _clipper(model, per_sample_loss, plan.max_grad_norm)
-    x_sq = _input_factor(clipper, X)
+    # ‖x_i‖² once per run pays off when the run reads each customer about twice or more; below
+    # that (one epoch over a large table) the clipper takes it from each gathered batch instead.
+    x_sq = _input_factor(clipper, X) if plan.steps * q >= 2.0 else None
     source = as_noise_source(generator)
     model.train()
 
     empty = 0
     seen = 0
     loss_total = torch.zeros(())
+    average_from = plan.steps - math.ceil(average_tail * plan.steps)
+    averaged: list[Tensor] = []
+    current = [p.detach() for p in params]  # views: always the latest iterate
     # zip takes each step's batch before its noise: a block of sampling, then a block of noise.
-    for idx, flat_noise in zip(poisson_batches(n, q, plan.steps, source),
-                               _step_noise(source, total, plan.steps, params[0].dtype),
-                               strict=True):
+    for step, (idx, flat_noise) in enumerate(zip(
+            poisson_batches(n, q, plan.steps, source),
+            _step_noise(source, total, plan.steps, params[0].dtype),
+            strict=True)):
         batch = int(idx.numel())
         if batch == 0:
             empty += 1
@@ -793,6 +892,15 @@ def train_dp(
         torch._foreach_div_(grads, expected_batch)
         _add_proximal(grads, params, anchors, mu)
         opt.step(grads)
+        if step >= average_from:
+            with torch.no_grad():
+                if not averaged:
+                    averaged = [p.detach().clone() for p in params]
+                else:  # running mean: a += (p - a) / count
+                    torch._foreach_lerp_(averaged, current, 1.0 / (step - average_from + 1))
+    if averaged:
+        with torch.no_grad():
+            torch._foreach_copy_(current, averaged)
 
     return TrainStats(
         steps=plan.steps,
@@ -809,16 +917,16 @@ def train_non_dp(
     y: Tensor,
     *,
     per_sample_loss: PerSampleLoss,
-    epochs: float = DEFAULT_EPOCHS,
-    batch_size: int = DEFAULT_BATCH_SIZE,
-    learning_rate: float = DEFAULT_LEARNING_RATE,
+    epochs: float,
+    batch_size: int,
+    learning_rate: float,
     generator: torch.Generator,
     optimizer: DpOptimizer | str = DEFAULT_OPTIMIZER,
     proximal: tuple[Sequence[Tensor], float] | None = None,
 ) -> TrainStats:
     """Plain minibatch training (shuffled each epoch, no privacy): the baseline DP-SGD is compared
     with. Runs ``ceil(epochs · n / batch_size)`` steps on the mean per-example loss, with the same
-    optimizers as :func:`train_dp`.
+    optimizers as :func:`train_dp`. No default schedule: a baseline states what it ran.
     """
     _check_data(X, y)
     start = time.perf_counter()

@@ -7,13 +7,44 @@ config parse these without loading a training stack. :mod:`fedcrm.learning.dp_en
 Two default profiles, because a firm's own model and one round of a federation are different
 amounts of work on the same data:
 
-* :data:`LOCAL_TRAINING` - ``fedcrm train``: one centralized DP run on the firm's own store.
-  Tuned on IBM Telco (5,653 training customers, 50 features) for DP logistic regression at ε=1,
-  δ=1e-5: test AUC ≈ 0.85 against ≈ 0.857 without DP (``benchmarks/dp_training.py``). The batch
-  of 256 gives q ≈ 0.045, 5 epochs give ≈ 111 steps; Adam makes the step size forgiving across
-  firms' sizes.
+* :data:`LOCAL_TRAINING` - ``fedcrm train``: one centralized DP run on the firm's own store. Batch
+  size, epochs and learning rate are left unset and derived from the firm's number of customers
+  ``n`` and its ε by the one rule below, so the same defaults hold on data of any size and scale
+  (no per-dataset tuning); a value set in ``[training]`` replaces its part of the rule.
 * :data:`FEDERATED_ROUND` - the local work of one federated round (``[run]`` of a run config):
-  one local epoch of plain SGD per round; the run's rounds supply the rest.
+  one local epoch of plain SGD per round; the run's rounds supply the rest. Fixed values, tuned
+  on the federated Telco benchmark; the rule does not touch them.
+
+The rule (:class:`BudgetSchedule`, :data:`BUDGET_SCHEDULE`), for features scaled to [0, 1] by
+their declared ranges:
+
+1. **Steps**: ``T = steps`` (3,000), whatever ``n``: how far the optimizer gets depends on the
+   number of steps, not on the data's size.
+2. **Sampling rate**: ``q = noise_multiplier / s`` (target ``σ = 3``), where ``s`` is the noise
+   multiplier per unit sampling rate that the accountant gives for this ε, δ and ``T`` at
+   ``q = 0.5``. Under Poisson sampling ``σ/q`` - the noise on the averaged gradient is
+   ``σC/(qn)`` - falls as ``q`` grows and flattens once ``σ`` is about 3, so this is about the
+   smallest rate whose noise is within 4% of the least that ε allows at ``T`` steps; a larger
+   batch would only cost time. Batch size ``= q·n``; epochs ``= q·T``: 41 at ε = 1, 142 at
+   ε = 4 (δ = 1e-5), for any ``n`` (compute grows with ``n`` and ε: a firm with millions of
+   customers may set ``batch_size`` to bound it).
+3. **Step size**: Adam at ``learning_rate = travel / T``. Adam's step is scale-free (it divides
+   by the gradient's running RMS, which under DP is mostly the noise), so the distance a weight
+   can move, ``travel``, needs no tuning to ``n``, ε or the features' scale: 100 for a model
+   without hidden layers (logistic regression, the trend model's log-linear head), 30 for one
+   with hidden layers (the MLP), whose layers' moves compound.
+4. **Averaging**: the released model is the mean of the iterates of the last half of the steps
+   (:attr:`DpSgdSettings.average_tail`; post-processing of the noisy trajectory, no privacy
+   cost), which cancels much of the noise the last iterate carries.
+
+A value set in ``[training]`` replaces its part: ``batch_size`` fixes ``q = batch_size/n``;
+``epochs`` alone fixes ``q = epochs/T``; both fix ``T = epochs/q``; ``learning_rate`` fixes the
+step size.
+
+How the numbers were chosen (development splits of IBM Telco and MLC churn only, also
+subsampled to 1,000 customers; never a test split, never the four check tables):
+``benchmarks/dp_defaults.py``; how they generalise to four more public tables:
+``benchmarks/generalisation.py``. Results and shortfalls: README, "Measured results".
 """
 
 from __future__ import annotations
@@ -44,27 +75,60 @@ Epochs = Annotated[float, Field(gt=0, le=1000, allow_inf_nan=False)]
 BatchSize = Annotated[int, Field(ge=1, le=10_000_000)]
 LearningRate = Annotated[float, Field(gt=0, le=100, allow_inf_nan=False)]
 MaxGradNorm = Annotated[float, Field(gt=0, le=1e6, allow_inf_nan=False)]
+AverageTail = Annotated[float, Field(ge=0, lt=1, allow_inf_nan=False)]
+
+
+class BudgetSchedule(BaseModel):
+    """The rule that sizes a DP-SGD run from ``n`` and ε (see the module docstring)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    steps: int = Field(ge=1, le=1_000_000)
+    noise_multiplier: float = Field(gt=0, allow_inf_nan=False)
+    #: Adam's learning rate × steps for a model without hidden layers (logistic regression, the
+    #: trend model's log-linear head) ...
+    travel: float = Field(gt=0, allow_inf_nan=False)
+    #: ... and for one with hidden layers (the MLP), whose layers' moves compound.
+    hidden_travel: float = Field(gt=0, allow_inf_nan=False)
+
+    def learning_rate(self, steps: int, *, hidden_layers: bool) -> float:
+        return (self.hidden_travel if hidden_layers else self.travel) / steps
 
 
 class DpSgdSettings(BaseModel):
     """How one DP-SGD run trains: local epochs, batch size (expected, under Poisson sampling),
-    step size, per-customer clipping norm and the optimizer that post-processes the noisy
-    gradient. The noise itself is never a setting: it is calibrated from the budget."""
+    step size, per-customer clipping norm, the optimizer that post-processes the noisy gradient,
+    and how much of the trajectory's end is averaged into the released model. ``None`` for
+    epochs, batch size or learning rate: derived by :data:`BUDGET_SCHEDULE`. The noise itself is
+    never a setting: it is calibrated from the budget."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
+
+    epochs: Epochs | None
+    batch_size: BatchSize | None
+    learning_rate: LearningRate | None
+    max_grad_norm: MaxGradNorm
+    optimizer: DpOptimizer
+    average_tail: AverageTail = 0.0
+
+
+class FixedDpSgdSettings(DpSgdSettings):
+    """:class:`DpSgdSettings` with nothing left to the rule: a federated round's, which every firm
+    of a run must share exactly (the run config fixes them)."""
 
     epochs: Epochs
     batch_size: BatchSize
     learning_rate: LearningRate
-    max_grad_norm: MaxGradNorm
-    optimizer: DpOptimizer
 
+
+BUDGET_SCHEDULE = BudgetSchedule(steps=3000, noise_multiplier=3.0, travel=100.0,
+                                 hidden_travel=30.0)
 
 LOCAL_TRAINING = DpSgdSettings(
-    epochs=5.0, batch_size=256, learning_rate=0.05, max_grad_norm=1.0,
-    optimizer=DpOptimizer.ADAM,
+    epochs=None, batch_size=None, learning_rate=None, max_grad_norm=1.0,
+    optimizer=DpOptimizer.ADAM, average_tail=0.5,
 )
-FEDERATED_ROUND = DpSgdSettings(
+FEDERATED_ROUND = FixedDpSgdSettings(
     epochs=1.0, batch_size=256, learning_rate=0.5, max_grad_norm=1.0,
     optimizer=DpOptimizer.SGD,
 )
