@@ -2,29 +2,31 @@
 
 **Poisoning** (``--only poisoning``). Telco, 5 firms as in ``configs/simulations/telco_5firms.toml``
 (non-IID by contract type, ε ≤ 1 per firm, 20 rounds). The largest firm of the split (the most
-FedAvg weight: the worst case) is malicious and sends sign-flipped or ×100-scaled updates (a
-Flower client mod), or trains through the normal pipeline on a label-flipped or backdoored
-export (:mod:`fedcrm.simulations.poisoning`). For each split seed the five firms are prepared
-ONCE (``simulations.run.build_firms``) and every scenario runs on a fresh copy of them
-(``simulations.run.run_flower_simulation``, the harness's Flower simulation): same customers,
-same keys, same held-out customers, fresh ledgers. So every scenario of a seed is scored on the
-same pooled test set - the honest firms' held-out customers with their true labels - by the
-exact AUC of the saved global model (the quantity the harness reports as
-``summary["baseline"]["federated_auc_exact"]``; the federation's own DP evaluation is noisy on
-purpose). Each strategy's honest run is repeated (``--honest-repeats``) to measure how much the
-AUC moves between two honest runs of the same split (the DP noise is fresh in every run), so a
-"drop" can be read against it. Drop = mean honest AUC of the strategy - attacked AUC.
+FedAvg weight: the worst case) is malicious: it sends sign-flipped or ×100-scaled updates (a
+Flower client mod), or trains through the normal pipeline on a label-flipped or backdoored export
+(:mod:`fedcrm.simulations.poisoning`). Every scenario is a whole ``simulate`` run (the harness:
+fresh firms, keys, ledgers). Each run's firms get fresh keys, hence their own held-out customers
+(a firm's held-out set follows from its pseudonyms), so runs of one seed differ in their test
+split as well as in their DP noise. The score is the exact AUC of the saved global model on the
+four HONEST firms' held-out customers with their true labels (the harness's
+``summary["baseline"]["federated_auc_exact"]`` restricted to honest firms: in a data-poisoning
+run the malicious firm's own labels are the attacker's; the federation's DP evaluation is noisy
+on purpose), next to a centralized non-DP logistic regression trained on the honest firms'
+training customers and scored on the same held-out customers. The drop is read on the gap
+between the two (``adj. drop``): it cancels how hard a run's split is. Each strategy's honest
+run is repeated (``--honest-repeats``) to show how far two honest runs differ.
 
-**Membership inference** (``--only mia``): see :mod:`fedcrm.simulations.membership`. Telco runs
-at ε = 1 and ε = 8 through ``simulate``, then ``membership_audit`` on each; plus a non-DP
-contrast (the same firms, rounds and local steps with no clipping and no noise, trained
-in-process since a firm never releases a non-DP update).
+**Membership inference** (``--only mia``): Telco runs at ε = 1 and ε = 8 through ``simulate``,
+then :func:`fedcrm.simulations.membership.membership_audit` on each (what ``fedcrm audit mia``
+runs); and two non-DP contrasts on the first run's firms, trained in-process since a firm never
+releases a non-DP update: the run's own procedure without clipping or noise, and an MLP with
+10× the local steps (a model that overfits, to show the attacks have teeth on this data).
 
 Run: ``python benchmarks/security.py [--only poisoning|mia] [--seeds 3 4 5]``
 (not ``-m``: a third-party wheel installs a top-level ``benchmarks`` package); writes
 ``benchmarks/results/security.json``. Finished scenarios are appended to
 ``benchmarks/results/security_runs.jsonl`` and skipped when the benchmark is rerun with
-``--resume`` (this machine is shared; a run of every seed takes hours).
+``--resume`` (this machine is shared; every seed takes hours when it is loaded).
 """
 
 from __future__ import annotations
@@ -383,7 +385,7 @@ def _mlp_contrast(procedure: Any, epochs_factor: int) -> Any:
 
 
 def mia_seed(seed: int, *, shadows: int, epsilons: Sequence[float], mlp_epochs_factor: int,
-             rounds: int, resume: bool, tmp: Path) -> list[dict[str, Any]]:
+             mlp_shadows: int, rounds: int, resume: bool, tmp: Path) -> list[dict[str, Any]]:
     """Telco runs at each ε (``fedcrm simulate``, then ``membership_audit``), and two non-DP
     contrasts on the first run's firms: the run's own procedure without DP, and an MLP trained
     ``mlp_epochs_factor`` times longer."""
@@ -398,11 +400,11 @@ def mia_seed(seed: int, *, shadows: int, epsilons: Sequence[float], mlp_epochs_f
     done = _done_runs() if resume else {}
     out = []
 
-    def record(key: str, label: str, epsilon: float | None, report: Any, extra: dict[str, Any]
-               ) -> None:
+    def record(key: str, label: str, epsilon: float | None, report: Any, extra: dict[str, Any],
+               n_shadows: int = shadows) -> None:
         attacks = report if isinstance(report, tuple) else report.attacks
         result = {"key": key, "seed": seed, "model": label, "epsilon": epsilon,
-                  "shadows": shadows, "rounds_completed": rounds,
+                  "shadows": n_shadows, "rounds_completed": rounds,
                   "attacks": {a.attack: a.to_json() for a in attacks}, **extra,
                   "loadavg": [round(x, 2) for x in os.getloadavg()]}
         _log_run(result)
@@ -435,7 +437,8 @@ def mia_seed(seed: int, *, shadows: int, epsilons: Sequence[float], mlp_epochs_f
                  (f"nondp-mlp-x{mlp_epochs_factor}",
                   f"non-DP MLP, {mlp_epochs_factor}x local steps")]
     for tag, label in contrasts:
-        key = f"mia/seed{seed}/r{rounds}/{tag}/s{shadows}"
+        n_shadows = shadows if tag == "nondp-logistic" else mlp_shadows
+        key = f"mia/seed{seed}/r{rounds}/{tag}/s{n_shadows}"
         if key in done:
             out.append(done[key])
             continue
@@ -452,11 +455,11 @@ def mia_seed(seed: int, *, shadows: int, epsilons: Sequence[float], mlp_epochs_f
 
         x_test = np.concatenate([f.x[~f.member] for f in firms])
         y_test = np.concatenate([f.y[~f.member] for f in firms])
-        attacks = attack_model(target, procedure, firms, shadows=shadows, seed=seed)
+        attacks = attack_model(target, procedure, firms, shadows=n_shadows, seed=seed)
         record(key, label, None, attacks, {
             "federated_auc_exact": auc(predict_proba(target, x_test), y_test),
             "attack_seconds": round(time.perf_counter() - started, 1),
-        })
+        }, n_shadows)
     return out
 
 
@@ -481,7 +484,8 @@ def summarize_mia(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
 def print_mia(summary: dict[str, Any], seeds: Sequence[int], shadows: int) -> None:
     print(f"\nMembership inference: Telco, 5 firms, members = training customers, non-members = "
-          f"held-out customers; seeds {list(seeds)}; LiRA with {shadows} shadow federations")
+          f"held-out customers; seeds {list(seeds)}; LiRA with {shadows} shadow federations "
+          "(fewer for the MLP contrast: see 'shadows' in the JSON)")
     header = (f"{'model':36} {'model AUC':>9} {'loss AUC':>9} {'TPR@1%':>7} {'LiRA AUC':>9} "
               f"{'TPR@1%':>7} {'<=0.52':>7}")
     print(header)
@@ -526,6 +530,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--shadows", type=int, default=32)
     parser.add_argument("--epsilons", type=float, nargs="+", default=[1.0, 8.0])
     parser.add_argument("--mlp-epochs-factor", type=int, default=10)
+    parser.add_argument("--mlp-shadows", type=int, default=16,
+                        help="LiRA shadows for the (slow) non-DP MLP contrast")
     parser.add_argument("--out", type=Path, default=RESULTS / "security.json")
     args = parser.parse_args(argv)
     global RUNS_LOG
@@ -563,6 +569,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             for seed in args.mia_seeds:
                 mia_runs += mia_seed(seed, shadows=args.shadows, epsilons=args.epsilons,
                                      mlp_epochs_factor=args.mlp_epochs_factor,
+                                     mlp_shadows=args.mlp_shadows,
                                      rounds=args.rounds, resume=args.resume, tmp=Path(tmp))
             mia_summary = summarize_mia(mia_runs)
             print_mia(mia_summary, args.mia_seeds, args.shadows)
