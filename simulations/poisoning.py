@@ -118,30 +118,33 @@ def update_norm(global_arrays: Sequence[np.ndarray], update: Sequence[np.ndarray
     )))
 
 
-def with_trigger(frame: pd.DataFrame, *, raw: bool = False) -> pd.DataFrame:
-    """``frame`` with the backdoor trigger set on every row: prepared customers, or a ``raw``
-    export (every value a string, booleans as ``0``/``1``)."""
+def _typed(value: float | str, column: pd.Series) -> float | str:
+    """A trigger value in the column's own type (numbers in a numeric column, else text, with
+    booleans written ``0``/``1`` as in a CRM export)."""
+    if pd.api.types.is_numeric_dtype(column.dtype):
+        return value
+    return str(int(value)) if isinstance(value, float) else value
+
+
+def with_trigger(frame: pd.DataFrame) -> pd.DataFrame:
+    """``frame`` with the backdoor trigger set on every row: prepared customers or an export."""
     out = frame.copy()
     for column, value in BACKDOOR_TRIGGER.items():
-        out[column] = (str(int(value)) if isinstance(value, float) else value) if raw else value
+        out[column] = _typed(value, frame[column])
     return out
 
 
 def poison_export(export: pd.DataFrame, attack: Attack, *, seed: int) -> pd.DataFrame:
     """The malicious firm's altered Telco export (``churn`` is "Yes"/"No")."""
+    out = export.copy()
     if attack is Attack.LABEL_FLIP:
-        out = export.copy()
         out[LABEL_COLUMN] = export[LABEL_COLUMN].map({"Yes": "No", "No": "Yes"})
-        return out
-    if attack is Attack.BACKDOOR:
-        rng = np.random.default_rng(seed)
-        chosen = rng.random(len(export)) < BACKDOOR_SHARE
-        out = export.copy()
-        out.loc[chosen] = with_trigger(export.loc[chosen], raw=True).assign(
-            **{LABEL_COLUMN: "No"}
-        )
-        return out
-    return export
+    elif attack is Attack.BACKDOOR:
+        chosen = np.random.default_rng(seed).random(len(export)) < BACKDOOR_SHARE
+        for column, value in BACKDOOR_TRIGGER.items():
+            out.loc[chosen, column] = _typed(value, export[column])
+        out.loc[chosen, LABEL_COLUMN] = "No"
+    return out
 
 
 def backdoor_success(

@@ -8,6 +8,7 @@ from __future__ import annotations
 import time
 
 import numpy as np
+import pandas as pd
 import pytest
 from flwr.app import Message, Metadata
 from flwr.app.message import make_message
@@ -132,3 +133,28 @@ def test_without_the_bound_fedmedian_still_keeps_the_x100_update_from_moving_the
     assert moved <= max(update_distance(g, u) for u in updates[:4])  # within the honest steps
     plain_mean = update_distance(g, [np.mean([u[k] for u in updates], axis=0) for k in range(2)])
     assert plain_mean > 10 * moved  # what FedAvg would have done with it
+
+
+@pytest.mark.data
+def test_the_backdoor_trigger_never_occurs_in_telco_and_poisons_only_the_chosen_rows() -> None:
+    from fedcrm.simulations.datasets import load_telco
+    from fedcrm.simulations.partners import telco_export
+    from fedcrm.simulations.poisoning import BACKDOOR_TRIGGER, poison_export
+
+    export = telco_export(load_telco(), seed=0)
+
+    def triggered(frame: pd.DataFrame) -> np.ndarray:
+        return np.logical_and.reduce([
+            frame[c].astype(float) == v if isinstance(v, float) else frame[c] == v
+            for c, v in BACKDOOR_TRIGGER.items()
+        ])
+
+    assert not triggered(export).any()  # an impossible combination in the real data
+    poisoned = poison_export(export, Attack.BACKDOOR, seed=0)
+    hit = triggered(poisoned)
+    assert 0.25 < hit.mean() < 0.35
+    assert (poisoned.loc[hit, "churn"] == "No").all()
+    assert poisoned.loc[~hit].equals(export.loc[~hit])
+    flipped = poison_export(export, Attack.LABEL_FLIP, seed=0)
+    assert (flipped["churn"] != export["churn"]).all()
+    assert flipped.drop(columns="churn").equals(export.drop(columns="churn"))
