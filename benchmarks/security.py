@@ -540,8 +540,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
 
     results: dict[str, Any] = {}
-    if args.out.exists():
-        results = json.loads(args.out.read_text())
     results["machine"] = machine_info()
     results["targets"] = TARGETS
     started = time.perf_counter()
@@ -578,6 +576,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 "summary": mia_summary, "runs": mia_runs,
             }
     results["seconds"] = round(time.perf_counter() - started, 1)
+    if args.out.exists():  # keep the other part's results (read now: it may have run meanwhile)
+        results = {**json.loads(args.out.read_text()), **results}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2, default=float) + "\n")
     print(f"\nwrote {args.out}")
