@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from fedcrm.audit.log import FIRMS_DIR, LOG_FILE, AuditEntry, EntryKind
+from fedcrm.config_file import validate
 from fedcrm.coordinator.run_config import RunConfig
 from fedcrm.coordinator.runs import load_summary
 from fedcrm.data.contract import load_firm_config
@@ -52,7 +53,7 @@ from fedcrm.learning.models import (
     model_to_arrays,
 )
 from fedcrm.privacy.durable import write_atomic
-from fedcrm.privacy.errors import ConfigError
+from fedcrm.privacy.errors import AuditError, ConfigError
 from fedcrm.privacy.keys import load_keys
 from fedcrm.protocol import TaskKind
 from fedcrm.tasks.churn import CHURN
@@ -101,8 +102,14 @@ def _firm_rounds(run_dir: Path, firm: str, run_id: str) -> dict[int, tuple[float
     if not path.is_file():
         raise ConfigError(f"{path} is missing: membership inference needs each firm's audit log")
     out = {}
-    for line in path.read_text(encoding="utf-8").splitlines():
-        entry = AuditEntry.from_dict(json.loads(line))
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        try:
+            entry = AuditEntry.from_dict(json.loads(line))
+        except (ValueError, TypeError) as exc:
+            raise AuditError(
+                f"{path}:{n}: unreadable audit entry ({type(exc).__name__}); run `fedcrm audit "
+                "verify` on the run folder"
+            ) from None
         payload = entry.payload
         context = payload.get("context") or {}
         if (entry.kind is EntryKind.DP_RELEASE and str(payload.get("purpose", "")).startswith(
@@ -118,7 +125,7 @@ def load_run(run_dir: Path) -> tuple[FederatedProcedure, list[FirmCustomers], Pa
     """A simulation's procedure, every firm's candidates and the released model's path."""
     run_dir = Path(run_dir)
     summary = load_summary(run_dir)
-    run = RunConfig.model_validate(summary.get("config") or {})
+    run = validate(RunConfig, summary.get("config") or {}, where=f"{run_dir}/summary.json config")
     if run.task is not TaskKind.CHURN:
         raise ConfigError(
             f"{run_dir}: membership inference is implemented for churn runs (this one is "

@@ -118,3 +118,17 @@ def test_audit_mia_refuses_a_folder_that_is_not_a_run(tmp_path: Path) -> None:
     assert result.exit_code != 0
     assert "summary.json" in result.output and "Traceback" not in result.output
     assert not (tmp_path / "mia.json").exists()
+
+
+def test_audit_mia_refuses_a_run_without_a_model_or_without_the_firms_data(tmp_path: Path) -> None:
+    import json
+
+    summary = {"run_id": "r", "config": {"task": "churn"}, "firms": [{"firm": "acme"}],
+               "model": str(tmp_path / "gone.pt")}
+    (tmp_path / "summary.json").write_text(json.dumps(summary))
+    result = CliRunner().invoke(app, ["audit", "mia", str(tmp_path)])
+    assert result.exit_code != 0 and "no saved global model" in result.output, result.output
+    (tmp_path / "model.pt").write_bytes(b"not a model")
+    result = CliRunner().invoke(app, ["audit", "mia", str(tmp_path)])
+    assert result.exit_code != 0 and "needs every firm's data" in result.output, result.output
+    assert "Traceback" not in result.output and not (tmp_path / "mia.json").exists()
