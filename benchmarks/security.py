@@ -177,7 +177,8 @@ def poisoning_seed(
     plan += [(s, a, 0) for s in strategies for a in attacks]
     for strategy, attack_name, rep in plan:
         attack = Attack(attack_name)
-        key = f"poisoning/seed{seed}/r{rounds}/{strategy}/{attack.value}/{rep}"
+        ratio = _sim_config(seed, tmp).run.max_update_norm_ratio  # the shipped default
+        key = f"poisoning/seed{seed}/r{rounds}/ratio{ratio:g}/{strategy}/{attack.value}/{rep}"
         if key in done:
             results.append(done[key])
             continue
@@ -220,6 +221,7 @@ def poisoning_seed(
         scores = score_run(run_dir, honest_firms, cfg.run.feature_schema)
         result = {
             "key": key, "purpose": purpose, "seed": seed, "rounds": rounds,
+            "max_update_norm_ratio": ratio,
             "strategy": strategy, "attack": attack.value, "repeat": rep,
             "malicious_firm": bad, "firm_rows": sizes,
             "status": summary["status"], "rounds_completed": summary["rounds_completed"],
@@ -264,7 +266,10 @@ def _round_ratios(norms: Sequence[dict[str, Any]], malicious: int) -> list[float
 
 
 def _mean(xs: Sequence[float]) -> float:
-    return statistics.fmean(xs) if xs else float("nan")
+    """Mean of the values that are numbers (a backdoor success is NaN when a model flags no
+    churner at all)."""
+    finite = [x for x in xs if x == x]
+    return statistics.fmean(finite) if finite else float("nan")
 
 
 def _gap(r: dict[str, Any]) -> float:
@@ -337,15 +342,17 @@ def print_poisoning(summary: dict[str, Any], seeds: Sequence[int]) -> None:
     print(f"\nPoisoning: Telco, 5 firms, the largest one malicious, split seeds {list(seeds)}; "
           "exact AUC of the saved global model on the 4 honest firms' held-out customers.\n"
           "drop = honest AUC - attacked AUC (same seed); adj. drop = the same on the gap to the "
-          "centralized AUC of each run's own split (what the target is read on)")
+          "centralized AUC of each run's own split (what the target is read on); rejected = the "
+          "malicious firm's updates rejected / sent; honest rej = honest updates rejected")
     header = (f"{'strategy':13} {'attack':11} {'AUC':>7} {'drop':>8} {'adj.drop':>9} "
-              f"{'max adj':>8} {'rejected':>9} {'backdoor':>9} {'<=0.01':>7}")
+              f"{'max adj':>8} {'rejected':>9} {'honest rej':>10} {'backdoor':>9} {'<=0.01':>7}")
     print(header)
     print("-" * len(header))
     for strategy, row in summary.items():
         h = row["honest"]
         print(f"{strategy:13} {'honest':11} {h['auc']:7.4f} {'':>8} {'':>9} {'':>8} "
-              f"{'':>9} {h['backdoor_success']:9.3f}   two honest runs differ by "
+              f"{'':>9} {h['rejected_honest']:>10} {h['backdoor_success']:9.3f}   "
+              "two honest runs differ by "
               f"{h['repeat_abs_diff_auc']:.4f} AUC, {h['repeat_abs_diff_gap']:.4f} gap "
               f"(max {h['repeat_abs_diff_gap_max']:.4f})")
         for attack in ATTACKS:
@@ -361,7 +368,8 @@ def print_poisoning(summary: dict[str, Any], seeds: Sequence[int]) -> None:
             rejected = f"{a['rejected']}/{a['sent']}"
             print(f"{'':13} {attack:11} {a['auc']:7.4f} {a['drop_mean']:+8.4f} "
                   f"{a['drop_adjusted_mean']:+9.4f} {a['drop_adjusted_max']:+8.4f} "
-                  f"{rejected:>9} {a['backdoor_success']:9.3f} {met:>7}{extra}")
+                  f"{rejected:>9} {a['rejected_honest']:>10} {a['backdoor_success']:9.3f} "
+                  f"{met:>7}{extra}")
 
 
 # --------------------------------------------------------------------------- membership inference

@@ -72,7 +72,7 @@ class RunConfig(BaseModel):
         default=100.0, gt=0, description="reject updates farther than this from the global model"
     )
     max_update_norm_ratio: float = Field(
-        default=3.0,
+        default=10.0,
         ge=0,
         allow_inf_nan=False,
         description="reject updates farther from the global model than this many times the "

@@ -51,13 +51,16 @@ def _round(seed: int, attack: Attack) -> tuple[list[np.ndarray], list[list[np.nd
     return g, updates
 
 
+RATIO = RunConfig().max_update_norm_ratio  # the shipped default
+
+
 @pytest.mark.parametrize("seed", range(20))
 def test_a_x100_update_is_rejected_by_the_round_bound_even_below_the_absolute_one(
     seed: int,
 ) -> None:
     g, updates = _round(seed, Attack.SCALE_X100)
     assert update_distance(g, updates[-1]) < 1000  # the absolute bound alone lets it in
-    bound = round_norm_bound(g, updates, max_update_norm=1000.0, max_update_norm_ratio=3.0)
+    bound = round_norm_bound(g, updates, max_update_norm=1000.0, max_update_norm_ratio=RATIO)
     assert bound.value < 1000 and "median" in bound.why
     reasons = [validate_update(g, u, max_update_norm=bound) for u in updates]
     assert reasons[:-1] == [None] * 4  # every honest update passes
@@ -66,21 +69,35 @@ def test_a_x100_update_is_rejected_by_the_round_bound_even_below_the_absolute_on
 
 def test_a_sign_flipped_update_has_an_ordinary_norm_and_passes_the_bound() -> None:
     g, updates = _round(0, Attack.SIGN_FLIP)
-    bound = round_norm_bound(g, updates, max_update_norm=100.0, max_update_norm_ratio=3.0)
+    bound = round_norm_bound(g, updates, max_update_norm=100.0, max_update_norm_ratio=RATIO)
     assert validate_update(g, updates[-1], max_update_norm=bound) is None
+
+
+def test_a_small_firms_larger_honest_update_passes_the_default_bound() -> None:
+    # Telco split seed 4: a 66-customer firm divides its noisy sum by 66, not 128, and its
+    # honest update reached 4.5x the round's median distance (benchmarks/security.py)
+    rng = np.random.default_rng(4)
+    g = _global(rng)
+    updates = [_honest(g, rng) for _ in FIRMS]
+    median = float(np.median([update_distance(g, u) for u in updates]))
+    small = [gg + 4.6 * median / update_distance(g, updates[0]) * (u - gg)
+             for gg, u in zip(g, updates[0], strict=True)]
+    updates[0] = small
+    bound = round_norm_bound(g, updates, max_update_norm=100.0, max_update_norm_ratio=RATIO)
+    assert all(validate_update(g, u, max_update_norm=bound) is None for u in updates)
 
 
 def test_the_round_bound_needs_three_updates_and_can_be_switched_off() -> None:
     g, updates = _round(1, Attack.SCALE_X100)
     two = [updates[0], updates[-1]]  # with two, the median would be the booster's half
-    assert round_norm_bound(g, two, max_update_norm=1000.0, max_update_norm_ratio=3.0).value \
+    assert round_norm_bound(g, two, max_update_norm=1000.0, max_update_norm_ratio=RATIO).value \
         == 1000.0
     assert round_norm_bound(g, updates, max_update_norm=1000.0, max_update_norm_ratio=0).value \
         == 1000.0
     # malformed updates do not count towards the median
     bad = [np.full_like(a, np.nan) for a in g]
     assert round_norm_bound(g, [updates[0], updates[-1], bad], max_update_norm=1000.0,
-                            max_update_norm_ratio=3.0).value == 1000.0
+                            max_update_norm_ratio=RATIO).value == 1000.0
     assert "NaN" in (validate_update(g, bad, max_update_norm=1000.0) or "")
 
 
@@ -108,7 +125,7 @@ def _guard(strategy: str, ratio: float, events: list[object]) -> GuardedStrategy
 def test_the_guard_rejects_the_x100_update_and_fedavg_averages_the_honest_four() -> None:
     g, updates = _round(2, Attack.SCALE_X100)
     events: list[object] = []
-    guard = _guard("fedavg", 3.0, events)
+    guard = _guard("fedavg", RATIO, events)
     guard.global_arrays = g
     replies = [_reply(n, f, u) for n, (f, u) in enumerate(zip(FIRMS, updates, strict=True), 1)]
     arrays, _ = guard.aggregate_train(1, replies)
