@@ -3,9 +3,11 @@
 :func:`render_report` turns :func:`privacy.audit.verify_run` into one self-contained HTML file
 (inline CSS, figures as base64 PNG): verdict first, then per firm the ε spent against its cap,
 releases by purpose, masking policy per column and row counts, then per round the participants,
-rejected updates and model hashes, then the global model's metrics. It shows only what the logs
-hold, which by construction is counts, hashes, key ids, policies and DP parameters; every string
-is HTML-escaped. :func:`export_bundle` zips the logs, public keys, the report and a verification
+rejected updates and model hashes, then the global model's metrics, and - when the run folder
+has a ``mia.json`` (``fedcrm audit mia``) - what membership-inference attacks achieved against
+the global model. It shows only what the logs and that file hold, which by construction is
+counts, hashes, key ids, policies, DP parameters and attack scores; every string is
+HTML-escaped. :func:`export_bundle` zips the logs, public keys, the report and a verification
 summary for an auditor, and never any private key.
 """
 
@@ -14,6 +16,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+import json
 import zipfile
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -40,6 +43,9 @@ from fedcrm.privacy.durable import check_output_file, write_atomic
 from fedcrm.privacy.errors import AuditError
 
 SUMMARY_FILE = "summary.json"
+MIA_FILE = "mia.json"
+#: The membership-inference AUC fedcrm aims to stay under at ε ≤ 1 (docs/audit.md).
+MIA_AUC_TARGET = 0.52
 REPORT_FILE = "report.html"
 VERIFICATION_FILE = "verification.json"
 
@@ -228,8 +234,55 @@ def _overlaps_section(report: VerificationReport) -> str:
     return _table(["overlap id", "overlap", "asked", "firms", "status", "noisy count"], rows)
 
 
-def render_html(report: VerificationReport) -> str:
-    """The report for an already computed verification (see :func:`render_report`)."""
+def load_membership(run_dir: Path) -> dict[str, Any] | None:
+    """``mia.json`` of a run folder, if there is one (written by ``fedcrm audit mia``)."""
+    path = Path(run_dir) / MIA_FILE
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        return {"unreadable": f"{path.name} is unreadable ({type(exc).__name__})"}
+    return data if isinstance(data, dict) else {"unreadable": f"{path.name} is not an object"}
+
+
+def _membership_section(mia: Mapping[str, Any]) -> str:
+    if "unreadable" in mia:
+        return f"<h2>Membership inference</h2><p class=muted>{_e(mia['unreadable'])}</p>"
+    attacks = mia.get("attacks")
+    if not isinstance(attacks, dict) or not attacks:
+        return "<h2>Membership inference</h2><p class=muted>mia.json holds no attack</p>"
+    first = next(iter(attacks.values()))
+    eps = mia.get("epsilon_max")
+    model = ("the released global model (DP, ε ≤ " + _num(eps) + " per firm)" if mia.get("dp")
+             else "a non-DP model trained by the same procedure (contrast)")
+    rows = []
+    for name, a in attacks.items():
+        value = a.get("auc") if isinstance(a, dict) else None
+        flag = (" <b>(above " + _num(MIA_AUC_TARGET) + ")</b>"
+                if isinstance(value, int | float) and value > MIA_AUC_TARGET else "")
+        rows.append((_e(name), _num(value) + flag,
+                     _num(a.get("tpr_at_low_fpr")) if isinstance(a, dict) else "",
+                     _num(a.get("low_fpr")) if isinstance(a, dict) else ""))
+    notes = "".join(f"<li>{_e(n)}</li>" for n in mia.get("notes") or [])
+    return "".join([
+        "<h2>Membership inference</h2>",
+        f"<p>Attacks on {model}, run {_e(mia.get('run_id', '?'))}: "
+        f"{_num(first.get('members'))} members (training customers) against "
+        f"{_num(first.get('non_members'))} non-members (held-out customers); "
+        f"{_num(mia.get('shadows'))} LiRA shadow models. AUC 0.5 is a coin toss; fedcrm aims "
+        f"for at most {_num(MIA_AUC_TARGET)} at ε ≤ 1.</p>",
+        _table(["attack", "AUC", "TPR at low FPR", "FPR"], rows),
+        f"<ul>{notes}</ul>" if notes else "",
+        f'<p class="muted">{_e(mia.get("method", ""))}. Computed by <code>fedcrm audit mia'
+        "</code> where the members' data is (a simulation); not covered by the signatures "
+        "above.</p>",
+    ])
+
+
+def render_html(report: VerificationReport, membership: Mapping[str, Any] | None = None) -> str:
+    """The report for an already computed verification (see :func:`render_report`), with the
+    membership-inference results of ``mia.json`` when given."""
     run = report.run
     title = f"fedcrm audit report: run {run.get('run_id', '(no run_started entry)')}"
     info = ", ".join(f"{k}: {run[k]}" for k in ("strategy", "task", "rounds") if k in run)
@@ -251,6 +304,7 @@ def render_html(report: VerificationReport) -> str:
         "<h2>Global model</h2>",
         _metrics_figure(report),
         final if report.final_metrics else "<p class=muted>no global model recorded</p>",
+        _membership_section(membership) if membership is not None else "",
         '<p class="muted">Built only from the signed audit logs and public keys of this run. '
         "ε is recomputed with dp_accounting's RDP accountant from the logged mechanism "
         "parameters.</p>",
@@ -264,13 +318,14 @@ def render_report(run_dir: Path, out: Path) -> Path:
     require_run_folder(Path(run_dir))
     out = check_output_file(Path(out), what="--out report")
     report = verify_run(Path(run_dir))
-    write_atomic(out, render_html(report).encode("utf-8"), mode=0o644)
+    write_atomic(out, render_html(report, load_membership(Path(run_dir))).encode("utf-8"),
+                 mode=0o644)
     return out
 
 
 def _bundle_files(root: Path) -> list[Path]:
     files = [root / FEDERATION_DIR / LOG_FILE, root / FEDERATION_DIR / PUBLIC_KEY_FILE,
-             root / KEYS_DIR / TRUSTED_FILE, root / SUMMARY_FILE]
+             root / KEYS_DIR / TRUSTED_FILE, root / SUMMARY_FILE, root / MIA_FILE]
     for firm_dir in sorted(p for p in (root / FIRMS_DIR).glob("*") if p.is_dir()):
         files += [firm_dir / LOG_FILE, firm_dir / PUBLIC_KEY_FILE]
     return [f for f in files if f.is_file()]
@@ -292,7 +347,7 @@ def export_bundle(run_dir: Path, out_zip: Path) -> Path:
             if b"PRIVATE KEY" in data:
                 raise AuditError(f"{path} contains a private key; remove it before exporting")
             zf.writestr(str(path.relative_to(root)), data)
-        zf.writestr(REPORT_FILE, render_html(report))
+        zf.writestr(REPORT_FILE, render_html(report, load_membership(root)))
         zf.writestr(VERIFICATION_FILE, report.to_json())
     write_atomic(out_zip, buffer.getvalue(), mode=0o644)  # all or nothing: no half-written zip
     return out_zip

@@ -85,6 +85,13 @@ class RunConfig(BaseModel):
     max_update_norm: float = Field(
         default=100.0, gt=0, description="reject updates farther than this from the global model"
     )
+    max_update_norm_ratio: float = Field(
+        default=10.0,
+        ge=0,
+        allow_inf_nan=False,
+        description="reject updates farther from the global model than this many times the "
+        "round's median update distance (0 = off; needs at least 3 updates in the round)",
+    )
     evaluate: bool = Field(
         default=True, description="ask firms for a DP evaluation (each firm decides to answer)"
     )

@@ -225,6 +225,7 @@ def run_federation(grid: Grid, cfg: RunConfig, *, run_id: str, run_dir: Path) ->
         firms=admission.firms,
         min_firms=cfg.min_firms,
         max_update_norm=cfg.max_update_norm,
+        max_update_norm_ratio=cfg.max_update_norm_ratio,
         on_event=events.emit,
         secure=secure,
     )

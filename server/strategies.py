@@ -10,7 +10,9 @@ the protocol's typed reply and
   every round; a firm whose ClientApp failed once stays in,
 * takes firms whose budget cannot fund a round out of later rounds (their status says so),
 * rejects updates whose shape/dtype differ from the global model, hold NaN/inf, or move
-  farther than ``max_update_norm`` from it - logged with the node id and the reason,
+  farther from it than ``max_update_norm`` or ``max_update_norm_ratio`` times the round's
+  median update distance (:mod:`fedcrm.coordinator.update_validation`) - logged with the node
+  id and the reason,
 
 and stops the run cleanly (:class:`FederationStopped`) when fewer than ``min_firms`` can train.
 Every decision is reported as a typed event (:mod:`fedcrm.coordinator.events`).
@@ -58,7 +60,7 @@ from fedcrm.coordinator.events import (
 )
 from fedcrm.coordinator.run_config import RunConfig, StrategyKind
 from fedcrm.coordinator.run_state import DROPPED, FirmState, RoundRecord
-from fedcrm.coordinator.update_validation import validate_update
+from fedcrm.coordinator.update_validation import round_norm_bound, validate_update
 from fedcrm.flower.records import CONFIG, to_records, wire_of
 from fedcrm.privacy.errors import FedcrmError, SecureSumError
 from fedcrm.protocol import (
@@ -126,6 +128,7 @@ class GuardedStrategy(Strategy):
         max_update_norm: float,
         on_event: EventSink,
         secure: SecureTraining | None = None,
+        max_update_norm_ratio: float = 0.0,
     ) -> None:
         self.inner = inner
         self.secure = secure
@@ -136,6 +139,7 @@ class GuardedStrategy(Strategy):
         self.firms = firms
         self.min_firms = min_firms
         self.max_update_norm = max_update_norm
+        self.max_update_norm_ratio = max_update_norm_ratio
         self.on_event = on_event
         self.rounds: dict[int, RoundRecord] = {}
         self.updates: list[dict[str, Any]] = []
@@ -144,9 +148,10 @@ class GuardedStrategy(Strategy):
     def summary(self) -> None:
         log(
             INFO,
-            "\t├──> fedcrm guard: min firms %d, max update norm %g",
+            "\t├──> fedcrm guard: min firms %d, max update norm %g (and %g × the round's median)",
             self.min_firms,
             self.max_update_norm,
+            self.max_update_norm_ratio,
         )
         self.inner.summary()
 
@@ -202,11 +207,18 @@ class GuardedStrategy(Strategy):
         valid: list[Message] = []
         held: dict[str, int] = {}  # secure aggregation: firm -> public size
         train_replies: list[tuple[FirmState, TrainReply]] = []
-        for msg in replies:
+        decoded = [(msg, self._decode_train(msg)) for msg in replies]
+        bound = round_norm_bound(
+            self.global_arrays,
+            [[np.asarray(a) for a in r.arrays] for _, r in decoded
+             if isinstance(r, TrainReply) and r.state is ReplyState.OK and r.arrays is not None],
+            max_update_norm=self.max_update_norm,
+            max_update_norm_ratio=self.max_update_norm_ratio,
+        )
+        for msg, reply in decoded:
             node = msg.metadata.src_node_id
             answered.add(node)
             firm = self._firm(node)
-            reply = self._decode_train(msg)
             if isinstance(reply, str):
                 gone = msg.has_error() and msg.error.code in _NODE_GONE
                 self._drop(server_round, record, firm, reply, gone=gone)
@@ -246,9 +258,7 @@ class GuardedStrategy(Strategy):
                 held[firm.firm] = reply.num_examples
                 continue
             update = [np.asarray(a) for a in reply.arrays or []]
-            problem = validate_update(
-                self.global_arrays, update, max_update_norm=self.max_update_norm
-            )
+            problem = validate_update(self.global_arrays, update, max_update_norm=bound)
             if problem is not None:
                 record.rejected.append({"firm": firm.firm, "node_id": str(node), "reason": problem})
                 self.on_event(UpdateRejected(round=server_round, firm=firm.firm, node_id=node,

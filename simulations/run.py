@@ -168,8 +168,17 @@ def split_cdnow(tx: pd.DataFrame, sim: SimulationSection) -> list[pd.DataFrame]:
     return [tx[labels == f] for f in range(sim.firms)]
 
 
+ExportHook = Callable[[str, pd.DataFrame], pd.DataFrame]
+"""``(firm, export) -> export``: rewrites a firm's export before it is written and prepared (a
+hostile firm's altered data in the poisoning benchmark, :mod:`fedcrm.simulations.poisoning`)."""
+
+
 def build_firms(
-    cfg: SimulationConfig, run_dir: Path, *, on_firm: Callable[[str, int], None] | None = None
+    cfg: SimulationConfig,
+    run_dir: Path,
+    *,
+    on_firm: Callable[[str, int], None] | None = None,
+    alter_export: ExportHook | None = None,
 ) -> list[SimFirm]:
     """Create every firm's export, config, keys and prepared store (the client pipeline)."""
     sim = cfg.simulation
@@ -187,6 +196,8 @@ def build_firms(
         if sim.dataset is Dataset.TELCO:
             encoding = "gb18030" if i < sim.gbk_firms else "utf-8"
             export = telco_export(part, seed=sim.seed * 1000 + i)
+            if alter_export is not None:
+                export = alter_export(name, export)
             export.to_csv(root / "customers.csv", index=False, encoding=encoding)
             os.chmod(root / "customers.csv", 0o600)  # (synthetic) personal data
             data = telco_firm_config(
@@ -201,7 +212,10 @@ def build_firms(
                 public_size=public_size(len(part)),
             )
         else:
-            cdnow_export(part).to_csv(root / "transactions.csv", index=False)
+            export = cdnow_export(part)
+            if alter_export is not None:
+                export = alter_export(name, export)
+            export.to_csv(root / "transactions.csv", index=False)
             os.chmod(root / "transactions.csv", 0o600)
             data = cdnow_firm_config(
                 firm=name,
@@ -442,6 +456,7 @@ def simulate(
     on_phase: Callable[[str], None] | None = None,
     client_mods: list[Any] | None = None,
     verbose: bool = False,
+    alter_export: ExportHook | None = None,
 ) -> tuple[Path, dict[str, Any]]:
     """The whole simulation; returns the run directory and the final summary. Flower's and Ray's
     logs go to ``<run dir>/flower.log`` (and the terminal too if ``verbose``)."""
@@ -458,7 +473,9 @@ def simulate(
     with engine_logs(run_dir / ENGINE_LOG, verbose=verbose):
         try:
             with ThreadPoolExecutor(max_workers=2, thread_name_prefix="prepare") as pool:
-                building = pool.submit(build_firms, cfg, run_dir, on_firm=on_firm)
+                building = pool.submit(
+                    build_firms, cfg, run_dir, on_firm=on_firm, alter_export=alter_export
+                )
                 importing = pool.submit(_import_apps)
                 try:
                     start_engine(sim, verbose=verbose)

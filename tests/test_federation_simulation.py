@@ -136,8 +136,24 @@ def test_simulation_rejects_bad_updates_survives_dropout_and_stops_exhausted_fir
 
     verification = verify_run(run_dir)
     assert verification.ok, [str(f) for f in verification.failures]
+
+    # Membership inference on the released model: every customer of every firm is a candidate
+    # (members = training customers), and the report shows the result.
+    from typer.testing import CliRunner
+
+    from fedcrm.cli import app
+
+    mia_run = CliRunner().invoke(app, ["audit", "mia", str(run_dir), "--shadows", "2"])
+    assert mia_run.exit_code == 0, mia_run.output
+    mia = json.loads((run_dir / "mia.json").read_text())
+    assert set(mia["attacks"]) == {"loss_threshold", "lira"}
+    for attack in mia["attacks"].values():
+        assert 0.0 <= attack["auc"] <= 1.0
+        assert attack["members"] == summary["baseline"]["train_customers"]
+        assert attack["non_members"] == summary["baseline"]["test_customers"]
     html = render_report(run_dir, tmp_path / "report.html").read_text()
     assert "PASS" in html and html.count("data:image/png;base64,") >= 5
+    assert "Membership inference" in html and "lira" in html
     rejected = [
         json.loads(x)
         for x in (run_dir / "federation" / "audit.jsonl").read_text().splitlines()

@@ -1,4 +1,6 @@
-"""The auditor's commands: ``fedcrm audit verify | report | export | assemble`` (read-only)."""
+"""The auditor's commands: ``fedcrm audit verify | report | export | assemble`` (read-only) and
+``fedcrm audit mia`` (membership inference on a simulation's global model; needs the members'
+data, so it runs where that is: on a simulation's run folder)."""
 
 from __future__ import annotations
 
@@ -15,7 +17,9 @@ from fedcrm.cli.console import err, out, plain, user_errors
 # --------------------------------------------------------------------------- audit
 
 audit_app = typer.Typer(
-    help="Auditor's tools: verify, report, export, assemble (read-only).", no_args_is_help=True
+    help="Auditor's tools: verify, report, export, assemble (read-only); mia (membership "
+    "inference, on a simulation).",
+    no_args_is_help=True,
 )
 
 
@@ -130,6 +134,41 @@ def audit_assemble(
         for failure in report.failures:
             plain(err, f"FAIL {failure}", style="red")
         raise typer.Exit(AuditError.exit_code)
+
+
+@audit_app.command("mia")
+@user_errors
+def audit_mia(
+    run_dir: Annotated[Path, typer.Argument(help="a simulation's run directory (runs/<run-id>)")],
+    shadows: Annotated[
+        int, typer.Option(min=0, max=1024, help="LiRA shadow federations (0: loss attack only)")
+    ] = 16,
+    seed: Annotated[int, typer.Option(help="seed of the shadows' subsets and noise")] = 0,
+    out_path: Annotated[
+        Path | None, typer.Option("--out", help="JSON file to write (default: RUN_DIR/mia.json)")
+    ] = None,
+) -> None:
+    """Membership inference (loss threshold, LiRA) against the run's released global model.
+
+    Needs every firm's data (members: training customers, non-members: held-out customers), so
+    it runs on a simulation's run folder. `fedcrm audit report` shows the result.
+    """
+    from fedcrm.coordinator.runs import load_summary
+    from fedcrm.privacy.durable import check_output_file
+    from fedcrm.simulations.membership import MIA_FILE, membership_audit, write_report
+
+    load_summary(run_dir)  # a finished run's folder, before anything else
+    target = check_output_file(out_path or Path(run_dir) / MIA_FILE, what="--out JSON file")
+    report = membership_audit(run_dir, shadows=shadows, seed=seed)
+    write_report(report, target)
+    eps = max(report.epsilon.values(), default=0.0)
+    out.print(f"membership inference on {report.run_id} (ε ≤ {eps:.3g} per firm), "
+              f"{report.attacks[0].members:,} members vs {report.attacks[0].non_members:,} "
+              "non-members:", highlight=False, markup=False)
+    for attack in report.attacks:
+        out.print(f"  {attack.attack}: AUC {attack.auc:.4f}, TPR {attack.tpr_at_low_fpr:.4f} at "
+                  f"{attack.low_fpr:.0%} FPR", highlight=False, markup=False)
+    out.print(f"wrote {target}", highlight=False, markup=False)
 
 
 def register(app: typer.Typer) -> None:
