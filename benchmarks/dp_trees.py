@@ -197,7 +197,6 @@ def dp_lr_auc(x: np.ndarray, y: np.ndarray, x_eval: np.ndarray, y_eval: np.ndarr
 
     from fedcrm.learning.dp_engine import plan_for_budget, train_dp
     from fedcrm.learning.models import build_churn_model, churn_per_sample_loss, predict_proba
-
     from fedcrm.learning.settings import LOCAL_TRAINING
 
     # `fedcrm train`'s shipped defaults: the budget rule sizes the run, the tail is averaged
