@@ -462,8 +462,14 @@ def calibrate_noise(
         )
     if not 0.0 < tolerance < 1.0:
         raise ValueError(f"tolerance must lie in (0, 1), got {tolerance!r}")
-    target = float(target_epsilon)
-    prior = _grouped(prior_events)
+    return _calibrated(float(target_epsilon), d, q, n, tolerance, _grouped(prior_events))
+
+
+@functools.lru_cache(maxsize=1024)
+def _calibrated(target: float, d: float, q: float, n: int, tolerance: float,
+                prior: tuple[tuple[_Params, int], ...]) -> float:
+    """:func:`calibrate_noise` on checked arguments (memoised: a plan, its check and the budget
+    rule's reference rate ask for the same calibrations, each a root search over RDP)."""
     spent = _epsilon_of(prior, d)
     prior_events_dpa = [
         dp_accounting.SelfComposedDpEvent(_dp_accounting_event(*p), count) for p, count in prior

@@ -97,6 +97,9 @@ def write_firm(tmp_path: Path) -> Callable[..., Path]:
         cfg: dict[str, Any] = {
             "firm": {"name": firm, "keys_dir": "keys", "store_dir": "store"},
             "budget": {"epsilon": 2.0, "delta": 1e-5},
+            # a short explicit DP-SGD run: these firms test the budget, the store and the CLI, not
+            # the training defaults (tests/test_dp_engine.py and test_starter_config_cn.py do)
+            "training": {"epochs": 2, "batch_size": 64},
             "tables": {
                 "customers": {
                     "source": source or {"kind": "csv", "path": "customers.csv"},
