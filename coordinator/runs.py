@@ -60,6 +60,9 @@ def load_summary(run_dir: Path) -> dict[str, Any]:
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise ConfigError(f"{path} is damaged (not JSON); the run's other files are intact, "
                           "see its events.jsonl") from None
+    if not isinstance(data, dict) or not isinstance(data.get("run_id"), str):
+        raise ConfigError(f"{path} is damaged (not an object with a run_id); the run's other "
+                          "files are intact, see its events.jsonl")
     return data
 
 

@@ -42,3 +42,25 @@ def test_runs_list_and_show_read_past_summaries(tmp_path: Path) -> None:
     assert r.exit_code == 2 and "matches 2 runs" in r.output
     r = RUNNER.invoke(app, ["runs", "show", "nope", "--root", str(tmp_path)])
     assert r.exit_code == 2 and "fedcrm runs list" in r.output
+
+
+def test_runs_show_prints_a_querys_result_table(tmp_path: Path) -> None:
+    run = tmp_path / "q-1"
+    run.mkdir()
+    (run / "summary.json").write_text(json.dumps(
+        {"run_id": "q-1", "query_id": "q-1", "status": "completed", "query": {"name": "churn"}}))
+    (run / "result.md").write_text("| group | statistic |\n|---|---|\n| [b]Month | rate |\n")
+    r = RUNNER.invoke(app, ["runs", "show", "q-1", "--root", str(tmp_path)])
+    assert r.exit_code == 0, r.output
+    assert "| [b]Month | rate |" in r.output  # printed as text, never read as markup
+
+
+def test_runs_show_of_a_summary_missing_a_field_says_it_is_damaged(tmp_path: Path) -> None:
+    run = tmp_path / "run-c"
+    run.mkdir()
+    damaged = _summary("run-c", 0.8)
+    del damaged["strategy"]
+    (run / "summary.json").write_text(json.dumps(damaged))
+    r = RUNNER.invoke(app, ["runs", "show", "run-c", "--root", str(tmp_path)])
+    assert r.exit_code not in (0, 70), r.output
+    assert "damaged" in r.output and "internal error" not in r.output

@@ -333,8 +333,20 @@ def runs_show(
         sys.stdout.write(json.dumps(summary, indent=2) + "\n")
         return
     from fedcrm.coordinator.live import print_run_summary
+    from fedcrm.privacy.errors import ConfigError
 
-    print_run_summary(out, summary, run_dir)
+    if "query" in summary or "overlap" in summary:  # an analytics query or an overlap count
+        table = run_dir / "result.md"
+        if not table.is_file():
+            raise ConfigError(f"{table} not found; `fedcrm runs show {run_id} --json` prints "
+                              "the result")
+        out.print(table.read_text(encoding="utf-8"), markup=False, highlight=False)
+        return
+    try:
+        print_run_summary(out, summary, run_dir)
+    except (KeyError, TypeError, ValueError, AttributeError):
+        raise ConfigError(f"{run_dir / 'summary.json'} is damaged (a field is missing or of the "
+                          "wrong type); `fedcrm runs show --json` prints what it holds") from None
 
 
 def register(app: typer.Typer) -> None:
