@@ -592,4 +592,7 @@ def load_trees(path: Path) -> tuple[TreeEnsemble, dict[str, Any]]:
     except (KeyError, TypeError, ValueError) as exc:
         raise ConfigError(f"model file {path} has a malformed ensemble ({type(exc).__name__}); "
                           "retrain it") from exc
-    return ensemble, dict(payload["provenance"])
+    provenance = payload.get("provenance")
+    if not isinstance(provenance, dict):
+        raise ConfigError(f"model file {path} has damaged provenance; retrain it")
+    return ensemble, dict(provenance)

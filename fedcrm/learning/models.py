@@ -210,7 +210,13 @@ def load_model(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
         raise ConfigError(
             f"model file {path} is not a {MODEL_FORMAT} file; retrain or re-export it"
         )
-    provenance: dict[str, Any] = json.loads(payload["provenance"])
+    try:
+        provenance: dict[str, Any] = json.loads(payload["provenance"])
+    except (KeyError, TypeError, ValueError):  # ValueError: JSONDecodeError, UnicodeDecodeError
+        raise ConfigError(f"model file {path} has damaged provenance; retrain or re-fetch it"
+                          ) from None
+    if not isinstance(provenance, dict):
+        raise ConfigError(f"model file {path} has damaged provenance; retrain or re-fetch it")
     model = _build_from_provenance(provenance, path)
     try:
         model.load_state_dict(payload["state_dict"], strict=True)
