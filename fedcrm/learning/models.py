@@ -220,7 +220,7 @@ def load_model(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     model = _build_from_provenance(provenance, path)
     try:
         model.load_state_dict(payload["state_dict"], strict=True)
-    except RuntimeError as exc:
+    except (RuntimeError, KeyError, TypeError, AttributeError) as exc:
         raise ConfigError(f"model file {path} weights do not match its provenance; retrain it"
                           ) from exc
     model.eval()
