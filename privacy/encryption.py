@@ -179,7 +179,10 @@ def iter_encrypted_table(path: Path, *, keys: FirmKeys, table: str) -> Iterator[
                 f"{keys.data_key_id}: load the matching key version (or FEDCRM_DATA_KEY) for this "
                 "store"
             )
-        salt = bytes.fromhex(str(header["salt"]))
+        try:
+            salt = bytes.fromhex(str(header["salt"]))
+        except (KeyError, ValueError):
+            raise DecryptionError(f"{path} has a corrupt header (its salt)") from None
         aead = AESGCM(keys.store_file_key(table=table, salt=salt))
         index = 0
         while True:
