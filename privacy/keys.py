@@ -252,6 +252,11 @@ def add_agreement_key(keys_dir: Path) -> bytes:
         )
     key = X25519PrivateKey.generate()
     _write_agreement_key(keys_dir, key, force=False)
+    meta = _meta(keys_dir)  # record its id: load_keys checks the key file against it
+    ids = meta["key_ids"]
+    if isinstance(ids, dict):  # always, once _meta has checked the file
+        ids["agreement"] = agreement_key_id(raw_agreement_key(key.public_key()))
+    _write_meta(keys_dir, meta)
     return raw_agreement_key(key.public_key())
 
 
@@ -581,6 +586,22 @@ def load_keys(
         if not isinstance(loaded, Ed25519PrivateKey):
             raise KeyFileError(f"{sign_path} is not an Ed25519 key")
         signing = loaded
+    agreement = _load_agreement_key(keys_dir)
+    # Any 32 bytes are a valid Ed25519 or X25519 key, so a changed byte in a key file can still
+    # parse: the ids recorded when the keys were made tell a changed key from the real one.
+    if isinstance(recorded, dict):
+        for path, found, want in (
+            (sign_path, signing and public_key_id(signing.public_key()), recorded.get("signing")),
+            (keys_dir / AGREEMENT_KEY_FILE,
+             agreement and agreement_key_id(raw_agreement_key(agreement.public_key())),
+             recorded.get("agreement")),
+        ):
+            if found and isinstance(want, str) and found != want:
+                raise KeyFileError(
+                    f"{path} is not the key recorded in {keys_dir / META_FILE} (its id {found}, "
+                    f"recorded {want}): it was changed or damaged; restore the firm's key folder "
+                    "from its backup"
+                )
     return FirmKeys(
         firm=firm,
         pseudonym_version=p_ver,
@@ -588,7 +609,7 @@ def load_keys(
         data_version=d_ver,
         data_key=data,
         signing_key=signing,
-        agreement_key=_load_agreement_key(keys_dir),
+        agreement_key=agreement,
     )
 
 

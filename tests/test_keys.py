@@ -186,3 +186,19 @@ def test_a_key_file_that_no_longer_matches_its_recorded_id_is_refused(
     path.write_text(("1" if text[0] != "1" else "2") + text[1:])  # one changed hex digit
     with pytest.raises(KeyFileError, match=r"is not the .* key recorded in .*keys\.json"):
         load_keys(tmp_path / "k")
+
+
+@pytest.mark.parametrize("name", ["signing.key", "agreement.key"])
+def test_a_changed_key_that_still_parses_is_refused(tmp_path: Path, name: str) -> None:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+    init_keys(tmp_path / "k", firm="acme")
+    other = Ed25519PrivateKey.generate() if name == "signing.key" else X25519PrivateKey.generate()
+    path = tmp_path / "k" / name
+    path.write_bytes(other.private_bytes(serialization.Encoding.PEM,
+                                         serialization.PrivateFormat.PKCS8,
+                                         serialization.NoEncryption()))
+    with pytest.raises(KeyFileError, match="not the key recorded"):
+        load_keys(tmp_path / "k")
