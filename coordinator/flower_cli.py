@@ -528,15 +528,8 @@ def follow_run(
             flwr_home=flwr_home, connection=connection, run_id=run_id, deadline=deadline,
             on_log=on_log, log_path=log_path,
         )
-        try:
-            status = run_status(flwr_home=flwr_home, connection=connection, run_id=run_id)
-        except DeploymentError as exc:
-            if control_port is not None and not port_open(control_port):
-                raise SuperLinkUnreachable(
-                    f"the SuperLink stopped answering on {LOCALHOST}:{control_port} during run "
-                    f"{run_id}"
-                ) from exc
-            raise
+        status = _status_while_answering(flwr_home=flwr_home, connection=connection,
+                                         run_id=run_id, control_port=control_port)
         if status.state is not RunState.UNFINISHED:
             return status
         if time.monotonic() >= deadline:
@@ -546,6 +539,49 @@ def follow_run(
                 "see the SuperLink log"
             )
         time.sleep(2.0)  # the stream can end just before the final status is stored
+
+
+#: How long a SuperLink whose port is open may fail to answer its Control API (it is still
+#: starting after a restart) before the run is taken as cut off by a restart.
+STATUS_RETRY_S = 20.0
+
+
+def _status_while_answering(
+    *, flwr_home: Path, connection: str, run_id: int, control_port: int | None,
+    window_s: float | None = None,
+) -> RunStatus:
+    """:func:`run_status`, asked again while the SuperLink's port is open but its Control API
+    does not answer yet (a SuperLink that has just restarted binds its port before it serves);
+    :class:`SuperLinkUnreachable` when it stays silent or its port closes."""
+    deadline = time.monotonic() + (STATUS_RETRY_S if window_s is None else window_s)
+    while True:
+        try:
+            return run_status(flwr_home=flwr_home, connection=connection, run_id=run_id)
+        except DeploymentError as exc:
+            if control_port is None:
+                raise
+            if not port_open(control_port) or time.monotonic() >= deadline:
+                raise SuperLinkUnreachable(
+                    f"the SuperLink stopped answering on {LOCALHOST}:{control_port} during run "
+                    f"{run_id}"
+                ) from exc
+            time.sleep(1.0)
+
+
+def submit_when_answering(
+    submit: Callable[[], int], *, control_port: int, window_s: float = STATUS_RETRY_S
+) -> int:
+    """``submit()`` (:func:`run_app`), tried again while a SuperLink that has just restarted
+    does not serve its Control API yet."""
+    deadline = time.monotonic() + window_s
+    while True:
+        try:
+            return submit()
+        except DeploymentError as exc:
+            starting = "unavailable" in str(exc).lower() or not port_open(control_port)
+            if not starting or time.monotonic() >= deadline:
+                raise
+            time.sleep(1.0)
 
 
 def stop_run(*, flwr_home: Path, connection: str, run_id: int) -> None:

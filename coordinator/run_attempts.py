@@ -32,6 +32,7 @@ from fedcrm.coordinator.flower_cli import (
     run_app,
     run_status,
     stop_run,
+    submit_when_answering,
 )
 from fedcrm.coordinator.processes import DeploymentError, port_open
 from fedcrm.coordinator.run_checkpoint import load_checkpoint
@@ -175,8 +176,11 @@ def run_to_end(
                     f"({'; '.join(a.ended for a in attempts[-2:])})",
                 )
                 break
-            following = run_app(app_dir=app_dir, flwr_home=flwr_home, connection=connection,
-                                extra_pythonpath=extra_pythonpath)
+            following = submit_when_answering(
+                lambda: run_app(app_dir=app_dir, flwr_home=flwr_home, connection=connection,
+                                extra_pythonpath=extra_pythonpath),
+                control_port=control_port,
+            )
             attempts.append(Attempt(following, "running"))
             _record(run_dir, attempts)
             if on_attempt is not None:

@@ -9,6 +9,7 @@ The real deployment, with a SuperLink restart and a killed firm, is ``test_deplo
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -300,3 +301,64 @@ def test_a_train_reply_carries_its_resend_flag_and_released_rounds() -> None:
     decoded = TrainReply.decode(from_records(to_records(reply.encode())))
     assert decoded.replayed and decoded.rounds_released == (1, 3)
     assert MessageKind.TRAIN.value == "train"
+
+
+# ---------------------------------------------------------------- a SuperLink that is restarting
+
+
+def _fail_then(results: Iterable[object]) -> Callable[..., object]:
+    """A stand-in for a flwr CLI call: raises the exceptions in ``results``, then returns."""
+    queue = iter(results)
+
+    def call(*_args: object, **_kwargs: object) -> object:
+        result = next(queue)
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    return call
+
+
+def test_a_restarting_superlink_whose_port_is_open_is_asked_again_not_taken_as_the_end(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """After a restart the SuperLink binds its port before its Control API serves: the run's
+    status is asked again (seen in CI: `flwr ls` said "unavailable" with the port open)."""
+    import fedcrm.coordinator.flower_cli as cli
+    from fedcrm.coordinator.processes import DeploymentError
+
+    unavailable = DeploymentError("Connection to the SuperLink is unavailable")
+    final = cli.RunStatus(run_id=7, status_text="finished:failed")
+    monkeypatch.setattr(cli, "_stream_log", lambda **_kw: None)
+    monkeypatch.setattr(cli, "port_open", lambda _port: True)
+    monkeypatch.setattr(cli.time, "sleep", lambda _s: None)
+    monkeypatch.setattr(cli, "run_status", _fail_then([unavailable, unavailable, final]))
+    status = cli.follow_run(flwr_home=Path("."), connection="c", run_id=7, control_port=1)
+    assert status is final
+    # silent for longer than the window, or its port closed: a restart cut the run off
+    monkeypatch.setattr(cli, "STATUS_RETRY_S", 0.05)
+    monkeypatch.setattr(cli, "run_status", _fail_then(itertools.repeat(unavailable)))
+    with pytest.raises(cli.SuperLinkUnreachable):
+        cli.follow_run(flwr_home=Path("."), connection="c", run_id=7, control_port=1,
+                       timeout_s=60)
+    monkeypatch.setattr(cli, "port_open", lambda _port: False)
+    monkeypatch.setattr(cli, "run_status", _fail_then([unavailable]))
+    with pytest.raises(cli.SuperLinkUnreachable):
+        cli.follow_run(flwr_home=Path("."), connection="c", run_id=7, control_port=1)
+
+
+def test_resubmitting_waits_for_a_restarted_superlink_but_not_for_a_real_refusal(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import fedcrm.coordinator.flower_cli as cli
+    from fedcrm.coordinator.processes import DeploymentError
+
+    monkeypatch.setattr(cli, "port_open", lambda _port: True)
+    monkeypatch.setattr(cli.time, "sleep", lambda _s: None)
+    unavailable = DeploymentError("Connection to the SuperLink is unavailable")
+    submit = _fail_then([unavailable, unavailable, 42])
+    assert cli.submit_when_answering(submit, control_port=1) == 42  # type: ignore[arg-type]
+    refused = DeploymentError("the app's run config key 'x' is not declared")
+    with pytest.raises(DeploymentError, match="not declared"):
+        cli.submit_when_answering(_fail_then([refused, 42]),  # type: ignore[arg-type]
+                                  control_port=1)
