@@ -8,8 +8,10 @@ saves a provenance-stamped model once the ledger has committed the release.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -21,12 +23,14 @@ from fedcrm.learning.dp_trees import grow_alone
 from fedcrm.learning.models import model_to_arrays
 from fedcrm.learning.settings import ChurnModelKind
 from fedcrm.node import FirmNode
+from fedcrm.privacy.accounting import DpEvent
 from fedcrm.privacy.durable import StagedFile, check_output_file
 from fedcrm.privacy.errors import ConfigError
 from fedcrm.privacy.keys import FirmKeys, load_keys
 from fedcrm.protocol import TaskKind
 from fedcrm.release import check_epsilon, plan_dp_sgd, plan_trees, release
 from fedcrm.tasks import task_for
+from fedcrm.tasks.base import TaskData
 from fedcrm.tasks.churn import ChurnData
 
 
@@ -94,42 +98,10 @@ def train_local(
         )
         return model_to_arrays(problem.model)
 
-    def stage(arrays: list[np.ndarray]) -> StagedFile:
-        staged = StagedFile(out)
-        try:
-            metrics.update(data.local_metrics(arrays, model=kind))
-            task_for(task).save_model(staged.path, arrays, {
-                "kind": kind.value if task is TaskKind.CHURN else "trend",
-                "task": task.value,
-                "input_dim": data.input_dim,
-                "layout_fingerprint": data.layout,
-                "firm": cfg.firm.name,
-                "fedcrm_version": fedcrm.__version__,
-                "config_sha256": cfg.config_sha256,
-                "epsilon": node.privacy.ledger.total_with(event),  # the total once committed
-                "epsilon_release": float(event.epsilon),
-                "delta": cfg.budget.delta,
-                "noise_multiplier": plan.noise_multiplier,
-                "metrics": dict(metrics),
-                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            })
-        except BaseException:
-            staged.discard()
-            raise
-        return staged
-
-    metrics: dict[str, float] = {}
-    released = release(node.privacy, event, compute, stage=stage)
-    return LocalTrainResult(
-        model_path=out,
-        task=task,
-        epsilon_release=float(event.epsilon),
-        epsilon_added=released.epsilon_total - spent_before,
-        epsilon_total=released.epsilon_total,
-        epsilon_cap=node.privacy.cap,
-        noise_multiplier=plan.noise_multiplier,
-        metrics=metrics,
-        seconds=time.perf_counter() - started,
+    return _release_model(
+        cfg, node, data, event, compute, out=out, task=task, model=kind,
+        spent_before=spent_before, started=started, noise_multiplier=plan.noise_multiplier,
+        extra={"noise_multiplier": plan.noise_multiplier},
     )
 
 
@@ -153,24 +125,40 @@ def _train_local_trees(
     def compute() -> list[np.ndarray]:
         return grow_alone(schedule, xb, data.y_train, plan.noise).to_arrays()
 
+    return _release_model(
+        cfg, node, data, event, compute, out=out, task=task, model=ChurnModelKind.TREES,
+        spent_before=spent_before, started=started, noise_multiplier=plan.noise.leaf,
+        extra={"trees": settings.model_dump(mode="json"),
+               "noise": {"uniform": plan.uniform, "level": plan.noise.level,
+                         "leaf": plan.noise.leaf, "releases": plan.releases}},
+    )
+
+
+def _release_model(
+    cfg: FirmConfig, node: FirmNode, data: TaskData, event: DpEvent,
+    compute: Callable[[], list[np.ndarray]], *, out: Path, task: TaskKind, model: ChurnModelKind,
+    spent_before: float, started: float, noise_multiplier: float, extra: dict[str, Any],
+) -> LocalTrainResult:
+    """The one release of a local model: computed, then staged beside ``out`` with its
+    provenance (``extra``: what the model kind adds), committed, and moved into place."""
+    metrics: dict[str, float] = {}
+
     def stage(arrays: list[np.ndarray]) -> StagedFile:
         staged = StagedFile(out)
         try:
-            metrics.update(data.local_metrics(arrays, model=ChurnModelKind.TREES))
+            metrics.update(data.local_metrics(arrays, model=model))
             task_for(task).save_model(staged.path, arrays, {
-                "kind": ChurnModelKind.TREES.value,
+                "kind": model.value if task is TaskKind.CHURN else "trend",
                 "task": task.value,
                 "input_dim": data.input_dim,
                 "layout_fingerprint": data.layout,
                 "firm": cfg.firm.name,
                 "fedcrm_version": fedcrm.__version__,
                 "config_sha256": cfg.config_sha256,
-                "epsilon": node.privacy.ledger.total_with(event),
+                "epsilon": node.privacy.ledger.total_with(event),  # the total once committed
                 "epsilon_release": float(event.epsilon),
                 "delta": cfg.budget.delta,
-                "trees": settings.model_dump(mode="json"),
-                "noise": {"uniform": plan.uniform, "level": plan.noise.level,
-                          "leaf": plan.noise.leaf, "releases": plan.releases},
+                **extra,
                 "metrics": dict(metrics),
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             })
@@ -179,7 +167,6 @@ def _train_local_trees(
             raise
         return staged
 
-    metrics: dict[str, float] = {}
     released = release(node.privacy, event, compute, stage=stage)
     return LocalTrainResult(
         model_path=out,
@@ -188,7 +175,7 @@ def _train_local_trees(
         epsilon_added=released.epsilon_total - spent_before,
         epsilon_total=released.epsilon_total,
         epsilon_cap=node.privacy.cap,
-        noise_multiplier=plan.noise.leaf,
+        noise_multiplier=noise_multiplier,
         metrics=metrics,
         seconds=time.perf_counter() - started,
     )
