@@ -142,6 +142,12 @@ def start_superlink(
         port=port,
         host=LOCALHOST if host in ("0.0.0.0", "::") else host,
     )
+    return _launched(process, group, startup_timeout_s)
+
+
+def _launched(process: ManagedProcess, group: ProcessGroup | None,
+              startup_timeout_s: float) -> ManagedProcess:
+    """Start ``process`` (in ``group`` when given) and wait for its port; stopped on failure."""
     if group is not None:
         group.add(process)
     else:
@@ -186,16 +192,7 @@ def start_fleet_gateway(
         port=port,
         host=LOCALHOST if host in ("0.0.0.0", "::") else host,
     )
-    if group is not None:
-        group.add(process)
-    else:
-        process.start()
-    try:
-        process.wait_for_port(startup_timeout_s)
-    except BaseException:
-        process.stop()
-        raise
-    return process
+    return _launched(process, group, startup_timeout_s)
 
 
 @dataclass
