@@ -525,8 +525,8 @@ def follow_run(
             flwr_home=flwr_home, connection=connection, run_id=run_id, deadline=deadline,
             on_log=on_log, log_path=log_path,
         )
-        status = _status_while_answering(flwr_home=flwr_home, connection=connection,
-                                         run_id=run_id, control_port=control_port)
+        status = _status_or_unreachable(flwr_home=flwr_home, connection=connection,
+                                        run_id=run_id, control_port=control_port)
         if status.state is not RunState.UNFINISHED:
             return status
         if time.monotonic() >= deadline:
@@ -538,39 +538,34 @@ def follow_run(
         time.sleep(2.0)  # the stream can end just before the final status is stored
 
 
-#: How long a SuperLink whose port is open may fail to answer its Control API (it is still
-#: starting after a restart) before the run is taken as cut off by a restart.
+#: How long a resubmission waits for a SuperLink that has just restarted to serve its Control API
+#: (it binds its port before it answers).
 STATUS_RETRY_S = 20.0
 
 
-def _status_while_answering(
+def _status_or_unreachable(
     *, flwr_home: Path, connection: str, run_id: int, control_port: int | None,
-    window_s: float | None = None,
 ) -> RunStatus:
-    """:func:`run_status`, asked again while the SuperLink's port is open but its Control API
-    does not answer yet (a SuperLink that has just restarted binds its port before it serves);
-    :class:`SuperLinkUnreachable` when it stays silent or its port closes."""
-    deadline = time.monotonic() + (STATUS_RETRY_S if window_s is None else window_s)
-    while True:
-        try:
-            return run_status(flwr_home=flwr_home, connection=connection, run_id=run_id)
-        except DeploymentError as exc:
-            if control_port is None:
-                raise
-            if not port_open(control_port) or time.monotonic() >= deadline:
-                raise SuperLinkUnreachable(
-                    f"the SuperLink stopped answering on {LOCALHOST}:{control_port} during run "
-                    f"{run_id}"
-                ) from exc
-            time.sleep(1.0)
+    """:func:`run_status`; while following a run on a known Control port, a status that cannot
+    be read is the SuperLink's trouble (stopped, or restarting: its port may already be open
+    before its Control API answers), never the run's end: :class:`SuperLinkUnreachable`."""
+    try:
+        return run_status(flwr_home=flwr_home, connection=connection, run_id=run_id)
+    except DeploymentError as exc:
+        if control_port is None:
+            raise
+        state = "stopped answering" if not port_open(control_port) else "did not answer"
+        raise SuperLinkUnreachable(
+            f"the SuperLink {state} on {LOCALHOST}:{control_port} during run {run_id}"
+        ) from exc
 
 
 def submit_when_answering(
-    submit: Callable[[], int], *, control_port: int, window_s: float = STATUS_RETRY_S
+    submit: Callable[[], int], *, control_port: int, window_s: float | None = None
 ) -> int:
     """``submit()`` (:func:`run_app`), tried again while a SuperLink that has just restarted
     does not serve its Control API yet."""
-    deadline = time.monotonic() + window_s
+    deadline = time.monotonic() + (STATUS_RETRY_S if window_s is None else window_s)
     while True:
         try:
             return submit()
