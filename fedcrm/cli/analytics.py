@@ -17,6 +17,26 @@ MAX_ROWS = 30
 COORDINATOR_HELP = "the coordinator's deployment config (for a query file without \\[simulation])"
 
 
+def _run_deployed(coordinator: Path, run_config: Any, *, what: str, run_id: str,
+                  timeout: float | None, result_file: str) -> tuple[Path, dict[str, Any]]:
+    """Submit a query or overlap run to the coordinator's running SuperLink and read its result
+    (the run folder and ``result_file``)."""
+    from fedcrm.coordinator.deploy_config import load_coordinator_config
+    from fedcrm.coordinator.host import require_running_link, submit_run
+    from fedcrm.coordinator.processes import DeploymentError
+
+    cfg = load_coordinator_config(coordinator)
+    require_running_link(cfg)
+    outcome = submit_run(cfg, run_config, run_id=run_id, timeout_s=timeout)
+    path = outcome.run_dir / result_file
+    if not outcome.completed or not path.exists():
+        raise DeploymentError(
+            f"{what} {run_id} (Flower run {outcome.flower_run_id}) ended "
+            f"{outcome.status.status_text} without {result_file}; see {outcome.log_path}"
+        )
+    return outcome.run_dir, json.loads(path.read_text())
+
+
 def _print_result(result: dict[str, Any], run_dir: Path) -> None:
     status = str(result.get("status", "unknown"))
     answered = result.get("answered_by", [])
@@ -89,20 +109,8 @@ def query(
         run_dir, result = simulate_query(file_cfg, run_id=rid, on_firm=on_firm, verbose=verbose)
         _print_result(result, run_dir)
     else:
-        from fedcrm.coordinator.deploy_config import load_coordinator_config
-        from fedcrm.coordinator.host import require_running_link, submit_run
-        from fedcrm.coordinator.processes import DeploymentError
-
-        cfg = load_coordinator_config(coordinator)
-        require_running_link(cfg)
-        outcome = submit_run(cfg, file_cfg.run_config(), run_id=rid, timeout_s=timeout)
-        path = outcome.run_dir / RESULT_JSON
-        if not outcome.completed or not path.exists():
-            raise DeploymentError(
-                f"query {rid} (Flower run {outcome.flower_run_id}) ended "
-                f"{outcome.status.status_text} without {RESULT_JSON}; see {outcome.log_path}"
-            )
-        run_dir, result = outcome.run_dir, json.loads(path.read_text())
+        run_dir, result = _run_deployed(coordinator, file_cfg.run_config(), what="query",
+                                        run_id=rid, timeout=timeout, result_file=RESULT_JSON)
         _print_result(result, run_dir)
     if result.get("status") != "completed":
         raise typer.Exit(1)
@@ -171,20 +179,8 @@ def overlap(
 
         run_dir, result = simulate_overlap(file_cfg, run_id=rid, on_firm=on_firm)
     else:
-        from fedcrm.coordinator.deploy_config import load_coordinator_config
-        from fedcrm.coordinator.host import require_running_link, submit_run
-        from fedcrm.coordinator.processes import DeploymentError
-
-        cfg = load_coordinator_config(coordinator)
-        require_running_link(cfg)
-        outcome = submit_run(cfg, file_cfg.run_config(), run_id=rid, timeout_s=timeout)
-        path = outcome.run_dir / RESULT_JSON
-        if not outcome.completed or not path.exists():
-            raise DeploymentError(
-                f"overlap {rid} (Flower run {outcome.flower_run_id}) ended "
-                f"{outcome.status.status_text} without {RESULT_JSON}; see {outcome.log_path}"
-            )
-        run_dir, result = outcome.run_dir, json.loads(path.read_text())
+        run_dir, result = _run_deployed(coordinator, file_cfg.run_config(), what="overlap",
+                                        run_id=rid, timeout=timeout, result_file=RESULT_JSON)
     _print_overlap(result, run_dir)
     if result.get("status") != "completed":
         raise typer.Exit(1)
